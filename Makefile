@@ -1,0 +1,49 @@
+# ulbc: two commands get you going -- `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.ulbc-installed
+DATA   ?= $(HOME)/.cache/ulbc
+JOBS   ?= 1
+
+.PHONY: install demo test test-all models data bench lock clean
+
+install: $(STAMP)
+
+# CPU torch first (a local 200 MB CPU wheel here), then every other dependency at a pinned
+# version with --no-deps: compressai declares torchvision, and resolving that would replace
+# the CPU torch with a multi-GB CUDA build. See README, "Installation".
+$(STAMP): requirements-cpu.txt requirements-test.txt setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-deps -r requirements-cpu.txt -r requirements-test.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import ulbcodec.image, ulbcodec.cli"
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/ulbc demo --out out/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+data: $(STAMP)
+	$(PY) -m ulbcodec.train.data --cache $(DATA)
+
+# Train (or resume training) the shipped default model; see docs/training.md.
+models: $(STAMP)
+	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default --export models/default
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py --data $(DATA) --jobs $(JOBS)
+
+lock:
+	$(PIP) freeze --exclude-editable | grep -v -E '^(pytest|iniconfig|pluggy)==' > requirements-cpu.txt.new
+	@echo "review requirements-cpu.txt.new, then move it over requirements-cpu.txt"
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache out

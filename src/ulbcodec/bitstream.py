@@ -1,0 +1,389 @@
+"""The ``.ulb`` container: a versioned, chunked, CRC-checked file format.
+
+Layout (specified byte by byte in docs/bitstream.md)::
+
+    +-------+---------+----------------------------------------+-----+
+    | magic | version | chunk | chunk | ...                    | EOF |
+    | "ULB" |  1 byte | len(varint) type(4 ASCII) payload crc32|     |
+    +-------+---------+----------------------------------------+-----+
+
+Chunks follow PNG's conventions: the type is four ASCII letters, an upper-case first
+letter marks a *critical* chunk (a reader that does not know it must refuse the file), a
+lower-case first letter an *ancillary* one (skipped when unknown). The CRC32 covers type
+and payload. Lengths are LEB128 varints rather than PNG's 4-byte integers because at
+0.005 bpp a 768x512 image is ~250 bytes in all and every byte of framing is paid for.
+
+The reader is strict and bounded: every length is checked against the bytes actually
+left in the file and against the limits below *before* anything is allocated, and every
+failure raises :class:`BitstreamError` with one human-readable line.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+MAGIC = b"ULB"
+VERSION = 1
+
+# Documented limits (docs/bitstream.md). A header that exceeds them is refused before any
+# buffer of that size exists.
+MAX_SIDE = 32768
+MAX_PIXELS = 1 << 28  # 268 MP per frame
+MAX_FRAMES = 1 << 20
+MAX_CHUNK_BYTES = 1 << 30
+MAX_CHUNKS = 1 << 16
+MAX_PARAMS = 64
+MODEL_DIGEST_BYTES = 8
+
+MEDIA_IMAGE = 0
+MEDIA_VIDEO = 1
+MEDIA_KINDS = {MEDIA_IMAGE: "image", MEDIA_VIDEO: "video"}
+
+
+class BitstreamError(ValueError):
+    """A .ulb file is malformed, truncated, corrupted or unsupported."""
+
+
+# --------------------------------------------------------------------------- varints
+
+
+def write_uvarint(value: int) -> bytes:
+    """Unsigned LEB128."""
+    if value < 0:
+        raise ValueError(f"varint must be non-negative, got {value}")
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+class Reader:
+    """Bounds-checked cursor over a bytes object; every read fails cleanly past the end."""
+
+    def __init__(self, data: bytes, what: str = "file"):
+        self.data = data
+        self.pos = 0
+        self.what = what
+
+    @property
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or n > self.remaining:
+            raise BitstreamError(f"truncated {self.what}: needs {n} more bytes, {self.remaining} left")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def uvarint(self, max_bytes: int = 10) -> int:
+        value = 0
+        for i in range(max_bytes):
+            byte = self.u8()
+            value |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                return value
+        raise BitstreamError(f"malformed varint in {self.what}")
+
+    def bytes_with_length(self, limit: int) -> bytes:
+        n = self.uvarint()
+        if n > limit:
+            raise BitstreamError(f"field of {n} bytes in {self.what} exceeds the limit of {limit}")
+        return self.take(n)
+
+    def expect_end(self) -> None:
+        if self.remaining:
+            raise BitstreamError(f"{self.remaining} unexpected trailing bytes in {self.what}")
+
+
+# --------------------------------------------------------------------------- header
+
+
+# Codec parameters are (id, unsigned integer) pairs so that new parameters never change
+# the header layout. Ids are fixed forever once released; docs/bitstream.md lists them.
+PARAM_IDS: Dict[str, int] = {
+    "tile": 1,  # synthesis tile size in pixels (0 = untiled)
+    "threshold_milli": 16,  # video: accepted perceptual distance x 1000
+    "metric": 17,  # video: distance metric id
+    "cond_frames": 18,  # video: K conditioning frames
+    "pred_frames": 19,  # video: P frames predicted per round
+    "steps": 20,  # video/generative: sampler steps
+    "max_gop": 21,  # video: longest run of predicted frames
+}
+PARAM_NAMES = {v: k for k, v in PARAM_IDS.items()}
+
+
+@dataclass
+class Header:
+    """Everything a decoder needs besides the payload chunks and the model weights."""
+
+    media: int
+    width: int
+    height: int
+    model_digest: bytes
+    rate_level: int = 0
+    frames: int = 1
+    fps_num: int = 0
+    fps_den: int = 1
+    seed: int = 0
+    params: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def media_name(self) -> str:
+        return MEDIA_KINDS.get(self.media, f"unknown({self.media})")
+
+    @property
+    def fps(self) -> float:
+        return self.fps_num / self.fps_den if self.fps_den else 0.0
+
+    def validate(self) -> None:
+        if self.media not in MEDIA_KINDS:
+            raise BitstreamError(f"unknown media kind {self.media}")
+        for name, value in (("width", self.width), ("height", self.height)):
+            if not 1 <= value <= MAX_SIDE:
+                raise BitstreamError(f"{name} {value} outside the supported range 1..{MAX_SIDE}")
+        if self.width * self.height > MAX_PIXELS:
+            raise BitstreamError(
+                f"{self.width}x{self.height} exceeds the limit of {MAX_PIXELS} pixels per frame"
+            )
+        if not 1 <= self.frames <= MAX_FRAMES:
+            raise BitstreamError(f"frame count {self.frames} outside 1..{MAX_FRAMES}")
+        if self.media == MEDIA_IMAGE and self.frames != 1:
+            raise BitstreamError(f"an image has exactly one frame, header says {self.frames}")
+        if self.fps_den == 0:
+            raise BitstreamError("frame rate denominator is zero")
+        if len(self.model_digest) != MODEL_DIGEST_BYTES:
+            raise BitstreamError(f"model digest must be {MODEL_DIGEST_BYTES} bytes")
+        if not 0 <= self.rate_level <= 255:
+            raise BitstreamError(f"rate level {self.rate_level} outside 0..255")
+        if len(self.params) > MAX_PARAMS:
+            raise BitstreamError(f"{len(self.params)} codec parameters exceed the limit of {MAX_PARAMS}")
+
+    def to_bytes(self) -> bytes:
+        self.validate()
+        out = bytearray([self.media])
+        for value in (self.width, self.height, self.frames, self.fps_num, self.fps_den):
+            out += write_uvarint(value)
+        out += self.model_digest
+        out.append(self.rate_level)
+        out += write_uvarint(self.seed)
+        out += write_uvarint(len(self.params))
+        for name, value in sorted(self.params.items(), key=lambda kv: PARAM_IDS[kv[0]]):
+            out += write_uvarint(PARAM_IDS[name]) + write_uvarint(int(value))
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> "Header":
+        r = Reader(payload, "header chunk")
+        media = r.u8()
+        width, height, frames, fps_num, fps_den = (r.uvarint() for _ in range(5))
+        digest = r.take(MODEL_DIGEST_BYTES)
+        rate_level = r.u8()
+        seed = r.uvarint()
+        count = r.uvarint()
+        if count > MAX_PARAMS:
+            raise BitstreamError(f"{count} codec parameters exceed the limit of {MAX_PARAMS}")
+        params = {}
+        for _ in range(count):
+            pid, value = r.uvarint(), r.uvarint()
+            if pid not in PARAM_NAMES:
+                raise BitstreamError(f"unknown codec parameter id {pid}")
+            params[PARAM_NAMES[pid]] = value
+        r.expect_end()
+        header = cls(media, width, height, digest, rate_level, frames, fps_num, fps_den, seed, params)
+        header.validate()
+        return header
+
+    def as_dict(self) -> dict:
+        return {
+            "media": self.media_name,
+            "width": self.width,
+            "height": self.height,
+            "frames": self.frames,
+            "fps": f"{self.fps_num}/{self.fps_den}",
+            "model_digest": self.model_digest.hex(),
+            "rate_level": self.rate_level,
+            "seed": self.seed,
+            "params": dict(self.params),
+        }
+
+
+# --------------------------------------------------------------------------- chunks
+
+CHUNK_HEADER = b"HEAD"
+CHUNK_ANCHOR = b"ANCH"  # one entropy-coded anchor latent (image, or one video keyframe)
+KNOWN_CRITICAL = {CHUNK_HEADER, CHUNK_ANCHOR, b"GOPS"}
+
+
+@dataclass
+class Chunk:
+    type: bytes
+    payload: bytes
+    offset: int = 0  # byte offset of the chunk in the file (for `ulbc info`)
+
+    @property
+    def critical(self) -> bool:
+        return self.type[:1].isupper()
+
+    @property
+    def size(self) -> int:
+        """Bytes the chunk occupies in the file, framing included."""
+        return len(write_uvarint(len(self.payload))) + 4 + len(self.payload) + 4
+
+
+def _check_type(ctype: bytes) -> None:
+    if len(ctype) != 4 or not all(65 <= c <= 90 or 97 <= c <= 122 for c in ctype):
+        raise BitstreamError(f"invalid chunk type {ctype!r}")
+
+
+def encode_chunk(ctype: bytes, payload: bytes) -> bytes:
+    _check_type(ctype)
+    crc = zlib.crc32(ctype + payload) & 0xFFFFFFFF
+    return write_uvarint(len(payload)) + ctype + payload + struct.pack(">I", crc)
+
+
+def iter_chunks(data: bytes) -> Iterator[Chunk]:
+    """Parse the chunks after the magic/version prefix; strict, bounded."""
+    r = Reader(data, "file")
+    r.take(len(MAGIC) + 1)
+    count = 0
+    while r.remaining:
+        offset = r.pos
+        count += 1
+        if count > MAX_CHUNKS:
+            raise BitstreamError(f"more than {MAX_CHUNKS} chunks")
+        length = r.uvarint(max_bytes=5)
+        if length > MAX_CHUNK_BYTES:
+            raise BitstreamError(f"chunk of {length} bytes exceeds the limit of {MAX_CHUNK_BYTES}")
+        if length + 8 > r.remaining:
+            raise BitstreamError(
+                f"truncated file: chunk at byte {offset} needs {length + 8} bytes, {r.remaining} left"
+            )
+        ctype = r.take(4)
+        _check_type(ctype)
+        payload = r.take(length)
+        (crc,) = struct.unpack(">I", r.take(4))
+        if zlib.crc32(ctype + payload) & 0xFFFFFFFF != crc:
+            raise BitstreamError(f"corrupted file: CRC mismatch in chunk {ctype.decode()} at byte {offset}")
+        yield Chunk(ctype, payload, offset)
+
+
+@dataclass
+class Container:
+    """A parsed .ulb file: the header plus the remaining chunks in file order."""
+
+    header: Header
+    chunks: List[Chunk]
+    header_chunk: Optional[Chunk] = None
+    version: int = VERSION
+    total_bytes: int = 0
+
+    def find(self, ctype: bytes) -> List[Chunk]:
+        return [c for c in self.chunks if c.type == ctype]
+
+    def to_bytes(self) -> bytes:
+        out = bytearray(MAGIC + bytes([VERSION]))
+        out += encode_chunk(CHUNK_HEADER, self.header.to_bytes())
+        for chunk in self.chunks:
+            out += encode_chunk(chunk.type, chunk.payload)
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Container":
+        if len(data) < len(MAGIC) + 1 or data[: len(MAGIC)] != MAGIC:
+            raise BitstreamError("not a .ulb file (wrong magic bytes)")
+        version = data[len(MAGIC)]
+        if version > VERSION:
+            raise BitstreamError(
+                f"file format version {version} is newer than this ulbc supports ({VERSION}); upgrade ulbc"
+            )
+        if version < 1:
+            raise BitstreamError(f"invalid file format version {version}")
+        header_chunk, header, chunks = None, None, []
+        for chunk in iter_chunks(data):
+            if header is None:
+                if chunk.type != CHUNK_HEADER:
+                    raise BitstreamError(f"first chunk must be HEAD, found {chunk.type.decode()}")
+                header_chunk, header = chunk, Header.from_bytes(chunk.payload)
+                continue
+            if chunk.type == CHUNK_HEADER:
+                raise BitstreamError("duplicated HEAD chunk")
+            if chunk.critical and chunk.type not in KNOWN_CRITICAL:
+                raise BitstreamError(f"unknown critical chunk {chunk.type.decode()}; upgrade ulbc")
+            chunks.append(chunk)  # unknown ancillary chunks are kept but never interpreted
+        if header is None:
+            raise BitstreamError("truncated file: no header chunk")
+        return cls(header, chunks, header_chunk, version, len(data))
+
+
+# --------------------------------------------------------------------------- anchor payload
+
+
+@dataclass
+class AnchorPayload:
+    """One entropy-coded anchor latent: z (hyper-latent) and y strings, z's spatial shape,
+    and a 16-bit check of the decoded y symbols so that an entropy-decoding desync (float
+    drift across machines) is detected instead of producing garbage."""
+
+    z_shape: Tuple[int, int]
+    z_string: bytes
+    y_string: bytes
+    symbols_check: int
+
+    def to_bytes(self) -> bytes:
+        return (
+            write_uvarint(self.z_shape[0])
+            + write_uvarint(self.z_shape[1])
+            + write_uvarint(len(self.z_string))
+            + self.z_string
+            + struct.pack(">H", self.symbols_check & 0xFFFF)
+            + self.y_string
+        )
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, max_side: int = MAX_SIDE) -> "AnchorPayload":
+        r = Reader(payload, "anchor chunk")
+        zh, zw = r.uvarint(), r.uvarint()
+        if not (1 <= zh <= max_side and 1 <= zw <= max_side):
+            raise BitstreamError(f"hyper-latent shape {zh}x{zw} is out of range")
+        z_string = r.bytes_with_length(len(payload))
+        (check,) = struct.unpack(">H", r.take(2))
+        y_string = r.take(r.remaining)
+        return cls((zh, zw), z_string, y_string, check)
+
+
+def read_file(path) -> Container:
+    """Read and parse a .ulb file, with size bounded before reading."""
+    size = os.path.getsize(path)
+    if size > MAX_CHUNKS * 16 + MAX_CHUNK_BYTES:
+        raise BitstreamError(f"file of {size} bytes is larger than any valid .ulb file")
+    with open(path, "rb") as f:
+        return Container.from_bytes(f.read())
+
+
+def describe(container: Container) -> dict:
+    """Every header field and each chunk's size: what `ulbc info` prints."""
+    h = container.header
+    pixels = h.width * h.height * h.frames
+    chunks = [
+        {"type": "HEAD", "offset": container.header_chunk.offset, "bytes": container.header_chunk.size}
+    ] + [{"type": c.type.decode(), "offset": c.offset, "bytes": c.size} for c in container.chunks]
+    return {
+        "version": container.version,
+        **h.as_dict(),
+        "bytes": container.total_bytes,
+        "bpp": container.total_bytes * 8 / pixels,
+        "chunks": chunks,
+    }

@@ -1,0 +1,317 @@
+"""The ``ulbc`` command line: thin click wrappers over image.py, batch.py and bitstream.py.
+
+Conventions follow cwebp/cjxl/avifenc: one verb, inputs, ``-o`` output, quiet by default,
+a progress bar for batches, one summary line. Exit codes: 0 all good, 1 some inputs
+failed (the others are still done), 2 usage error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import click
+
+from ulbcodec import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _fail(message: str, code: int = EXIT_FAILED):
+    click.echo(f"ulbc: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _verbosity(quiet: bool, verbose: int) -> int:
+    return -1 if quiet else verbose
+
+
+# ------------------------------------------------------------------ jobs (module level: picklable)
+
+
+def _encode_job(codec, task, quality: Optional[int], bpp: Optional[float], force: bool) -> dict:
+    from ulbcodec.io import check_output, read_image, write_bytes
+
+    check_output(task.dst, force)  # fail before spending time on the image
+    rgb, notes = read_image(task.src)
+    if bpp is not None:
+        result, met = codec.encode_to_bpp(rgb, bpp)
+        if not met:
+            notes.append(f"target {bpp} bpp is below the lowest rate level; used level {result.rate_level}")
+    else:
+        result = codec.encode(rgb, codec.default_level if quality is None else quality)
+    write_bytes(task.dst, result.data, force=force)
+    return {"width": result.width, "height": result.height, "rate_level": result.rate_level,
+            "bytes": len(result.data), "bpp": round(result.bpp, 6), "notes": notes,
+            "timings": {k: round(v, 3) for k, v in result.timings.items()}}
+
+
+def _decode_job(codec, task, force: bool) -> dict:
+    from ulbcodec.bitstream import read_file
+    from ulbcodec.io import check_output, image_format, write_image
+
+    image_format(task.dst)
+    check_output(task.dst, force)
+    container = read_file(task.src)
+    rgb = codec.decode_container(container)
+    write_image(task.dst, rgb, force=force)
+    h = container.header
+    return {"width": h.width, "height": h.height, "rate_level": h.rate_level, "bytes": container.total_bytes,
+            "bpp": round(container.total_bytes * 8 / (h.width * h.height), 6),
+            "timings": {k: round(v, 3) for k, v in codec.last_timings.items()}}
+
+
+@functools.lru_cache(maxsize=2)
+def _load_codec(model: str, device: str):
+    from ulbcodec.image import ImageCodec
+
+    return ImageCodec.from_pretrained(model, device=device)
+
+
+# ------------------------------------------------------------------ shared batch driver
+
+
+def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosity: int) -> None:
+    from tqdm import tqdm
+
+    from ulbcodec import batch
+
+    started = time.perf_counter()
+    failed, total_bytes, total_pixels = [], 0, 0
+    show_bar = verbosity >= 0 and len(tasks) > 1 and not as_json
+    bar = tqdm(total=len(tasks), unit="file", disable=not show_bar, file=sys.stderr, leave=False)
+    try:
+        for record in batch.run(tasks, factory, job, jobs):
+            bar.update(1)
+            if as_json:
+                click.echo(json.dumps(record))
+            if not record["ok"]:
+                failed.append(record)
+                bar.clear()
+                click.echo(f"ulbc: error: {record['error']}", err=True)
+                continue
+            total_bytes += record["bytes"]
+            total_pixels += record["width"] * record["height"]
+            for note in record.get("notes", []):
+                if verbosity >= 0:
+                    click.echo(f"ulbc: warning: {record['input']}: {note}", err=True)
+            if verbosity >= 1 and not as_json:
+                bar.clear()
+                click.echo(f"{record['input']} -> {record['output']}: {record['bytes']} bytes, "
+                           f"{record['bpp']:.5f} bpp, level {record['rate_level']}, "
+                           f"{record['seconds']:.2f} s {record['timings']}", err=True)
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo("ulbc: interrupted; no partial output was left behind", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    bar.close()
+    done = len(tasks) - len(failed)
+    if verbosity >= 0 and (len(tasks) > 1 or verbosity >= 1):
+        bpp = f", {total_bytes * 8 / total_pixels:.5f} bpp overall" if total_pixels else ""
+        click.echo(f"{verb} {done}/{len(tasks)} files, {total_bytes} bytes{bpp}, "
+                   f"{time.perf_counter() - started:.1f} s" + (f"; {len(failed)} failed" if failed else ""),
+                   err=True)
+    if failed:
+        if len(failed) > 1 and verbosity >= 0:
+            click.echo("ulbc: failed: " + ", ".join(r["input"] for r in failed), err=True)
+        sys.exit(EXIT_FAILED)
+
+
+def _plan(inputs, output, out_dir, recursive, in_exts, suffix):
+    from ulbcodec import batch
+
+    if not inputs:
+        raise click.UsageError("no input given")
+    try:
+        return batch.plan(inputs, output, out_dir, recursive, in_exts, suffix)
+    except batch.UsageError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _factory(model: str, device: str):
+    """Load the model once up front so that a bad --model fails once, clearly."""
+    from ulbcodec.models.package import ModelError
+
+    try:
+        _load_codec(model, device)
+    except ModelError as exc:
+        _fail(str(exc))
+    return functools.partial(_load_codec, model, device)
+
+
+# ------------------------------------------------------------------ commands
+
+common_batch = [
+    click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file (one input)."),
+    click.option("--out-dir", type=click.Path(file_okay=False), help="Output folder (several inputs, folders)."),
+    click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders (mirrored under --out-dir)."),
+    click.option("--model", default="default", show_default=True, help="Model name or package directory."),
+    click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, ...)."),
+    click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
+                 help="Parallel worker processes (one model load each)."),
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON record per file to stdout."),
+    click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs."),
+    click.option("-q", "--quiet", is_flag=True, help="Print errors only."),
+    click.option("-v", "--verbose", count=True, help="Per-file lines with per-stage timings."),
+]
+
+
+def _with_options(options):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ulbc")
+def cli() -> None:
+    """ulbc: ultra-low-bitrate generative codec for images (and, later, videos)."""
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, type=click.Path())
+@_with_options(common_batch)
+@click.option("--quality", type=int, help="Rate level of the model (0 = lowest rate); default: the model's default.")
+@click.option("--bpp", type=click.FloatRange(min=0, min_open=True),
+              help="Target bits per pixel: the highest level landing at or under it.")
+def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, quiet, verbose, quality, bpp):
+    """Encode images to .ulb files."""
+    from ulbcodec.io import READ_EXTENSIONS
+
+    if quality is not None and bpp is not None:
+        raise click.UsageError("use either --quality or --bpp, not both")
+    tasks = _plan(inputs, output, out_dir, recursive, READ_EXTENSIONS, ".ulb")
+    factory = _factory(model, device)
+    if quality is not None:
+        levels = factory().rate_levels
+        if quality not in levels:
+            raise click.UsageError(f"--quality must be one of the model's rate levels {levels[0]}..{levels[-1]}")
+    job = functools.partial(_encode_job, quality=quality, bpp=bpp, force=force)
+    _run_batch("encoded", tasks, factory, job, jobs, as_json, _verbosity(quiet, verbose))
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, type=click.Path())
+@_with_options(common_batch)
+@click.option("--format", "fmt", default="png", show_default=True,
+              type=click.Choice(["png", "jpg", "webp", "tiff"]), help="Output format for --out-dir.")
+def decode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, quiet, verbose, fmt):
+    """Decode .ulb files to images (format from the -o extension: png, jpg, webp, tiff)."""
+    from ulbcodec.io import image_format, OutputError
+
+    tasks = _plan(inputs, output, out_dir, recursive, [".ulb"], "." + fmt)
+    if output:
+        try:
+            image_format(output)
+        except OutputError as exc:
+            raise click.UsageError(str(exc)) from None
+    factory = _factory(model, device)
+    job = functools.partial(_decode_job, force=force)
+    _run_batch("decoded", tasks, factory, job, jobs, as_json, _verbosity(quiet, verbose))
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info(files, as_json):
+    """Show every header field, each chunk's size, and bpp of .ulb files."""
+    from ulbcodec.bitstream import BitstreamError, describe, read_file
+
+    failed = False
+    for path in files:
+        try:
+            desc = {"file": path, **describe(read_file(path))}
+        except (BitstreamError, OSError) as exc:
+            click.echo(f"ulbc: error: {path}: {getattr(exc, 'strerror', None) or exc}", err=True)
+            failed = True
+            continue
+        if as_json:
+            click.echo(json.dumps(desc))
+            continue
+        click.echo(f"{path}: ulb v{desc['version']} {desc['media']} {desc['width']}x{desc['height']}, "
+                   f"{desc['bytes']} bytes, {desc['bpp']:.6f} bpp")
+        for key in ("frames", "fps", "model_digest", "rate_level", "seed", "params"):
+            click.echo(f"  {key:13s} {desc[key]}")
+        for chunk in desc["chunks"]:
+            click.echo(f"  chunk {chunk['type']} at byte {chunk['offset']}: {chunk['bytes']} bytes")
+    sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models_cmd(as_json):
+    """List the models ulbc can use (search path: $ULBC_MODEL_PATH, then models/)."""
+    from ulbcodec.models import package as packages
+
+    rows = []
+    for path in packages.available_models():
+        try:
+            pkg = packages.ModelPackage.load_manifest(path)
+        except packages.ModelError as exc:
+            rows.append({"name": path.name, "path": str(path), "error": str(exc)})
+            continue
+        rows.append({"name": pkg.name, "path": str(path), "digest": pkg.digest[:16], "bytes": pkg.size_bytes,
+                     "rate_levels": [lv.level for lv in pkg.rate_levels], "description": pkg.description})
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps(row))
+        elif "error" in row:
+            click.echo(f"{row['name']:12s} BROKEN: {row['error']}")
+        else:
+            levels = row["rate_levels"]
+            click.echo(f"{row['name']:12s} digest {row['digest']}  {row['bytes'] / 1e6:6.1f} MB  "
+                       f"rate levels {levels[0]}..{levels[-1]}  {row['path']}")
+    if not rows:
+        click.echo("no models found (search path: $ULBC_MODEL_PATH, then the project's models/)", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+@cli.command()
+@click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--model", default="default", show_default=True)
+def demo(out, model):
+    """Encode and decode the bundled sample photograph at several rates; print the figures."""
+    from ulbcodec.io import read_image, write_bytes, write_image
+    from ulbcodec.metrics import ms_ssim, psnr
+
+    sample = Path(__file__).resolve().parent / "data" / "coffee.png"
+    codec = _factory(model, "cpu")()
+    rgb, _ = read_image(sample)
+    out = Path(out)
+    h, w = rgb.shape[:2]
+    click.echo(f"sample {sample} ({w}x{h}); model {codec.package.name} ({codec.package.digest[:16]})")
+    click.echo(f"{'level':>5} {'bytes':>7} {'bpp':>8} {'PSNR dB':>8} {'MS-SSIM':>8}  files")
+    for level in codec.rate_levels:
+        result = codec.encode(rgb, level)
+        ulb, png = out / f"coffee-q{level}.ulb", out / f"coffee-q{level}.png"
+        write_bytes(ulb, result.data, force=True)
+        decoded = codec.decode(Path(ulb).read_bytes())
+        write_image(png, decoded, force=True)
+        click.echo(f"{level:>5} {len(result.data):>7} {result.bpp:>8.4f} {psnr(rgb, decoded):>8.2f} "
+                   f"{ms_ssim(rgb, decoded):>8.4f}  {ulb} -> {png}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="ulbc", standalone_mode=False)
+    except click.UsageError as exc:
+        click.echo(f"ulbc: usage error: {exc.format_message()}", err=True)
+        click.echo("Try 'ulbc --help'.", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.Abort:
+        click.echo("ulbc: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"ulbc: error: {exc.format_message()}", err=True)
+        sys.exit(EXIT_FAILED)

@@ -1,0 +1,220 @@
+"""Model packages: a plain directory with a JSON manifest and safetensors weights.
+
+::
+
+    models/default/
+      ulbc_model.json            manifest: format version, components, classes, configs,
+                                 rate levels, digest
+      anchor_codec.safetensors   weights of the component "anchor_codec"
+
+Only JSON and safetensors are ever read from a package: nothing is unpickled or
+executed, and a component's class is looked up in a fixed table of ulbc classes, never
+imported by name. The *digest* is a SHA-256 over the canonical JSON of every component's
+class and config plus the SHA-256 of every weights file; its first 8 bytes go into every
+bitstream so that decoding with a different model is refused instead of producing
+garbage. Loading verifies the recorded digest against the files on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "ulbc_model.json"
+FORMAT = "ulbc-model"
+FORMAT_VERSION = 1
+DIGEST_BYTES = 8
+
+
+class ModelError(ValueError):
+    """A model package is missing, malformed, or does not match its digest."""
+
+
+def _component_classes() -> Dict[str, Callable]:
+    # A fixed table: a manifest can only name classes listed here.
+    from ulbcodec.models.anchor_codec import AnchorCodec
+
+    return {"AnchorCodec": AnchorCodec}
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def compute_digest(components: Dict[str, dict], root: Path) -> str:
+    """SHA-256 over canonical component descriptions and the hashes of their weights."""
+    h = hashlib.sha256()
+    for name in sorted(components):
+        comp = components[name]
+        desc = {"name": name, "class": comp["class"], "config": comp.get("config", {})}
+        h.update(json.dumps(desc, sort_keys=True, separators=(",", ":")).encode())
+        weights = comp.get("weights")
+        if weights:
+            h.update(_sha256_file(root / weights).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class RateLevel:
+    """One operating point of a model (a gain-vector index of the anchor codec)."""
+
+    level: int
+    lmbda: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class ModelPackage:
+    root: Path
+    name: str
+    components: Dict[str, dict]
+    rate_levels: List[RateLevel]
+    digest: str
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def short_digest(self) -> bytes:
+        return bytes.fromhex(self.digest)[:DIGEST_BYTES]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
+
+    @classmethod
+    def load_manifest(cls, root, verify: bool = True) -> "ModelPackage":
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise ModelError(f"{root}: not a ulbc model package (no {MANIFEST})")
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{path}: unreadable manifest ({exc})") from None
+        if manifest.get("format") != FORMAT:
+            raise ModelError(f"{path}: not a ulbc model manifest")
+        if manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise ModelError(f"{path}: model format version {manifest['format_version']} is newer than this ulbc")
+        components = manifest.get("components") or {}
+        classes = _component_classes()
+        for name, comp in components.items():
+            if comp.get("class") not in classes:
+                raise ModelError(f"{path}: component {name!r} has unknown class {comp.get('class')!r}")
+            weights = comp.get("weights")
+            if weights is not None:
+                if not weights.endswith(".safetensors") or "/" in weights or weights.startswith("."):
+                    raise ModelError(f"{path}: component {name!r} weights must be a .safetensors file in the package")
+                if not (root / weights).is_file():
+                    raise ModelError(f"{root}: missing weights file {weights}")
+        digest = manifest.get("digest", "")
+        if verify:
+            actual = compute_digest(components, root)
+            if actual != digest:
+                raise ModelError(
+                    f"{root}: files do not match the recorded digest (recorded {digest[:16]}, "
+                    f"found {actual[:16]}); the package was modified or is incomplete"
+                )
+        levels = [RateLevel(**lv) for lv in manifest.get("rate_levels", [])]
+        return cls(root, manifest.get("name", root.name), components, levels, digest,
+                   manifest.get("description", ""), manifest.get("extra", {}))
+
+    def build(self, component: str, device: str = "cpu") -> torch.nn.Module:
+        """Instantiate a component from its config and load its weights strictly."""
+        if component not in self.components:
+            raise ModelError(f"model {self.name!r} has no component {component!r}")
+        comp = self.components[component]
+        cls = _component_classes()[comp["class"]]
+        module = cls(**comp.get("config", {}))
+        state = load_file(str(self.root / comp["weights"]), device="cpu")
+        module.load_state_dict(state, strict=True)
+        return module.to(device).eval()
+
+
+def save_package(
+    root,
+    name: str,
+    modules: Dict[str, torch.nn.Module],
+    rate_levels: List[RateLevel],
+    description: str = "",
+    extra: Optional[dict] = None,
+) -> ModelPackage:
+    """Write a package: one safetensors file per component plus the manifest."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    components = {}
+    for cname, module in modules.items():
+        weights = f"{cname}.safetensors"
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(root / weights))
+        components[cname] = {"class": type(module).__name__, "config": module.config, "weights": weights}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "description": description,
+        "components": components,
+        "rate_levels": [vars(lv) for lv in rate_levels],
+        "digest": compute_digest(components, root),
+        "extra": extra or {},
+    }
+    tmp = root / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, root / MANIFEST)
+    return ModelPackage.load_manifest(root)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def search_paths() -> List[Path]:
+    """Where named models live: $ULBC_MODEL_PATH (colon-separated), then the project's models/."""
+    paths = [Path(p) for p in os.environ.get("ULBC_MODEL_PATH", "").split(os.pathsep) if p]
+    paths.append(Path(__file__).resolve().parents[3] / "models")
+    return paths
+
+
+def available_models() -> List[Path]:
+    found, seen = [], set()
+    for base in search_paths():
+        if not base.is_dir():
+            continue
+        for child in sorted(base.iterdir()):
+            if (child / MANIFEST).is_file() and child.name not in seen:
+                seen.add(child.name)
+                found.append(child)
+    return found
+
+
+def resolve(name_or_path: str) -> Path:
+    """A model name from the search path, or a directory path."""
+    path = Path(name_or_path)
+    if (path / MANIFEST).is_file():
+        return path
+    for candidate in available_models():
+        if candidate.name == name_or_path:
+            return candidate
+    known = ", ".join(p.name for p in available_models()) or "none"
+    raise ModelError(f"unknown model {name_or_path!r} (available: {known}); pass a model name or package directory")
+
+
+def find_by_digest(short_digest: bytes) -> Optional[Path]:
+    """The installed package whose digest starts with these bytes, if any."""
+    for candidate in available_models():
+        try:
+            manifest = json.loads((candidate / MANIFEST).read_text())
+            if bytes.fromhex(manifest.get("digest", ""))[:DIGEST_BYTES] == short_digest:
+                return candidate
+        except (OSError, ValueError):
+            continue
+    return None

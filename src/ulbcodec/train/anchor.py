@@ -1,0 +1,255 @@
+"""Train the anchor codec (the shipped default image model), resumably, on the CPU.
+
+Recipe (docs/training.md has the reasoning and the measured cost):
+
+- data: the registry photographs of :mod:`ulbcodec.train.data` (training split only),
+  random 256x256 crops at random scales, flips, 90-degree rotations, mild colour jitter;
+- one model for all rate levels: every batch draws a level l, whose gain vector scales
+  the latent, and is trained on  R + lambda_l * D,  with lambda_l log-spaced;
+- D = 255^2 * MSE  (first ``--mse-warmup`` steps alone: MS-SSIM from scratch does not
+  learn) then  255^2 * MSE * w_mse + MSSSIM_WEIGHT * (1 - MS-SSIM);
+  keeping an MSE term avoids the colour shifts of MS-SSIM alone;
+- the entropy bottleneck's quantiles are fitted by CompressAI's auxiliary loss;
+- a checkpoint (safetensors + JSON, no pickles) every ``--save-every`` seconds; running
+  the same command again resumes from it.
+
+Export (``--export DIR``) writes a ulb model package (:mod:`ulbcodec.models.package`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ulbcodec.models.anchor_codec import AnchorCodec
+from ulbcodec.models.package import RateLevel, save_package
+
+# Small enough to code at <= 1.5 s/MP each way on 2 CPU cores (BENCHMARKS.md); no VAE
+# latent input until the generative decoder's latent autoencoder exists.
+DEFAULT_CONFIG = dict(N=48, M=96, num_slices=4, context_window=5, vae_channels=0, bypass_channels=16,
+                      num_rate_levels=6, token_channels=64, num_token_blocks=3)
+# lambda per rate level, level 0 = lowest rate. Chosen so the levels span ~0.005-0.15 bpp
+# on 768 px photographs; measured values are in BENCHMARKS.md.
+DEFAULT_LAMBDAS = [0.00004, 0.0001, 0.00025, 0.0006, 0.0015, 0.0036]
+MSSSIM_WEIGHT = 1300.0  # puts 1-MS-SSIM on the scale of 255^2*MSE at these rates
+
+
+# --------------------------------------------------------------------------- data
+
+
+class PhotoCrops:
+    """Random crops of in-memory photographs at several scales (plus flips/rotations)."""
+
+    def __init__(self, files: List[Path], crop: int, seed: int):
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None
+        self.crop = crop
+        self.rng = random.Random(seed)
+        self.pyramids = []
+        for f in files:
+            im = Image.open(f).convert("RGB")
+            levels = []
+            # Textures at several scales; the smallest keeps the whole scene in a few crops.
+            for side in (2048, 1280, 768, 512):
+                scale = min(1.0, side / max(im.size))
+                size = (max(crop, round(im.width * scale)), max(crop, round(im.height * scale)))
+                levels.append(np.asarray(im.resize(size, Image.LANCZOS)))
+            self.pyramids.append(levels)
+
+    def batch(self, n: int) -> torch.Tensor:
+        out = []
+        for _ in range(n):
+            img = self.rng.choice(self.rng.choice(self.pyramids))
+            h, w = img.shape[:2]
+            y, x = self.rng.randrange(h - self.crop + 1), self.rng.randrange(w - self.crop + 1)
+            t = torch.from_numpy(img[y : y + self.crop, x : x + self.crop].copy()).permute(2, 0, 1).float() / 255
+            if self.rng.random() < 0.5:
+                t = t.flip(-1)
+            t = torch.rot90(t, self.rng.randrange(4), dims=(1, 2))
+            # mild colour jitter: per-channel gain and a brightness offset
+            gain = torch.tensor([self.rng.uniform(0.9, 1.1) for _ in range(3)]).view(3, 1, 1)
+            t = (t * gain + self.rng.uniform(-0.05, 0.05)).clamp(0, 1)
+            out.append(t)
+        return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str):
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"{prefix}.{idx}.{key}"] = torch.as_tensor(value).clone()
+    return tensors, sd["param_groups"]
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: Dict[str, torch.Tensor], groups):
+    state: Dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(run: Path, model, opt, aux_opt, meta: dict) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    opt_t, opt_g = _flatten_optimizer(opt, "opt")
+    aux_t, aux_g = _flatten_optimizer(aux_opt, "aux")
+    tmp = run / "checkpoint.tmp"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, run / "model.safetensors")
+    save_file({**opt_t, **aux_t}, str(tmp))
+    os.replace(tmp, run / "optimizer.safetensors")
+    (run / "state.json.tmp").write_text(json.dumps({**meta, "opt_groups": opt_g, "aux_groups": aux_g}, indent=1))
+    os.replace(run / "state.json.tmp", run / "state.json")
+
+
+def load_checkpoint(run: Path, model, opt, aux_opt) -> dict:
+    meta = json.loads((run / "state.json").read_text())
+    model.load_state_dict(load_file(str(run / "model.safetensors")), strict=True)
+    tensors = load_file(str(run / "optimizer.safetensors"))
+    _restore_optimizer(opt, "opt", tensors, meta.pop("opt_groups"))
+    _restore_optimizer(aux_opt, "aux", tensors, meta.pop("aux_groups"))
+    return meta
+
+
+# --------------------------------------------------------------------------- training
+
+
+def rd_loss(model, x: torch.Tensor, level: int, lmbda: float, use_msssim: bool, bf16: bool):
+    from pytorch_msssim import ms_ssim
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(x, rate_level=level, with_bypass=False)
+    x_hat = out["anchor_frame"].float()
+    num_pixels = x.shape[0] * x.shape[2] * x.shape[3]
+    bpp = sum(torch.log(l.float().clamp_min(1e-9)).sum() for l in out["likelihoods"].values()) / (
+        -math.log(2) * num_pixels
+    )
+    mse = F.mse_loss(x_hat, x)
+    distortion = 255**2 * mse
+    msssim = torch.tensor(float("nan"))
+    if use_msssim:
+        msssim = ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0)
+        distortion = 0.3 * distortion + MSSSIM_WEIGHT * (1 - msssim)
+    return bpp + lmbda * distortion, bpp, mse, msssim
+
+
+def make_optimizers(model: AnchorCodec, lr: float):
+    """Adam for the network; a separate Adam for the entropy bottleneck's quantiles."""
+    params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    aux_params = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
+    return params, torch.optim.Adam(params, lr=lr), torch.optim.Adam(aux_params, lr=1e-3)
+
+
+def train(args) -> None:
+    torch.manual_seed(args.seed)
+    run = Path(args.run)
+    files = sorted((Path(args.data) / "photos" / "train").iterdir())
+    if not files:
+        raise SystemExit(f"no training photographs under {args.data}/photos/train: run `make data` first")
+    data = PhotoCrops(files, args.crop, args.seed)
+    config = dict(DEFAULT_CONFIG)
+    model = AnchorCodec(**config)
+    params, opt, aux_opt = make_optimizers(model, args.lr)
+    meta = {"step": 0, "seconds": 0.0, "config": config, "lambdas": args.lambdas, "log": []}
+    if (run / "state.json").exists():
+        meta = {**meta, **load_checkpoint(run, model, opt, aux_opt)}
+        print(f"resumed {run} at step {meta['step']} ({meta['seconds'] / 60:.1f} min trained)")
+    model.train()
+    started, last_save = time.time(), time.time()
+    window = []
+    while meta["step"] < args.steps:
+        step = meta["step"]
+        if step == int(args.steps * 0.85):
+            for g in opt.param_groups:
+                g["lr"] = args.lr * 0.1
+        level = random.Random(args.seed * 1000003 + step).randrange(len(args.lambdas))
+        x = data.batch(args.batch)
+        loss, bpp, mse, msssim = rd_loss(model, x, level, args.lambdas[level], step >= args.mse_warmup, args.bf16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        aux = model.aux_loss()
+        aux_opt.zero_grad(set_to_none=True)
+        aux.backward()
+        aux_opt.step()
+        meta["step"] = step + 1
+        window.append((level, bpp.item(), mse.item(), msssim.item()))
+        if meta["step"] % args.log_every == 0:
+            elapsed = meta["seconds"] + time.time() - started
+            rows = {}
+            for lv, b, m, s in window:
+                rows.setdefault(lv, []).append((b, m, s))
+            summary = {lv: [round(float(np.mean(c)), 5) for c in zip(*v)] for lv, v in sorted(rows.items())}
+            meta["log"].append({"step": meta["step"], "minutes": round(elapsed / 60, 2), "by_level": summary})
+            print(f"step {meta['step']:6d} {elapsed / 60:6.1f} min  level: [bpp, mse, ms-ssim] {summary}", flush=True)
+            window = []
+        if time.time() - last_save > args.save_every or meta["step"] == args.steps:
+            meta["seconds"] += time.time() - started
+            started = last_save = time.time()
+            save_checkpoint(run, model, opt, aux_opt, meta)
+    if args.export:
+        export(model, args, meta)
+
+
+def export(model: AnchorCodec, args, meta: dict) -> None:
+    model.eval()
+    model.update(force=True)
+    levels = [RateLevel(level=i, lmbda=l) for i, l in enumerate(args.lambdas)]
+    package = save_package(
+        args.export, "default", {"anchor_codec": model}, levels,
+        description="ulbc default anchor codec (NeFIC architecture, small config), trained in-project "
+        "on registry photographs by ulbcodec.train.anchor",
+        extra={"training": {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
+                            "batch": args.batch, "crop": args.crop, "lr": args.lr, "seed": args.seed,
+                            "mse_warmup": args.mse_warmup, "msssim_weight": MSSSIM_WEIGHT,
+                            "command": "make models"}},
+    )
+    print(f"exported {package.root} digest {package.digest[:16]} ({package.size_bytes / 1e6:.1f} MB)")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Train the ulbc anchor codec (resumable).")
+    p.add_argument("--data", default=os.path.expanduser("~/.cache/ulbc"))
+    p.add_argument("--run", default="runs/default")
+    p.add_argument("--export", default=None, help="write a model package here when training ends")
+    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1.5e-4)
+    p.add_argument("--mse-warmup", type=int, default=1200)
+    p.add_argument("--lambdas", type=float, nargs="+", default=DEFAULT_LAMBDAS)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints")
+    p.add_argument("--export-only", action="store_true", help="export the current checkpoint and exit")
+    args = p.parse_args(argv)
+    if args.export_only:
+        model = AnchorCodec(**DEFAULT_CONFIG)
+        _, opt, aux_opt = make_optimizers(model, args.lr)
+        meta = load_checkpoint(Path(args.run), model, opt, aux_opt)
+        export(model, args, meta)
+        return
+    train(args)
+
+
+if __name__ == "__main__":
+    main()
