@@ -169,8 +169,12 @@ def test_bd_rate_half_the_rate_is_minus_50_percent():
     rates, psnrs = FAU_ANCHOR
     assert metrics.bd_rate(rates, psnrs, [r * 0.5 for r in rates], psnrs) == pytest.approx(-50.0, abs=1e-9)
     assert metrics.bd_rate(rates, psnrs, rates, psnrs) == pytest.approx(0.0, abs=1e-12)
-    # order of the points does not matter; different point counts are fine
-    assert metrics.bd_rate(rates[::-1], psnrs[::-1], [r * 2 for r in rates[:3]], psnrs[:3]) == pytest.approx(100.0)
+    assert metrics.bd_rate(rates[::-1], psnrs[::-1], rates, psnrs) == pytest.approx(0.0, abs=1e-12)  # any order
+    # point counts may differ: on a curve linear in (metric, log rate) PCHIP is exact
+    line_metric = [30.0, 32.0, 34.0, 36.0]
+    line_rate = [10 ** (m / 10) for m in line_metric]
+    doubled = metrics.bd_rate(line_rate, line_metric, [2 * line_rate[0], 2 * line_rate[3]], [30.0, 36.0])
+    assert doubled == pytest.approx(100.0, abs=1e-9)
 
 
 def test_bd_metric_constant_shift():

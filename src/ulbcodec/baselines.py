@@ -90,7 +90,7 @@ class Baseline:
         """Complete stream for an HxWx3 uint8 RGB image at the codec's ``quality``."""
         if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3):
             raise ValueError(f"expected an HxWx3 uint8 RGB array, got {getattr(rgb, 'dtype', type(rgb))} "
-                             f"{getattr(rgb, 'shape', '')}")  # fmt: skip
+                             f"{getattr(rgb, 'shape', '')}")
         lo, hi = QUALITY_RANGE[self.codec]
         if not (isinstance(quality, (int, np.integer)) and lo <= quality <= hi):
             raise ValueError(f"{self.codec} quality must be an int in [{lo}, {hi}], got {quality!r}")

@@ -187,6 +187,12 @@ class Header:
     @classmethod
     def from_bytes(cls, payload: bytes) -> "Header":
         r = Reader(payload, "header chunk")
+        header = cls.read(r)
+        r.expect_end()
+        return header
+
+    @classmethod
+    def read(cls, r: Reader) -> "Header":
         media = r.u8()
         width, height, frames, fps_num, fps_den = (r.uvarint() for _ in range(5))
         digest = r.take(MODEL_DIGEST_BYTES)
@@ -201,7 +207,6 @@ class Header:
             if pid not in PARAM_NAMES:
                 raise BitstreamError(f"unknown codec parameter id {pid}")
             params[PARAM_NAMES[pid]] = value
-        r.expect_end()
         header = cls(media, width, height, digest, rate_level, frames, fps_num, fps_den, seed, params)
         header.validate()
         return header
@@ -295,7 +300,9 @@ class Container:
 
     def to_bytes(self) -> bytes:
         out = bytearray(MAGIC + bytes([VERSION]))
-        out += encode_chunk(CHUNK_HEADER, self.header.to_bytes())
+        # The HEAD chunk ends with the number of chunks that follow, so that a file cut
+        # exactly at a chunk boundary is still recognised as truncated.
+        out += encode_chunk(CHUNK_HEADER, self.header.to_bytes() + write_uvarint(len(self.chunks)))
         for chunk in self.chunks:
             out += encode_chunk(chunk.type, chunk.payload)
         return bytes(out)
@@ -316,7 +323,12 @@ class Container:
             if header is None:
                 if chunk.type != CHUNK_HEADER:
                     raise BitstreamError(f"first chunk must be HEAD, found {chunk.type.decode()}")
-                header_chunk, header = chunk, Header.from_bytes(chunk.payload)
+                r = Reader(chunk.payload, "header chunk")
+                header_chunk, header = chunk, Header.read(r)
+                expected = r.uvarint()
+                r.expect_end()
+                if expected > MAX_CHUNKS:
+                    raise BitstreamError(f"header announces {expected} chunks, more than {MAX_CHUNKS}")
                 continue
             if chunk.type == CHUNK_HEADER:
                 raise BitstreamError("duplicated HEAD chunk")
@@ -325,6 +337,8 @@ class Container:
             chunks.append(chunk)  # unknown ancillary chunks are kept but never interpreted
         if header is None:
             raise BitstreamError("truncated file: no header chunk")
+        if len(chunks) != expected:
+            raise BitstreamError(f"truncated file: header announces {expected} chunks, found {len(chunks)}")
         return cls(header, chunks, header_chunk, version, len(data))
 
 

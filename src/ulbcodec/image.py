@@ -57,7 +57,7 @@ class EncodeResult:
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 uint8 RGB array, got {rgb.dtype} {rgb.shape}")
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div_(255)
+    return torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1)[None].float().div_(255)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

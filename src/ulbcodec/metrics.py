@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -203,7 +204,9 @@ def vmaf_video(
     with tempfile.TemporaryDirectory(prefix="ulbc_vmaf_") as tmp:
         n_frames, shape = 0, None
         with open(os.path.join(tmp, "ref.yuv"), "wb") as fr, open(os.path.join(tmp, "dist.yuv"), "wb") as fd:
-            for ref, dist in _zip_frames(ref_frames, dist_frames):
+            for ref, dist in itertools.zip_longest(ref_frames, dist_frames):
+                if ref is None or dist is None:
+                    raise ValueError("ref_frames and dist_frames have different lengths")
                 _check_pair(ref, dist)
                 if shape is not None and ref.shape != shape:
                     raise ValueError(f"frame {n_frames} has shape {ref.shape}, earlier frames {shape}")
@@ -221,7 +224,7 @@ def vmaf_video(
         )
         cmd = [ffmpeg_exe(), "-hide_banner", "-nostats", "-loglevel", "error",
                *raw, "-i", "dist.yuv", *raw, "-i", "ref.yuv",
-               "-lavfi", graph, "-f", "null", "-"]  # fmt: skip
+               "-lavfi", graph, "-f", "null", "-"]
         done = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"ffmpeg/libvmaf failed ({done.returncode}): {done.stderr.strip()}")
@@ -229,18 +232,6 @@ def vmaf_video(
     if len(log["frames"]) != n_frames:
         raise RuntimeError(f"libvmaf scored {len(log['frames'])} frames, expected {n_frames}")
     return float(log["pooled_metrics"]["vmaf"]["mean"])
-
-
-def _zip_frames(ref_frames: Iterable[np.ndarray], dist_frames: Iterable[np.ndarray]):
-    sentinel = object()
-    ref_it, dist_it = iter(ref_frames), iter(dist_frames)
-    while True:
-        ref, dist = next(ref_it, sentinel), next(dist_it, sentinel)
-        if ref is sentinel and dist is sentinel:
-            return
-        if ref is sentinel or dist is sentinel:
-            raise ValueError("ref_frames and dist_frames have different lengths")
-        yield ref, dist
 
 
 def vmaf(ref: np.ndarray, dist: np.ndarray, *, threads: int = 1) -> float:
@@ -297,7 +288,10 @@ def log_spectrum_error(ref: np.ndarray, dist: np.ndarray) -> float:
     gained spurious detail (noise, ringing, hallucinated texture: an excess). Unlike
     PSNR it does not care where the detail is, only how much of it there is, so a
     generative decoder that synthesises plausible texture scores well, and a codec that
-    blurs scores badly even at equal PSNR. Lower is better.
+    blurs scores badly even at equal PSNR. The flip side: it only sees how much
+    high-frequency power there is, so block edges of a coarse JPEG can stand in for lost
+    texture and score well too -- read it next to PSNR / MS-SSIM, not alone. Lower is
+    better.
     """
     _check_pair(ref, dist)
     freqs, db_ref = radial_log_power_spectrum(ref)

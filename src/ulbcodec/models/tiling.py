@@ -10,6 +10,12 @@ tests/test_image_codec.py). Peak memory is that of one tile, whatever the image 
 Entropy coding is *not* tiled: the latent of the whole image is coded as one string, so
 tiling changes neither the rate nor the bitstream layout.
 
+Determinism: each tile runs with ONE intra-op thread, and tiles run in parallel on a
+pool of ``workers`` Python threads (torch releases the GIL). Multi-threaded CPU kernels
+may split reductions differently for different thread counts; single-threaded kernels
+on a tiling that depends only on the image size give the same pixels whatever the
+thread count of the machine (tests/test_image_codec.py checks 1 vs 2 threads).
+
 ::
 
      input (H x W)                         output (H*s x W*s)
@@ -21,8 +27,9 @@ tiling changes neither the rate nor the bitstream layout.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -33,31 +40,51 @@ def tiled_apply(
     scale: Fraction,
     core: int,
     margin: int,
+    workers: Optional[int] = None,
 ) -> torch.Tensor:
     """Apply ``fn`` (which maps [B,C,h,w] to [B,C',h*scale,w*scale]) tile by tile.
 
     ``core`` and ``margin`` are in input pixels and must make ``core*scale`` and
-    ``margin*scale`` whole numbers. When the input fits into one tile, ``fn`` runs once
-    on the whole input, so small images are never tiled.
+    ``margin*scale`` whole numbers. An input that fits into one tile is processed whole.
+    ``workers`` defaults to torch's current intra-op thread count.
     """
     scale = Fraction(scale)
-    _, _, h, w = x.shape
-    if h <= core + 2 * margin and w <= core + 2 * margin:
-        return fn(x)
     for name, value in (("core", core), ("margin", margin)):
         if (value * scale).denominator != 1:
             raise ValueError(f"tile {name} {value} is not a whole number of output pixels at scale {scale}")
-    out = None
-    for top in range(0, h, core):
-        for left in range(0, w, core):
-            bottom, right = min(top + core, h), min(left + core, w)
-            t0, l0 = max(top - margin, 0), max(left - margin, 0)
-            t1, l1 = min(bottom + margin, h), min(right + margin, w)
-            tile = fn(x[:, :, t0:t1, l0:l1])
-            if out is None:
-                out = tile.new_empty(tile.shape[:2] + (int(h * scale), int(w * scale)))
-            out[:, :, int(top * scale) : int(bottom * scale), int(left * scale) : int(right * scale)] = tile[
-                :, :, int((top - t0) * scale) : int((bottom - t0) * scale),
-                int((left - l0) * scale) : int((right - l0) * scale),
-            ]
-    return out
+    _, _, h, w = x.shape
+    if h <= core + 2 * margin and w <= core + 2 * margin:
+        boxes = [(0, 0, h, w, 0, 0, h, w)]
+    else:
+        boxes = []
+        for top in range(0, h, core):
+            for left in range(0, w, core):
+                bottom, right = min(top + core, h), min(left + core, w)
+                boxes.append((top, left, bottom, right, max(top - margin, 0), max(left - margin, 0),
+                              min(bottom + margin, h), min(right + margin, w)))
+    workers = workers or torch.get_num_threads()
+    out: list = [None]
+
+    def run(box) -> None:
+        top, left, bottom, right, t0, l0, t1, l1 = box
+        tile = fn(x[:, :, t0:t1, l0:l1])
+        if out[0] is None:  # first finished tile allocates (same shape from any tile)
+            out[0] = tile.new_empty(tile.shape[:2] + (int(h * scale), int(w * scale)))
+        out[0][:, :, int(top * scale) : int(bottom * scale), int(left * scale) : int(right * scale)] = tile[
+            :, :, int((top - t0) * scale) : int((bottom - t0) * scale),
+            int((left - l0) * scale) : int((right - l0) * scale),
+        ]
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if workers <= 1 or len(boxes) == 1:
+            for box in boxes:
+                run(box)
+        else:
+            run(boxes[0])  # allocate the output before threads race for it
+            with ThreadPoolExecutor(max_workers=min(workers, len(boxes) - 1)) as pool:
+                list(pool.map(run, boxes[1:]))
+    finally:
+        torch.set_num_threads(previous)
+    return out[0]

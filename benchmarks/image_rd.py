@@ -1,0 +1,368 @@
+"""Rate-distortion benchmark of ulbc against classical image codecs at ultra-low rates.
+
+    PYTHONPATH=src python benchmarks/image_rd.py --images DIR --out OUT [--no-ulbc]
+
+For every image in DIR it codes
+  * every baseline variant of ``ulbcodec.baselines`` -- {jpeg, webp, avif} x downscale
+    {1, 2, 4, 8} -- over that codec's quality grid, lowest quality first, until the mean
+    rate over the images passes ``--max-bpp`` (that first setting above is kept so the
+    curves bracket the range), and
+  * ulbc (``ulbcodec.image.ImageCodec``) at each of its rate levels,
+and measures the rate from the real bytes (``len(stream) * 8 / original pixels``) and
+PSNR, MS-SSIM, VMAF and the log-spectrum error (protocols in ``ulbcodec.metrics``).
+
+Curves are averaged per setting: for each variant and quality (or ulbc rate level) the
+mean rate and the mean of each metric over all images form one point. A baseline's
+"best" curve (``best-avif`` etc.) is the monotone upper envelope of all its downscale
+variants' points: at each rate, the best quality any variant reaches at that rate or
+less. This is the Pareto front, not the convex hull: an interpolation between two
+variants is not something one image's encoder can deliver. BD-rates (PCHIP, log rate,
+see ``metrics.bd_rate``) compare ulbc's own monotone envelope with each best-baseline
+curve on PSNR, MS-SSIM and VMAF, both restricted to ``[--min-bpp, --max-bpp]`` plus the
+nearest point outside each end. Without ulbc (``--no-ulbc``), best-webp and best-avif
+are compared with best-jpeg instead.
+
+Outputs in OUT: ``points.csv`` / ``points.json`` (one row per image x codec setting,
+with the configuration and library versions in the JSON), ``curves.json`` (averaged
+curves and envelopes), ``rd_<metric>.png`` (log-rate RD plots) and ``summary.md`` (also
+printed to stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import functools
+import json
+import math
+import multiprocessing
+import platform
+import sys
+import time
+from collections import defaultdict
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ulbcodec import baselines, metrics
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm"}
+METRICS = ("psnr", "ms_ssim", "vmaf", "log_spectrum_error")
+HIGHER_IS_BETTER = {"psnr": True, "ms_ssim": True, "vmaf": True, "log_spectrum_error": False}
+BD_METRICS = ("psnr", "ms_ssim", "vmaf")
+LABELS = {"psnr": "PSNR (RGB) [dB]", "ms_ssim": "MS-SSIM (RGB)", "vmaf": "VMAF v0.6.1",
+          "log_spectrum_error": "log-spectrum error [dB], lower is better"}
+ULBC = "ulbc"
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+@functools.lru_cache(maxsize=None)
+def load_image(path: str) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+@contextlib.contextmanager
+def single_threaded_torch():
+    """Run one small torch computation on one thread, restoring the previous setting.
+
+    MS-SSIM of one image is too little work for torch's thread pool: on a busy machine
+    the pool's synchronisation made it ~100x slower (1.4 s instead of 15 ms at 256x192).
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def measure(ref: np.ndarray, stream: bytes, decoded: np.ndarray) -> dict:
+    """Rate and every metric of one coded image (MS-SSIM is NaN below its minimum size)."""
+    if decoded.shape != ref.shape or decoded.dtype != np.uint8:
+        raise RuntimeError(f"decoder returned {decoded.dtype} {decoded.shape}, expected uint8 {ref.shape}")
+    try:
+        with single_threaded_torch():
+            ms_ssim = metrics.ms_ssim(ref, decoded)
+    except ValueError:
+        ms_ssim = math.nan
+    return {
+        "bytes": len(stream),
+        "bpp": baselines.bpp(stream, ref.shape),
+        "psnr": metrics.psnr(ref, decoded),
+        "ms_ssim": ms_ssim,
+        "vmaf": metrics.vmaf(ref, decoded),
+        "log_spectrum_error": metrics.log_spectrum_error(ref, decoded),
+    }
+
+
+def run_variant(codec: str, downscale: int, qualities: list[int], image_paths: list[str], max_bpp: float) -> list[dict]:
+    """All images through one baseline variant, quality ascending, until mean bpp > max_bpp."""
+    variant = baselines.Baseline(codec, downscale)
+    rows = []
+    for quality in sorted(qualities):
+        setting_rows = []
+        for path in image_paths:
+            ref = load_image(path)
+            t0 = time.perf_counter()
+            stream = variant.encode(ref, quality)
+            t1 = time.perf_counter()
+            decoded = variant.decode(stream)
+            t2 = time.perf_counter()
+            setting_rows.append({"image": Path(path).name, "curve": variant.name, "codec": codec,
+                                 "downscale": downscale, "setting": quality, **measure(ref, stream, decoded),
+                                 "encode_s": t1 - t0, "decode_s": t2 - t1})
+        rows += setting_rows
+        mean_bpp = float(np.mean([r["bpp"] for r in setting_rows]))
+        print(f"  {variant.name:10s} q={quality:<3d} mean {mean_bpp:.4f} bpp", file=sys.stderr, flush=True)
+        if mean_bpp > max_bpp:
+            break
+    return rows
+
+
+def _run_variant_task(task: tuple) -> list[dict]:
+    return run_variant(*task)
+
+
+def run_baselines(image_paths, codecs, downscales, quick: bool, max_bpp: float, jobs: int) -> list[dict]:
+    tasks = []
+    for codec in codecs:
+        grid = list(baselines.QUALITIES[codec])
+        if quick:
+            grid = grid[::2]
+        tasks += [(codec, f, grid, image_paths, max_bpp) for f in downscales]
+    if jobs <= 1:
+        return [row for task in tasks for row in _run_variant_task(task)]
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        return [row for rows in pool.imap_unordered(_run_variant_task, tasks) for row in rows]
+
+
+def run_ulbc(model: str, image_paths: list[str]) -> list[dict]:
+    try:
+        from ulbcodec.image import ImageCodec
+    except ImportError as e:
+        sys.exit(f"ulbc's image codec is not importable ({e}).\n"
+                 "ulbcodec.image.ImageCodec may not be built yet; run with --no-ulbc for the baselines.")
+    try:
+        codec = ImageCodec.from_pretrained(model)
+    except Exception as e:
+        sys.exit(f"cannot load ulbc model {model!r}: {e}\nRun with --no-ulbc for the baselines alone.")
+    rows = []
+    for level in codec.rate_levels:
+        for path in image_paths:
+            ref = load_image(path)
+            t0 = time.perf_counter()
+            encoded = codec.encode(ref, rate_level=level)
+            t1 = time.perf_counter()
+            # the complete .ulb file: encode() returns its bytes, or a result holding them in .data
+            stream = encoded if isinstance(encoded, bytes) else encoded.data
+            decoded = codec.decode(stream)
+            t2 = time.perf_counter()
+            rows.append({"image": Path(path).name, "curve": ULBC, "codec": ULBC, "downscale": 1, "setting": level,
+                         **measure(ref, stream, decoded), "encode_s": t1 - t0, "decode_s": t2 - t1})
+        mean_bpp = np.mean([r["bpp"] for r in rows if r["setting"] == level])
+        print(f"  {ULBC:10s} level={level:<3d} mean {mean_bpp:.4f} bpp", file=sys.stderr, flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- curves
+
+
+def average_curves(rows: list[dict]) -> dict[str, list[dict]]:
+    """``{curve: [point]}``: per setting, the mean rate and metrics over all images, by setting."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row["curve"], row["setting"]].append(row)
+    n_images = len({row["image"] for row in rows})
+    curves = defaultdict(list)
+    for (curve, setting), group in sorted(groups.items()):
+        if len(group) != n_images:
+            raise RuntimeError(f"{curve} setting {setting}: {len(group)} of {n_images} images")
+        point = {"curve": curve, "codec": group[0]["codec"], "downscale": group[0]["downscale"], "setting": setting,
+                 "n_images": n_images}
+        for key in ("bpp", *METRICS):
+            point[key] = float(np.mean([r[key] for r in group]))
+        curves[curve].append(point)
+    return dict(curves)
+
+
+def envelope(points: list[dict], metric: str) -> list[dict]:
+    """Monotone envelope: the points no other point beats at equal or lower rate, by rate."""
+    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+    usable = [p for p in points if math.isfinite(p[metric])]
+    best, front = -math.inf, []
+    for p in sorted(usable, key=lambda p: (p["bpp"], -sign * p[metric])):
+        if sign * p[metric] > best:
+            best = sign * p[metric]
+            front.append(p)
+    return front
+
+
+def in_window(points: list[dict], lo: float, hi: float) -> list[dict]:
+    """Points with lo <= bpp <= hi, plus the nearest point below lo and above hi, by rate."""
+    points = sorted(points, key=lambda p: p["bpp"])
+    below = [p for p in points if p["bpp"] < lo][-1:]
+    above = [p for p in points if p["bpp"] > hi][:1]
+    return below + [p for p in points if lo <= p["bpp"] <= hi] + above
+
+
+def family_envelopes(curves: dict[str, list[dict]], metric: str, lo: float, hi: float) -> dict[str, list[dict]]:
+    """``{"best-avif": [...], ..., "ulbc": [...]}``: each codec's envelope, windowed."""
+    by_codec = defaultdict(list)
+    for points in curves.values():
+        for p in points:
+            by_codec[p["codec"]].append(p)
+    return {(c if c == ULBC else f"best-{c}"): in_window(envelope(pts, metric), lo, hi) for c, pts in by_codec.items()}
+
+
+def bd_cell(anchor: list[dict], test: list[dict], metric: str) -> str:
+    try:
+        value = metrics.bd_rate([p["bpp"] for p in anchor], [p[metric] for p in anchor],
+                                [p["bpp"] for p in test], [p[metric] for p in test])
+    except ValueError as e:
+        reason = "no overlap" if "overlap" in str(e) else "< 2 points" if "at least 2" in str(e) else "invalid"
+        return f"n/a ({reason})"
+    return f"{value:+.1f}%"
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def plot(curves: dict[str, list[dict]], metric: str, lo: float, hi: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"jpeg": "tab:blue", "webp": "tab:green", "avif": "tab:red", ULBC: "black"}
+    markers = {1: "o", 2: "s", 4: "^", 8: "D"}
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for name, points in sorted(curves.items()):
+        pts = sorted((p for p in in_window(points, lo, hi) if math.isfinite(p[metric])), key=lambda p: p["setting"])
+        if pts:
+            ax.plot([p["bpp"] for p in pts], [p[metric] for p in pts], lw=0.8, alpha=0.45, ms=3, label=name,
+                    color=colors[pts[0]["codec"]], marker=markers[pts[0]["downscale"]])
+    for name, pts in sorted(family_envelopes(curves, metric, lo, hi).items()):
+        codec = ULBC if name == ULBC else name.removeprefix("best-")
+        ax.plot([p["bpp"] for p in pts], [p[metric] for p in pts], lw=2.4 if name == ULBC else 1.8,
+                color=colors[codec], marker="*" if name == ULBC else None, ms=9,
+                label=f"{ULBC} (envelope)" if name == ULBC else name)
+    ax.set_xscale("log")
+    ax.set_xlabel("bits per pixel (real bytes / original pixels)")
+    ax.set_ylabel(LABELS[metric])
+    ax.axvspan(lo, hi, color="0.93", zorder=0)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"{LABELS[metric]} vs rate, mean over images (thin: variants, bold: envelopes)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary_markdown(curves, rows, args, have_ulbc: bool) -> str:
+    lo, hi = args.min_bpp, args.max_bpp
+    n_images = len({r["image"] for r in rows})
+    lines = [
+        f"# Image RD benchmark: {n_images} images from `{args.images}`",
+        "",
+        f"Rates are real stream bytes x 8 / original pixels. BD-rates use PCHIP over log10 rate on the "
+        f"monotone envelopes of the per-setting mean curves, restricted to {lo:g}-{hi:g} bpp (plus the nearest "
+        f"point outside each end). MS-SSIM on RGB, raw values; VMAF vmaf_v0.6.1 on BT.709 limited-range "
+        f"yuv420p, one still frame (identical images score ~97.4).",
+        "",
+    ]
+    if have_ulbc:
+        tests, anchors = [ULBC], [f"best-{c}" for c in args.codecs]
+        lines.append("## BD-rate of ulbc against the best variant of each baseline (negative: ulbc needs fewer bits)")
+    else:
+        tests, anchors = [f"best-{c}" for c in args.codecs if c != "jpeg"], ["best-jpeg"]
+        lines.append("## BD-rate of the best WebP / AVIF variants against the best JPEG variant (no ulbc run)")
+    envelopes = {m: family_envelopes(curves, m, lo, hi) for m in BD_METRICS}
+    lines += ["", "| test | anchor | " + " | ".join(LABELS[m].split(" [")[0] for m in BD_METRICS) + " |",
+              "|---|---|" + "---|" * len(BD_METRICS)]
+    for test in tests:
+        for anchor in anchors:
+            if test == anchor or anchor not in envelopes[BD_METRICS[0]]:
+                continue
+            cells = [bd_cell(envelopes[m][anchor], envelopes[m][test], m) for m in BD_METRICS]
+            lines.append(f"| {test} | {anchor} | " + " | ".join(cells) + " |")
+    lines += ["", "## Rate range reached (mean bpp over images)", "",
+              "| curve | lowest bpp (setting) | highest bpp (setting) | settings run |",
+              "|---|---|---|---|"]
+    for name, points in sorted(curves.items()):
+        low, high = min(points, key=lambda p: p["bpp"]), max(points, key=lambda p: p["bpp"])
+        lines.append(f"| {name} | {low['bpp']:.4f} ({low['setting']}) | {high['bpp']:.4f} ({high['setting']}) "
+                     f"| {len(points)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(rows, curves, args, have_ulbc: bool) -> str:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = ["image", "curve", "codec", "downscale", "setting", "bytes", "bpp", *METRICS, "encode_s", "decode_s"]
+    with open(out / "points.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    versions = {pkg: metadata.version(pkg) for pkg in ("numpy", "pillow", "torch", "pytorch-msssim", "imageio-ffmpeg")}
+    environment = {"python": platform.python_version(), **versions, "ffmpeg": metrics.ffmpeg_exe()}
+    (out / "points.json").write_text(json.dumps({"config": vars(args), "environment": environment, "points": rows},
+                                                indent=1, default=str))
+    envelopes = {m: family_envelopes(curves, m, args.min_bpp, args.max_bpp) for m in METRICS}
+    (out / "curves.json").write_text(json.dumps({"curves": curves, "envelopes": envelopes}, indent=1))
+    for metric in METRICS:
+        plot(curves, metric, args.min_bpp, args.max_bpp, out / f"rd_{metric}.png")
+    summary = summary_markdown(curves, rows, args, have_ulbc)
+    (out / "summary.md").write_text(summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", required=True, help="directory of test images (png/jpg/webp/...)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--ulbc-model", default="default", help="ImageCodec.from_pretrained name or path")
+    parser.add_argument("--no-ulbc", action="store_true", help="run the baselines only")
+    parser.add_argument("--max-bpp", type=float, default=0.15, help="upper end of the evaluated rate range")
+    parser.add_argument("--min-bpp", type=float, default=0.005, help="lower end of the evaluated rate range")
+    parser.add_argument("--quick", action="store_true", help="every second quality of each baseline grid")
+    parser.add_argument("--codecs", default=",".join(baselines.CODECS), help="comma-separated baseline codecs")
+    parser.add_argument("--downscales", default=",".join(map(str, baselines.DOWNSCALES)),
+                        help="comma-separated downscale factors")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes for the baselines (one per variant)")
+    args = parser.parse_args(argv)
+    args.codecs = [c for c in args.codecs.split(",") if c]
+    args.downscales = [int(f) for f in args.downscales.split(",") if f]
+    if not 0 < args.min_bpp < args.max_bpp:
+        parser.error("need 0 < --min-bpp < --max-bpp")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    image_paths = sorted(str(p) for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not image_paths:
+        sys.exit(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {args.images}")
+    small = [Path(p).name for p in image_paths if min(load_image(p).shape[:2]) < metrics.MS_SSIM_MIN_SIDE]
+    if small:
+        print(f"note: MS-SSIM is undefined (NaN) for images under {metrics.MS_SSIM_MIN_SIDE} px: {small}",
+              file=sys.stderr)
+    have_ulbc = not args.no_ulbc
+    rows = run_ulbc(args.ulbc_model, image_paths) if have_ulbc else []
+    rows += run_baselines(image_paths, args.codecs, args.downscales, args.quick, args.max_bpp, args.jobs)
+    summary = write_outputs(rows, average_curves(rows), args, have_ulbc)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Image pipeline round trips, determinism, rate control and model checks (tiny model)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from ulbcodec import bitstream as bs
+from ulbcodec.image import DecodeError, ImageCodec
+from ulbcodec.models.tiling import tiled_apply
+
+from conftest import DATA, make_tiny_package
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (17, 33), (33, 17), (64, 64), (65, 129)])
+def test_round_trip_odd_sizes(tiny_codec, photo, shape):
+    h, w = shape
+    rgb = np.ascontiguousarray(photo[:h, :w])
+    result = tiny_codec.encode(rgb, 1)
+    out = tiny_codec.decode(result.data)
+    assert out.shape == rgb.shape and out.dtype == np.uint8
+    header = bs.Container.from_bytes(result.data).header
+    assert (header.width, header.height, header.rate_level) == (w, h, 1)
+    assert result.bpp == len(result.data) * 8 / (w * h)
+
+
+def test_bytes_grow_with_rate_level(tiny_codec, photo):
+    sizes = [len(tiny_codec.encode(photo, level).data) for level in tiny_codec.rate_levels]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+
+
+def test_encode_to_bpp_lands_at_or_under_target(tiny_codec, photo):
+    by_level = {lv: tiny_codec.encode(photo, lv).bpp for lv in tiny_codec.rate_levels}
+    target = (by_level[0] + by_level[1]) / 2
+    result, met = tiny_codec.encode_to_bpp(photo, target)
+    assert met and result.rate_level == 0 and result.bpp <= target
+    result, met = tiny_codec.encode_to_bpp(photo, by_level[2] * 2)
+    assert met and result.rate_level == 2
+    result, met = tiny_codec.encode_to_bpp(photo, by_level[0] / 2)
+    assert not met and result.rate_level == 0
+
+
+def test_deterministic_across_runs_and_thread_counts(tiny_codec, photo):
+    previous = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            data = tiny_codec.encode(photo, 2).data
+            outputs.append((data, tiny_codec.decode(data).tobytes()))
+    finally:
+        torch.set_num_threads(previous)
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_model_digest_mismatch_refused(tiny_model, tmp_path, photo):
+    other = ImageCodec.from_pretrained(str(make_tiny_package(tmp_path, "other", seed=1)))
+    data = other.encode(photo[:64, :64].copy(), 0).data
+    codec = ImageCodec.from_pretrained(str(tiny_model))
+    with pytest.raises(DecodeError, match="encoded with model"):
+        codec.decode(data)
+
+
+def test_desync_detected_by_symbol_check(tiny_codec, photo):
+    data = tiny_codec.encode(photo[:128, :128].copy(), 2).data
+    container = bs.Container.from_bytes(data)
+    payload = bs.AnchorPayload.from_bytes(container.chunks[0].payload)
+    payload.symbols_check ^= 1  # as if the decoder's entropy parameters drifted
+    container.chunks[0] = bs.Chunk(bs.CHUNK_ANCHOR, payload.to_bytes())
+    with pytest.raises(DecodeError, match="desynchronised"):
+        tiny_codec.decode(container.to_bytes())
+
+
+def test_large_image_tiled_round_trip(tiny_codec):
+    rng = np.random.default_rng(0)
+    # smooth random field: a 4000x3000 image that is cheap to build
+    small = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    rgb = np.kron(small, np.ones((100, 100, 1), dtype=np.uint8))
+    result = tiny_codec.encode(rgb, 0)
+    out = tiny_codec.decode(result.data)
+    assert out.shape == (3000, 4000, 3)
+
+
+def test_tiling_matches_untiled_away_from_seams():
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3, padding=1))
+    x = torch.rand(1, 3, 200, 300)
+    with torch.no_grad():
+        whole = conv(x)
+        tiled = tiled_apply(conv, x, Fraction(1), core=64, margin=8, workers=2)
+    # receptive field radius 2 < margin: identical up to float rounding
+    assert torch.allclose(whole, tiled, atol=1e-6)
+
+
+def test_tiling_rejects_misaligned_tiles():
+    with pytest.raises(ValueError, match="whole number"):
+        tiled_apply(lambda t: t, torch.zeros(1, 1, 64, 64), Fraction(1, 16), core=40, margin=0)
+
+
+def test_pinned_digests_of_the_shipped_default_model(photo):
+    """CompressAI-style conformance pin: any change to coding or synthesis shows up here.
+
+    If you change the default model or the coding path on purpose, update the digests and
+    say so in the commit message."""
+    from ulbcodec.models.package import ModelError
+
+    try:
+        codec = ImageCodec.from_pretrained("default")
+    except ModelError:
+        pytest.skip("no default model package in models/")
+    rgb = np.ascontiguousarray(photo[:128, :192])
+    data = codec.encode(rgb, 2).data
+    pixels = codec.decode(data)
+    pins = json.loads((DATA / "default_model_pins.json").read_text()).get(codec.package.digest[:16])
+    assert pins is not None, f"no pins recorded for default model {codec.package.digest[:16]}"
+    assert hashlib.sha256(data).hexdigest()[:16] == pins["bitstream"]
+    assert hashlib.sha256(pixels.tobytes()).hexdigest()[:16] == pins["pixels"]
