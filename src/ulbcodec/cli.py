@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -300,7 +301,14 @@ def demo(out, model):
                    f"{ms_ssim(rgb, decoded):>8.4f}  {ulb} -> {png}")
 
 
+def _terminate(signum, frame):
+    # SIGTERM (a batch scheduler, `kill`) unwinds like Ctrl-C, so that temporary files are
+    # removed and no partial output is left behind.
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[List[str]] = None) -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, prog_name="ulbc", standalone_mode=False)
     except click.UsageError as exc:

@@ -148,14 +148,27 @@ def save_package(
     rate_levels: List[RateLevel],
     description: str = "",
     extra: Optional[dict] = None,
+    half_parameters: bool = False,
 ) -> ModelPackage:
-    """Write a package: one safetensors file per component plus the manifest."""
+    """Write a package: one safetensors file per component plus the manifest.
+
+    ``half_parameters`` stores learnable parameters as float16 (half the size) and is only
+    allowed when they are exactly representable in float16 (round them first, then build
+    the CDF tables: see ``ulbcodec.train.anchor.export``); buffers such as CDF and scale
+    tables stay in their own dtype. Loading casts them back to float32 exactly.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     components = {}
     for cname, module in modules.items():
         weights = f"{cname}.safetensors"
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        if half_parameters:
+            for name, _ in module.named_parameters():
+                half = state[name].half()
+                if not torch.equal(half.float(), state[name]):
+                    raise ValueError(f"parameter {name} is not exactly representable in float16")
+                state[name] = half
         save_file(state, str(root / weights))
         components[cname] = {"class": type(module).__name__, "config": module.config, "weights": weights}
     manifest = {

@@ -150,6 +150,20 @@ def rd_loss(model, x: torch.Tensor, level: int, lmbda: float, use_msssim: bool, 
     return bpp + lmbda * distortion, bpp, mse, msssim
 
 
+def widen_gain_spread(model: AnchorCodec, low: float = -2.6) -> None:
+    """Spread the initial gains of the rate levels over a wider range.
+
+    AnchorCodec initialises its gains at 2^-1 .. 2^+1; with few thousand steps Adam moves
+    them too slowly to reach ~0.005 bpp at level 0, so level l's quantisation is made
+    2^(low*(1 - l/(L-1))) coarser from the start (level L-1 unchanged). The shipped model
+    got this at step 1955 of its run (recorded in its manifest); a fresh run gets it at 0.
+    """
+    with torch.no_grad():
+        scale = 2 ** torch.linspace(low, 0, model.gain.shape[0])
+        model.gain.mul_(scale[:, None])
+        model.inverse_gain.div_(scale[:, None])
+
+
 def make_optimizers(model: AnchorCodec, lr: float):
     """Adam for the network; a separate Adam for the entropy bottleneck's quantiles."""
     params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
@@ -167,6 +181,7 @@ def train(args) -> None:
     config = dict(DEFAULT_CONFIG)
     model = AnchorCodec(**config)
     params, opt, aux_opt = make_optimizers(model, args.lr)
+    widen_gain_spread(model)
     meta = {"step": 0, "seconds": 0.0, "config": config, "lambdas": args.lambdas, "log": []}
     if (run / "state.json").exists():
         meta = {**meta, **load_checkpoint(run, model, opt, aux_opt)}
@@ -210,7 +225,12 @@ def train(args) -> None:
 
 
 def export(model: AnchorCodec, args, meta: dict) -> None:
+    """Round the parameters to float16 (halves the package; quality unaffected), THEN
+    build the CDF tables from the rounded entropy-model parameters, and write a package."""
     model.eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())
     model.update(force=True)
     levels = [RateLevel(level=i, lmbda=l) for i, l in enumerate(args.lambdas)]
     package = save_package(
@@ -220,7 +240,10 @@ def export(model: AnchorCodec, args, meta: dict) -> None:
         extra={"training": {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
                             "batch": args.batch, "crop": args.crop, "lr": args.lr, "seed": args.seed,
                             "mse_warmup": args.mse_warmup, "msssim_weight": MSSSIM_WEIGHT,
-                            "command": "make models"}},
+                            "lambdas": args.lambdas, "command": "make models",
+                            "interventions": meta.get("interventions", []),
+                            "log_tail": meta["log"][-10:]}},
+        half_parameters=True,
     )
     print(f"exported {package.root} digest {package.digest[:16]} ({package.size_bytes / 1e6:.1f} MB)")
 
@@ -230,7 +253,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=os.path.expanduser("~/.cache/ulbc"))
     p.add_argument("--run", default="runs/default")
     p.add_argument("--export", default=None, help="write a model package here when training ends")
-    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--steps", type=int, default=9500)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--lr", type=float, default=1.5e-4)
