@@ -7,7 +7,9 @@ For every image in DIR it codes
     {1, 2, 4, 8} -- over that codec's quality grid, lowest quality first, until the mean
     rate over the images passes ``--max-bpp`` (that first setting above is kept so the
     curves bracket the range), and
-  * ulbc (``ulbcodec.image.ImageCodec``) at each of its rate levels,
+  * ulbc (``ulbcodec.image.ImageCodec``) at each of its rate levels, at full size and
+    in its own downscale mode (``ulbc@1/2``, ``ulbc@1/4``: the .ulb file records the
+    factor and the decoder upsamples), treated like the baselines' variants,
 and measures the rate from the real bytes (``len(stream) * 8 / original pixels``) and
 PSNR, MS-SSIM, VMAF and the log-spectrum error (protocols in ``ulbcodec.metrics``).
 
@@ -20,7 +22,8 @@ variants is not something one image's encoder can deliver. BD-rates (PCHIP, log 
 see ``metrics.bd_rate``) compare ulbc's own monotone envelope with each best-baseline
 curve on PSNR, MS-SSIM and VMAF, both restricted to ``[--min-bpp, --max-bpp]`` plus the
 nearest point outside each end. Without ulbc (``--no-ulbc``), best-webp and best-avif
-are compared with best-jpeg instead.
+are compared with best-jpeg instead. ulbc's envelope is taken over its downscale variants
+the same way as a baseline's.
 
 Outputs in OUT: ``points.csv`` / ``points.json`` (one row per image x codec setting,
 with the configuration and library versions in the JSON), ``curves.json`` (averaged
@@ -144,7 +147,7 @@ def run_baselines(image_paths, codecs, downscales, quick: bool, max_bpp: float, 
         return [row for rows in pool.imap_unordered(_run_variant_task, tasks) for row in rows]
 
 
-def run_ulbc(model: str, image_paths: list[str]) -> list[dict]:
+def run_ulbc(model: str, image_paths: list[str], downscales=(1, 2, 4)) -> list[dict]:
     try:
         from ulbcodec.image import ImageCodec
     except ImportError as e:
@@ -155,20 +158,22 @@ def run_ulbc(model: str, image_paths: list[str]) -> list[dict]:
     except Exception as e:
         sys.exit(f"cannot load ulbc model {model!r}: {e}\nRun with --no-ulbc for the baselines alone.")
     rows = []
-    for level in codec.rate_levels:
-        for path in image_paths:
-            ref = load_image(path)
-            t0 = time.perf_counter()
-            encoded = codec.encode(ref, rate_level=level)
-            t1 = time.perf_counter()
-            # the complete .ulb file: encode() returns its bytes, or a result holding them in .data
-            stream = encoded if isinstance(encoded, bytes) else encoded.data
-            decoded = codec.decode(stream)
-            t2 = time.perf_counter()
-            rows.append({"image": Path(path).name, "curve": ULBC, "codec": ULBC, "downscale": 1, "setting": level,
-                         **measure(ref, stream, decoded), "encode_s": t1 - t0, "decode_s": t2 - t1})
-        mean_bpp = np.mean([r["bpp"] for r in rows if r["setting"] == level])
-        print(f"  {ULBC:10s} level={level:<3d} mean {mean_bpp:.4f} bpp", file=sys.stderr, flush=True)
+    for downscale in downscales:
+        # like the baselines: ulbc@1/f codes a 1/f-size image (the .ulb header records f)
+        curve = ULBC if downscale == 1 else f"{ULBC}@1/{downscale}"
+        for level in codec.rate_levels:
+            for path in image_paths:
+                ref = load_image(path)
+                t0 = time.perf_counter()
+                stream = codec.encode(ref, rate_level=level, downscale=downscale).data
+                t1 = time.perf_counter()
+                decoded = codec.decode(stream)
+                t2 = time.perf_counter()
+                rows.append({"image": Path(path).name, "curve": curve, "codec": ULBC, "downscale": downscale,
+                             "setting": level, **measure(ref, stream, decoded), "encode_s": t1 - t0,
+                             "decode_s": t2 - t1})
+            mean_bpp = np.mean([r["bpp"] for r in rows if r["setting"] == level and r["curve"] == curve])
+            print(f"  {curve:10s} level={level:<3d} mean {mean_bpp:.4f} bpp", file=sys.stderr, flush=True)
     return rows
 
 

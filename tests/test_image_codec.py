@@ -120,3 +120,19 @@ def test_pinned_digests_of_the_shipped_default_model(photo):
     assert pins is not None, f"no pins recorded for default model {codec.package.digest[:16]}"
     assert hashlib.sha256(data).hexdigest()[:16] == pins["bitstream"]
     assert hashlib.sha256(pixels.tobytes()).hexdigest()[:16] == pins["pixels"]
+
+
+@pytest.mark.parametrize("downscale", [2, 4])
+def test_downscale_mode_round_trip(tiny_codec, photo, downscale):
+    rgb = np.ascontiguousarray(photo[:150, :201])
+    result = tiny_codec.encode(rgb, 1, downscale=downscale)
+    header = bs.Container.from_bytes(result.data).header
+    assert header.params == {"downscale": downscale} and (header.width, header.height) == (201, 150)
+    assert tiny_codec.decode(result.data).shape == rgb.shape
+    assert len(result.data) < len(tiny_codec.encode(rgb, 1).data)
+
+
+def test_encode_to_bpp_falls_back_to_downscale(tiny_codec, photo):
+    full_lowest = tiny_codec.encode(photo, 0).bpp
+    result, met = tiny_codec.encode_to_bpp(photo, full_lowest * 0.9)
+    assert met and result.downscale > 1 and result.bpp <= full_lowest * 0.9

@@ -39,6 +39,8 @@ MAX_CHUNKS = 1 << 16
 MAX_PARAMS = 64
 MODEL_DIGEST_BYTES = 8
 
+DOWNSCALES = (1, 2, 4, 8)
+
 MEDIA_IMAGE = 0
 MEDIA_VIDEO = 1
 MEDIA_KINDS = {MEDIA_IMAGE: "image", MEDIA_VIDEO: "video"}
@@ -114,7 +116,8 @@ class Reader:
 # Codec parameters are (id, unsigned integer) pairs so that new parameters never change
 # the header layout. Ids are fixed forever once released; docs/bitstream.md lists them.
 PARAM_IDS: Dict[str, int] = {
-    "tile": 1,  # synthesis tile size in pixels (0 = untiled)
+    "tile": 1,  # reserved
+    "downscale": 2,  # image: coded at 1/f size, upsampled by the decoder (absent = 1)
     "threshold_milli": 16,  # video: accepted perceptual distance x 1000
     "metric": 17,  # video: distance metric id
     "cond_frames": 18,  # video: K conditioning frames
@@ -170,6 +173,8 @@ class Header:
             raise BitstreamError(f"rate level {self.rate_level} outside 0..255")
         if len(self.params) > MAX_PARAMS:
             raise BitstreamError(f"{len(self.params)} codec parameters exceed the limit of {MAX_PARAMS}")
+        if self.params.get("downscale", 1) not in DOWNSCALES:
+            raise BitstreamError(f"downscale factor {self.params['downscale']} is not one of {DOWNSCALES}")
 
     def to_bytes(self) -> bytes:
         self.validate()

@@ -35,7 +35,7 @@ def _verbosity(quiet: bool, verbose: int) -> int:
 # ------------------------------------------------------------------ jobs (module level: picklable)
 
 
-def _encode_job(codec, task, quality: Optional[int], bpp: Optional[float], force: bool) -> dict:
+def _encode_job(codec, task, quality: Optional[int], bpp: Optional[float], downscale: int, force: bool) -> dict:
     from ulbcodec.io import check_output, read_image, write_bytes
 
     check_output(task.dst, force)  # fail before spending time on the image
@@ -45,10 +45,10 @@ def _encode_job(codec, task, quality: Optional[int], bpp: Optional[float], force
         if not met:
             notes.append(f"target {bpp} bpp is below the lowest rate level; used level {result.rate_level}")
     else:
-        result = codec.encode(rgb, codec.default_level if quality is None else quality)
+        result = codec.encode(rgb, codec.default_level if quality is None else quality, downscale)
     write_bytes(task.dst, result.data, force=force)
     return {"width": result.width, "height": result.height, "rate_level": result.rate_level,
-            "bytes": len(result.data), "bpp": round(result.bpp, 6), "notes": notes,
+            "downscale": result.downscale, "bytes": len(result.data), "bpp": round(result.bpp, 6), "notes": notes,
             "timings": {k: round(v, 3) for k, v in result.timings.items()}}
 
 
@@ -183,20 +183,25 @@ def cli() -> None:
 @_with_options(common_batch)
 @click.option("--quality", type=int, help="Rate level of the model (0 = lowest rate); default: the model's default.")
 @click.option("--bpp", type=click.FloatRange(min=0, min_open=True),
-              help="Target bits per pixel: the highest level landing at or under it.")
-def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, quiet, verbose, quality, bpp):
+              help="Target bits per pixel: the largest file at or under it (searches levels and downscale).")
+@click.option("--downscale", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True,
+              help="Code the image at 1/F size; the decoder upsamples (reaches rates below the lowest level).")
+def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, quiet, verbose, quality, bpp,
+           downscale):
     """Encode images to .ulb files."""
     from ulbcodec.io import READ_EXTENSIONS
 
     if quality is not None and bpp is not None:
         raise click.UsageError("use either --quality or --bpp, not both")
+    if bpp is not None and downscale != "1":
+        raise click.UsageError("--bpp chooses the downscale factor itself; drop --downscale")
     tasks = _plan(inputs, output, out_dir, recursive, READ_EXTENSIONS, ".ulb")
     factory = _factory(model, device)
     if quality is not None:
         levels = factory().rate_levels
         if quality not in levels:
             raise click.UsageError(f"--quality must be one of the model's rate levels {levels[0]}..{levels[-1]}")
-    job = functools.partial(_encode_job, quality=quality, bpp=bpp, force=force)
+    job = functools.partial(_encode_job, quality=quality, bpp=bpp, downscale=int(downscale), force=force)
     _run_batch("encoded", tasks, factory, job, jobs, as_json, _verbosity(quiet, verbose))
 
 

@@ -2,12 +2,17 @@
 
 ::
 
-    encode:  RGB uint8 ─► [0,1] float ─► replicate-pad to 64 ─► g_a (tiled) ─► y
-             y ─► entropy coding (whole image, fp32, 1 thread) ─► z/y strings
-             HEAD(size, model digest, rate level) + ANCH(strings, symbol check) ─► .ulb
+    encode:  RGB uint8 ─► [downscale 1/f, Lanczos] ─► [0,1] float ─► replicate-pad to 64
+             ─► g_a (tiled) ─► y ─► entropy coding (whole image, fp32, 1 thread) ─► z/y strings
+             HEAD(size, model digest, rate level, f) + ANCH(strings, symbol check) ─► .ulb
 
     decode:  .ulb ─► strict container parse ─► model digest check ─► entropy decoding
-             ─► symbol check ─► g_s (tiled) ─► crop to stored size ─► clamp ─► RGB uint8
+             ─► symbol check ─► g_s (tiled) ─► crop ─► clamp ─► RGB uint8 ─► [upscale xf, Lanczos]
+
+Operating points are (downscale f, rate level). The model's lowest level still pays for
+its hyper-latent (about 0.02 bpp at full size); coding a 1/2 or 1/4 size image, as the
+classical baselines must at these rates too, reaches further down. ``encode_to_bpp``
+searches both.
 
 The pipeline owns no learned maths: it composes the model's ``analyze`` /
 ``encode_latent`` / ``decode_latent`` / ``synthesize``, the tiling helper and the
@@ -19,7 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +40,7 @@ from ulbcodec.models.tiling import tiled_apply
 TILE_CORE = 512
 TILE_MARGIN = 64
 PAD_MULTIPLE = 64
+DOWNSCALES = bitstream.DOWNSCALES
 
 
 class DecodeError(ValueError):
@@ -47,6 +53,7 @@ class EncodeResult:
     rate_level: int
     width: int
     height: int
+    downscale: int = 1
     timings: Dict[str, float] = field(default_factory=dict)
 
     @property
@@ -62,6 +69,18 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x[0].clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
+def resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Lanczos resampling (Pillow): the same filter on both sides of the downscale mode."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.LANCZOS))
+
+
+def coded_size(width: int, height: int, downscale: int) -> Tuple[int, int]:
+    """Size of the image actually coded at downscale factor f (rounded up, at least 1)."""
+    return -(-width // downscale), -(-height // downscale)
 
 
 def pad_replicate(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
@@ -112,13 +131,18 @@ class ImageCodec:
                            Fraction(1, 16), TILE_CORE, TILE_MARGIN)
 
     @torch.no_grad()
-    def encode(self, rgb: np.ndarray, rate_level: int) -> EncodeResult:
-        """Code one image at one rate level into complete .ulb file bytes."""
+    def encode(self, rgb: np.ndarray, rate_level: int, downscale: int = 1) -> EncodeResult:
+        """Code one image at one operating point into complete .ulb file bytes."""
         rate_level = self._check_level(rate_level)
+        if downscale not in DOWNSCALES:
+            raise ValueError(f"downscale must be one of {DOWNSCALES}, got {downscale}")
         height, width = rgb.shape[:2]
-        header = Header(bitstream.MEDIA_IMAGE, width, height, self.package.short_digest, rate_level)
+        params = {"downscale": downscale} if downscale > 1 else {}
+        header = Header(bitstream.MEDIA_IMAGE, width, height, self.package.short_digest, rate_level, params=params)
         header.validate()  # refuse oversized inputs before any work
         t0 = time.perf_counter()
+        if downscale > 1:
+            rgb = resize(rgb, *coded_size(width, height, downscale))
         y = self.analyze(rgb, rate_level)
         t1 = time.perf_counter()
         coded = self.model.encode_latent(y)
@@ -127,27 +151,34 @@ class ImageCodec:
         payload = AnchorPayload(tuple(coded["shape"]), z_string, y_string, coded["symbols_crc32"])
         data = Container(header, [bitstream.Chunk(bitstream.CHUNK_ANCHOR, payload.to_bytes())]).to_bytes()
         timings = {"analysis_s": t1 - t0, "entropy_encode_s": t2 - t1}
-        return EncodeResult(data, rate_level, width, height, timings)
+        return EncodeResult(data, rate_level, width, height, downscale, timings)
 
-    def encode_to_bpp(self, rgb: np.ndarray, target_bpp: float) -> Tuple[EncodeResult, bool]:
-        """The highest rate level whose file lands at or under ``target_bpp``.
+    def encode_to_bpp(
+        self, rgb: np.ndarray, target_bpp: float, downscales: Sequence[int] = (1, 2, 4)
+    ) -> Tuple[EncodeResult, bool]:
+        """The largest file at or under ``target_bpp`` over the operating points.
 
-        File size grows with the level, so a binary search needs log2(levels) encodes.
-        Returns (result, met); when even the lowest level is above the target, that
-        lowest level is returned with ``met=False``.
+        Factors are tried from full size down and the first one with a level under the
+        target wins: at equal rate the full-size image keeps more detail. Within a factor
+        the file size grows with the level, so a binary search needs log2(levels) encodes.
+        Returns (result, met); when nothing lands under the target, the smallest file
+        found is returned with ``met=False``.
         """
-        levels = self.rate_levels
-        lo, hi, best = 0, len(levels) - 1, None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            result = self.encode(rgb, levels[mid])
-            if result.bpp <= target_bpp:
-                best, lo = result, mid + 1
-            else:
-                hi = mid - 1
-        if best is None:
-            return self.encode(rgb, levels[0]), False
-        return best, True
+        levels, smallest = self.rate_levels, None
+        for downscale in downscales:
+            lo, hi, best = 0, len(levels) - 1, None
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                result = self.encode(rgb, levels[mid], downscale)
+                if smallest is None or len(result.data) < len(smallest.data):
+                    smallest = result
+                if result.bpp <= target_bpp:
+                    best, lo = result, mid + 1
+                else:
+                    hi = mid - 1
+            if best is not None:
+                return best, True
+        return smallest, False
 
     # ------------------------------------------------------------------ decode
 
@@ -172,10 +203,11 @@ class ImageCodec:
         if len(chunks) != 1:
             raise BitstreamError(f"an image file needs exactly one ANCH chunk, found {len(chunks)}")
         payload = AnchorPayload.from_bytes(chunks[0].payload)
-        ph, pw = -(-header.height // PAD_MULTIPLE), -(-header.width // PAD_MULTIPLE)
-        if tuple(payload.z_shape) != (ph, pw):
+        downscale = header.params.get("downscale", 1)
+        width, height = coded_size(header.width, header.height, downscale)
+        if tuple(payload.z_shape) != (-(-height // PAD_MULTIPLE), -(-width // PAD_MULTIPLE)):
             raise BitstreamError(
-                f"hyper-latent shape {payload.z_shape} does not match a {header.width}x{header.height} image"
+                f"hyper-latent shape {payload.z_shape} does not match a {width}x{height} coded image"
             )
         t0 = time.perf_counter()
         try:
@@ -192,8 +224,12 @@ class ImageCodec:
         x_hat = tiled_apply(lambda t: self.model.synthesize(t, rate_level=level, with_bypass=False)[0], decoded["y_hat"],
                             Fraction(16), TILE_CORE // 16, TILE_MARGIN // 16)
         t2 = time.perf_counter()
-        self.last_timings = {"entropy_decode_s": t1 - t0, "synthesis_s": t2 - t1}
-        return to_uint8(x_hat[:, :, : header.height, : header.width])
+        rgb = to_uint8(x_hat[:, :, :height, :width])
+        if downscale > 1:
+            rgb = resize(rgb, header.width, header.height)
+        self.last_timings = {"entropy_decode_s": t1 - t0, "synthesis_s": t2 - t1,
+                             "upscale_s": time.perf_counter() - t2}
+        return rgb
 
     def decode(self, data: bytes) -> np.ndarray:
         """Decode complete .ulb file bytes to HxWx3 uint8 RGB."""
