@@ -173,3 +173,17 @@ def test_models_lists_tiny(tiny_model):
 def test_python_dash_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "ulbcodec", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "ulbc" in r.stdout
+
+
+def test_decode_picks_the_installed_model_named_by_the_file(tiny_model, images, tmp_path, monkeypatch):
+    out = tmp_path / "a.ulb"
+    assert _invoke(["encode", images / "a.png", "-o", out, "--model", "tiny"]).returncode == 0
+    r = _invoke(["decode", out, "-o", tmp_path / "a.png"])  # no --model
+    assert r.returncode == 0, r.stderr
+    monkeypatch.setenv("ULBC_MODEL_PATH", str(tmp_path / "empty"))
+    from ulbcodec import cli as cli_module
+
+    cli_module._load_decoders.cache_clear()
+    r = _invoke(["decode", out, "-o", tmp_path / "b.png"])
+    assert r.returncode == 1 and "which is not installed" in r.stderr
+    assert not (tmp_path / "b.png").exists()

@@ -43,7 +43,8 @@ def _encode_job(codec, task, quality: Optional[int], bpp: Optional[float], downs
     if bpp is not None:
         result, met = codec.encode_to_bpp(rgb, bpp)
         if not met:
-            notes.append(f"target {bpp} bpp is below the lowest rate level; used level {result.rate_level}")
+            notes.append(f"target {bpp} bpp is below the smallest file ulbc makes ({result.bpp:.5f} bpp, "
+                         f"level {result.rate_level} at 1/{result.downscale} size)")
     else:
         result = codec.encode(rgb, codec.default_level if quality is None else quality, downscale)
     write_bytes(task.dst, result.data, force=force)
@@ -62,7 +63,8 @@ def _decode_job(codec, task, force: bool) -> dict:
     rgb = codec.decode_container(container)
     write_image(task.dst, rgb, force=force)
     h = container.header
-    return {"width": h.width, "height": h.height, "rate_level": h.rate_level, "bytes": container.total_bytes,
+    return {"width": h.width, "height": h.height, "rate_level": h.rate_level,
+            "downscale": h.params.get("downscale", 1), "bytes": container.total_bytes,
             "bpp": round(container.total_bytes * 8 / (h.width * h.height), 6),
             "timings": {k: round(v, 3) for k, v in codec.last_timings.items()}}
 
@@ -72,6 +74,13 @@ def _load_codec(model: str, device: str):
     from ulbcodec.image import ImageCodec
 
     return ImageCodec.from_pretrained(model, device=device)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_decoders(model: Optional[str], device: str):
+    from ulbcodec.image import DecoderSet
+
+    return DecoderSet(model, device=device)
 
 
 # ------------------------------------------------------------------ shared batch driver
@@ -134,15 +143,16 @@ def _plan(inputs, output, out_dir, recursive, in_exts, suffix):
         raise click.UsageError(str(exc)) from None
 
 
-def _factory(model: str, device: str):
-    """Load the model once up front so that a bad --model fails once, clearly."""
+def _factory(loader, model: Optional[str], device: str):
+    """Load the model once up front so that a bad --model fails once, clearly; return a
+    picklable factory for the batch workers."""
     from ulbcodec.models.package import ModelError
 
     try:
-        _load_codec(model, device)
+        loader(model, device)
     except ModelError as exc:
         _fail(str(exc))
-    return functools.partial(_load_codec, model, device)
+    return functools.partial(loader, model, device)
 
 
 # ------------------------------------------------------------------ commands
@@ -151,7 +161,6 @@ common_batch = [
     click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file (one input)."),
     click.option("--out-dir", type=click.Path(file_okay=False), help="Output folder (several inputs, folders)."),
     click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders (mirrored under --out-dir)."),
-    click.option("--model", default="default", show_default=True, help="Model name or package directory."),
     click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, ...)."),
     click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
                  help="Parallel worker processes (one model load each)."),
@@ -181,6 +190,7 @@ def cli() -> None:
 @cli.command()
 @click.argument("inputs", nargs=-1, type=click.Path())
 @_with_options(common_batch)
+@click.option("--model", default="default", show_default=True, help="Model name or package directory.")
 @click.option("--quality", type=int, help="Rate level of the model (0 = lowest rate); default: the model's default.")
 @click.option("--bpp", type=click.FloatRange(min=0, min_open=True),
               help="Target bits per pixel: the largest file at or under it (searches levels and downscale).")
@@ -196,7 +206,7 @@ def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
     if bpp is not None and downscale != "1":
         raise click.UsageError("--bpp chooses the downscale factor itself; drop --downscale")
     tasks = _plan(inputs, output, out_dir, recursive, READ_EXTENSIONS, ".ulb")
-    factory = _factory(model, device)
+    factory = _factory(_load_codec, model, device)
     if quality is not None:
         levels = factory().rate_levels
         if quality not in levels:
@@ -208,6 +218,8 @@ def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
 @cli.command()
 @click.argument("inputs", nargs=-1, type=click.Path())
 @_with_options(common_batch)
+@click.option("--model", default=None, help="Model name or package directory [default: the installed model "
+              "whose digest the file names].")
 @click.option("--format", "fmt", default="png", show_default=True,
               type=click.Choice(["png", "jpg", "webp", "tiff"]), help="Output format for --out-dir.")
 def decode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, quiet, verbose, fmt):
@@ -220,7 +232,7 @@ def decode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
             image_format(output)
         except OutputError as exc:
             raise click.UsageError(str(exc)) from None
-    factory = _factory(model, device)
+    factory = _factory(_load_decoders, model, device)
     job = functools.partial(_decode_job, force=force)
     _run_batch("decoded", tasks, factory, job, jobs, as_json, _verbosity(quiet, verbose))
 
@@ -290,7 +302,7 @@ def demo(out, model):
     from ulbcodec.metrics import ms_ssim, psnr
 
     sample = Path(__file__).resolve().parent / "data" / "coffee.png"
-    codec = _factory(model, "cpu")()
+    codec = _factory(_load_codec, model, "cpu")()
     rgb, _ = read_image(sample)
     out = Path(out)
     h, w = rgb.shape[:2]

@@ -234,3 +234,34 @@ class ImageCodec:
     def decode(self, data: bytes) -> np.ndarray:
         """Decode complete .ulb file bytes to HxWx3 uint8 RGB."""
         return self.decode_container(Container.from_bytes(data))
+
+
+class DecoderSet:
+    """Image decoders by model, each loaded once: one fixed model, or (``model=None``) for
+    each file the installed package whose digest the file names, so that decoding needs
+    no flag or config file."""
+
+    def __init__(self, model: Optional[str] = None, device: str = "cpu"):
+        self.device = device
+        self.fixed = ImageCodec.from_pretrained(model, device) if model is not None else None
+        self.by_digest: Dict[bytes, ImageCodec] = {}
+        self.last_timings: Dict[str, float] = {}
+
+    def codec_for(self, header: Header) -> ImageCodec:
+        if self.fixed is not None:
+            return self.fixed
+        if header.model_digest not in self.by_digest:
+            path = packages.find_by_digest(header.model_digest)
+            if path is None:
+                raise DecodeError(
+                    f"file was encoded with model {header.model_digest.hex()}, which is not installed "
+                    f"(search path: $ULBC_MODEL_PATH, then models/); pass --model PATH"
+                )
+            self.by_digest[header.model_digest] = ImageCodec.from_pretrained(str(path), self.device)
+        return self.by_digest[header.model_digest]
+
+    def decode_container(self, container: Container) -> np.ndarray:
+        codec = self.codec_for(container.header)
+        rgb = codec.decode_container(container)
+        self.last_timings = codec.last_timings
+        return rgb

@@ -253,7 +253,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=os.path.expanduser("~/.cache/ulbc"))
     p.add_argument("--run", default="runs/default")
     p.add_argument("--export", default=None, help="write a model package here when training ends")
-    p.add_argument("--steps", type=int, default=9500)
+    p.add_argument("--steps", type=int, default=8500)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--lr", type=float, default=1.5e-4)
