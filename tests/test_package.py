@@ -73,3 +73,8 @@ def test_registry_resolves_names_and_digests(tiny_model):
     assert packages.find_by_digest(pkg.short_digest) == tiny_model
     with pytest.raises(ModelError, match="unknown model"):
         packages.resolve("no-such-model")
+
+
+def test_manifest_records_the_given_name(tmp_path):
+    pkg = save_package(tmp_path / "m", "my-model", {"anchor_codec": _model()}, [RateLevel(0)], half_parameters=True)
+    assert pkg.name == "my-model"

@@ -164,11 +164,11 @@ def save_package(
         weights = f"{cname}.safetensors"
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         if half_parameters:
-            for name, _ in module.named_parameters():
-                half = state[name].half()
-                if not torch.equal(half.float(), state[name]):
-                    raise ValueError(f"parameter {name} is not exactly representable in float16")
-                state[name] = half
+            for pname, _ in module.named_parameters():
+                half = state[pname].half()
+                if not torch.equal(half.float(), state[pname]):
+                    raise ValueError(f"parameter {pname} is not exactly representable in float16")
+                state[pname] = half
         save_file(state, str(root / weights))
         components[cname] = {"class": type(module).__name__, "config": module.config, "weights": weights}
     manifest = {
