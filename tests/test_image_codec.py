@@ -136,3 +136,13 @@ def test_encode_to_bpp_falls_back_to_downscale(tiny_codec, photo):
     full_lowest = tiny_codec.encode(photo, 0).bpp
     result, met = tiny_codec.encode_to_bpp(photo, full_lowest * 0.9)
     assert met and result.downscale > 1 and result.bpp <= full_lowest * 0.9
+
+
+def test_tile_workers_do_not_change_results():
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 3, 3, padding=1))
+    x = torch.rand(1, 3, 300, 400)
+    with torch.no_grad():
+        one = tiled_apply(conv, x, Fraction(1), core=64, margin=8, workers=1)
+        two = tiled_apply(conv, x, Fraction(1), core=64, margin=8, workers=2)
+    assert torch.equal(one, two)

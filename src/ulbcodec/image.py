@@ -40,6 +40,10 @@ from ulbcodec.models.tiling import tiled_apply
 TILE_CORE = 512
 TILE_MARGIN = 64
 PAD_MULTIPLE = 64
+# Tiles run one after another. Running them on a pool of 2 threads gives the same pixels
+# ~1.5x faster, but peak memory grew to 3.6 GB at 3 MP and 15 GB at 12 MP (measured, cause
+# not yet found), so bounded memory wins until that is understood.
+TILE_WORKERS = 1
 DOWNSCALES = bitstream.DOWNSCALES
 
 
@@ -128,7 +132,7 @@ class ImageCodec:
     def analyze(self, rgb: np.ndarray, rate_level: int) -> torch.Tensor:
         x = pad_replicate(to_tensor(rgb).to(self.device))
         return tiled_apply(lambda t: self.model.analyze(t, rate_level=rate_level), x,
-                           Fraction(1, 16), TILE_CORE, TILE_MARGIN)
+                           Fraction(1, 16), TILE_CORE, TILE_MARGIN, TILE_WORKERS)
 
     @torch.no_grad()
     def encode(self, rgb: np.ndarray, rate_level: int, downscale: int = 1) -> EncodeResult:
@@ -222,7 +226,7 @@ class ImageCodec:
         t1 = time.perf_counter()
         level = header.rate_level
         x_hat = tiled_apply(lambda t: self.model.synthesize(t, rate_level=level, with_bypass=False)[0], decoded["y_hat"],
-                            Fraction(16), TILE_CORE // 16, TILE_MARGIN // 16)
+                            Fraction(16), TILE_CORE // 16, TILE_MARGIN // 16, TILE_WORKERS)
         t2 = time.perf_counter()
         rgb = to_uint8(x_hat[:, :, :height, :width])
         if downscale > 1:

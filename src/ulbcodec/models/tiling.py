@@ -66,6 +66,9 @@ def tiled_apply(
     out: list = [None]
 
     def run(box) -> None:
+        # OpenMP's thread count is per calling thread: a pool thread must set its own, or
+        # it would fork a team of its own (more memory, and thread-count-dependent floats).
+        torch.set_num_threads(1)
         top, left, bottom, right, t0, l0, t1, l1 = box
         tile = fn(x[:, :, t0:t1, l0:l1])
         if out[0] is None:  # first finished tile allocates (same shape from any tile)
