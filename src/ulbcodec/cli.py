@@ -19,6 +19,7 @@ from typing import List, Optional
 import click
 
 from ulbcodec import __version__
+from ulbcodec.bitstream import DOWNSCALES  # stdlib-only module: keeps `ulbc --help` fast
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -194,7 +195,7 @@ def cli() -> None:
 @click.option("--quality", type=int, help="Rate level of the model (0 = lowest rate); default: the model's default.")
 @click.option("--bpp", type=click.FloatRange(min=0, min_open=True),
               help="Target bits per pixel: the largest file at or under it (searches levels and downscale).")
-@click.option("--downscale", type=click.Choice(["1", "2", "4", "8"]), default="1", show_default=True,
+@click.option("--downscale", type=click.Choice([str(f) for f in DOWNSCALES]), default="1", show_default=True,
               help="Code the image at 1/F size; the decoder upsamples (reaches rates below the lowest level).")
 def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, quiet, verbose, quality, bpp,
            downscale):
