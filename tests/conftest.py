@@ -26,11 +26,43 @@ def make_tiny_package(root: Path, name: str = "tiny", seed: int = 0) -> Path:
     return root / name
 
 
+# Tiny random models of the real diffusers classes (CogVideoX VAE and transformer).
+TINY_LATENT = 4
+TINY_VAE = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=TINY_LATENT,
+                temporal_compression_ratio=4, sample_height=64, sample_width=64)
+TINY_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=16, in_channels=TINY_LATENT,
+                        out_channels=TINY_LATENT, time_embed_dim=16, text_embed_dim=8, num_layers=1, sample_width=8,
+                        sample_height=8, sample_frames=5, patch_size=2, patch_size_t=2, temporal_compression_ratio=4,
+                        max_text_seq_length=3, use_rotary_positional_embeddings=True)
+
+
+def make_tiny_generative_package(root: Path, name: str = "tinygen", seed: int = 0, vae_channels: int = 0) -> Path:
+    """An anchor codec + CogVideoX VAE/transformer/scheduler + prompt embeddings, random."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+
+    from ulbcodec.models.anchor_codec import AnchorCodec
+    from ulbcodec.models.package import RateLevel, save_package
+    from ulbcodec.train.generative import SCHEDULER_CONFIG
+
+    torch.manual_seed(seed)
+    config = {**TINY_CONFIG, "bypass_channels": TINY_LATENT, "vae_channels": vae_channels}
+    codec = AnchorCodec(**config)
+    codec.update(force=True)
+    modules = {"anchor_codec": codec.eval(), "vae": AutoencoderKLCogVideoX(**TINY_VAE).eval(),
+               "transformer": CogVideoXTransformer3DModel(**TINY_TRANSFORMER).eval(),
+               "scheduler": CogVideoXDDIMScheduler(**SCHEDULER_CONFIG),
+               "prompt_embeds": torch.randn(1, 3, 8)}
+    save_package(root / name, name, modules, [RateLevel(i) for i in range(3)],
+                 description="tiny random generative model for tests")
+    return root / name
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    """A folder on ULBC_MODEL_PATH holding the package 'tiny'."""
+    """A folder on ULBC_MODEL_PATH holding the packages 'tiny' and 'tinygen'."""
     root = tmp_path_factory.mktemp("models")
     make_tiny_package(root)
+    make_tiny_generative_package(root)
     return root
 
 

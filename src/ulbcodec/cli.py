@@ -54,14 +54,14 @@ def _encode_job(codec, task, quality: Optional[int], bpp: Optional[float], downs
             "timings": {k: round(v, 3) for k, v in result.timings.items()}}
 
 
-def _decode_job(codec, task, force: bool) -> dict:
+def _decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int = 1, seed: Optional[int] = None) -> dict:
     from ulbcodec.bitstream import read_file
     from ulbcodec.io import check_output, image_format, write_image
 
     image_format(task.dst)
     check_output(task.dst, force)
     container = read_file(task.src)
-    rgb = codec.decode_container(container)
+    rgb = codec.decode_container(container, anchor_only=anchor_only, steps=steps, seed=seed)
     write_image(task.dst, rgb, force=force)
     h = container.header
     return {"width": h.width, "height": h.height, "rate_level": h.rate_level,
@@ -223,7 +223,14 @@ def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
               "whose digest the file names].")
 @click.option("--format", "fmt", default="png", show_default=True,
               type=click.Choice(["png", "jpg", "webp", "tiff"]), help="Output format for --out-dir.")
-def decode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, quiet, verbose, fmt):
+@click.option("--anchor-only", is_flag=True,
+              help="Write the anchor frame without running the generative decoder (fast preview).")
+@click.option("--steps", default=1, show_default=True, type=click.IntRange(1, 1000),
+              help="Generative decoding steps: 1 = one-step bypass decoding; N > 1 samples from seeded noise.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1),
+              help="Noise seed for --steps > 1 [default: the seed stored in the file].")
+def decode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, quiet, verbose, fmt,
+           anchor_only, steps, seed):
     """Decode .ulb files to images (format from the -o extension: png, jpg, webp, tiff)."""
     from ulbcodec.io import image_format, OutputError
 
@@ -234,7 +241,9 @@ def decode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
         except OutputError as exc:
             raise click.UsageError(str(exc)) from None
     factory = _factory(_load_decoders, model, device)
-    job = functools.partial(_decode_job, force=force)
+    if anchor_only and steps > 1:
+        raise click.UsageError("--steps applies to the generative decoder; drop --anchor-only")
+    job = functools.partial(_decode_job, force=force, anchor_only=anchor_only, steps=steps, seed=seed)
     _run_batch("decoded", tasks, factory, job, jobs, as_json, _verbosity(quiet, verbose))
 
 
@@ -279,7 +288,8 @@ def models_cmd(as_json):
             rows.append({"name": path.name, "path": str(path), "error": str(exc)})
             continue
         rows.append({"name": pkg.name, "path": str(path), "digest": pkg.digest[:16], "bytes": pkg.size_bytes,
-                     "rate_levels": [lv.level for lv in pkg.rate_levels], "description": pkg.description})
+                     "rate_levels": [lv.level for lv in pkg.rate_levels], "generative": pkg.is_generative,
+                     "description": pkg.description})
     for row in rows:
         if as_json:
             click.echo(json.dumps(row))
@@ -288,7 +298,8 @@ def models_cmd(as_json):
         else:
             levels = row["rate_levels"]
             click.echo(f"{row['name']:12s} digest {row['digest']}  {row['bytes'] / 1e6:6.1f} MB  "
-                       f"rate levels {levels[0]}..{levels[-1]}  {row['path']}")
+                       f"rate levels {levels[0]}..{levels[-1]}  "
+                       f"{'generative' if row['generative'] else 'anchor only'}  {row['path']}")
     if not rows:
         click.echo("no models found (search path: $ULBC_MODEL_PATH, then the project's models/)", err=True)
         sys.exit(EXIT_FAILED)

@@ -7,7 +7,15 @@
              HEAD(size, model digest, rate level, f) + ANCH(strings, symbol check) ─► .ulb
 
     decode:  .ulb ─► strict container parse ─► model digest check ─► entropy decoding
-             ─► symbol check ─► g_s (tiled) ─► crop ─► clamp ─► RGB uint8 ─► [upscale xf, Lanczos]
+             ─► symbol check ─► g_s (tiled) ─► anchor frame ─┬──────────────────────────┐
+                                      └► bypass latent ─► next-frame decoder (generative │
+                                          packages; models/next_frame.py) ─► image       │
+             ─► crop ─► clamp ─► RGB uint8 ─► [upscale xf, Lanczos]  ◄── --anchor-only ──┘
+
+With a generative package, the decoder's output is the next-frame decoder's image;
+``anchor_only=True`` returns the anchor frame instead (a fast preview that never loads
+the diffusion weights). Anchor codecs conditioned on the VAE latent (``vae_channels``,
+as NeFIC's) get it from the package's VAE at the encoder only.
 
 Operating points are (downscale f, rate level). The model's lowest level still pays for
 its hyper-latent (about 0.02 bpp at full size); coding a 1/2 or 1/4 size image, as the
@@ -104,7 +112,25 @@ class ImageCodec:
         self.package = package
         self.device = torch.device(device)
         self.model = package.build("anchor_codec", device=str(self.device))
+        self._next_frame = None
         self.last_timings: Dict[str, float] = {}
+
+    @property
+    def is_generative(self) -> bool:
+        return self.package.is_generative
+
+    @property
+    def next_frame(self):
+        """The next-frame decoder, built on first use (anchor-only work never loads it)."""
+        if self._next_frame is None:
+            if not self.is_generative:
+                raise DecodeError(f"model {self.package.name!r} has no generative decoder")
+            from ulbcodec.models.next_frame import NextFramePipeline
+
+            build = lambda name: self.package.build(name, device=str(self.device))  # noqa: E731
+            self._next_frame = NextFramePipeline(build("vae"), build("transformer"), build("scheduler"),
+                                                 build("prompt_embeds"))
+        return self._next_frame
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "default", device: str = "cpu") -> "ImageCodec":
@@ -131,8 +157,13 @@ class ImageCodec:
     @torch.no_grad()
     def analyze(self, rgb: np.ndarray, rate_level: int) -> torch.Tensor:
         x = pad_replicate(to_tensor(rgb).to(self.device))
-        return tiled_apply(lambda t: self.model.analyze(t, rate_level=rate_level), x,
-                           Fraction(1, 16), TILE_CORE, TILE_MARGIN, TILE_WORKERS)
+        if self.model.vae_channels == 0:
+            return tiled_apply(lambda t: self.model.analyze(t, rate_level=rate_level), x,
+                               Fraction(1, 16), TILE_CORE, TILE_MARGIN, TILE_WORKERS)
+        # NeFIC-style encoder: g_a also sees the VAE latent of the (padded) original.
+        vae_latent = tiled_apply(self.next_frame.encode_latent, x, Fraction(1, 8), TILE_CORE, TILE_MARGIN, 1)
+        return tiled_apply(lambda t, v: self.model.analyze(t, v, rate_level=rate_level), x,
+                           Fraction(1, 16), TILE_CORE, TILE_MARGIN, TILE_WORKERS, side=[(vae_latent, Fraction(1, 8))])
 
     @torch.no_grad()
     def encode(self, rgb: np.ndarray, rate_level: int, downscale: int = 1) -> EncodeResult:
@@ -196,7 +227,10 @@ class ImageCodec:
             )
 
     @torch.no_grad()
-    def decode_container(self, container: Container) -> np.ndarray:
+    def decode_container(self, container: Container, anchor_only: bool = False, steps: int = 1,
+                         seed: Optional[int] = None) -> np.ndarray:
+        """Decode a parsed file. ``anchor_only`` skips the generative decoder; ``steps > 1``
+        decodes from seeded noise (default seed: the one in the file) instead of one step."""
         header = container.header
         if header.media != bitstream.MEDIA_IMAGE:
             raise DecodeError(f"file holds a {header.media_name}, not an image")
@@ -224,20 +258,30 @@ class ImageCodec:
                 "encoded on a machine whose floating point differs from this one"
             )
         t1 = time.perf_counter()
-        level = header.rate_level
-        x_hat = tiled_apply(lambda t: self.model.synthesize(t, rate_level=level, with_bypass=False)[0], decoded["y_hat"],
-                            Fraction(16), TILE_CORE // 16, TILE_MARGIN // 16, TILE_WORKERS)
+        level, generative = header.rate_level, self.is_generative and not anchor_only
+        y_hat, core, margin = decoded["y_hat"], TILE_CORE // 16, TILE_MARGIN // 16
+        if generative:
+            x_hat, bypass = tiled_apply(lambda t: self.model.synthesize(t, rate_level=level, with_bypass=True), y_hat,
+                                        (Fraction(16), Fraction(2)), core, margin, TILE_WORKERS)
+        else:
+            x_hat = tiled_apply(lambda t: self.model.synthesize(t, rate_level=level, with_bypass=False)[0], y_hat,
+                                Fraction(16), core, margin, TILE_WORKERS)
         t2 = time.perf_counter()
+        self.last_timings = {"entropy_decode_s": t1 - t0, "synthesis_s": t2 - t1}
+        if generative:
+            x_hat = self.next_frame.decode_image(x_hat.clamp(0, 1), bypass, steps=steps,
+                                                 seed=header.seed if seed is None else seed)
+            self.last_timings["next_frame_s"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
         rgb = to_uint8(x_hat[:, :, :height, :width])
         if downscale > 1:
             rgb = resize(rgb, header.width, header.height)
-        self.last_timings = {"entropy_decode_s": t1 - t0, "synthesis_s": t2 - t1,
-                             "upscale_s": time.perf_counter() - t2}
+        self.last_timings["upscale_s"] = time.perf_counter() - t3
         return rgb
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """Decode complete .ulb file bytes to HxWx3 uint8 RGB."""
-        return self.decode_container(Container.from_bytes(data))
+    def decode(self, data: bytes, **options) -> np.ndarray:
+        """Decode complete .ulb file bytes to HxWx3 uint8 RGB (options: see decode_container)."""
+        return self.decode_container(Container.from_bytes(data), **options)
 
 
 class DecoderSet:
@@ -264,8 +308,8 @@ class DecoderSet:
             self.by_digest[header.model_digest] = ImageCodec.from_pretrained(str(path), self.device)
         return self.by_digest[header.model_digest]
 
-    def decode_container(self, container: Container) -> np.ndarray:
+    def decode_container(self, container: Container, **options) -> np.ndarray:
         codec = self.codec_for(container.header)
-        rgb = codec.decode_container(container)
+        rgb = codec.decode_container(container, **options)
         self.last_timings = codec.last_timings
         return rgb

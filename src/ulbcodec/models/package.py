@@ -2,10 +2,18 @@
 
 ::
 
-    models/default/
+    models/generative/
       ulbc_model.json            manifest: format version, components, classes, configs,
                                  rate levels, digest
       anchor_codec.safetensors   weights of the component "anchor_codec"
+      prompt_embeds.safetensors  a fixed tensor ("prompt_embeds")
+      vae/                       diffusers components in diffusers' own layout:
+        config.json                config.json + diffusion_pytorch_model.safetensors,
+        diffusion_pytorch_model.safetensors     read by ``from_pretrained``
+      transformer/ ...
+      scheduler/scheduler_config.json
+
+An image-only package (models/default) has just the manifest and anchor_codec.
 
 Only JSON and safetensors are ever read from a package: nothing is unpickled or
 executed, and a component's class is looked up in a fixed table of ulbc classes, never
@@ -37,11 +45,39 @@ class ModelError(ValueError):
     """A model package is missing, malformed, or does not match its digest."""
 
 
-def _component_classes() -> Dict[str, Callable]:
-    # A fixed table: a manifest can only name classes listed here.
-    from ulbcodec.models.anchor_codec import AnchorCodec
+PROMPT_EMBEDS = "PromptEmbeddings"  # pseudo class: one tensor named "prompt_embeds"
+# Files a diffusers component directory may hold: configs and safetensors, nothing else
+# (a stray pickle such as diffusion_pytorch_model.bin is refused, not ignored).
+DIFFUSERS_SUFFIXES = (".json", ".safetensors")
 
-    return {"AnchorCodec": AnchorCodec}
+
+# A fixed table: a manifest can only name these classes (never a module path to import).
+DIFFUSERS_CLASSES = ("AutoencoderKLCogVideoX", "CogVideoXTransformer3DModel", "CogVideoXDDIMScheduler",
+                     "CogVideoXDPMScheduler")
+KNOWN_CLASSES = ("AnchorCodec", PROMPT_EMBEDS) + DIFFUSERS_CLASSES
+
+
+def _component_class(name: str) -> Callable:
+    # Imported on use: an image-only package never imports diffusers.
+    if name == "AnchorCodec":
+        from ulbcodec.models.anchor_codec import AnchorCodec
+
+        return AnchorCodec
+    if name in DIFFUSERS_CLASSES:
+        import diffusers
+
+        return getattr(diffusers, name)
+    raise ModelError(f"unknown component class {name!r}")
+
+
+def _component_files(root: Path, comp: dict) -> List[Path]:
+    """The files a component's digest covers, in a fixed order."""
+    if comp.get("weights"):
+        return [root / comp["weights"]]
+    if comp.get("diffusers"):
+        folder = root / comp["diffusers"]
+        return sorted(p for p in folder.rglob("*") if p.is_file())
+    return []
 
 
 def _sha256_file(path: Path) -> str:
@@ -59,9 +95,10 @@ def compute_digest(components: Dict[str, dict], root: Path) -> str:
         comp = components[name]
         desc = {"name": name, "class": comp["class"], "config": comp.get("config", {})}
         h.update(json.dumps(desc, sort_keys=True, separators=(",", ":")).encode())
-        weights = comp.get("weights")
-        if weights:
-            h.update(_sha256_file(root / weights).encode())
+        for path in _component_files(root, comp):
+            if comp.get("diffusers"):
+                h.update(path.relative_to(root).as_posix().encode())
+            h.update(_sha256_file(path).encode())
     return h.hexdigest()
 
 
@@ -90,7 +127,12 @@ class ModelPackage:
 
     @property
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    @property
+    def is_generative(self) -> bool:
+        """Has a next-frame decoder (VAE + transformer + scheduler + prompt embeddings)."""
+        return all(c in self.components for c in ("vae", "transformer", "scheduler", "prompt_embeds"))
 
     @classmethod
     def load_manifest(cls, root, verify: bool = True) -> "ModelPackage":
@@ -107,16 +149,23 @@ class ModelPackage:
         if manifest.get("format_version", 0) > FORMAT_VERSION:
             raise ModelError(f"{path}: model format version {manifest['format_version']} is newer than this ulbc")
         components = manifest.get("components") or {}
-        classes = _component_classes()
         for name, comp in components.items():
-            if comp.get("class") not in classes:
+            if comp.get("class") not in KNOWN_CLASSES:
                 raise ModelError(f"{path}: component {name!r} has unknown class {comp.get('class')!r}")
-            weights = comp.get("weights")
+            weights, folder = comp.get("weights"), comp.get("diffusers")
+            if (weights is None) == (folder is None):
+                raise ModelError(f"{path}: component {name!r} needs exactly one of 'weights' or 'diffusers'")
             if weights is not None:
                 if not weights.endswith(".safetensors") or "/" in weights or weights.startswith("."):
                     raise ModelError(f"{path}: component {name!r} weights must be a .safetensors file in the package")
                 if not (root / weights).is_file():
                     raise ModelError(f"{root}: missing weights file {weights}")
+            if folder is not None:
+                if not isinstance(folder, str) or "/" in folder or folder.startswith(".") or not (root / folder).is_dir():
+                    raise ModelError(f"{root}: component {name!r} needs a sub-directory, got {folder!r}")
+                for file in (root / folder).rglob("*"):
+                    if file.is_file() and not file.name.endswith(DIFFUSERS_SUFFIXES):
+                        raise ModelError(f"{file}: only JSON and safetensors files may be in a model package")
         digest = manifest.get("digest", "")
         if verify:
             actual = compute_digest(components, root)
@@ -129,16 +178,43 @@ class ModelPackage:
         return cls(root, manifest.get("name", root.name), components, levels, digest,
                    manifest.get("description", ""), manifest.get("extra", {}))
 
-    def build(self, component: str, device: str = "cpu") -> torch.nn.Module:
-        """Instantiate a component from its config and load its weights strictly."""
+    def build(self, component: str, device: str = "cpu"):
+        """Instantiate a component and load its weights strictly.
+
+        ulbc classes are built from the manifest's config; diffusers components through
+        their own ``from_pretrained`` on the sub-directory, safetensors only, offline.
+        A prompt-embeddings component is returned as a tensor.
+        """
         if component not in self.components:
             raise ModelError(f"model {self.name!r} has no component {component!r}")
         comp = self.components[component]
-        cls = _component_classes()[comp["class"]]
+        if comp["class"] == PROMPT_EMBEDS:
+            tensors = load_file(str(self.root / comp["weights"]), device="cpu")
+            if set(tensors) != {"prompt_embeds"}:
+                raise ModelError(f"{self.root / comp['weights']}: expected one tensor named 'prompt_embeds'")
+            return tensors["prompt_embeds"].float().to(device)
+        cls = _component_class(comp["class"])
+        if comp.get("diffusers"):
+            return _load_diffusers(cls, self.root / comp["diffusers"], device)
         module = cls(**comp.get("config", {}))
         state = load_file(str(self.root / comp["weights"]), device="cpu")
         module.load_state_dict(state, strict=True)
         return module.to(device).eval()
+
+
+def _load_diffusers(cls, folder: Path, device: str):
+    if not hasattr(cls, "save_pretrained") or not hasattr(cls, "parameters"):  # a scheduler: config only
+        return cls.from_pretrained(str(folder))
+    try:
+        module = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True, torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{folder}: cannot load {cls.__name__} ({str(exc).splitlines()[0]})") from None
+    # Tensors loaded from a file are not 64-byte aligned, which made some kernels differ by
+    # ~1e-6 from a freshly built model (DESIGN.md §4); owned copies restore bit-exactness.
+    with torch.no_grad():
+        for param in module.parameters():
+            param.data = param.data.clone()
+    return module.to(device).eval()
 
 
 def save_package(
@@ -149,18 +225,31 @@ def save_package(
     description: str = "",
     extra: Optional[dict] = None,
     half_parameters: bool = False,
+    diffusers_dtype: torch.dtype = torch.float32,
 ) -> ModelPackage:
-    """Write a package: one safetensors file per component plus the manifest.
+    """Write a package: one safetensors file (or diffusers directory) per component plus
+    the manifest. ``modules`` maps component names to ulbc modules, diffusers models or
+    schedulers, or a tensor (prompt embeddings).
 
     ``half_parameters`` stores learnable parameters as float16 (half the size) and is only
     allowed when they are exactly representable in float16 (round them first, then build
     the CDF tables: see ``ulbcodec.train.anchor.export``); buffers such as CDF and scale
     tables stay in their own dtype. Loading casts them back to float32 exactly.
+    ``diffusers_dtype`` (e.g. bfloat16, the dtype they run in) stores diffusers models
+    rounded to it; they are loaded back as float32.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     components = {}
     for cname, module in modules.items():
+        if isinstance(module, torch.Tensor):
+            save_file({"prompt_embeds": module.detach().cpu().contiguous()}, str(root / f"{cname}.safetensors"))
+            components[cname] = {"class": PROMPT_EMBEDS, "weights": f"{cname}.safetensors"}
+            continue
+        if type(module).__name__ in DIFFUSERS_CLASSES:
+            _save_diffusers(module, root / cname, diffusers_dtype)
+            components[cname] = {"class": type(module).__name__, "diffusers": cname}
+            continue
         weights = f"{cname}.safetensors"
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         if half_parameters:
@@ -185,6 +274,22 @@ def save_package(
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, root / MANIFEST)
     return ModelPackage.load_manifest(root)
+
+
+def _save_diffusers(module, folder: Path, dtype: torch.dtype) -> None:
+    import shutil
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    if hasattr(module, "parameters"):
+        # diffusers' own layout (config.json + diffusion_pytorch_model.safetensors), written
+        # from a rounded copy of the state dict so the module itself is left untouched.
+        module.save_config(str(folder))
+        state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+                 for k, v in module.state_dict().items()}
+        save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    else:
+        module.save_pretrained(str(folder))
 
 
 # --------------------------------------------------------------------------- registry

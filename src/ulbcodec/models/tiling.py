@@ -29,29 +29,39 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
+Scales = Union[Fraction, Sequence[Fraction]]
+
 
 def tiled_apply(
-    fn: Callable[[torch.Tensor], torch.Tensor],
+    fn: Callable[..., torch.Tensor],
     x: torch.Tensor,
-    scale: Fraction,
+    scale: Scales,
     core: int,
     margin: int,
     workers: Optional[int] = None,
-) -> torch.Tensor:
+    side: Sequence[Tuple[torch.Tensor, Fraction]] = (),
+):
     """Apply ``fn`` (which maps [B,C,h,w] to [B,C',h*scale,w*scale]) tile by tile.
 
     ``core`` and ``margin`` are in input pixels and must make ``core*scale`` and
     ``margin*scale`` whole numbers. An input that fits into one tile is processed whole.
     ``workers`` defaults to torch's current intra-op thread count.
+
+    ``side`` holds further inputs at other resolutions, each as (tensor, its size relative
+    to ``x``); their crops of the same tile are passed to ``fn`` after the tile of ``x``.
+    With a sequence of scales, ``fn`` returns a tuple of outputs, one per scale, and so
+    does ``tiled_apply``.
     """
-    scale = Fraction(scale)
-    for name, value in (("core", core), ("margin", margin)):
-        if (value * scale).denominator != 1:
-            raise ValueError(f"tile {name} {value} is not a whole number of output pixels at scale {scale}")
+    multi = not isinstance(scale, (Fraction, int))
+    scales = [Fraction(s) for s in (scale if multi else [scale])]
+    for sc in scales + [Fraction(r) for _, r in side]:
+        for name, value in (("core", core), ("margin", margin)):
+            if (value * sc).denominator != 1:
+                raise ValueError(f"tile {name} {value} is not a whole number of pixels at scale {sc}")
     _, _, h, w = x.shape
     if h <= core + 2 * margin and w <= core + 2 * margin:
         boxes = [(0, 0, h, w, 0, 0, h, w)]
@@ -63,20 +73,23 @@ def tiled_apply(
                 boxes.append((top, left, bottom, right, max(top - margin, 0), max(left - margin, 0),
                               min(bottom + margin, h), min(right + margin, w)))
     workers = workers or torch.get_num_threads()
-    out: list = [None]
+    out: list = [None] * len(scales)
+
+    def crop(t: torch.Tensor, sc: Fraction, a: int, b: int, c: int, d: int) -> torch.Tensor:
+        return t[:, :, int(a * sc) : int(b * sc), int(c * sc) : int(d * sc)]
 
     def run(box) -> None:
         # OpenMP's thread count is per calling thread: a pool thread must set its own, or
         # it would fork a team of its own (more memory, and thread-count-dependent floats).
         torch.set_num_threads(1)
         top, left, bottom, right, t0, l0, t1, l1 = box
-        tile = fn(x[:, :, t0:t1, l0:l1])
-        if out[0] is None:  # first finished tile allocates (same shape from any tile)
-            out[0] = tile.new_empty(tile.shape[:2] + (int(h * scale), int(w * scale)))
-        out[0][:, :, int(top * scale) : int(bottom * scale), int(left * scale) : int(right * scale)] = tile[
-            :, :, int((top - t0) * scale) : int((bottom - t0) * scale),
-            int((left - l0) * scale) : int((right - l0) * scale),
-        ]
+        tiles = fn(x[:, :, t0:t1, l0:l1], *(crop(t, Fraction(r), t0, t1, l0, l1) for t, r in side))
+        for i, (tile, sc) in enumerate(zip(tiles if multi else [tiles], scales)):
+            if out[i] is None:  # first finished tile allocates (same shape from any tile)
+                out[i] = tile.new_empty(tile.shape[:-2] + (int(h * sc), int(w * sc)))
+            out[i][..., int(top * sc) : int(bottom * sc), int(left * sc) : int(right * sc)] = tile[
+                ..., int((top - t0) * sc) : int((bottom - t0) * sc), int((left - l0) * sc) : int((right - l0) * sc)
+            ]
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -90,4 +103,4 @@ def tiled_apply(
                 list(pool.map(run, boxes[1:]))
     finally:
         torch.set_num_threads(previous)
-    return out[0]
+    return tuple(out) if multi else out[0]

@@ -224,13 +224,18 @@ def train(args) -> None:
         export(model, args, meta)
 
 
+def round_parameters_to_half(model: torch.nn.Module) -> None:
+    """Round every parameter to the nearest float16 value, in place (kept as float32)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.half().float())
+
+
 def export(model: AnchorCodec, args, meta: dict) -> None:
     """Round the parameters to float16 (halves the package; quality unaffected), THEN
     build the CDF tables from the rounded entropy-model parameters, and write a package."""
     model.eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(param.half().float())
+    round_parameters_to_half(model)
     model.update(force=True)
     levels = [RateLevel(level=i, lmbda=l) for i, l in enumerate(args.lambdas)]
     package = save_package(

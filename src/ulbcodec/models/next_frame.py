@@ -1,0 +1,226 @@
+"""Next-frame generative decoder: anchor frame + bypass latent -> detailed image.
+
+After "Next-frame decoding for ultra-low-bitrate image compression with video diffusion
+priors" (NeFIC, Chen et al. 2026). The image codec's anchor decoder gives a blurry but
+faithful *anchor frame* and a 16-channel *bypass latent*; a video diffusion transformer
+treats anchor -> image as a next-frame prediction and generates the image in ONE step,
+with the bypass latent standing where noise would::
+
+    anchor frame ─► clamp, ×2−1 ─► VAE.encode (mode × scaling_factor) ─► A   [B,16,h,w]
+    bypass latent (from the anchor decoder) ───────────────────────────► Z   [B,16,h,w]
+
+    frames [A, A, Z, Z] ─► CogVideoXTransformer3DModel(t = 500, prompt embeddings,
+                           RoPE of one frame, used for both temporal tokens) ─► v
+    x0 = sqrt(ᾱ_t) · x_t − sqrt(1 − ᾱ_t) · v        (v-prediction; x_t = the input)
+    last frame of x0 ─► / scaling_factor ─► VAE.decode ─► ×0.5+0.5 ─► clamp ─► image
+
+(h, w = H/8, W/8.) Each latent is duplicated because the VAE packs 4 frames into one
+latent frame and the transformer packs 2 latent frames into one temporal token: [A, A]
+and [Z, Z] are then two tokens in time. ᾱ_t comes from the scheduler, so the pipeline
+owns no diffusion maths of its own. Nothing random is drawn in one-step decoding.
+
+Multi-step decoding (``steps > 1``, the "stage I" model of the paper) starts the target
+frames from seeded Gaussian noise and runs the scheduler's sampler conditioned on [A, A].
+
+Large images are decoded in overlapping tiles blended with linear ramps over their
+overlap: the transformer's attention and the VAE's GroupNorms are global within a tile,
+so a hard stitch would show seams.
+
+Floating point: the VAE and transformer run in bfloat16 (as the published models do) on
+the CPU too; this path is NOT bit-exact across machines, unlike entropy decoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from fractions import Fraction
+from typing import Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+# Tiles, in latent pixels (x8 for image pixels). 64 latents = 512 px per transformer
+# tile (2048 tokens for the two temporal tokens); 16 latents of overlap to blend over.
+LATENT_TILE = 64
+LATENT_OVERLAP = 16
+# VAE tiles: 512 px with 128 px of overlap. The VAE's convolutions are local but its
+# GroupNorms take statistics over the whole tile, so its tiles are blended too.
+VAE_TILE = 512
+VAE_OVERLAP = 128
+ONE_STEP_TIMESTEP = 500
+
+
+def rotary_embedding(height: int, width: int, head_dim: int, patch_size: int, device=None) -> Tuple[Tensor, Tensor]:
+    """RoPE for one latent frame of h×w latents, repeated for the two temporal tokens.
+
+    Both temporal tokens (anchor and target) get temporal position 0, as in the published
+    decoder, so the target is "the same place, one step later" for the attention.
+    """
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    grid = (height // patch_size, width // patch_size)
+    cos, sin = get_3d_rotary_pos_embed(embed_dim=head_dim, crops_coords=None, grid_size=grid, temporal_size=1,
+                                       grid_type="slice", max_size=grid, device=device)
+    return torch.cat([cos, cos]), torch.cat([sin, sin])
+
+
+def _autocast(dtype: Optional[torch.dtype], device: torch.device):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def blend_ramp(size: int, overlap: int, at_start: bool, at_end: bool) -> Tensor:
+    """1-D weights: linear ramps over the overlap at the inner edges, 1 elsewhere."""
+    w = torch.ones(size)
+    if overlap > 0:
+        ramp = (torch.arange(overlap, dtype=torch.float32) + 0.5) / overlap
+        if not at_start:
+            w[:overlap] = ramp
+        if not at_end:
+            w[-overlap:] = ramp.flip(0)
+    return w
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> Iterator[int]:
+    """Start offsets of tiles of ``tile`` covering ``length`` with at least ``overlap``."""
+    if length <= tile:
+        yield 0
+        return
+    stride = tile - overlap
+    start = 0
+    while True:
+        if start + tile >= length:
+            yield length - tile
+            return
+        yield start
+        start += stride
+
+
+def blended_tiles(fn, *inputs: Tensor, tile: int, overlap: int, scale: Fraction = Fraction(1)) -> Tensor:
+    """Apply ``fn(*tiles)`` on overlapping tiles of the inputs, blending the overlaps.
+
+    ``tile`` and ``overlap`` are in pixels of the inputs (which share one size); ``fn``
+    returns [B, C, tile·scale, tile·scale]. Weights ramp linearly across each overlap and
+    sum to one everywhere, so a function that commutes with cropping is reproduced
+    exactly, and one that does not (attention, GroupNorm statistics) changes smoothly
+    from one tile to the next instead of showing a seam.
+    """
+    scale = Fraction(scale)
+    if (tile * scale).denominator != 1 or (overlap * scale).denominator != 1:
+        raise ValueError(f"tile {tile} / overlap {overlap} are not whole output pixels at scale {scale}")
+    _, _, h, w = inputs[0].shape
+    oh, ow = int(h * scale), int(w * scale)
+    out, weight = None, torch.zeros(1, 1, oh, ow)
+    ys, xs = list(tile_starts(h, tile, overlap)), list(tile_starts(w, tile, overlap))
+    th, tw = min(tile, h), min(tile, w)
+    for y in ys:
+        for x in xs:
+            res = fn(*(t[:, :, y : y + th, x : x + tw] for t in inputs)).float()
+            if out is None:
+                out = res.new_zeros(res.shape[:2] + (oh, ow))
+            y0, x0, sh, sw = int(y * scale), int(x * scale), int(th * scale), int(tw * scale)
+            ov = int(overlap * scale)
+            wy = blend_ramp(sh, min(ov, sh), y == ys[0], y == ys[-1])
+            wx = blend_ramp(sw, min(ov, sw), x == xs[0], x == xs[-1])
+            wt = (wy[:, None] * wx[None, :])[None, None]
+            out[:, :, y0 : y0 + sh, x0 : x0 + sw] += res * wt
+            weight[:, :, y0 : y0 + sh, x0 : x0 + sw] += wt
+    return out / weight
+
+
+class NextFramePipeline:
+    """Composes a CogVideoX VAE, a CogVideoX transformer, a scheduler and fixed prompt
+    embeddings into the next-frame decoder. Differentiable (training uses the same
+    methods); callers choose ``torch.no_grad()``."""
+
+    def __init__(self, vae, transformer, scheduler, prompt_embeds: Tensor, dtype: Optional[torch.dtype] = torch.bfloat16):
+        self.vae = vae
+        self.transformer = transformer
+        self.scheduler = scheduler
+        self.prompt_embeds = prompt_embeds
+        self.dtype = dtype
+        cfg = transformer.config
+        self.patch_size = cfg.patch_size
+        self.head_dim = cfg.attention_head_dim
+        if vae.config.latent_channels != cfg.in_channels or cfg.in_channels != cfg.out_channels:
+            raise ValueError("VAE latent channels and transformer in/out channels must agree")
+        self.latent_channels = vae.config.latent_channels
+        self.scaling_factor = vae.config.scaling_factor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    # ---------------------------------------------------------------- VAE
+
+    def encode_latent(self, image: Tensor) -> Tensor:
+        """[B,3,H,W] in [0,1] (H, W multiples of 8) → scaled latent [B,16,H/8,W/8] (the mode)."""
+        with _autocast(self.dtype, image.device):
+            dist = self.vae.encode((image * 2 - 1).unsqueeze(2)).latent_dist
+        return dist.mode()[:, :, 0].float() * self.scaling_factor
+
+    def decode_latent(self, latent: Tensor, clamp: bool = True) -> Tensor:
+        """Scaled latent [B,16,h,w] → image [B,3,8h,8w] in [0,1] (unclamped for training losses)."""
+        with _autocast(self.dtype, latent.device):
+            frames = self.vae.decode((latent / self.scaling_factor).unsqueeze(2)).sample
+        image = frames[:, :, 0].float() * 0.5 + 0.5
+        return image.clamp(0, 1) if clamp else image
+
+    # ---------------------------------------------------------------- transformer
+
+    def velocity(self, anchor_latent: Tensor, target_latent: Tensor, timestep) -> Tensor:
+        anchor_latent, target_latent = anchor_latent.float(), target_latent.float()
+        """The transformer on frames [A, A, X, X]; returns v for all four latent frames."""
+        b, _, h, w = anchor_latent.shape
+        frames = torch.stack([anchor_latent, anchor_latent, target_latent, target_latent], dim=1)
+        rope = rotary_embedding(h, w, self.head_dim, self.patch_size, device=frames.device)
+        t = torch.as_tensor(timestep, device=frames.device).reshape(-1).expand(b)
+        prompt = self.prompt_embeds.to(frames.device).expand(b, -1, -1)
+        with _autocast(self.dtype, frames.device):
+            v = self.transformer(hidden_states=frames, encoder_hidden_states=prompt, timestep=t,
+                                 image_rotary_emb=rope, return_dict=False)[0]
+        return v.float()
+
+    def alpha_bar(self, timestep: int) -> Tensor:
+        return self.scheduler.alphas_cumprod[int(timestep)].float()
+
+    def predict_clean(self, anchor_latent: Tensor, bypass_latent: Tensor, timestep: int = ONE_STEP_TIMESTEP) -> Tensor:
+        """One step: the bypass latent stands as x_t of the target frames; x0 from v."""
+        ab = self.alpha_bar(timestep)
+        v = self.velocity(anchor_latent, bypass_latent, timestep)
+        x0 = ab.sqrt() * bypass_latent - (1 - ab).sqrt() * v[:, 3]
+        return x0
+
+    def sample(self, anchor_latent: Tensor, noise: Tensor, steps: int) -> Tensor:
+        """Multi-step: the target frames from ``noise`` with the scheduler's sampler."""
+        x = noise.to(anchor_latent.device)
+        self.scheduler.set_timesteps(steps)
+        for t in self.scheduler.timesteps:
+            v = self.velocity(anchor_latent, x, int(t))[:, 3]
+            x = self.scheduler.step(v, t, x, return_dict=False)[0]
+        return x
+
+    # ---------------------------------------------------------------- whole images
+
+    def decode_image(self, anchor_frame: Tensor, bypass_latent: Optional[Tensor], steps: int = 1, seed: int = 0) -> Tensor:
+        """Anchor frame [B,3,H,W] (clamped, H, W multiples of 64) + bypass [B,1,16,h,w] → image.
+
+        Tiled everywhere, so peak memory is that of one tile whatever the image size.
+        """
+        anchor_latent = blended_tiles(self.encode_latent, anchor_frame, tile=VAE_TILE, overlap=VAE_OVERLAP,
+                                      scale=Fraction(1, 8))
+        if steps <= 1:
+            if bypass_latent is None:
+                raise ValueError("one-step decoding needs the bypass latent")
+            latent = blended_tiles(self.predict_clean, anchor_latent, bypass_latent[:, 0], tile=LATENT_TILE,
+                                   overlap=LATENT_OVERLAP)
+        else:
+            # One seed per tile position would make tiles disagree; noise is drawn for the
+            # whole latent first and then tiled like any other input.
+            g = torch.Generator().manual_seed(seed)
+            noise = torch.randn(anchor_latent.shape, generator=g)
+            latent = blended_tiles(lambda a, n: self.sample(a, n, steps), anchor_latent, noise, tile=LATENT_TILE,
+                                   overlap=LATENT_OVERLAP)
+        return blended_tiles(self.decode_latent, latent, tile=VAE_TILE // 8, overlap=VAE_OVERLAP // 8, scale=Fraction(8))

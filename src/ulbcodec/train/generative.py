@@ -1,0 +1,408 @@
+"""Train the shipped generative decoder (models/generative), resumably, on the CPU.
+
+Three stages, each a checkpoint directory under ``--run`` that the same command resumes::
+
+  vae     AutoencoderKLCogVideoX (tiny config) as a plain image autoencoder:
+          L1 + 0.2·(1 − MS-SSIM) + 1e-6·KL on 256² crops. CogVideoX's own VAE cannot be
+          downloaded here, so the latent space is ours; its scaling_factor is set to
+          1/std of the training latents when the stage ends (unit-variance latents, as the
+          diffusion schedule assumes).
+  stage1  next-frame adaptation, multi-step ("interval adaptation" in the paper): frames
+          [A, A, X_t, X_t], A = VAE latent of the decoded anchor frame (frozen anchor
+          codec, random rate level), X_t = noised VAE latent of the photograph at a random
+          t; loss = ||v − v_target||² on the target tokens + 0.1·||out_anchor − A||² (the
+          anchor auxiliary loss: the anchor tokens must keep carrying the anchor).
+  stage2  one-step bypass decoding: the anchor decoder's bypass head (new, trained here)
+          gives Z; frames [A, A, Z, Z] at t = 500; x0 from v; VAE-decode;
+          loss = 255²·MSE·w + 1300·(1 − MS-SSIM) + latent MSE + adversarial (hinge, a
+          patch discriminator trained from scratch: no pretrained perceptual network can
+          be loaded here, so no LPIPS term). The anchor codec's encoder and entropy
+          model stay frozen (they are the shipped default image model, so the rate term
+          of the paper's stage II is a constant here and is left out; files coded with
+          models/default and models/generative differ only in the model digest).
+
+Then ``export`` writes the package: anchor_codec.safetensors (default codec + trained
+bypass head), vae/ and transformer/ and scheduler/ in diffusers' layout, prompt_embeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ulbcodec.models import package as packages
+from ulbcodec.models.next_frame import ONE_STEP_TIMESTEP, NextFramePipeline
+from ulbcodec.train.anchor import PhotoCrops, _flatten_optimizer, _restore_optimizer
+
+VAE_CONFIG = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=16,
+                  temporal_compression_ratio=4, sample_height=256, sample_width=256)
+TRANSFORMER_CONFIG = dict(num_attention_heads=4, attention_head_dim=48, in_channels=16, out_channels=16,
+                          time_embed_dim=128, text_embed_dim=64, num_layers=6, sample_width=32, sample_height=32,
+                          sample_frames=5, patch_size=2, patch_size_t=2, temporal_compression_ratio=4,
+                          max_text_seq_length=8, use_rotary_positional_embeddings=True)
+# The base model's schedule (CogVideoX): scaled-linear betas, zero terminal SNR, v-prediction.
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                        clip_sample=False, set_alpha_to_one=True, snr_shift_scale=1.0)
+PROMPT_SHAPE = (1, 8, 64)
+STAGES = ("vae", "stage1", "stage2")
+DEFAULT_STEPS = {"vae": 1500, "stage1": 1800, "stage2": 1400}
+
+
+def build_vae():
+    from diffusers import AutoencoderKLCogVideoX
+
+    return AutoencoderKLCogVideoX(**VAE_CONFIG)
+
+
+def build_transformer():
+    from diffusers import CogVideoXTransformer3DModel
+
+    return CogVideoXTransformer3DModel(**TRANSFORMER_CONFIG)
+
+
+def build_scheduler():
+    from diffusers import CogVideoXDDIMScheduler
+
+    return CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
+
+
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN: real/fake logits per ~40 px patch."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        w = width
+        self.net = nn.Sequential(
+            nn.Conv2d(3, w, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.GroupNorm(8, 2 * w), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), nn.GroupNorm(8, 4 * w), nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * w, 1, 3, 1, 1),
+        )
+
+    def forward(self, x):
+        return self.net(x * 2 - 1)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_stage(path: Path, modules: Dict[str, nn.Module], tensors: Dict[str, torch.Tensor], opts: Dict, meta: dict):
+    path.mkdir(parents=True, exist_ok=True)
+    state = {f"{name}.{k}": v.detach().contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
+    state.update({k: v.detach().contiguous() for k, v in tensors.items()})
+    groups = {}
+    opt_state = {}
+    for name, opt in opts.items():
+        t, g = _flatten_optimizer(opt, name)
+        opt_state.update(t)
+        groups[name] = g
+    save_file(state, str(path / "weights.tmp"))
+    os.replace(path / "weights.tmp", path / "weights.safetensors")
+    save_file(opt_state or {"empty": torch.zeros(1)}, str(path / "optim.tmp"))
+    os.replace(path / "optim.tmp", path / "optimizer.safetensors")
+    (path / "state.tmp").write_text(json.dumps({**meta, "groups": groups}, indent=1))
+    os.replace(path / "state.tmp", path / "state.json")
+
+
+def load_stage(path: Path, modules: Dict[str, nn.Module], tensors: Dict[str, torch.Tensor], opts: Dict) -> dict:
+    meta = json.loads((path / "state.json").read_text())
+    weights = load_file(str(path / "weights.safetensors"))
+    for name, m in modules.items():
+        prefix = name + "."
+        m.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+    with torch.no_grad():
+        for k, t in tensors.items():
+            t.copy_(weights[k])
+    if opts:
+        opt_state = load_file(str(path / "optimizer.safetensors"))
+        for name, opt in opts.items():
+            _restore_optimizer(opt, name, opt_state, meta["groups"][name])
+    meta.pop("groups", None)
+    return meta
+
+
+def stage_done(run: Path, stage: str) -> bool:
+    path = run / stage / "state.json"
+    return path.exists() and json.loads(path.read_text()).get("done", False)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.run = Path(args.run)
+        files = sorted((Path(args.data) / "photos" / "train").iterdir())
+        if not files:
+            raise SystemExit(f"no training photographs under {args.data}/photos/train: run `make data` first")
+        self.data = PhotoCrops(files, args.crop, args.seed)
+        torch.manual_seed(args.seed)
+        self.vae = build_vae()
+        self.transformer = build_transformer()
+        self.scheduler = build_scheduler()
+        g = torch.Generator().manual_seed(args.seed)
+        self.prompt = nn.Parameter(torch.randn(PROMPT_SHAPE, generator=g) * 0.5)
+        base = packages.ModelPackage.load_manifest(packages.resolve(args.anchor_model))
+        self.base = base
+        self.codec = base.build("anchor_codec")
+        self.levels = [lv.level for lv in base.rate_levels]
+        self.disc = PatchDiscriminator()
+
+    def pipeline(self) -> NextFramePipeline:
+        return NextFramePipeline(self.vae, self.transformer, self.scheduler, self.prompt)
+
+    def _loop(self, stage: str, modules, tensors, opts, step_fn, steps: int):
+        path = self.run / stage
+        meta = {"step": 0, "seconds": 0.0, "log": [], "done": False}
+        if (path / "state.json").exists():
+            meta = {**meta, **load_stage(path, modules, tensors, opts)}
+            print(f"{stage}: resumed at step {meta['step']} ({meta['seconds'] / 60:.1f} min)", flush=True)
+        started = last_save = time.time()
+        window: Dict[str, List[float]] = {}
+        while meta["step"] < steps:
+            logs = step_fn(meta["step"])
+            meta["step"] += 1
+            for k, v in logs.items():
+                window.setdefault(k, []).append(v)
+            if meta["step"] % self.args.log_every == 0:
+                elapsed = meta["seconds"] + time.time() - started
+                row = {k: round(sum(v) / len(v), 5) for k, v in window.items()}
+                meta["log"].append({"step": meta["step"], "minutes": round(elapsed / 60, 2), **row})
+                print(f"{stage} step {meta['step']:5d} {elapsed / 60:6.1f} min {row}", flush=True)
+                window = {}
+            if time.time() - last_save > self.args.save_every or meta["step"] == steps:
+                meta["seconds"] += time.time() - started
+                started = last_save = time.time()
+                meta["done"] = meta["step"] >= steps
+                save_stage(path, modules, tensors, opts, meta)
+        return meta
+
+    # ---- stage 0: the latent autoencoder
+    def train_vae(self):
+        from pytorch_msssim import ms_ssim
+
+        vae = self.vae.train()
+        opt = torch.optim.Adam(vae.parameters(), lr=self.args.lr)
+
+        def step(i):
+            x = self.data.batch(self.args.batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                dist = vae.encode((x * 2 - 1).unsqueeze(2)).latent_dist
+                z = dist.sample()
+                x_hat = vae.decode(z).sample[:, :, 0].float() * 0.5 + 0.5
+            kl = dist.kl().mean()
+            l1 = (x_hat - x).abs().mean()
+            ms = ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0)
+            loss = l1 + 0.2 * (1 - ms) + 1e-6 * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            psnr = -10 * torch.log10(F.mse_loss(x_hat.detach().clamp(0, 1), x))
+            return {"l1": l1.item(), "ms_ssim": ms.item(), "psnr": psnr.item(), "kl": kl.item()}
+
+        meta = self._loop("vae", {"vae": vae}, {}, {"opt": opt}, step, self.args.steps["vae"])
+        if "latent_std" not in meta:
+            meta["latent_std"] = self._latent_std()
+            save_stage(self.run / "vae", {"vae": vae}, {}, {"opt": opt}, meta)
+        self._set_scaling(meta["latent_std"])
+
+    @torch.no_grad()
+    def _latent_std(self) -> float:
+        self.vae.eval()
+        zs = []
+        for _ in range(16):
+            x = self.data.batch(self.args.batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                zs.append(self.vae.encode((x * 2 - 1).unsqueeze(2)).latent_dist.mode().float())
+        return torch.cat(zs).std().item()
+
+    def _set_scaling(self, std: float):
+        self.vae.register_to_config(scaling_factor=1.0 / std)
+        self.vae.eval().requires_grad_(False)
+
+    def load_vae(self):
+        meta = load_stage(self.run / "vae", {"vae": self.vae}, {}, {})
+        if "latent_std" not in meta:  # stopped between the last step and the statistics
+            meta["latent_std"] = self._latent_std()
+            save_stage(self.run / "vae", {"vae": self.vae}, {}, {}, meta)
+        self._set_scaling(meta["latent_std"])
+
+    @torch.no_grad()
+    def _anchor_and_target(self, x: torch.Tensor, level: int, pipe: NextFramePipeline):
+        self.codec.train()  # STE rounding = decompress() output; batched entropy path
+        out = self.codec(x, rate_level=level, with_bypass=False)
+        anchor = out["anchor_frame"].clamp(0, 1)
+        return anchor, pipe.encode_latent(anchor), pipe.encode_latent(x)
+
+    # ---- stage I: multi-step next-frame adaptation
+    def train_stage1(self):
+        pipe = self.pipeline()
+        self.codec.requires_grad_(False)
+        self.transformer.train()
+        params = list(self.transformer.parameters()) + [self.prompt]
+        opt = torch.optim.AdamW(params, lr=self.args.lr, weight_decay=0.0)
+        ab_all = self.scheduler.alphas_cumprod.float()
+
+        def step(i):
+            rng = random.Random(self.args.seed * 7919 + i)
+            x = self.data.batch(self.args.batch)
+            _, a, x0 = self._anchor_and_target(x, rng.choice(self.levels), pipe)
+            t = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(i))
+            ab = ab_all[t].view(-1, 1, 1, 1)
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(10**6 + i))
+            xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+            v_target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+            v = pipe.velocity(a, xt, t)
+            loss_v = F.mse_loss(v[:, 2], v_target) + F.mse_loss(v[:, 3], v_target)
+            loss_aux = F.mse_loss(v[:, 0], a) + F.mse_loss(v[:, 1], a)
+            loss = loss_v + 0.1 * loss_aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            return {"v": loss_v.item() / 2, "aux": loss_aux.item() / 2}
+
+        self._loop("stage1", {"transformer": self.transformer}, {"prompt": self.prompt}, {"opt": opt}, step,
+                   self.args.steps["stage1"])
+
+    def load_stage1(self):
+        load_stage(self.run / "stage1", {"transformer": self.transformer}, {"prompt": self.prompt}, {})
+
+    # ---- stage II: one-step bypass decoding
+    def bypass_modules(self) -> Dict[str, nn.Module]:
+        c = self.codec
+        return {"project_in": c.project_in, "tokens": c.information_transformer_layes, "project_out": c.spatial_ch_projs}
+
+    def train_stage2(self):
+        from pytorch_msssim import ms_ssim
+
+        pipe = self.pipeline()
+        self.codec.requires_grad_(False)
+        bypass = self.bypass_modules()
+        for m in bypass.values():
+            m.requires_grad_(True)
+        self.transformer.train().requires_grad_(True)
+        gen_params = [p for m in bypass.values() for p in m.parameters()] + list(self.transformer.parameters()) + [self.prompt]
+        opt = torch.optim.AdamW(gen_params, lr=self.args.lr, weight_decay=0.0)
+        opt_d = torch.optim.Adam(self.disc.parameters(), lr=self.args.lr * 2, betas=(0.5, 0.9))
+        gan_start = self.args.steps["stage2"] // 5
+
+        def step(i):
+            rng = random.Random(self.args.seed * 104729 + i)
+            x = self.data.batch(self.args.batch)
+            level = rng.choice(self.levels)
+            self.codec.train()
+            out = self.codec(x, rate_level=level, with_bypass=True)  # grads reach the bypass head only
+            anchor = out["anchor_frame"].detach().clamp(0, 1)
+            with torch.no_grad():
+                a = pipe.encode_latent(anchor)
+                target_latent = pipe.encode_latent(x)
+            z = out["bypass_latent"][:, 0]
+            x0 = pipe.predict_clean(a, z, ONE_STEP_TIMESTEP)
+            x_hat = pipe.decode_latent(x0, clamp=False)
+            mse = F.mse_loss(x_hat, x)
+            ms = ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0)
+            lat = F.mse_loss(x0, target_latent)
+            loss = 255**2 * mse * 0.3 / 50 + 1300 * (1 - ms) / 50 + lat
+            logs = {"psnr": (-10 * torch.log10(mse.detach())).item(), "ms_ssim": ms.item(), "lat": lat.item()}
+            if i >= gan_start:
+                g_adv = -self.disc(x_hat).mean()
+                loss = loss + self.args.adv_weight * g_adv
+                logs["g_adv"] = g_adv.item()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(gen_params, 1.0)
+            opt.step()
+            if i >= gan_start // 2:  # discriminator warms up before it is used
+                d_loss = F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(x_hat.detach())).mean()
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
+                logs["d"] = d_loss.item()
+            return logs
+
+        modules = {"transformer": self.transformer, "disc": self.disc, **bypass}
+        self._loop("stage2", modules, {"prompt": self.prompt}, {"opt": opt, "opt_d": opt_d}, step,
+                   self.args.steps["stage2"])
+
+    def load_stage2(self):
+        modules = {"transformer": self.transformer, "disc": self.disc, **self.bypass_modules()}
+        load_stage(self.run / "stage2", modules, {"prompt": self.prompt}, {})
+
+    # ---- export
+    def export(self, out: Path):
+        from ulbcodec.train.anchor import round_parameters_to_half
+
+        meta = {s: json.loads((self.run / s / "state.json").read_text()) for s in STAGES}
+        self.codec.eval()
+        # Only the new bypass head changes by rounding; the entropy model is the base
+        # package's, already float16-exact, so its CDF tables stay valid (no update()).
+        round_parameters_to_half(self.codec)
+        training = {s: {"steps": m["step"], "minutes": round(m["seconds"] / 60, 1), "log_tail": m["log"][-5:]}
+                    for s, m in meta.items()}
+        training.update(command="make generative-model", batch=self.args.batch, crop=self.args.crop,
+                        lr=self.args.lr, seed=self.args.seed, adv_weight=self.args.adv_weight,
+                        anchor_model=self.base.name, anchor_model_digest=self.base.digest)
+        modules = {"anchor_codec": self.codec, "vae": self.vae.eval(), "transformer": self.transformer.eval(),
+                   "scheduler": self.scheduler, "prompt_embeds": self.prompt.detach()}
+        pkg = packages.save_package(
+            out, "generative", modules, self.base.rate_levels, half_parameters=True,
+            diffusers_dtype=torch.bfloat16,
+            description="ulbc default generative image model: the default anchor codec plus a next-frame "
+            "decoder (CogVideoX classes, small config) trained in-project by ulbcodec.train.generative",
+            extra={"training": training, "default_level": self.base.extra.get("default_level")},
+        )
+        print(f"exported {pkg.root} digest {pkg.digest[:16]} ({pkg.size_bytes / 1e6:.1f} MB)")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Train the ulbc generative decoder (three resumable stages).")
+    p.add_argument("--data", default=os.path.expanduser("~/.cache/ulbc"))
+    p.add_argument("--run", default="runs/generative")
+    p.add_argument("--anchor-model", default="default", help="the (frozen) anchor codec package to build on")
+    p.add_argument("--export", default=None, help="write the model package here when all stages are done")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--adv-weight", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    for stage in STAGES:
+        p.add_argument(f"--{stage}-steps", type=int, default=DEFAULT_STEPS[stage])
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints")
+    args = p.parse_args(argv)
+    args.steps = {s: getattr(args, f"{s}_steps") for s in STAGES}
+    torch.set_num_threads(int(os.environ.get("ULBC_TRAIN_THREADS", torch.get_num_threads())))
+    trainer = Trainer(args)
+    run = Path(args.run)
+    if stage_done(run, "vae"):
+        trainer.load_vae()
+    else:
+        trainer.train_vae()
+    if stage_done(run, "stage1"):
+        trainer.load_stage1()
+    else:
+        trainer.train_stage1()
+    if stage_done(run, "stage2"):
+        trainer.load_stage2()
+    else:
+        trainer.train_stage2()
+    if args.export:
+        trainer.export(Path(args.export))
+
+
+if __name__ == "__main__":
+    main()
