@@ -1,0 +1,227 @@
+"""Generative (next-frame) decoding vs anchor-only decoding vs AVIF / WebP, 0.005-0.06 bpp.
+
+    PYTHONPATH=src python benchmarks/generative.py --images DIR --out OUT [--model generative]
+
+Every ulbc file is encoded ONCE (each rate level, at full size and in the 1/2 downscale
+mode) and decoded twice: by the generative decoder and with ``anchor_only=True``. Both
+decodes therefore have exactly the same rate. AVIF and WebP run over their quality grids
+with downscaled variants (``ulbcodec.baselines``), as in benchmarks/image_rd.py.
+Metrics: PSNR, MS-SSIM, VMAF and the detail measure (log radial power spectrum error:
+blur shows as missing high-frequency energy; lower is better).
+
+Outputs in OUT: points.csv / points.json, rd_<metric>.png, summary.md, and a crop sheet
+(original / anchor / generative / AVIF at matched bpp) written to ``--sheet``. It also
+measures seams: one image decoded with the normal latent tiles and untiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import image_rd  # noqa: E402
+from image_rd import IMAGE_SUFFIXES, LABELS, METRICS, average_curves, envelope, in_window, load_image, measure  # noqa: E402
+
+GEN, ANCHOR = "ulbc-generative", "ulbc-anchor-only"
+BD_METRICS = ("psnr", "ms_ssim", "vmaf", "log_spectrum_error")
+
+
+def run_ulbc(model: str, image_paths, downscales=(1, 2)) -> list[dict]:
+    from ulbcodec.image import ImageCodec
+
+    codec = ImageCodec.from_pretrained(model)
+    if not codec.is_generative:
+        sys.exit(f"model {model!r} has no generative decoder")
+    rows = []
+    for downscale in downscales:
+        for level in codec.rate_levels:
+            for path in image_paths:
+                ref = load_image(path)
+                stream = codec.encode(ref, rate_level=level, downscale=downscale).data
+                for curve, anchor_only in ((GEN, False), (ANCHOR, True)):
+                    t0 = time.perf_counter()
+                    decoded = codec.decode(stream, anchor_only=anchor_only)
+                    seconds = time.perf_counter() - t0
+                    rows.append({"image": Path(path).name, "curve": curve if downscale == 1 else f"{curve}@1/{downscale}",
+                                 "codec": curve, "downscale": downscale, "setting": level,
+                                 **measure(ref, stream, decoded), "decode_s": seconds})
+            mean = np.mean([r["bpp"] for r in rows if r["setting"] == level and r["downscale"] == downscale])
+            print(f"  ulbc level {level} 1/{downscale}: mean {mean:.4f} bpp", file=sys.stderr, flush=True)
+    return rows
+
+
+def envelopes(curves, metric, lo, hi) -> dict:
+    by_codec: dict = {}
+    for points in curves.values():
+        for p in points:
+            by_codec.setdefault(p["codec"], []).append(p)
+    return {(c if c.startswith("ulbc") else f"best-{c}"): in_window(envelope(pts, metric), lo, hi)
+            for c, pts in by_codec.items()}
+
+
+def bd(anchor, test, metric) -> str:
+    from ulbcodec import metrics
+
+    if not image_rd.HIGHER_IS_BETTER[metric]:  # BD-rate wants "higher is better"
+        anchor = [{**p, metric: -p[metric]} for p in anchor]
+        test = [{**p, metric: -p[metric]} for p in test]
+    try:
+        value = metrics.bd_rate([p["bpp"] for p in anchor], [p[metric] for p in anchor],
+                                [p["bpp"] for p in test], [p[metric] for p in test])
+    except ValueError as e:
+        return f"n/a ({str(e).split(':')[0][:40]})"
+    return f"{value:+.1f}%"
+
+
+def plot(curves, metric, lo, hi, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {GEN: "black", ANCHOR: "tab:orange", "webp": "tab:green", "avif": "tab:red"}
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name, pts in sorted(envelopes(curves, metric, lo, hi).items()):
+        codec = name.removeprefix("best-")
+        ax.plot([p["bpp"] for p in pts], [p[metric] for p in pts], marker="o", ms=4, lw=2 if "ulbc" in name else 1.5,
+                color=colors[codec], label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("bits per pixel (real bytes / original pixels)")
+    ax.set_ylabel(LABELS[metric])
+    ax.axvspan(lo, hi, color="0.93", zorder=0)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{LABELS[metric]}: envelopes over levels and downscale variants")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def crop_sheet(model: str, path: str, target_bpp: float, out: Path) -> str:
+    """Original / anchor / generative / AVIF (best variant at <= the ulbc file's bpp), 256² crops."""
+    from ulbcodec import baselines
+    from ulbcodec.image import ImageCodec
+
+    codec = ImageCodec.from_pretrained(model)
+    ref = load_image(path)
+    result, _ = codec.encode_to_bpp(ref, target_bpp, downscales=(1,))
+    gen, anchor = codec.decode(result.data), codec.decode(result.data, anchor_only=True)
+    best = None
+    for f in (1, 2, 4):
+        for q in baselines.QUALITIES["avif"]:
+            stream, dec = baselines.avif(ref, q, f)
+            if baselines.bpp(stream, ref.shape) <= result.bpp and (best is None or len(stream) > best[0]):
+                best = (len(stream), dec, f, q)
+    h, w = ref.shape[:2]
+    if best is None:
+        avif_note = "AVIF (no variant reaches this rate: grey panel)"
+        best = (0, np.full_like(ref, 128), 0, 0)
+    avif_bytes, avif_dec, f, q = best
+    if avif_bytes:
+        avif_note = f"AVIF q{q} at 1/{f} size ({avif_bytes * 8 / (h * w):.4f} bpp)"
+    s = 256
+    crops = [(h // 2 - s // 2, w // 2 - s // 2), (h // 4, w // 8)]
+    panels = [ref, anchor, gen, avif_dec]
+    rows = [np.concatenate([p[y : y + s, x : x + s] for p in panels], axis=1) for y, x in crops]
+    sheet = np.concatenate(rows, axis=0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sheet).save(out)
+    return (f"{Path(path).name}: columns original | ulbc anchor-only | ulbc generative (same file, "
+            f"{result.bpp:.4f} bpp, level {result.rate_level}) | {avif_note}")
+
+
+def seam_check(model: str, path: str) -> str:
+    """Decode once with the normal latent tiles and once untiled; compare."""
+    from ulbcodec import metrics
+    from ulbcodec.image import ImageCodec
+    from ulbcodec.models import next_frame
+
+    codec = ImageCodec.from_pretrained(model)
+    ref = load_image(path)
+    data = codec.encode(ref, codec.default_level).data
+    tiled = codec.decode(data)
+    saved = next_frame.LATENT_TILE, next_frame.VAE_TILE
+    next_frame.LATENT_TILE, next_frame.VAE_TILE = 10**6, 10**6
+    try:
+        whole = codec.decode(data)
+    finally:
+        next_frame.LATENT_TILE, next_frame.VAE_TILE = saved
+    steps = lambda img: np.abs(np.diff(img.astype(np.float64), axis=1)).mean(axis=(0, 2))  # noqa: E731
+    ratio = float((steps(tiled) / np.maximum(steps(whole), 1e-6)).max())
+    return (f"{Path(path).name} ({ref.shape[1]}x{ref.shape[0]}, latent tiles of {next_frame.LATENT_TILE} with "
+            f"{next_frame.LATENT_OVERLAP} overlap): tiled vs untiled decode PSNR {metrics.psnr(whole, tiled):.2f} dB; "
+            f"largest ratio of a column step (tiled / untiled) {ratio:.2f} (a seam would show as >> 1)")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="generative")
+    p.add_argument("--min-bpp", type=float, default=0.005)
+    p.add_argument("--max-bpp", type=float, default=0.06)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--sheet", default=None, help="write the crop sheet PNG here")
+    args = p.parse_args(argv)
+    paths = sorted(str(q) for q in Path(args.images).iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = run_ulbc(args.model, paths)
+    rows += image_rd.run_baselines(paths, ["webp", "avif"], [1, 2, 4], False, args.max_bpp, args.jobs)
+    curves = average_curves(rows)
+    fields = ["image", "curve", "codec", "downscale", "setting", "bytes", "bpp", *METRICS, "decode_s"]
+    with open(out / "points.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    (out / "points.json").write_text(json.dumps({"config": vars(args), "points": rows}, indent=1, default=str))
+    for metric in METRICS:
+        plot(curves, metric, args.min_bpp, args.max_bpp, out / f"rd_{metric}.png")
+    lo, hi = args.min_bpp, args.max_bpp
+    env = {m: envelopes(curves, m, lo, hi) for m in BD_METRICS}
+    lines = [f"{len(paths)} held-out photographs from `{args.images}`, model `{args.model}`; rates "
+             f"{lo:g}-{hi:g} bpp (plus the nearest point outside each end). BD-rate: PCHIP over log rate on "
+             "monotone envelopes (the detail measure is negated, lower is better). Negative: fewer bits "
+             "for the same quality.", "",
+             "| test | anchor | " + " | ".join(LABELS[m].split(" [")[0].split(",")[0] for m in BD_METRICS) + " |",
+             "|---|---|" + "---|" * len(BD_METRICS)]
+    for test, anchor in ((GEN, ANCHOR), (GEN, "best-avif"), (GEN, "best-webp"), (ANCHOR, "best-avif")):
+        lines.append(f"| {test} | {anchor} | " + " | ".join(bd(env[m][anchor], env[m][test], m) for m in BD_METRICS)
+                     + " |")
+    lines += ["", "Same files, two decoders (mean over images, full-size coding):", "",
+              "| level | bpp | PSNR anchor / gen | MS-SSIM anchor / gen | VMAF anchor / gen | "
+              "detail error anchor / gen | decode s anchor / gen |", "|---|---|---|---|---|---|---|"]
+    by = {(pt["curve"], pt["setting"]): pt for c in (GEN, ANCHOR) for pt in curves[c]}
+    secs = {}
+    for r in rows:
+        if r["downscale"] == 1 and r["codec"] in (GEN, ANCHOR):
+            secs.setdefault((r["codec"], r["setting"]), []).append(r["decode_s"])
+    for level in sorted({s for (_, s) in by}):
+        a, g = by[(ANCHOR, level)], by[(GEN, level)]
+        cells = [f"{a[m]:.{d}f} / {g[m]:.{d}f}" for m, d in (("psnr", 2), ("ms_ssim", 4), ("vmaf", 2),
+                                                              ("log_spectrum_error", 2))]
+        lines.append(f"| {level} | {a['bpp']:.4f} | " + " | ".join(cells) +
+                     f" | {np.mean(secs[(ANCHOR, level)]):.2f} / {np.mean(secs[(GEN, level)]):.2f} |")
+    wins = {m: all((by[(GEN, lv)][m] > by[(ANCHOR, lv)][m]) == image_rd.HIGHER_IS_BETTER[m]
+                   for lv in {s for (_, s) in by}) for m in ("vmaf", "log_spectrum_error")}
+    lines += ["", f"Generative beats anchor-only at every level: VMAF {wins['vmaf']}, "
+              f"detail measure {wins['log_spectrum_error']}."]
+    if args.sheet:
+        middle = paths[len(paths) // 2]
+        lines += ["", f"Crop sheet `{args.sheet}`: " + crop_sheet(args.model, middle, 0.02, Path(args.sheet))]
+    lines += ["", "Seams: " + seam_check(args.model, paths[0])]
+    summary = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(summary)
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
