@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.ulbc-installed
 DATA   ?= $(HOME)/.cache/ulbc
 JOBS   ?= 1
 
-.PHONY: install demo test test-all models data bench lock clean
+.PHONY: install demo test test-all models generative-model data bench lock clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ data: $(STAMP)
 # Train (or resume training) the shipped default model; see docs/training.md.
 models: $(STAMP)
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default --export models/default
+
+# Train (or resume) the generative decoder on top of models/default, export models/generative.
+generative-model: $(STAMP)
+	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative --anchor-model default \
+		--export models/generative
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --data $(DATA) --jobs $(JOBS)

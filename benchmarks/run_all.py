@@ -5,6 +5,8 @@ Runs, on the held-out photographs fetched by ``ulbcodec.train.data``:
      against JPEG / WebP / AVIF and their downscaled variants, on the 768 px validation set;
   2. the speed / memory benchmark (benchmarks/speed.py) on the 4000x3000 photograph and
      on one 768 px photograph, with 2 threads;
+  3. when models/generative is installed: generative vs anchor-only decoding vs AVIF/WebP
+     (benchmarks/generative.py, 0.005-0.06 bpp) with its crop sheet, and its speed;
 and writes BENCHMARKS.md with the machine, date, commands and tables. RD plots go to
 docs/benchmarks/.
 """
@@ -54,12 +56,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=os.path.expanduser("~/.cache/ulbc"))
     p.add_argument("--model", default="default")
+    p.add_argument("--generative-model", default="generative")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "out" / "bench"))
     args = p.parse_args(argv)
 
+    import generative
     import image_rd
     import speed
+    from ulbcodec.models import package as packages
     from ulbcodec.train.data import fetch_photos
 
     photos = fetch_photos(Path(args.data))
@@ -73,6 +78,29 @@ def main(argv=None) -> None:
         shutil.copyfile(png, plots / png.name)
     speed_12mp = capture(speed.main, [str(next((photos / "val-12mp").glob("*.png"))), "--model", args.model])
     speed_768 = capture(speed.main, [str(photos / "val-768" / "Garden.png"), "--model", args.model])
+    gen_section = "Not run: no generative model installed."
+    try:
+        packages.resolve(args.generative_model)
+    except packages.ModelError:
+        pass
+    else:
+        garden, twelve = photos / "val-768" / "Garden.png", next((photos / "val-12mp").glob("*.png"))
+        gen = capture(generative.main, ["--images", str(photos / "val-768"), "--out", str(Path(args.out) / "generative"),
+                                        "--model", args.generative_model, "--jobs", str(args.jobs),
+                                        "--sheet", str(ROOT / "docs" / "generative_crops.png")])
+        for png in (Path(args.out) / "generative").glob("rd_*.png"):
+            shutil.copyfile(png, plots / f"generative_{png.name}")
+        m = ["--model", args.generative_model]
+        gen_speed = "\n\n".join(capture(speed.main, argv) for argv in (
+            [str(garden), *m, "--anchor-only"], [str(garden), *m], [str(twelve), *m, "--repeat", "1"]))
+        gen_section = f"""Command: `python benchmarks/generative.py --images {photos / "val-768"} --model {args.generative_model}`
+Plots: docs/benchmarks/generative_rd_*.png; crops: docs/generative_crops.png
+
+{gen}
+
+### Speed and memory of generative decoding (2 threads)
+
+{gen_speed}"""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
     text = f"""# Benchmarks
@@ -99,6 +127,10 @@ Command: `python benchmarks/speed.py IMAGE --model {args.model}`
 {speed_12mp}
 
 {speed_768}
+
+## Generative (next-frame) decoding
+
+{gen_section}
 """
     (ROOT / "BENCHMARKS.md").write_text(text)
     print(text)

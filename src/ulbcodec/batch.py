@@ -4,19 +4,37 @@ past failures, and report one record per file.
 Used by the ``encode`` and ``decode`` commands. With ``jobs=1`` everything runs in this
 process; with ``jobs>1`` a process pool is used, each worker loading the model once in
 its initializer and running torch with one thread (the pool is the parallelism).
+
+Interruption: a KeyboardInterrupt (Ctrl-C, or SIGTERM, which the CLI turns into one) in
+the main process cancels the files not started and sends SIGTERM to the workers; a
+worker in the middle of a file unwinds (its temporary output is removed) and exits, an
+idle one exits at once. A worker that dies (killed by the out-of-memory killer, say)
+fails the files it left unfinished with one clear line each instead of a traceback.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
+EXIT_INTERRUPTED = 130
+# Seconds a worker gets to remove its temporary file after SIGTERM before SIGKILL.
+WORKER_STOP_GRACE_S = 10.0
+
 
 class UsageError(ValueError):
     """The command line asks for something impossible (exit code 2)."""
+
+
+class Skipped(Exception):
+    """Raised by a job that has nothing to do (its output exists and the user asked to
+    skip existing outputs); becomes a record with ``"skipped": true``, not a failure."""
 
 
 @dataclass(frozen=True)
@@ -75,14 +93,29 @@ def plan(
 
 # ------------------------------------------------------------------ execution
 
-_worker_state: dict = {}
+_worker_state: dict = {"busy": False}
+
+
+def _worker_signal(signum, frame) -> None:
+    # In a worker, SIGTERM/SIGINT unwind the current file like in the main process (so
+    # that its temporary output is removed); between files there is nothing to clean up
+    # and the worker leaves at once, without the traceback multiprocessing would print.
+    if _worker_state["busy"]:
+        raise KeyboardInterrupt
+    os._exit(EXIT_INTERRUPTED)
 
 
 def _init_worker(factory: Callable[[], object]) -> None:
+    signal.signal(signal.SIGTERM, _worker_signal)
+    signal.signal(signal.SIGINT, _worker_signal)
     import torch
 
     torch.set_num_threads(1)
     _worker_state["codec"] = factory()
+
+
+def skipped_record(task: Task, reason: str = "output exists") -> dict:
+    return {"input": str(task.src), "output": str(task.dst), "ok": True, "skipped": True, "reason": reason}
 
 
 def run(
@@ -90,27 +123,75 @@ def run(
     factory: Callable[[], object],
     job: Callable[[object, Task], dict],
     jobs: int = 1,
+    skip_existing: bool = False,
 ) -> Iterator[dict]:
     """Yield one record per task, in completion order for jobs>1.
 
     ``job(codec, task)`` returns a record dict and must raise only for real failures;
     a failure becomes ``{"input", "output", "ok": False, "error": "..."}`` and the batch
-    goes on. ``factory`` builds the codec (model loaded once per process).
+    goes on. ``factory`` builds the codec (model loaded once per process). With
+    ``skip_existing``, tasks whose output file exists are reported as skipped first and
+    never reach a worker (a job may still raise :class:`Skipped` if the output appears
+    while it runs).
     """
+    if skip_existing:
+        todo = []
+        for task in tasks:
+            if task.dst.is_file():
+                yield skipped_record(task)
+            else:
+                todo.append(task)
+        tasks = todo
     if jobs <= 1 or len(tasks) <= 1:
         codec = factory()
         for task in tasks:
             yield _guarded(job, codec, task)
         return
-    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), initializer=_init_worker,
-                             initargs=(factory,)) as pool:
-        futures = [pool.submit(_guarded_in_worker, job, task) for task in tasks]
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), initializer=_init_worker, initargs=(factory,))
+    futures = {}
+    try:
+        futures = {pool.submit(_guarded_in_worker, job, task): task for task in tasks}
         for future in as_completed(futures):
-            yield future.result()
+            try:
+                record = future.result()
+            except BrokenProcessPool:
+                task = futures[future]
+                record = {"input": str(task.src), "output": str(task.dst), "ok": False,
+                          "error": f"{task.src}: a worker process died while this file was pending or "
+                                   f"running (out of memory?); re-run with --skip-existing to finish the batch"}
+            yield record
+    except BaseException:  # KeyboardInterrupt, or the consumer stopped early (GeneratorExit)
+        _stop_workers(pool, futures)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _stop_workers(pool: ProcessPoolExecutor, futures) -> None:
+    # Futures are not cancelled one by one: once the workers are gone the pool fails every
+    # pending one itself (and Python 3.11's pool thread raises InvalidStateError on a
+    # future cancelled behind its back). ProcessPoolExecutor has no public way to stop
+    # running work before Python 3.14.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        if process.is_alive():
+            process.terminate()  # SIGTERM: the worker removes its temporary file and exits
+    deadline = time.monotonic() + WORKER_STOP_GRACE_S
+    for process in processes:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=1.0)
+    pool.shutdown(wait=False)
 
 
 def _guarded_in_worker(job, task: Task) -> dict:
-    return _guarded(job, _worker_state["codec"], task)
+    _worker_state["busy"] = True
+    try:
+        return _guarded(job, _worker_state["codec"], task)
+    except KeyboardInterrupt:
+        os._exit(EXIT_INTERRUPTED)  # the job has unwound (temporary file removed); nothing else to do
+    finally:
+        _worker_state["busy"] = False
 
 
 def _guarded(job, codec, task: Task) -> dict:
@@ -120,6 +201,8 @@ def _guarded(job, codec, task: Task) -> dict:
         record = job(codec, task)
     except KeyboardInterrupt:
         raise
+    except Skipped as exc:
+        return {**skipped_record(task, str(exc) or "output exists"), "seconds": round(time.perf_counter() - t0, 3)}
     except Exception as exc:  # noqa: BLE001 - every failure becomes one clear record line
         return {**base, "ok": False, "error": describe_error(exc, task.src)}
     return {**base, "ok": True, **record, "seconds": round(time.perf_counter() - t0, 3)}
@@ -129,7 +212,8 @@ def describe_error(exc: BaseException, src: Path) -> str:
     """One line; prefixed with the input path unless the message already names it."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
     if isinstance(exc, OSError) and exc.strerror and not str(src) in text:
-        text = exc.strerror + (f" ({exc.filename})" if exc.filename and exc.filename != str(src) else "")
+        filename = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else ""
+        text = exc.strerror + (f" ({filename})" if filename and filename != str(src) else "")
     elif not isinstance(exc, (ValueError, OSError)):
         text = f"internal error ({exc.__class__.__name__}: {text}); please report it"
     return text if str(src) in text else f"{src}: {text}"

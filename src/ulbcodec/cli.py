@@ -7,8 +7,10 @@ failed (the others are still done), 2 usage error, 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import logging
 import signal
 import sys
@@ -36,34 +38,75 @@ def _verbosity(quiet: bool, verbose: int) -> int:
 # ------------------------------------------------------------------ jobs (module level: picklable)
 
 
-def _encode_job(codec, task, quality: Optional[int], bpp: Optional[float], downscale: int, force: bool) -> dict:
-    from ulbcodec.io import check_output, read_image, write_bytes
+@contextlib.contextmanager
+def _skipping_existing(skip_existing: bool):
+    """With --skip-existing, an output that exists (or appears while the job runs, from
+    another run) makes the job a skip instead of a failure."""
+    from ulbcodec.batch import Skipped
+    from ulbcodec.io import OutputExistsError
 
-    check_output(task.dst, force)  # fail before spending time on the image
-    rgb, notes = read_image(task.src)
-    if bpp is not None:
-        result, met = codec.encode_to_bpp(rgb, bpp)
-        if not met:
-            notes.append(f"target {bpp} bpp is below the smallest file ulbc makes ({result.bpp:.5f} bpp, "
-                         f"level {result.rate_level} at 1/{result.downscale} size)")
-    else:
-        result = codec.encode(rgb, codec.default_level if quality is None else quality, downscale)
-    write_bytes(task.dst, result.data, force=force)
+    try:
+        yield
+    except OutputExistsError:
+        if not skip_existing:
+            raise
+        raise Skipped("output exists") from None
+
+
+def _encode_job(codec, task, quality: Optional[int], bpp: Optional[float], downscale: int, force: bool,
+                skip_existing: bool = False, budget=None) -> dict:
+    from ulbcodec.io import check_input, check_output, image_size, read_image, write_bytes
+
+    with _skipping_existing(skip_existing):
+        check_output(task.dst, force)  # fail before spending time on the image
+        check_input(task.src)
+        if budget is not None:  # from the image header, before any pixel is decoded
+            from ulbcodec import resources
+
+            width, height = image_size(task.src)
+            factor = 1 if bpp is not None else downscale  # --bpp tries full size first
+            uses_vae = getattr(codec.model, "vae_channels", 0) > 0
+            weights = resources.weights_bytes(codec.package, None if uses_vae else ["anchor_codec"])
+            budget.check(resources.estimate_encode(width, height, factor, uses_vae, weights),
+                         f"encoding {width}x{height}" + (f" at 1/{factor} size" if factor > 1 else ""))
+        rgb, notes = read_image(task.src)
+        if bpp is not None:
+            result, met = codec.encode_to_bpp(rgb, bpp)
+            if not met:
+                notes.append(f"target {bpp} bpp is below the smallest file ulbc makes ({result.bpp:.5f} bpp, "
+                             f"level {result.rate_level} at 1/{result.downscale} size)")
+        else:
+            result = codec.encode(rgb, codec.default_level if quality is None else quality, downscale)
+        write_bytes(task.dst, result.data, force=force)
     return {"width": result.width, "height": result.height, "rate_level": result.rate_level,
             "downscale": result.downscale, "bytes": len(result.data), "bpp": round(result.bpp, 6), "notes": notes,
             "timings": {k: round(v, 3) for k, v in result.timings.items()}}
 
 
-def _decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int = 1, seed: Optional[int] = None) -> dict:
+def _decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int = 1, seed: Optional[int] = None,
+                skip_existing: bool = False, budget=None) -> dict:
     from ulbcodec.bitstream import read_file
-    from ulbcodec.io import check_output, image_format, write_image
+    from ulbcodec.io import check_input, check_output, image_format, input_error, write_image
 
     image_format(task.dst)
-    check_output(task.dst, force)
-    container = read_file(task.src)
-    rgb = codec.decode_container(container, anchor_only=anchor_only, steps=steps, seed=seed)
-    write_image(task.dst, rgb, force=force)
-    h = container.header
+    with _skipping_existing(skip_existing):
+        check_output(task.dst, force)
+        check_input(task.src)
+        try:
+            container = read_file(task.src)
+        except OSError as exc:
+            raise input_error(task.src, exc) from None
+        h = container.header
+        if budget is not None:  # from the header, before entropy decoding
+            from ulbcodec import resources
+
+            image_codec = codec.codec_for(h) if hasattr(codec, "codec_for") else codec
+            generative = image_codec.is_generative and not anchor_only
+            weights = resources.weights_bytes(image_codec.package, None if generative else ["anchor_codec"])
+            budget.check(resources.estimate_decode(h.width, h.height, h.params.get("downscale", 1), generative,
+                                                   weights), f"decoding {h.width}x{h.height}")
+        rgb = codec.decode_container(container, anchor_only=anchor_only, steps=steps, seed=seed)
+        write_image(task.dst, rgb, force=force)
     return {"width": h.width, "height": h.height, "rate_level": h.rate_level,
             "downscale": h.params.get("downscale", 1), "bytes": container.total_bytes,
             "bpp": round(container.total_bytes * 8 / (h.width * h.height), 6),
@@ -87,17 +130,21 @@ def _load_decoders(model: Optional[str], device: str):
 # ------------------------------------------------------------------ shared batch driver
 
 
-def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosity: int) -> None:
+def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosity: int,
+               skip_existing: bool = False) -> None:
     from tqdm import tqdm
 
     from ulbcodec import batch
 
     started = time.perf_counter()
-    failed, total_bytes, total_pixels = [], 0, 0
-    show_bar = verbosity >= 0 and len(tasks) > 1 and not as_json
+    failed, skipped, total_bytes, total_pixels = [], 0, 0, 0
+    # The bar is for a person at a terminal; in a log its carriage returns would glue
+    # themselves to the error lines.
+    show_bar = verbosity >= 0 and len(tasks) > 1 and not as_json and sys.stderr.isatty()
     bar = tqdm(total=len(tasks), unit="file", disable=not show_bar, file=sys.stderr, leave=False)
+    records = batch.run(tasks, factory, job, jobs, skip_existing=skip_existing)
     try:
-        for record in batch.run(tasks, factory, job, jobs):
+        for record in records:
             bar.update(1)
             if as_json:
                 click.echo(json.dumps(record))
@@ -105,6 +152,12 @@ def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosi
                 failed.append(record)
                 bar.clear()
                 click.echo(f"ulbc: error: {record['error']}", err=True)
+                continue
+            if record.get("skipped"):
+                skipped += 1
+                if verbosity >= 1 and not as_json:
+                    bar.clear()
+                    click.echo(f"{record['input']} -> {record['output']}: skipped ({record['reason']})", err=True)
                 continue
             total_bytes += record["bytes"]
             total_pixels += record["width"] * record["height"]
@@ -117,20 +170,56 @@ def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosi
                            f"{record['bpp']:.5f} bpp, level {record['rate_level']}, "
                            f"{record['seconds']:.2f} s {record['timings']}", err=True)
     except KeyboardInterrupt:
+        records.close()  # stops the workers; each removes its temporary file
         bar.close()
         click.echo("ulbc: interrupted; no partial output was left behind", err=True)
         sys.exit(EXIT_INTERRUPTED)
     bar.close()
-    done = len(tasks) - len(failed)
+    done = len(tasks) - len(failed) - skipped
     if verbosity >= 0 and (len(tasks) > 1 or verbosity >= 1):
         bpp = f", {total_bytes * 8 / total_pixels:.5f} bpp overall" if total_pixels else ""
         click.echo(f"{verb} {done}/{len(tasks)} files, {total_bytes} bytes{bpp}, "
-                   f"{time.perf_counter() - started:.1f} s" + (f"; {len(failed)} failed" if failed else ""),
-                   err=True)
+                   f"{time.perf_counter() - started:.1f} s"
+                   + (f"; {skipped} skipped (output exists)" if skipped else "")
+                   + (f"; {len(failed)} failed" if failed else ""), err=True)
     if failed:
         if len(failed) > 1 and verbosity >= 0:
             click.echo("ulbc: failed: " + ", ".join(r["input"] for r in failed), err=True)
         sys.exit(EXIT_FAILED)
+
+
+def _batch_limits(verb: str, tasks, jobs: int, force: bool, skip_existing: bool, max_memory: Optional[int]):
+    """Check --force/--skip-existing and turn --max-memory/$ULBC_MAX_MEMORY into the
+    per-process budget of this batch (None: no limit)."""
+    from click.core import ParameterSource
+
+    from ulbcodec.resources import ENV_VAR, Budget
+
+    if force and skip_existing:
+        raise click.UsageError("use either --force or --skip-existing, not both")
+    if max_memory is None:
+        return None
+    ctx = click.get_current_context()
+    source = ENV_VAR if ctx.get_parameter_source("max_memory") == ParameterSource.ENVIRONMENT else "--max-memory"
+    pending = sum(1 for t in tasks if not (skip_existing and t.dst.is_file()))
+    workers = min(jobs, pending) if jobs > 1 and pending > 1 else 1
+    return Budget.shared(max_memory, workers, verb, source)
+
+
+class _Size(click.ParamType):
+    """A memory size: 2G, 500M, 1.5GiB, a number of bytes, or 'none'."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        from ulbcodec.resources import parse_size
+
+        if value is None or isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 def _plan(inputs, output, out_dir, recursive, in_exts, suffix):
@@ -167,6 +256,11 @@ common_batch = [
                  help="Parallel worker processes (one model load each)."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON record per file to stdout."),
     click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs."),
+    click.option("--skip-existing", is_flag=True,
+                 help="Skip inputs whose output exists (finish an interrupted batch); not with --force."),
+    click.option("--max-memory", "max_memory", type=_Size(), envvar="ULBC_MAX_MEMORY", show_envvar=True,
+                 help="Refuse files whose estimated peak memory exceeds SIZE (2G, 500M; 'none': no limit), "
+                      "shared by --jobs workers. Default: no limit."),
     click.option("-q", "--quiet", is_flag=True, help="Print errors only."),
     click.option("-v", "--verbose", count=True, help="Per-file lines with per-stage timings."),
 ]
@@ -197,8 +291,8 @@ def cli() -> None:
               help="Target bits per pixel: the largest file at or under it (searches levels and downscale).")
 @click.option("--downscale", type=click.Choice([str(f) for f in DOWNSCALES]), default="1", show_default=True,
               help="Code the image at 1/F size; the decoder upsamples (reaches rates below the lowest level).")
-def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, quiet, verbose, quality, bpp,
-           downscale):
+def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, skip_existing, max_memory, quiet,
+           verbose, quality, bpp, downscale):
     """Encode images to .ulb files."""
     from ulbcodec.io import READ_EXTENSIONS
 
@@ -207,13 +301,15 @@ def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
     if bpp is not None and downscale != "1":
         raise click.UsageError("--bpp chooses the downscale factor itself; drop --downscale")
     tasks = _plan(inputs, output, out_dir, recursive, READ_EXTENSIONS, ".ulb")
+    budget = _batch_limits("encode", tasks, jobs, force, skip_existing, max_memory)
     factory = _factory(_load_codec, model, device)
     if quality is not None:
         levels = factory().rate_levels
         if quality not in levels:
             raise click.UsageError(f"--quality must be one of the model's rate levels {levels[0]}..{levels[-1]}")
-    job = functools.partial(_encode_job, quality=quality, bpp=bpp, downscale=int(downscale), force=force)
-    _run_batch("encoded", tasks, factory, job, jobs, as_json, _verbosity(quiet, verbose))
+    job = functools.partial(_encode_job, quality=quality, bpp=bpp, downscale=int(downscale), force=force,
+                            skip_existing=skip_existing, budget=budget)
+    _run_batch("encoded", tasks, factory, job, jobs, as_json, _verbosity(quiet, verbose), skip_existing)
 
 
 @cli.command()
@@ -229,8 +325,8 @@ def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
               help="Generative decoding steps: 1 = one-step bypass decoding; N > 1 samples from seeded noise.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1),
               help="Noise seed for --steps > 1 [default: the seed stored in the file].")
-def decode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, quiet, verbose, fmt,
-           anchor_only, steps, seed):
+def decode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, skip_existing, max_memory, quiet,
+           verbose, fmt, anchor_only, steps, seed):
     """Decode .ulb files to images (format from the -o extension: png, jpg, webp, tiff)."""
     from ulbcodec.io import image_format, OutputError
 
@@ -240,11 +336,13 @@ def decode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
             image_format(output)
         except OutputError as exc:
             raise click.UsageError(str(exc)) from None
+    budget = _batch_limits("decode", tasks, jobs, force, skip_existing, max_memory)
     factory = _factory(_load_decoders, model, device)
     if anchor_only and steps > 1:
         raise click.UsageError("--steps applies to the generative decoder; drop --anchor-only")
-    job = functools.partial(_decode_job, force=force, anchor_only=anchor_only, steps=steps, seed=seed)
-    _run_batch("decoded", tasks, factory, job, jobs, as_json, _verbosity(quiet, verbose))
+    job = functools.partial(_decode_job, force=force, anchor_only=anchor_only, steps=steps, seed=seed,
+                            skip_existing=skip_existing, budget=budget)
+    _run_batch("decoded", tasks, factory, job, jobs, as_json, _verbosity(quiet, verbose), skip_existing)
 
 
 @cli.command()
@@ -253,11 +351,17 @@ def decode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
 def info(files, as_json):
     """Show every header field, each chunk's size, and bpp of .ulb files."""
     from ulbcodec.bitstream import BitstreamError, describe, read_file
+    from ulbcodec.io import InputError, check_input
 
     failed = False
     for path in files:
         try:
+            check_input(path)  # a device or a FIFO would be read forever
             desc = {"file": path, **describe(read_file(path))}
+        except InputError as exc:
+            click.echo(f"ulbc: error: {exc}", err=True)
+            failed = True
+            continue
         except (BitstreamError, OSError) as exc:
             click.echo(f"ulbc: error: {path}: {getattr(exc, 'strerror', None) or exc}", err=True)
             failed = True
@@ -351,4 +455,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
         click.echo(f"ulbc: error: {exc.format_message()}", err=True)
+        sys.exit(EXIT_FAILED)
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, never a traceback
+        if os.environ.get("ULBC_DEBUG"):
+            raise
+        if isinstance(exc, OSError) and exc.strerror:
+            where = f"{os.fsdecode(exc.filename)}: " if isinstance(exc.filename, (str, bytes, os.PathLike)) else ""
+            click.echo(f"ulbc: error: {where}{exc.strerror}", err=True)
+        else:
+            text = (str(exc).strip().splitlines() or [""])[0]
+            click.echo(f"ulbc: error: internal error ({exc.__class__.__name__}: {text}); please report it "
+                       "(ULBC_DEBUG=1 shows the traceback)", err=True)
         sys.exit(EXIT_FAILED)

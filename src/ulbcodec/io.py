@@ -2,18 +2,25 @@
 
 Every failure is an :class:`InputError` (bad input) or :class:`OutputError` (cannot write)
 carrying one human-readable line; the CLI prints it and exits non-zero. Outputs are
-written to a temporary file in the destination folder and renamed into place, so a
-crash or a kill never leaves a half-written file, and an existing file is only replaced
-when the caller asked for it (``force``).
+written to a temporary file in the destination folder, flushed to disk (fsync) and
+renamed into place, so a crash, a kill or a power cut never leaves a half-written file
+under the output's name (an existing output is always complete, which is what
+``--skip-existing`` relies on), and an existing file is only replaced when the caller
+asked for it (``force``). Without ``force`` the file is put in place with a hard link,
+which fails if another process created the name meanwhile, so even two concurrent runs
+never clobber each other.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import stat
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import Callable, Iterator, List, Tuple
 
 import numpy as np
 
@@ -30,6 +37,66 @@ class OutputError(OSError):
     """An output cannot be written (exists, unwritable folder, disk full...)."""
 
 
+class OutputExistsError(OutputError):
+    """The output exists and the caller did not ask to overwrite it."""
+
+
+def input_error(path, exc: OSError) -> InputError:
+    """One line for an OSError met while opening or reading an input."""
+    if isinstance(exc, FileNotFoundError):
+        return InputError(f"{path}: no such file")
+    if isinstance(exc, IsADirectoryError):
+        return InputError(f"{path}: is a directory")
+    if isinstance(exc, PermissionError):
+        return InputError(f"{path}: permission denied")
+    return InputError(f"{path}: cannot read ({exc.strerror or exc})")
+
+
+def check_input(path) -> Path:
+    """Refuse, before opening it, an input that is not a regular file (a folder, a FIFO
+    that would block, a device that never ends)."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise input_error(path, exc) from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{path}: is a directory")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{path}: not a regular file")
+    return path
+
+
+@contextlib.contextmanager
+def _reading_image(path: Path) -> Iterator[None]:
+    """Map every way Pillow fails on an input to one InputError line."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
+    except OSError as exc:
+        if exc.errno is not None:  # the system refused (permissions, I/O error), not the data
+            raise input_error(path, exc) from None
+        raise InputError(f"{path}: corrupt or truncated image ({exc})") from None
+    except (ValueError, SyntaxError) as exc:  # truncated / corrupt data inside a known format
+        raise InputError(f"{path}: corrupt or truncated image ({exc})") from None
+
+
+def image_size(path) -> Tuple[int, int]:
+    """(width, height) from the image's header only: Pillow opens lazily, no pixel is
+    decoded (used to bound memory before reading an image)."""
+    from PIL import Image
+
+    path = Path(path)
+    with _reading_image(path):
+        with Image.open(path) as im:
+            return im.size
+
+
 def read_image(path) -> Tuple[np.ndarray, List[str]]:
     """Read any Pillow-supported image as HxWx3 uint8 RGB.
 
@@ -37,26 +104,14 @@ def read_image(path) -> Tuple[np.ndarray, List[str]]:
     the user (alpha dropped, 16-bit reduced to 8-bit). EXIF orientation is applied, as
     every image viewer does.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     path = Path(path)
     notes: List[str] = []
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im)
-                im.load()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory") from None
-    except PermissionError:
-        raise InputError(f"{path}: permission denied") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InputError(f"{path}: not a readable image ({exc.__class__.__name__})") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated / corrupt data inside a known format
-        raise InputError(f"{path}: corrupt or truncated image ({exc})") from None
+    with _reading_image(path):
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im.load()
 
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.int64)
@@ -78,45 +133,104 @@ def read_image(path) -> Tuple[np.ndarray, List[str]]:
 def check_output(path, force: bool) -> Path:
     """Refuse to overwrite unless forced, and fail early on an impossible destination."""
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputError(f"{path}: already exists (use --force to overwrite)")
     if path.is_dir():
         raise OutputError(f"{path}: is a directory")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path}: already exists (use --force to overwrite)")
+    if path.exists() and not path.is_file():  # a device, a FIFO: never replace it by a file
+        raise OutputError(f"{path}: not a regular file, refusing to replace it")
     parent = path.parent if str(path.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise OutputError(f"{parent}: folder is not writable")
+    if parent.exists():
+        if not parent.is_dir():
+            raise OutputError(f"{parent}: not a folder, cannot write {path.name} in it")
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"{parent}: folder is not writable")
     return path
 
 
+_UMASK = None
+
+
+def _default_mode() -> int:
+    """0o666 less the umask: the mode open() would give a new file (mkstemp uses 0o600)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0o022)
+        os.umask(_UMASK)
+    return 0o666 & ~_UMASK
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable; best effort (not every file system allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path, write: Callable[[str], None], force: bool = False) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``path``."""
+    """Call ``write(tmp_path)``, flush it to disk, then move it to ``path`` in one step.
+
+    The temporary file is ``.NAME.XXXXXX.part`` next to ``path`` (hidden: batch inputs
+    skip dot files) and is removed whatever happens, KeyboardInterrupt included.
+    """
     path = check_output(path, force)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot create file ({exc.strerror or exc})") from None
-    os.close(fd)
+        raise OutputError(f"{path}: cannot create folder {path.parent} ({exc.strerror or exc})") from None
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, _default_mode())
+        finally:
+            os.close(fd)
         write(tmp)
-        if path.exists() and not force:  # someone else created it meanwhile: never clobber
-            raise OutputError(f"{path}: already exists (use --force to overwrite)")
-        os.replace(tmp, path)
+        with open(tmp, "r+b") as f:  # the data must be on disk before the name points to it
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            _link_no_clobber(tmp, path)
+        _fsync_dir(path.parent)
+    except OutputError:
+        raise
     except OSError as exc:
-        if isinstance(exc, OutputError):
-            raise
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        what = "cannot create file" if tmp is None else "cannot write"
+        raise OutputError(f"{path}: {what} ({exc.strerror or exc})") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+def _link_no_clobber(tmp: str, path: Path) -> None:
+    """Give ``tmp`` the name ``path`` unless that name exists, atomically (a hard link
+    fails with EEXIST), so that a file another process created meanwhile is kept."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputExistsError(f"{path}: already exists (use --force to overwrite)") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        # No hard links on this file system (FAT, some network shares): check, then rename.
+        if path.exists():
+            raise OutputExistsError(f"{path}: already exists (use --force to overwrite)") from None
+        os.replace(tmp, path)
 
 
 def write_bytes(path, data: bytes, force: bool = False) -> None:
     def _write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
 
     atomic_write(path, _write, force)
 

@@ -1,0 +1,185 @@
+"""Memory bounds: parse ``--max-memory`` / ``$ULBC_MAX_MEMORY`` and estimate, before any
+pixel is decoded, the peak memory (RSS) one encode or decode will need.
+
+The estimate is a linear model in the number of pixels, deliberately simple so that it
+can be checked by hand::
+
+    peak = base(verb) + weights + max(weights,                       # loading: file + module copy
+                                      per_px(verb) * coded_px        # entropy path + tiled transforms
+                                      + io_px(verb) * image_px       # input / output pixel buffers
+                                      + generative tile working set) # next-frame decoder only
+
+``coded_px`` is the size actually coded, width x height after ``--downscale``, each side
+padded up to a multiple of 64 (what the transforms and the entropy coder see);
+``image_px`` is the size of the image read or written. The transforms run in 512 px
+tiles (image.py), so their working set is a constant inside ``base``; what grows with
+the image is the whole-image tensors (padded float input/output, latents, the entropy
+coder's symbols) and the 8-bit pixel buffers.
+
+Calibration (anchor path, ``models/default``, 19.4 MB of weights): BENCHMARKS.md's speed
+table, peak RSS of the whole ``ulbc`` command (start-up and model load included) on
+2 threads. benchmarks/speed.py records ``ru_maxrss / 1024``, i.e. MiB, though the column
+says MB (the "2.02 GB" of the targets table is 2019 MiB):
+
+    ========  ===========================  ==========  ==========
+    verb      image (padded coded size)     peak RSS    estimate
+    ========  ===========================  ==========  ==========
+    encode    768x480   (768x512)              574 MiB     573 MiB
+    encode    4000x3000 (4032x3008)           2156 MiB    2150 MiB
+    decode    768x480   (768x512)              605 MiB     605 MiB
+    decode    4000x3000 (4032x3008)           2019 MiB    2014 MiB
+    ========  ===========================  ==========  ==========
+
+A check off the calibration points (2000x1500 crop of the same photograph, 1 thread,
+default and level-3 files): encode 944-1070 MiB measured for 942 estimated, decode
+932-982 MiB for 935; at 768x480, 571 / 581 MiB for 573 / 605. Peaks move by ~10 % with
+the rate level and the allocator, so the estimate is good to about +-15 %: a limit meant
+to avoid the out-of-memory killer should sit that much under the memory really free.
+
+The slopes through the two points are 141 B/px (encode) and 126 B/px (decode); of that,
+the 8-bit buffers are taken as 9 B/px on input (Pillow's decoded image, its RGB copy, the
+numpy array) and 6 B/px on output (the RGB array and Pillow's copy for saving), the rest
+is per coded pixel. The intercepts less the weights give the runtime bases.
+
+The generative (next-frame) decoder has no measured figure yet (BENCHMARKS.md has no
+generative row); its terms are derived from the tensors it holds for the whole image
+and are provisional: +48 B per coded pixel (the clamped anchor frame, 12 B/px; the
+blended VAE output, its weight map and the normalised result, 28 B/px; latents and
+bypass at 1/8 size, ~8 B/px) and a fixed working set of one 512 px VAE tile / 64-latent
+transformer tile, taken as 768 MiB. Encoding with a VAE-conditioned anchor codec runs
+the VAE encoder on tiles: the same fixed working set, +4 B/px. Recalibrate these when
+``make bench`` records the generative speed/memory rows.
+
+The estimate is for one process. With ``--jobs N`` the limit is shared: the main process
+keeps one runtime base, each of the N workers gets an equal part of the rest.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+PAD_MULTIPLE = 64  # image.PAD_MULTIPLE (kept here so that this module stays torch-free)
+
+ENV_VAR = "ULBC_MAX_MEMORY"
+
+# Anchor path, fitted on BENCHMARKS.md (see the table above).
+ENCODE_BASE_BYTES = 502 * MiB  # torch + CompressAI + tile working set, without weights
+ENCODE_BYTES_PER_CODED_PIXEL = 132
+ENCODE_BYTES_PER_IMAGE_PIXEL = 9
+DECODE_BASE_BYTES = 539 * MiB
+DECODE_BYTES_PER_CODED_PIXEL = 120
+DECODE_BYTES_PER_IMAGE_PIXEL = 6
+# Generative decoder (provisional, derived, not measured: see the docstring).
+GENERATIVE_DECODE_BYTES_PER_CODED_PIXEL = 48
+GENERATIVE_ENCODE_BYTES_PER_CODED_PIXEL = 4
+GENERATIVE_TILE_BYTES = 768 * MiB
+
+_UNITS = {"": 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+UNLIMITED = ("none", "off", "unlimited")
+
+
+class MemoryLimitError(ValueError):
+    """The estimated peak memory of a job exceeds the limit (a per-file failure)."""
+
+
+def parse_size(text: str) -> Optional[int]:
+    """``"2G"``, ``"500M"``, ``"1.5GiB"``, ``"800000000"`` -> bytes; ``"none"`` -> None.
+
+    K, M, G and T are powers of 1024 (as for ``ulimit``, docker and the RSS figures this
+    module is calibrated on); a trailing ``B``/``iB`` is accepted. Raises ValueError.
+    """
+    if text is None or text.strip().lower() in UNLIMITED:
+        return None
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size (examples: 2G, 500M, 1.5GiB, none)")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"{text!r}: the limit must be positive (or 'none')")
+    return value
+
+
+def format_size(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
+
+
+def padded_pixels(width: int, height: int, downscale: int = 1) -> int:
+    """Pixels the transforms see: the coded size (rounded up), padded to multiples of 64."""
+    w, h = -(-width // downscale), -(-height // downscale)
+    return (-(-w // PAD_MULTIPLE) * PAD_MULTIPLE) * (-(-h // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
+def _component_bytes(root: Path, comp: dict) -> int:
+    if comp.get("weights"):
+        path = root / comp["weights"]
+        return path.stat().st_size if path.is_file() else 0
+    folder = root / comp.get("diffusers", "")
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
+def weights_bytes(package, components: Optional[Iterable[str]] = None) -> int:
+    """Bytes of the weights files a job loads (all components, or those named)."""
+    names = package.components if components is None else components
+    return sum(_component_bytes(Path(package.root), package.components[n]) for n in names
+               if n in package.components)
+
+
+def estimate_decode(width: int, height: int, downscale: int = 1, generative: bool = False,
+                    weights: int = 0) -> int:
+    """Peak bytes of ``ulbc decode`` of one width x height image (header figures)."""
+    coded = padded_pixels(width, height, downscale)
+    per_pixel = DECODE_BYTES_PER_CODED_PIXEL * coded + DECODE_BYTES_PER_IMAGE_PIXEL * width * height
+    if generative:
+        per_pixel += GENERATIVE_DECODE_BYTES_PER_CODED_PIXEL * coded + GENERATIVE_TILE_BYTES
+    return DECODE_BASE_BYTES + weights + max(weights, per_pixel)
+
+
+def estimate_encode(width: int, height: int, downscale: int = 1, uses_vae: bool = False,
+                    weights: int = 0) -> int:
+    """Peak bytes of ``ulbc encode`` of one width x height image (``--bpp``: downscale 1)."""
+    coded = padded_pixels(width, height, downscale)
+    per_pixel = ENCODE_BYTES_PER_CODED_PIXEL * coded + ENCODE_BYTES_PER_IMAGE_PIXEL * width * height
+    if uses_vae:
+        per_pixel += GENERATIVE_ENCODE_BYTES_PER_CODED_PIXEL * coded + GENERATIVE_TILE_BYTES
+    return ENCODE_BASE_BYTES + weights + max(weights, per_pixel)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The memory one process may use for one file (picklable: it travels to the workers).
+
+    ``limit`` is that process's part of ``total`` (the whole limit) when ``workers > 1``;
+    ``source`` says where the limit came from, for the error message."""
+
+    limit: int
+    source: str = "--max-memory"
+    workers: int = 1
+    total: Optional[int] = None
+
+    @classmethod
+    def shared(cls, total: int, workers: int, verb: str, source: str = "--max-memory") -> "Budget":
+        """Split ``total`` over a pool: the main process keeps its runtime base, each
+        worker gets an equal part of the rest."""
+        if workers <= 1:
+            return cls(total, source)
+        base = ENCODE_BASE_BYTES if verb == "encode" else DECODE_BASE_BYTES
+        return cls(max(0, (total - base) // workers), source, workers, total)
+
+    def check(self, estimate: int, what: str) -> None:
+        """Raise MemoryLimitError (one line) when ``estimate`` exceeds the limit.
+        ``what`` names the work, e.g. "decoding 4000x3000"."""
+        if estimate <= self.limit:
+            return
+        if self.workers > 1 and self.total is not None:
+            bound = (f"the {format_size(self.limit)} per job left by {self.source} {format_size(self.total)} "
+                     f"with --jobs {self.workers}")
+        else:
+            bound = f"the {self.source} limit of {format_size(self.limit)}"
+        raise MemoryLimitError(f"{what} needs an estimated {format_size(estimate)} of memory, over {bound}")
