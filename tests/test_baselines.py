@@ -43,15 +43,20 @@ def test_stream_accounting_and_exact_output_size(codec, downscale, shape):
     header = baselines.SIZE_HEADER.size if downscale > 1 else 0
     if downscale > 1:
         assert baselines.SIZE_HEADER.unpack(stream[:header]) == (shape[1], shape[0])
-    coded = Image.open(io.BytesIO(stream[header:]))
-    assert coded.format == CONTAINER[codec]
+    if codec == "jxl":  # a bare JPEG XL codestream; Pillow cannot read it, ffmpeg can
+        assert stream[header : header + 2] == b"\xff\x0a"
+        coded = baselines._jxl_decode(stream[header:])
+    else:
+        coded = Image.open(io.BytesIO(stream[header:]))
+        assert coded.format == CONTAINER[codec]
     assert coded.size == (math.ceil(shape[1] / downscale), math.ceil(shape[0] / downscale))
 
 
 def test_variant_names_and_convenience_functions():
     assert Baseline("avif", 4).name == "avif@1/4"
     img = smooth_image(24, 40)
-    for fn, codec in [(baselines.jpeg, "jpeg"), (baselines.webp, "webp"), (baselines.avif, "avif")]:
+    for fn, codec in [(baselines.jpeg, "jpeg"), (baselines.webp, "webp"), (baselines.avif, "avif"),
+                      (baselines.jxl, "jxl")]:
         stream, decoded = fn(img, 50, downscale=2)
         assert stream == Baseline(codec, 2).encode(img, 50)
         assert np.array_equal(decoded, Baseline(codec, 2).decode(stream))
@@ -68,6 +73,14 @@ def test_quality_controls_fidelity(codec):
     low = psnr(img, Baseline(codec)(img, LOWEST_QUALITY[codec])[1])
     high = psnr(img, Baseline(codec)(img, 90)[1])
     assert high > 30 and high > low
+
+
+def test_jxl_distance_follows_cjxl():
+    assert baselines.jxl_distance(100) == pytest.approx(0.1)
+    assert baselines.jxl_distance(30) == pytest.approx(6.4)
+    assert baselines.jxl_distance(0) == 15.0  # capped at ffmpeg's maximum
+    grid = baselines.QUALITIES["jxl"]
+    assert all(baselines.jxl_distance(a) > baselines.jxl_distance(b) for a, b in zip(grid, grid[1:]))
 
 
 def test_invalid_arguments():

@@ -1,4 +1,4 @@
-"""Classical image codecs (JPEG, WebP, AVIF via Pillow) as ultra-low-rate baselines.
+"""Classical image codecs (JPEG, WebP, AVIF via Pillow; JPEG XL via ffmpeg) as ultra-low-rate baselines.
 
 At the rates ulbc targets (~0.005-0.15 bpp) a classical codec does best by coding a
 *downscaled* image and upsampling after decoding, so every codec is offered at
@@ -13,6 +13,12 @@ Settings (Pillow's encoders, no metadata written):
 * ``avif``: libavif with the AV1 encoder Pillow was built with (libaom here),
   ``quality`` 0..100, ``speed=0`` (slowest, best), Pillow's defaults otherwise
   (4:2:0, full range).
+* ``jxl``: libjxl through the ffmpeg of imageio-ffmpeg (Pillow has no JPEG XL writer):
+  ``ffmpeg -f rawvideo -pix_fmt rgb24 -s WxH -i - -c:v libjxl -distance D -effort 9
+  -f image2pipe -``, a bare JPEG XL codestream (no ISOBMFF container). ``quality``
+  0..100 maps to the Butteraugli distance D exactly as ``cjxl -q`` does
+  (q >= 30: D = 0.1 + (100 - q) * 0.09; q < 30: D = 6.4 + 2.5^((30 - q) / 5) / 6.25),
+  capped at ffmpeg's maximum of 15. Decoding: ``ffmpeg -f jpegxl_pipe -i -`` to PNG.
 
 Downscaling: the encoder resizes the WxH image with Pillow's Lanczos filter to
 ``ceil(W/f) x ceil(H/f)`` and codes that; the decoder decodes it and resizes back with
@@ -39,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-CODECS = ("jpeg", "webp", "avif")
+CODECS = ("jpeg", "webp", "avif", "jxl")
 DOWNSCALES = (1, 2, 4, 8)
 
 # Quality grids of `sweep`, dense at the low end and starting at each codec's minimum
@@ -51,8 +57,9 @@ QUALITIES = {
     "jpeg": (1, 3, 4, 5, 6, 7, 8, 10, 12, 15, 20, 25, 30, 40, 50, 60, 75),
     "webp": (0, 1, 2, 4, 6, 8, 10, 13, 16, 20, 25, 30, 40, 50, 60, 75),
     "avif": (0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 45, 50, 55, 60, 65, 70),
+    "jxl": (5, 10, 15, 20, 25, 30, 35, 40, 50, 60, 70),  # q <= 5 all hit the distance cap
 }
-QUALITY_RANGE = {"jpeg": (1, 100), "webp": (0, 100), "avif": (0, 100)}
+QUALITY_RANGE = {"jpeg": (1, 100), "webp": (0, 100), "avif": (0, 100), "jxl": (0, 100)}
 
 SIZE_HEADER = struct.Struct(">HH")
 """Original (W, H) prepended to downscaled streams: 4 bytes, charged in the rate."""
@@ -62,6 +69,36 @@ _PIL_SAVE = {
     "webp": ("WEBP", {"method": 6}),
     "avif": ("AVIF", {"speed": 0}),
 }
+
+
+def jxl_distance(quality: int) -> float:
+    """cjxl's mapping of ``-q`` to Butteraugli distance, capped at ffmpeg's 15."""
+    if quality >= 30:
+        return 0.1 + (100 - quality) * 0.09
+    return min(15.0, 6.4 + 2.5 ** ((30 - quality) / 5) / 6.25)
+
+
+def _ffmpeg(args: list[str], data: bytes) -> bytes:
+    import subprocess
+
+    from ulbcodec.metrics import ffmpeg_exe
+
+    proc = subprocess.run([ffmpeg_exe(), "-v", "error", *args], input=data, capture_output=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ffmpeg failed: {proc.stderr.decode(errors='replace').strip()[:200]}")
+    return proc.stdout
+
+
+def _jxl_encode(img: Image.Image, quality: int) -> bytes:
+    rgb = np.asarray(img.convert("RGB"))
+    return _ffmpeg(["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{img.width}x{img.height}", "-i", "-",
+                    "-c:v", "libjxl", "-distance", f"{jxl_distance(quality):.4f}", "-effort", "9",
+                    "-f", "image2pipe", "-"], rgb.tobytes())
+
+
+def _jxl_decode(stream: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(_ffmpeg(["-f", "jpegxl_pipe", "-i", "-", "-f", "image2pipe", "-vcodec", "png", "-"],
+                                         stream)))
 
 
 def bpp(stream: bytes, shape: tuple[int, ...]) -> float:
@@ -103,6 +140,8 @@ class Baseline:
             small = (math.ceil(width / self.downscale), math.ceil(height / self.downscale))
             img = img.resize(small, Image.Resampling.LANCZOS)
             header = SIZE_HEADER.pack(width, height)
+        if self.codec == "jxl":
+            return header + _jxl_encode(img, int(quality))
         fmt, options = _PIL_SAVE[self.codec]
         buf = io.BytesIO()
         img.save(buf, format=fmt, quality=int(quality), **options)
@@ -114,7 +153,7 @@ class Baseline:
         if self.downscale > 1:
             size = SIZE_HEADER.unpack_from(stream)
             stream = stream[SIZE_HEADER.size :]
-        img = Image.open(io.BytesIO(stream))
+        img = _jxl_decode(stream) if self.codec == "jxl" else Image.open(io.BytesIO(stream))
         img.load()
         img = img.convert("RGB")
         if size is not None:
@@ -140,6 +179,11 @@ def webp(rgb: np.ndarray, quality: int, downscale: int = 1) -> tuple[bytes, np.n
 def avif(rgb: np.ndarray, quality: int, downscale: int = 1) -> tuple[bytes, np.ndarray]:
     """``(stream, decoded)`` of AVIF (Pillow/libavif, speed 0, 4:2:0) at ``quality`` 0..100."""
     return Baseline("avif", downscale)(rgb, quality)
+
+
+def jxl(rgb: np.ndarray, quality: int, downscale: int = 1) -> tuple[bytes, np.ndarray]:
+    """``(stream, decoded)`` of JPEG XL (libjxl via ffmpeg, effort 9) at ``quality`` 0..100."""
+    return Baseline("jxl", downscale)(rgb, quality)
 
 
 class RDPoint(NamedTuple):

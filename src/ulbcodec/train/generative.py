@@ -56,7 +56,7 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0
                         clip_sample=False, set_alpha_to_one=True, snr_shift_scale=1.0)
 PROMPT_SHAPE = (1, 8, 64)
 STAGES = ("vae", "stage1", "stage2")
-DEFAULT_STEPS = {"vae": 2400, "stage1": 1800, "stage2": 1400}
+DEFAULT_STEPS = {"vae": 2400, "stage1": 1000, "stage2": 1400}
 
 
 def build_vae():
