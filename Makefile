@@ -33,6 +33,7 @@ test-all: $(STAMP)
 
 data: $(STAMP)
 	$(PY) -m ulbcodec.train.data --cache $(DATA)
+	$(PY) -m ulbcodec.train.video_data --cache $(DATA)
 
 # Train (or resume training) the shipped default model; see docs/training.md.
 models: $(STAMP)
