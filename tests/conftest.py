@@ -57,6 +57,30 @@ def make_tiny_generative_package(root: Path, name: str = "tinygen", seed: int = 
     return root / name
 
 
+TINY_VIDEO = {"cond_frames": 2, "pred_frames": 3, "steps": 2}
+
+
+def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0) -> Path:
+    """The tiny generative image model plus a tiny UNet2DModel frame predictor."""
+    from diffusers import CogVideoXDDIMScheduler, UNet2DModel
+
+    from ulbcodec.models.package import ModelPackage, save_package
+    from ulbcodec.train.generative import SCHEDULER_CONFIG
+
+    image = ModelPackage.load_manifest(make_tiny_generative_package(root, name + "-image", seed))
+    modules = {c: image.build(c) for c in image.components}
+    k, p = TINY_VIDEO["cond_frames"], TINY_VIDEO["pred_frames"]
+    torch.manual_seed(seed)
+    modules["predictor"] = UNet2DModel(sample_size=8, in_channels=TINY_LATENT * (k + p), out_channels=TINY_LATENT * p,
+                                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                                       up_block_types=("UpBlock2D", "UpBlock2D"), block_out_channels=(8, 8),
+                                       layers_per_block=1, add_attention=False, norm_num_groups=4).eval()
+    modules["predictor_scheduler"] = CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
+    save_package(root / name, name, modules, image.rate_levels, extra={"video": TINY_VIDEO},
+                 description="tiny random video model for tests")
+    return root / name
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """A folder on ULBC_MODEL_PATH holding the packages 'tiny' and 'tinygen'."""

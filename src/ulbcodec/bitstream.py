@@ -124,6 +124,7 @@ PARAM_IDS: Dict[str, int] = {
     "pred_frames": 19,  # video: P frames predicted per round
     "steps": 20,  # video/generative: sampler steps
     "max_gop": 21,  # video: longest run of predicted frames
+    "keyframe_decoder": 22,  # video: 0 anchor frames as keyframes, 1 generative decoding
 }
 PARAM_NAMES = {v: k for k, v in PARAM_IDS.items()}
 
@@ -234,7 +235,8 @@ class Header:
 
 CHUNK_HEADER = b"HEAD"
 CHUNK_ANCHOR = b"ANCH"  # one entropy-coded anchor latent (image, or one video keyframe)
-KNOWN_CRITICAL = {CHUNK_HEADER, CHUNK_ANCHOR, b"GOPS"}
+CHUNK_GOPS = b"GOPS"  # video: which frames are keyframes, which predicted, round by round
+KNOWN_CRITICAL = {CHUNK_HEADER, CHUNK_ANCHOR, CHUNK_GOPS}
 
 
 @dataclass
@@ -383,13 +385,81 @@ class AnchorPayload:
         return cls((zh, zw), z_string, y_string, check)
 
 
+@dataclass
+class GopStructure:
+    """The frame types of a video, as segments: ``k`` keyframes (coded, one ANCH chunk
+    each, in frame order) followed by prediction rounds, each with the number of
+    predicted frames it accepted (1..P). A round starting at frame i draws its noise from
+    (stream seed, i) alone, so the decoder replays exactly the accepted rounds.
+
+    Payload: uvarint segment count, then per segment uvarint k, uvarint round count,
+    and one uvarint per round.
+    """
+
+    segments: List[Tuple[int, List[int]]]
+
+    @property
+    def frames(self) -> int:
+        return sum(k + sum(rounds) for k, rounds in self.segments)
+
+    @property
+    def keyframes(self) -> int:
+        return sum(k for k, _ in self.segments)
+
+    def frame_types(self) -> str:
+        """One letter per frame: K keyframe, P predicted (the first frame of a round: p)."""
+        out = []
+        for k, rounds in self.segments:
+            out.append("K" * k)
+            out += ["p" + "P" * (a - 1) for a in rounds]
+        return "".join(out)
+
+    def to_bytes(self) -> bytes:
+        out = bytearray(write_uvarint(len(self.segments)))
+        for k, rounds in self.segments:
+            out += write_uvarint(k) + write_uvarint(len(rounds))
+            for a in rounds:
+                out += write_uvarint(a)
+        return bytes(out)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, frames: int, cond_frames: int, pred_frames: int) -> "GopStructure":
+        """Parse and check against the header: every count bounded by the frame count."""
+        r = Reader(payload, "GOP chunk")
+        count = r.uvarint()
+        if not 1 <= count <= frames:
+            raise BitstreamError(f"GOP chunk has {count} segments for {frames} frames")
+        segments, total = [], 0
+        for _ in range(count):
+            k, n = r.uvarint(), r.uvarint()
+            if not 1 <= k <= cond_frames or n > frames:
+                raise BitstreamError(f"GOP segment with {k} keyframes and {n} rounds is out of range")
+            rounds = [r.uvarint() for _ in range(n)]
+            if any(not 1 <= a <= pred_frames for a in rounds):
+                raise BitstreamError(f"a prediction round accepts 1..{pred_frames} frames, found {rounds}")
+            total += k + sum(rounds)
+            if total > frames:
+                raise BitstreamError(f"GOP chunk describes more than the {frames} frames of the header")
+            segments.append((k, rounds))
+        r.expect_end()
+        if total != frames:
+            raise BitstreamError(f"GOP chunk describes {total} frames, the header {frames}")
+        return cls(segments)
+
+
+MAX_FILE_BYTES = MAX_CHUNKS * 16 + MAX_CHUNK_BYTES
+
+
 def read_file(path) -> Container:
-    """Read and parse a .ulb file, with size bounded before reading."""
+    """Read and parse a .ulb file, with size bounded before and while reading."""
     size = os.path.getsize(path)
-    if size > MAX_CHUNKS * 16 + MAX_CHUNK_BYTES:
+    if size > MAX_FILE_BYTES:
         raise BitstreamError(f"file of {size} bytes is larger than any valid .ulb file")
     with open(path, "rb") as f:
-        return Container.from_bytes(f.read())
+        data = f.read(MAX_FILE_BYTES + 1)  # a file that grew after the check is still bounded
+    if len(data) > MAX_FILE_BYTES:
+        raise BitstreamError("file is larger than any valid .ulb file")
+    return Container.from_bytes(data)
 
 
 def describe(container: Container) -> dict:

@@ -175,18 +175,24 @@ class ImageCodec:
         params = {"downscale": downscale} if downscale > 1 else {}
         header = Header(bitstream.MEDIA_IMAGE, width, height, self.package.short_digest, rate_level, params=params)
         header.validate()  # refuse oversized inputs before any work
-        t0 = time.perf_counter()
         if downscale > 1:
             rgb = resize(rgb, *coded_size(width, height, downscale))
+        payload = self.encode_anchor(rgb, rate_level)
+        data = Container(header, [bitstream.Chunk(bitstream.CHUNK_ANCHOR, payload.to_bytes())]).to_bytes()
+        timings = {"analysis_s": self.last_timings["analysis_s"],
+                   "entropy_encode_s": self.last_timings["entropy_encode_s"]}
+        return EncodeResult(data, rate_level, width, height, downscale, timings)
+
+    @torch.no_grad()
+    def encode_anchor(self, rgb: np.ndarray, rate_level: int) -> AnchorPayload:
+        """The entropy-coded anchor of one image (or video keyframe), at its own size."""
+        t0 = time.perf_counter()
         y = self.analyze(rgb, rate_level)
         t1 = time.perf_counter()
         coded = self.model.encode_latent(y)
-        t2 = time.perf_counter()
+        self.last_timings = {"analysis_s": t1 - t0, "entropy_encode_s": time.perf_counter() - t1}
         (y_string,), (z_string,) = coded["strings"]
-        payload = AnchorPayload(tuple(coded["shape"]), z_string, y_string, coded["symbols_crc32"])
-        data = Container(header, [bitstream.Chunk(bitstream.CHUNK_ANCHOR, payload.to_bytes())]).to_bytes()
-        timings = {"analysis_s": t1 - t0, "entropy_encode_s": t2 - t1}
-        return EncodeResult(data, rate_level, width, height, downscale, timings)
+        return AnchorPayload(tuple(coded["shape"]), z_string, y_string, coded["symbols_crc32"] & 0xFFFF)
 
     def encode_to_bpp(
         self, rgb: np.ndarray, target_bpp: float, downscales: Sequence[int] = (1, 2, 4)
@@ -243,6 +249,19 @@ class ImageCodec:
         payload = AnchorPayload.from_bytes(chunks[0].payload)
         downscale = header.params.get("downscale", 1)
         width, height = coded_size(header.width, header.height, downscale)
+        rgb = self.decode_anchor(payload, width, height, header.rate_level, anchor_only, steps,
+                                 header.seed if seed is None else seed)
+        t0 = time.perf_counter()
+        if downscale > 1:
+            rgb = resize(rgb, header.width, header.height)
+        self.last_timings["upscale_s"] = time.perf_counter() - t0
+        return rgb
+
+    @torch.no_grad()
+    def decode_anchor(self, payload: AnchorPayload, width: int, height: int, rate_level: int,
+                      anchor_only: bool = False, steps: int = 1, seed: int = 0) -> np.ndarray:
+        """One anchor payload → HxWx3 uint8 RGB at the coded size (generative unless
+        ``anchor_only`` or the package has no next-frame decoder)."""
         if tuple(payload.z_shape) != (-(-height // PAD_MULTIPLE), -(-width // PAD_MULTIPLE)):
             raise BitstreamError(
                 f"hyper-latent shape {payload.z_shape} does not match a {width}x{height} coded image"
@@ -258,26 +277,20 @@ class ImageCodec:
                 "encoded on a machine whose floating point differs from this one"
             )
         t1 = time.perf_counter()
-        level, generative = header.rate_level, self.is_generative and not anchor_only
+        generative = self.is_generative and not anchor_only
         y_hat, core, margin = decoded["y_hat"], TILE_CORE // 16, TILE_MARGIN // 16
         if generative:
-            x_hat, bypass = tiled_apply(lambda t: self.model.synthesize(t, rate_level=level, with_bypass=True), y_hat,
-                                        (Fraction(16), Fraction(2)), core, margin, TILE_WORKERS)
+            x_hat, bypass = tiled_apply(lambda t: self.model.synthesize(t, rate_level=rate_level, with_bypass=True),
+                                        y_hat, (Fraction(16), Fraction(2)), core, margin, TILE_WORKERS)
         else:
-            x_hat = tiled_apply(lambda t: self.model.synthesize(t, rate_level=level, with_bypass=False)[0], y_hat,
-                                Fraction(16), core, margin, TILE_WORKERS)
+            x_hat = tiled_apply(lambda t: self.model.synthesize(t, rate_level=rate_level, with_bypass=False)[0],
+                                y_hat, Fraction(16), core, margin, TILE_WORKERS)
         t2 = time.perf_counter()
         self.last_timings = {"entropy_decode_s": t1 - t0, "synthesis_s": t2 - t1}
         if generative:
-            x_hat = self.next_frame.decode_image(x_hat.clamp(0, 1), bypass, steps=steps,
-                                                 seed=header.seed if seed is None else seed)
+            x_hat = self.next_frame.decode_image(x_hat.clamp(0, 1), bypass, steps=steps, seed=seed)
             self.last_timings["next_frame_s"] = time.perf_counter() - t2
-        t3 = time.perf_counter()
-        rgb = to_uint8(x_hat[:, :, :height, :width])
-        if downscale > 1:
-            rgb = resize(rgb, header.width, header.height)
-        self.last_timings["upscale_s"] = time.perf_counter() - t3
-        return rgb
+        return to_uint8(x_hat[:, :, :height, :width])
 
     def decode(self, data: bytes, **options) -> np.ndarray:
         """Decode complete .ulb file bytes to HxWx3 uint8 RGB (options: see decode_container)."""

@@ -149,10 +149,6 @@ class NextFramePipeline:
         self.latent_channels = vae.config.latent_channels
         self.scaling_factor = vae.config.scaling_factor
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
     # ---------------------------------------------------------------- VAE
 
     def encode_latent(self, image: Tensor) -> Tensor:
@@ -171,8 +167,8 @@ class NextFramePipeline:
     # ---------------------------------------------------------------- transformer
 
     def velocity(self, anchor_latent: Tensor, target_latent: Tensor, timestep) -> Tensor:
-        anchor_latent, target_latent = anchor_latent.float(), target_latent.float()
         """The transformer on frames [A, A, X, X]; returns v for all four latent frames."""
+        anchor_latent, target_latent = anchor_latent.float(), target_latent.float()
         b, _, h, w = anchor_latent.shape
         frames = torch.stack([anchor_latent, anchor_latent, target_latent, target_latent], dim=1)
         rope = rotary_embedding(h, w, self.head_dim, self.patch_size, device=frames.device)
@@ -207,7 +203,8 @@ class NextFramePipeline:
     def decode_image(self, anchor_frame: Tensor, bypass_latent: Optional[Tensor], steps: int = 1, seed: int = 0) -> Tensor:
         """Anchor frame [B,3,H,W] (clamped, H, W multiples of 64) + bypass [B,1,16,h,w] → image.
 
-        Tiled everywhere, so peak memory is that of one tile whatever the image size.
+        Every network runs on tiles, so the working memory is that of one tile plus the
+        full-size inputs and outputs, whatever the image size.
         """
         anchor_latent = blended_tiles(self.encode_latent, anchor_frame, tile=VAE_TILE, overlap=VAE_OVERLAP,
                                       scale=Fraction(1, 8))

@@ -53,7 +53,7 @@ DIFFUSERS_SUFFIXES = (".json", ".safetensors")
 
 # A fixed table: a manifest can only name these classes (never a module path to import).
 DIFFUSERS_CLASSES = ("AutoencoderKLCogVideoX", "CogVideoXTransformer3DModel", "CogVideoXDDIMScheduler",
-                     "CogVideoXDPMScheduler")
+                     "CogVideoXDPMScheduler", "UNet2DModel")
 KNOWN_CLASSES = ("AnchorCodec", PROMPT_EMBEDS) + DIFFUSERS_CLASSES
 
 

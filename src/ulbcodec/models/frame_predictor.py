@@ -1,0 +1,95 @@
+"""Conditional diffusion frame predictor for the video codec.
+
+After "Extreme video compression with prediction using pre-trained diffusion models"
+(Li et al. 2024), which predicts 5 future frames from 2 past ones with MCVD; ours works in
+the latent space of the image model's VAE (``AutoencoderKLCogVideoX``, 16 channels at
+1/8 size), with a diffusers ``UNet2DModel`` as the denoiser::
+
+    last K decoded frames ─► VAE.encode ─► c_1..c_K ──┐  (channels stacked)
+    seeded noise (stream seed, round) ─► x_T: P latents ─┤
+                                                      ▼
+          for t in scheduler.timesteps (``steps``, stored in the file):
+              v = UNet([c_1..c_K, x_t], t) ;  x_{t-1} = scheduler.step(v, t, x_t)
+                                                      ▼
+                              x_0: P latents ─► VAE.decode ─► P predicted frames
+
+Noise: every prediction round draws its noise from a ``torch.Generator`` seeded with
+:func:`round_seed` (stream seed, round index) alone, so a decoder reproduces any round
+without replaying earlier (even rejected) ones — the published code used one global RNG.
+
+Determinism: prediction runs with ONE intra-op thread (the tiled-transform rule of the
+image codec), so the encoder's predictions, which decide what is accepted, are what the
+decoder computes, whatever the thread count of either machine's run (same build and CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from ulbcodec.models.next_frame import NextFramePipeline
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, round) over 63 bits
+
+
+def round_seed(stream_seed: int, round_index: int) -> int:
+    """The noise seed of one prediction round, from the stream seed and the round alone."""
+    return (stream_seed * _SEED_MIX + round_index * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class FramePredictionPipeline:
+    """Composes the image model's VAE, a ``UNet2DModel`` denoiser and a scheduler."""
+
+    def __init__(self, latent: NextFramePipeline, unet, scheduler, cond_frames: int, pred_frames: int):
+        self.latent = latent  # encode_latent / decode_latent of the image model
+        self.unet = unet
+        self.scheduler = scheduler
+        self.cond_frames, self.pred_frames = cond_frames, pred_frames
+        c = latent.latent_channels
+        if unet.config.in_channels != c * (cond_frames + pred_frames) or unet.config.out_channels != c * pred_frames:
+            raise ValueError(f"predictor UNet needs {c * (cond_frames + pred_frames)} input and "
+                             f"{c * pred_frames} output channels for K={cond_frames}, P={pred_frames}")
+        self.channels = c
+
+    @property
+    def multiple(self) -> int:
+        """Frames are padded to this many pixels so the UNet's downsamplings divide them."""
+        return 8 * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def velocity(self, cond: Tensor, x: Tensor, t) -> Tensor:
+        """cond [B,K,C,h,w], x [B,P,C,h,w] → v [B,P,C,h,w]."""
+        b, _, c, h, w = x.shape
+        inputs = torch.cat([cond.reshape(b, -1, h, w), x.reshape(b, -1, h, w)], dim=1)
+        t = torch.as_tensor(t).reshape(-1).expand(b)
+        return self.unet(inputs, t).sample.reshape(b, self.pred_frames, c, h, w).float()
+
+    def sample(self, cond: Tensor, noise: Tensor, steps: int) -> Tensor:
+        x = noise
+        self.scheduler.set_timesteps(steps)
+        for t in self.scheduler.timesteps:
+            x = self.scheduler.step(self.velocity(cond, x, int(t)), t, x, return_dict=False)[0]
+        return x
+
+    @torch.no_grad()
+    def predict(self, cond_frames: Tensor, stream_seed: int, round_index: int, steps: int) -> Tensor:
+        """Last K decoded frames [K,3,H,W] in [0,1] (H, W multiples of ``multiple``) →
+        the next P frames [P,3,H,W] in [0,1]."""
+        with one_thread():
+            cond = self.latent.encode_latent(cond_frames)[None]  # [1,K,C,h,w]
+            g = torch.Generator().manual_seed(round_seed(stream_seed, round_index))
+            noise = torch.randn((1, self.pred_frames) + tuple(cond.shape[2:]), generator=g)
+            latents = self.sample(cond, noise, steps)[0]
+            return self.latent.decode_latent(latents)

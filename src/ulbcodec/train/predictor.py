@@ -1,0 +1,173 @@
+"""Train the video codec's frame predictor (resumable, CPU) and export the video package.
+
+Data: the training clips of :mod:`ulbcodec.train.video_data` (real clips, pans and zooms
+over training photographs, moving digits). Every frame is VAE-encoded once with the
+image model's frozen VAE (``--image-model``, a generative package); training samples are
+random windows of K+P consecutive latents, cropped to ``--crop`` latents (random
+position, random flips), so the fully convolutional UNet learns local motion.
+
+Objective: v-prediction MSE on the P target latents at a uniformly drawn timestep of the
+scheduler (CogVideoX's schedule, as the image model's), conditioned on the K clean
+latents stacked as channels. ``export`` writes a package holding every component of the
+image model plus ``predictor`` (UNet2DModel) and ``predictor_scheduler``, with the
+prediction settings (K, P, steps) in the manifest's ``extra.video``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ulbcodec.models import package as packages
+from ulbcodec.train.generative import SCHEDULER_CONFIG, load_stage, save_stage
+
+COND_FRAMES, PRED_FRAMES, SAMPLER_STEPS = 2, 5, 6
+LATENT = 16
+
+
+def unet_config(cond: int = COND_FRAMES, pred: int = PRED_FRAMES) -> dict:
+    return dict(sample_size=32, in_channels=LATENT * (cond + pred), out_channels=LATENT * pred,
+                down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D", "UpBlock2D"), block_out_channels=(96, 192, 192),
+                layers_per_block=1, add_attention=False, norm_num_groups=32)
+
+
+def build_unet():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**unet_config())
+
+
+@torch.no_grad()
+def encode_clips(files: List[Path], pipe, max_frames: int) -> List[torch.Tensor]:
+    """Every clip's frames as VAE latents [T, C, h, w] (bf16 to halve memory)."""
+    from ulbcodec.train.video_data import read_frames
+
+    out = []
+    for f in files:
+        frames = []
+        for i, frame in enumerate(read_frames(f)):
+            if i >= max_frames:
+                break
+            h, w = frame.shape[:2]
+            x = torch.from_numpy(frame[: h // 8 * 8, : w // 8 * 8].copy()).permute(2, 0, 1)[None].float() / 255
+            frames.append(pipe.encode_latent(x)[0].to(torch.bfloat16))
+        out.append(torch.stack(frames))
+        print(f"encoded {f.name}: {tuple(out[-1].shape)}", flush=True)
+    return out
+
+
+def sample_batch(clips, n: int, window: int, crop: int, rng: random.Random) -> torch.Tensor:
+    batch = []
+    for _ in range(n):
+        clip = rng.choice([c for c in clips if c.shape[0] >= window])
+        t = rng.randrange(clip.shape[0] - window + 1)
+        _, _, h, w = clip.shape
+        y, x = rng.randrange(h - crop + 1), rng.randrange(w - crop + 1)
+        win = clip[t : t + window, :, y : y + crop, x : x + crop].float()
+        if rng.random() < 0.5:
+            win = win.flip(-1)
+        if rng.random() < 0.2:  # time reversal: motion the other way
+            win = win.flip(0)
+        batch.append(win)
+    return torch.stack(batch)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Train the ulbc frame predictor (resumable).")
+    p.add_argument("--data", default=os.path.expanduser("~/.cache/ulbc"))
+    p.add_argument("--run", default="runs/predictor")
+    p.add_argument("--image-model", default="generative")
+    p.add_argument("--export", default=None)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--crop", type=int, default=16, help="latent crop (x8 pixels)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--max-frames", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--save-every", type=float, default=300.0)
+    args = p.parse_args(argv)
+    from diffusers import CogVideoXDDIMScheduler
+
+    from ulbcodec.image import ImageCodec
+
+    torch.manual_seed(args.seed)
+    image = ImageCodec.from_pretrained(args.image_model)
+    pipe = image.next_frame
+    files = sorted((Path(args.data) / "videos" / "train").glob("*.mkv"))
+    if not files:
+        raise SystemExit(f"no training clips under {args.data}/videos/train: run `make data` first")
+    clips = encode_clips(files, pipe, args.max_frames)
+    unet, scheduler = build_unet(), CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    run = Path(args.run)
+    meta = {"step": 0, "seconds": 0.0, "log": [], "done": False}
+    if (run / "state.json").exists():
+        meta = {**meta, **load_stage(run, {"unet": unet}, {}, {"opt": opt})}
+        print(f"resumed at step {meta['step']}", flush=True)
+    ab_all = scheduler.alphas_cumprod.float()
+    window, started, last_save, losses = COND_FRAMES + PRED_FRAMES, time.time(), time.time(), []
+    unet.train()
+    while meta["step"] < args.steps:
+        i = meta["step"]
+        rng = random.Random(args.seed * 1_000_003 + i)
+        lat = sample_batch(clips, args.batch, window, args.crop, rng)
+        cond, x0 = lat[:, :COND_FRAMES], lat[:, COND_FRAMES:]
+        t = torch.randint(0, 1000, (args.batch,), generator=torch.Generator().manual_seed(i))
+        ab = ab_all[t].view(-1, 1, 1, 1, 1)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(10**7 + i))
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+        b, _, c, h, w = x0.shape
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v = unet(torch.cat([cond.reshape(b, -1, h, w), xt.reshape(b, -1, h, w)], 1), t).sample
+        loss = F.mse_loss(v.float().reshape(x0.shape), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        meta["step"] = i + 1
+        if meta["step"] % args.log_every == 0:
+            elapsed = meta["seconds"] + time.time() - started
+            meta["log"].append({"step": meta["step"], "minutes": round(elapsed / 60, 2), "v": float(np.mean(losses))})
+            print(f"predictor step {meta['step']:5d} {elapsed / 60:6.1f} min v-loss {np.mean(losses):.4f}", flush=True)
+            losses = []
+        if time.time() - last_save > args.save_every or meta["step"] == args.steps:
+            meta["seconds"] += time.time() - started
+            started = last_save = time.time()
+            meta["done"] = meta["step"] >= args.steps
+            save_stage(run, {"unet": unet}, {}, {"opt": opt}, meta)
+    if args.export:
+        export(image, unet.eval(), scheduler, meta, args)
+
+
+def export(image, unet, scheduler, meta: Dict, args) -> None:
+    base = image.package
+    modules = {name: base.build(name) for name in base.components}
+    modules.update(predictor=unet, predictor_scheduler=scheduler)
+    extra = dict(base.extra)
+    extra["video"] = {"cond_frames": COND_FRAMES, "pred_frames": PRED_FRAMES, "steps": SAMPLER_STEPS}
+    extra["predictor_training"] = {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
+                                   "batch": args.batch, "crop_latents": args.crop, "lr": args.lr,
+                                   "seed": args.seed, "image_model_digest": base.digest,
+                                   "log_tail": meta["log"][-5:]}
+    pkg = packages.save_package(args.export, "video", modules, base.rate_levels, half_parameters=True,
+                                diffusers_dtype=torch.bfloat16, extra=extra,
+                                description="ulbc default video model: the generative image model plus a "
+                                "latent frame predictor trained by ulbcodec.train.predictor")
+    print(json.dumps({"exported": str(pkg.root), "digest": pkg.digest[:16], "MB": pkg.size_bytes / 1e6}))
+
+
+if __name__ == "__main__":
+    main()

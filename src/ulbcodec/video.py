@@ -1,0 +1,245 @@
+"""Video codec: keyframes + autoregressive diffusion prediction, with an encoder-side
+perceptual threshold (after Li et al. 2024, with a real decoder).
+
+::
+
+    encoder                                              decoder
+    ───────                                              ───────
+    K frames ─► image codec (ANCH chunks) ─► decoded     ANCH ─► image decoder ─► K frames
+    loop:                                                for each round in GOPS:
+      predict P frames from the last K decoded             predict from the last K decoded
+        (noise seeded by (seed, first frame index))          (same seed, same frame index)
+      accept the longest prefix with                       keep the accepted a frames
+        distance(pred_j, original_j) <= threshold
+      none accepted (or max_gop reached) ─► next K keyframes
+    HEAD(K, P, steps, threshold, metric, max_gop, seed) + GOPS(segments, rounds) + ANCH...
+
+The decoder never sees the originals: the GOPS chunk tells it, round by round, how many
+predicted frames the encoder accepted, and each round's noise depends only on the stream
+seed and the index of the round's first frame. Everything is in the file and counted in
+bpp. Predictions run on one thread (models/frame_predictor.py), so the decoder's frames
+equal the encoder's on the same machine and build.
+
+Memory is bounded by a window of K + P frames on either side: frames are streamed in
+and out, never the whole clip.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable, Deque, Iterable, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ulbcodec import bitstream
+from ulbcodec.bitstream import AnchorPayload, BitstreamError, Chunk, Container, GopStructure, Header
+from ulbcodec.image import DecodeError, ImageCodec, pad_replicate
+from ulbcodec.models import package as packages
+
+METRICS = {"ms-ssim": 1, "lpips": 2}
+METRIC_NAMES = {v: k for k, v in METRICS.items()}
+
+
+def frame_distance(ref: np.ndarray, dist: np.ndarray, metric: str = "ms-ssim") -> float:
+    """Perceptual distance of two HxWx3 uint8 frames, 0 = identical.
+
+    ``ms-ssim``: 1 − MS-SSIM (1 − SSIM for frames under 161 px, where MS-SSIM is
+    undefined). ``lpips`` is reserved (id 2) and refused with the reason until wrapped.
+    """
+    from ulbcodec import metrics
+
+    if metric == "ms-ssim":
+        if min(ref.shape[:2]) >= metrics.MS_SSIM_MIN_SIDE:
+            return 1.0 - metrics.ms_ssim(ref, dist)
+        from pytorch_msssim import ssim
+
+        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float()  # noqa: E731
+        return 1.0 - float(ssim(to(ref), to(dist), data_range=255.0, win_size=min(11, min(ref.shape[:2]) // 2 * 2 - 1)))
+    if metric == "lpips":
+        # Not wrapped yet (its backbone weights cannot be fetched on our machines); say so.
+        raise ValueError(f"metric lpips: {metrics.available_metrics().get('lpips', 'unavailable')}")
+    raise ValueError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")
+
+
+@dataclass
+class VideoSettings:
+    threshold: float = 0.16
+    metric: str = "ms-ssim"
+    max_gop: int = 64
+    seed: int = 0
+    rate_level: Optional[int] = None
+    generative_keyframes: bool = False
+
+
+class VideoCodec:
+    """Encode/decode frame sequences with a video model package (an image model plus a
+    frame predictor: components ``predictor`` and ``predictor_scheduler``, settings in
+    ``extra.video``)."""
+
+    def __init__(self, package: packages.ModelPackage, device: str = "cpu"):
+        video = package.extra.get("video")
+        if not video or "predictor" not in package.components:
+            raise packages.ModelError(f"model {package.name!r} has no frame predictor (not a video model)")
+        self.package = package
+        self.image = ImageCodec(package, device)
+        self.cond_frames, self.pred_frames, self.steps = video["cond_frames"], video["pred_frames"], video["steps"]
+        self._predictor = None
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "video", device: str = "cpu") -> "VideoCodec":
+        return cls(packages.ModelPackage.load_manifest(packages.resolve(name_or_path)), device)
+
+    @property
+    def predictor(self):
+        if self._predictor is None:
+            from ulbcodec.models.frame_predictor import FramePredictionPipeline
+
+            self._predictor = FramePredictionPipeline(self.image.next_frame, self.package.build("predictor"),
+                                                      self.package.build("predictor_scheduler"),
+                                                      self.cond_frames, self.pred_frames)
+        return self._predictor
+
+    # ------------------------------------------------------------------ shared by both sides
+
+    def _keyframe_decode(self, payload: AnchorPayload, width: int, height: int, level: int, generative: bool):
+        return self.image.decode_anchor(payload, width, height, level, anchor_only=not generative)
+
+    def _predict(self, history: Deque[np.ndarray], seed: int, first_frame: int, count: int) -> List[np.ndarray]:
+        """The next ``count`` (<= P) frames after ``history`` (the last K decoded frames)."""
+        h, w = history[-1].shape[:2]
+        frames = torch.from_numpy(np.stack(list(history))).permute(0, 3, 1, 2).float() / 255
+        frames = pad_replicate(frames, self.predictor.multiple)
+        out = self.predictor.predict(frames, seed, first_frame, self.steps)[:count, :, :h, :w]
+        return list(out.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+
+    # ------------------------------------------------------------------ encode
+
+    def encode(self, frames: Iterable[np.ndarray], fps: Fraction, settings: VideoSettings,
+               progress: Optional[Callable[[int], None]] = None,
+               reconstruction: Optional[Callable[[np.ndarray], None]] = None) -> Tuple[bytes, GopStructure]:
+        """Code a stream of HxWx3 uint8 frames; returns (.ulb bytes, GOP structure).
+
+        ``reconstruction`` is called with every frame as the decoder will output it
+        (decoded keyframes, accepted predictions), in order."""
+        emit = reconstruction or (lambda frame: None)
+        K, P = self.cond_frames, self.pred_frames
+        level = self.image.default_level if settings.rate_level is None else settings.rate_level
+        if level not in self.image.rate_levels:
+            raise ValueError(f"rate level {level} not offered by model {self.package.name!r}")
+        if settings.metric not in METRICS:
+            raise ValueError(f"unknown metric {settings.metric!r} (choose from {', '.join(METRICS)})")
+        if settings.threshold < 0 or settings.max_gop < 0:
+            raise ValueError("threshold and max-gop must be non-negative")
+        source = iter(frames)
+        lookahead: Deque[np.ndarray] = collections.deque()
+
+        def fill(n: int) -> int:
+            while len(lookahead) < n:
+                frame = next(source, None)
+                if frame is None:
+                    break
+                if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3 or (
+                        size is not None and frame.shape[:2] != (size[1], size[0])):
+                    raise ValueError(f"frame {index + len(lookahead)} is {frame.dtype} {frame.shape}, "
+                                     "frames must all be HxWx3 uint8 of one size")
+                lookahead.append(frame)
+            return len(lookahead)
+
+        index, segments, anchors, size = 0, [], [], None
+        history: Deque[np.ndarray] = collections.deque(maxlen=K)
+        while fill(1):
+            h, w = lookahead[0].shape[:2]
+            size = size or (w, h)
+            k = min(K, fill(K))
+            for _ in range(k):  # keyframes
+                frame = lookahead.popleft()
+                payload = self.image.encode_anchor(frame, level)
+                anchors.append(payload)
+                history.append(self._keyframe_decode(payload, w, h, level, settings.generative_keyframes))
+                emit(history[-1])
+                index += 1
+            rounds, gop = [], 0
+            while fill(1) and gop < settings.max_gop:
+                count = min(P, fill(P), settings.max_gop - gop)
+                predicted = self._predict(history, settings.seed, index, count)
+                accepted = 0
+                for frame, pred in zip(lookahead, predicted):
+                    if frame_distance(frame, pred, settings.metric) > settings.threshold:
+                        break
+                    accepted += 1
+                if accepted == 0:
+                    break
+                for pred in predicted[:accepted]:
+                    lookahead.popleft()
+                    history.append(pred)
+                    emit(pred)
+                rounds.append(accepted)
+                index += accepted
+                gop += accepted
+            segments.append((k, rounds))
+            if progress:
+                progress(index)
+        if not index:
+            raise ValueError("the video has no frames")
+        gops = GopStructure(segments)
+        params = {"threshold_milli": round(settings.threshold * 1000), "metric": METRICS[settings.metric],
+                  "cond_frames": K, "pred_frames": P, "steps": self.steps, "max_gop": settings.max_gop,
+                  "keyframe_decoder": int(settings.generative_keyframes)}
+        header = Header(bitstream.MEDIA_VIDEO, size[0], size[1], self.package.short_digest, level, index,
+                        fps.numerator, fps.denominator, settings.seed, params)
+        chunks = [Chunk(bitstream.CHUNK_GOPS, gops.to_bytes())]
+        chunks += [Chunk(bitstream.CHUNK_ANCHOR, a.to_bytes()) for a in anchors]
+        return Container(header, chunks).to_bytes(), gops
+
+    # ------------------------------------------------------------------ decode
+
+    def decode_container(self, container: Container) -> Iterator[np.ndarray]:
+        """Frames of a video file, streamed in order."""
+        h = container.header
+        if h.media != bitstream.MEDIA_VIDEO:
+            raise DecodeError(f"file holds a {h.media_name}, not a video")
+        self.image.check_model(h)
+        K, P = h.params.get("cond_frames"), h.params.get("pred_frames")
+        if (K, P, h.params.get("steps")) != (self.cond_frames, self.pred_frames, self.steps):
+            raise DecodeError(f"file needs K={K}, P={P}, steps={h.params.get('steps')}; model "
+                              f"{self.package.name!r} predicts K={self.cond_frames}, P={self.pred_frames}, "
+                              f"steps={self.steps}")
+        gop_chunks = container.find(bitstream.CHUNK_GOPS)
+        if len(gop_chunks) != 1:
+            raise BitstreamError(f"a video file needs exactly one GOPS chunk, found {len(gop_chunks)}")
+        gops = GopStructure.from_bytes(gop_chunks[0].payload, h.frames, K, P)
+        anchors = container.find(bitstream.CHUNK_ANCHOR)
+        if len(anchors) != gops.keyframes:
+            raise BitstreamError(f"GOPS announces {gops.keyframes} keyframes, the file holds {len(anchors)}")
+        generative = bool(h.params.get("keyframe_decoder", 0))
+        history: Deque[np.ndarray] = collections.deque(maxlen=K)
+        index, next_anchor = 0, 0
+        for k, rounds in gops.segments:
+            for _ in range(k):
+                payload = AnchorPayload.from_bytes(anchors[next_anchor].payload)
+                next_anchor += 1
+                frame = self._keyframe_decode(payload, h.width, h.height, h.rate_level, generative)
+                history.append(frame)
+                index += 1
+                yield frame
+            for accepted in rounds:
+                for frame in self._predict(history, h.seed, index, accepted):
+                    history.append(frame)
+                    index += 1
+                    yield frame
+
+    def decode(self, data: bytes) -> Iterator[np.ndarray]:
+        return self.decode_container(Container.from_bytes(data))
+
+
+def bpp(data: bytes, header: Header) -> float:
+    return len(data) * 8 / (header.width * header.height * header.frames)
+
+
+def frames_per_round(gops: GopStructure) -> float:
+    rounds = [a for _, rs in gops.segments for a in rs]
+    return sum(rounds) / len(rounds) if rounds else math.nan

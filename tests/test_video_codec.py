@@ -1,0 +1,81 @@
+"""The video codec with tiny random models: the decoder reproduces what the encoder accepted."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from ulbcodec.bitstream import BitstreamError, Chunk, Container, GopStructure
+from ulbcodec.video import VideoCodec, VideoSettings
+
+from conftest import make_tiny_video_package
+
+
+@pytest.fixture(scope="module")
+def codec(tmp_path_factory):
+    return VideoCodec.from_pretrained(str(make_tiny_video_package(tmp_path_factory.mktemp("video"))))
+
+
+def clip(frames: int, h: int = 48, w: int = 72) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    out = [np.stack([128 + 90 * np.sin((x + 2 * t) / 7), 128 + 90 * np.cos((y + t) / 5),
+                     np.full_like(x, 100.0)], -1) for t in range(frames)]
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def encode(codec, frames, **kw):
+    seen = []
+    data, gops = codec.encode(iter(frames), Fraction(25), VideoSettings(**kw), reconstruction=seen.append)
+    return data, gops, seen
+
+
+def test_decoder_reproduces_the_encoders_frames(codec):
+    frames = clip(9)
+    data, gops, seen = encode(codec, frames, threshold=10.0, max_gop=4, seed=7)
+    decoded = list(codec.decode(data))
+    assert len(decoded) == len(seen) == 9 and gops.frames == 9
+    assert all(np.array_equal(a, b) for a, b in zip(seen, decoded))
+    assert all(np.array_equal(a, b) for a, b in zip(decoded, codec.decode(data)))  # twice: the same
+
+
+def test_threshold_zero_makes_every_frame_a_keyframe(codec):
+    _, gops, _ = encode(codec, clip(5), threshold=0.0)
+    assert gops.frame_types() == "KKKKK"
+
+
+def test_huge_threshold_keeps_only_the_first_keyframes(codec):
+    _, gops, _ = encode(codec, clip(8), threshold=10.0, max_gop=100)
+    assert gops.frame_types() == "KK" + "pPP" + "pPP"
+
+
+def test_odd_frame_counts(codec):
+    for n in (1, 2, 3):
+        data, gops, seen = encode(codec, clip(n, 17, 23), threshold=10.0)
+        assert gops.frames == n and len(list(codec.decode(data))) == n
+
+
+def test_noise_depends_only_on_seed_and_frame_index(codec):
+    frames = clip(6)
+    a = encode(codec, frames, threshold=10.0, seed=1)[2]
+    b = encode(codec, frames, threshold=10.0, seed=1)[2]
+    c = encode(codec, frames, threshold=10.0, seed=2)[2]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a[2:], c[2:]))
+
+
+def test_inconsistent_gop_chunk_is_refused(codec):
+    data, _, _ = encode(codec, clip(5), threshold=10.0)
+    container = Container.from_bytes(data)
+    bad = GopStructure([(2, [3]), (1, [])])  # one frame too many
+    container.chunks[0] = Chunk(b"GOPS", bad.to_bytes())
+    with pytest.raises(BitstreamError, match="more than the 5 frames|describes 6"):
+        list(codec.decode(container.to_bytes()))
+
+
+def test_image_model_is_not_a_video_model(model_dir):
+    from ulbcodec.models.package import ModelError
+
+    with pytest.raises(ModelError, match="not a video model"):
+        VideoCodec.from_pretrained(str(model_dir / "tinygen"))
