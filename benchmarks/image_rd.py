@@ -246,7 +246,7 @@ def plot(curves: dict[str, list[dict]], metric: str, lo: float, hi: float, path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"jpeg": "tab:blue", "webp": "tab:green", "avif": "tab:red", ULBC: "black"}
+    colors = {"jpeg": "tab:blue", "webp": "tab:green", "avif": "tab:red", "jxl": "tab:purple", ULBC: "black"}
     markers = {1: "o", 2: "s", 4: "^", 8: "D"}
     fig, ax = plt.subplots(figsize=(9, 6))
     for name, points in sorted(curves.items()):

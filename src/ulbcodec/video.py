@@ -57,7 +57,7 @@ def frame_distance(ref: np.ndarray, dist: np.ndarray, metric: str = "ms-ssim") -
             return 1.0 - metrics.ms_ssim(ref, dist)
         from pytorch_msssim import ssim
 
-        to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float()  # noqa: E731
+        to = lambda a: torch.from_numpy(np.array(a, dtype=np.float32)).permute(2, 0, 1)[None]  # noqa: E731
         return 1.0 - float(ssim(to(ref), to(dist), data_range=255.0, win_size=min(11, min(ref.shape[:2]) // 2 * 2 - 1)))
     if metric == "lpips":
         # Not wrapped yet (its backbone weights cannot be fetched on our machines); say so.

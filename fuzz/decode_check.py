@@ -1,0 +1,582 @@
+"""The decode contract every input must satisfy, shared by the fuzz target and the tests.
+
+    bytes ─► bitstream.Container.from_bytes ─► bitstream.describe (what `ulbc info` prints)
+          ─► ImageCodec.decode_container (tiny seeded random model) ─► HxWx3 uint8
+
+Every input must end in a successful decode (an array of the header's size) or in an
+exception the CLI reports as a clean one-line error. ``batch.describe_error`` prints
+``ValueError`` and ``OSError`` as plain messages and anything else as "internal error ...;
+please report it", so exactly those two are *clean* (``CLEAN_ERRORS``); the documented
+ones are ``BitstreamError`` and ``DecodeError`` (both ValueError subclasses). With
+``strict=True`` an undocumented ValueError/OSError is a failure too. Any other exception,
+a wrong output, a native crash, a hang or a memory blow-up is a finding.
+
+Known, reported and not yet fixed findings (docs/robustness.md, "Fuzzing") can be
+suppressed so that fuzzing keeps exploring the rest:
+
+- ``Limits.max_latent_positions`` / ``max_output_pixels``: decode work is bounded by the
+  header's declared size, not by the file size; a 60-byte file can ask for a 268 MP
+  decode. Inputs over the budget stop right before entropy decoding (every check before
+  it still runs) and count as ``skipped``.
+- ``Limits.guard_rans``: CompressAI's rANS decoder has no end-of-stream check and reads
+  past the end of a short or corrupted z/y string (segfaults seen). The guard appends
+  zero bytes to the strings before decoding: a valid stream is consumed exactly and
+  decodes identically; a corrupted one then over-reads into the padding, not past it.
+
+Also a command line, used by tests/test_fuzz_regressions.py to run inputs in a child
+process (a native crash must not take pytest down)::
+
+    python fuzz/decode_check.py FILE...                 # check files, one JSON line each
+    python fuzz/decode_check.py --mutate 2000 --seed 1  # random structure-aware mutation of the seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import struct
+import sys
+import tempfile
+import time
+import traceback
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT / "src") not in sys.path:  # running from a checkout without `pip install -e`
+    sys.path.append(str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from ulbcodec import bitstream  # noqa: E402
+from ulbcodec.bitstream import BitstreamError, Container  # noqa: E402
+from ulbcodec.image import DecodeError, ImageCodec, coded_size  # noqa: E402
+
+CORPUS_DIR = HERE / "corpus"
+CRASHES_DIR = HERE / "crashes"
+
+# The fuzz model: a frozen copy of tests/conftest.py's TINY_CONFIG and seed at the time
+# the seeds were made, so that editing the test fixture never silently turns the corpus
+# into "wrong model" files. Deterministic (seeded): the seeds carry its digest.
+FUZZ_MODEL_CONFIG = dict(N=16, M=32, num_slices=2, context_window=3, vae_channels=0, bypass_channels=4,
+                         num_rate_levels=3, token_channels=16, num_token_blocks=1)
+FUZZ_MODEL_SEED = 0
+FUZZ_MODEL_NAME = "tiny"
+FUZZ_RATE_LEVELS = 3
+
+CLEAN_ERRORS = (ValueError, OSError)  # what batch.describe_error reports as a plain one-line error
+DOCUMENTED_ERRORS = (BitstreamError, DecodeError)
+
+
+class FuzzFailure(AssertionError):
+    """The decoder broke its contract on this input (wrong output, undocumented error in strict mode)."""
+
+
+class BudgetExceeded(Exception):
+    """Harness-only: the input asks for more decode work than the fuzzing budget (not a finding)."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_package(root: Path) -> Path:
+    """Write the tiny seeded random anchor-codec package under ``root`` and return its path."""
+    from ulbcodec.models.anchor_codec import AnchorCodec
+    from ulbcodec.models.package import RateLevel, save_package
+
+    with torch.random.fork_rng():  # seeded without disturbing the caller's random state
+        torch.manual_seed(FUZZ_MODEL_SEED)
+        model = AnchorCodec(**FUZZ_MODEL_CONFIG)
+        model.update(force=True)
+    save_package(Path(root) / FUZZ_MODEL_NAME, FUZZ_MODEL_NAME, {"anchor_codec": model.eval()},
+                 [RateLevel(i) for i in range(FUZZ_RATE_LEVELS)], description="tiny random model for fuzzing")
+    return Path(root) / FUZZ_MODEL_NAME
+
+
+def build_codec(model_dir: Optional[Path] = None) -> ImageCodec:
+    """The fuzz codec, one intra-op thread. Builds the package into a temporary folder
+    unless ``model_dir`` already holds one."""
+    torch.set_num_threads(1)
+    if model_dir is None or not (Path(model_dir) / "ulbc_model.json").is_file():
+        root = Path(tempfile.mkdtemp(prefix="ulbc-fuzz-model-")) if model_dir is None else Path(model_dir).parent
+        model_dir = build_package(root)
+    return ImageCodec.from_pretrained(str(model_dir))
+
+
+# --------------------------------------------------------------------------- the check
+
+
+@dataclass
+class Limits:
+    """Suppressions of known findings (see the module docstring); ``None`` = unbounded."""
+
+    max_latent_positions: Optional[int] = None  # z_h * z_w, i.e. padded pixels / 4096
+    max_output_pixels: Optional[int] = None
+    guard_rans: bool = False
+
+
+NO_LIMITS = Limits()
+# What the fuzz target uses by default (--known-issues suppress): 512x512 coded pixels, 4 MP out.
+FUZZ_LIMITS = Limits(max_latent_positions=64, max_output_pixels=1 << 22, guard_rans=True)
+
+
+@dataclass
+class Outcome:
+    status: str  # "decoded" | "rejected" | "skipped"
+    stage: str  # "container" | "decode" | "budget"
+    error_type: str = ""
+    error: str = ""
+    documented: bool = True
+    seconds: float = 0.0
+    shape: Tuple[int, ...] = ()
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def _rans_pad(string: bytes, symbols: int) -> bytes:
+    # Per decoded symbol the C++ decoder reads at most one renormalisation word plus its
+    # bypass words; a bypass run is bounded by the 0xF nibbles available (stream + state).
+    # Zero padding ends every bypass run, so this bounds the read inside the buffer.
+    return string + bytes(32 * len(string) + 160 * symbols + 4096)
+
+
+class _DecodeGuard:
+    """Wraps ``codec.model.decode_latent`` (instance attribute) to apply ``Limits``."""
+
+    def __init__(self, codec: ImageCodec):
+        self.model = codec.model
+        self.original = codec.model.decode_latent
+        self.limits = NO_LIMITS
+        self.force_skip = False
+        codec.model.decode_latent = self  # type: ignore[method-assign]
+
+    def __call__(self, strings, shape):
+        if self.force_skip:
+            raise BudgetExceeded("output pixels over budget")
+        try:
+            zh, zw = (int(s) for s in shape)
+        except (TypeError, ValueError):
+            return self.original(strings, shape)
+        if self.limits.max_latent_positions is not None and zh * zw > self.limits.max_latent_positions:
+            raise BudgetExceeded(f"{zh}x{zw} hyper-latent over budget")
+        if self.limits.guard_rans and zh > 0 and zw > 0:
+            try:
+                (y,), (z,) = strings
+            except (TypeError, ValueError):
+                return self.original(strings, shape)
+            z_symbols = self.model.N * zh * zw
+            y_symbols = self.model.M * 16 * zh * zw
+            strings = [[_rans_pad(bytes(y), y_symbols)], [_rans_pad(bytes(z), z_symbols)]]
+        return self.original(strings, shape)
+
+
+def apply_limits(codec: ImageCodec, limits: Limits) -> _DecodeGuard:
+    """Install (once) the decode guard on ``codec`` and set its limits; they stay in force
+    for later ``codec.decode_container`` calls until the next call of this function."""
+    guard = codec.model.__dict__.get("decode_latent")
+    if not isinstance(guard, _DecodeGuard):
+        guard = _DecodeGuard(codec)
+    guard.limits, guard.force_skip = limits, False
+    return guard
+
+
+def _clean(exc: BaseException, stage: str, strict: bool, t0: float) -> Outcome:
+    documented = isinstance(exc, DOCUMENTED_ERRORS)
+    if strict and not documented:
+        raise FuzzFailure(f"undocumented {type(exc).__name__} at {stage}: {exc}") from exc
+    return Outcome("rejected", stage, type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                   documented, time.perf_counter() - t0)
+
+
+def check_input(data: bytes, codec: ImageCodec, limits: Limits = NO_LIMITS, strict: bool = False) -> Outcome:
+    """Run one input through the container reader and the image decoder.
+
+    Returns the outcome when the contract holds; raises ``FuzzFailure`` (or lets the
+    unexpected exception through) when it does not.
+    """
+    t0 = time.perf_counter()
+    try:
+        container = Container.from_bytes(data)
+    except CLEAN_ERRORS as exc:
+        return _clean(exc, "container", strict, t0)
+    bitstream.describe(container)  # `ulbc info` on any file that parses must not fail
+    header = container.header
+    guard = apply_limits(codec, limits)
+    guard.force_skip = limits.max_output_pixels is not None and header.width * header.height > limits.max_output_pixels
+    try:
+        rgb = codec.decode_container(container)  # the CLI's defaults
+    except BudgetExceeded:
+        return Outcome("skipped", "budget", seconds=time.perf_counter() - t0)
+    except CLEAN_ERRORS as exc:
+        return _clean(exc, "decode", strict, t0)
+    finally:
+        guard.force_skip = False
+    expected = (header.height, header.width, 3)
+    if not (hasattr(rgb, "shape") and tuple(rgb.shape) == expected and str(rgb.dtype) == "uint8"):
+        raise FuzzFailure(f"decoded {getattr(rgb, 'shape', type(rgb))} {getattr(rgb, 'dtype', '')}, "
+                          f"header says {expected} uint8")
+    return Outcome("decoded", "decode", seconds=time.perf_counter() - t0, shape=expected)
+
+
+# --------------------------------------------------------------------------- structure-aware mutation
+#
+# libFuzzer's byte mutations almost never survive the CRC-32 of each chunk, so they only
+# test the framing. These helpers parse a file leniently (any field values), change one
+# field or chunk, and write it back with correct lengths, CRCs and chunk count (most of
+# the time), so that mutations reach the header checks, the payload parser and the
+# entropy decoder. Used by the atheris custom mutator and by the in-test random fuzz.
+
+
+def uvarint(value: int) -> bytes:
+    return bitstream.write_uvarint(max(0, value))
+
+
+class _Lenient:
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ValueError("short")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def uvarint(self, max_bytes: int = 10) -> int:
+        value = 0
+        for i in range(max_bytes):
+            byte = self.u8()
+            value |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                return value
+        raise ValueError("varint")
+
+    def rest(self) -> bytes:
+        return self.take(len(self.data) - self.pos)
+
+
+def split_chunks(data: bytes) -> Optional[Tuple[bytes, List[List[bytes]]]]:
+    """(magic+version, [[type, payload], ...]) ignoring CRCs, or None if the framing is broken."""
+    if len(data) < 4:
+        return None
+    r, chunks = _Lenient(data), []
+    r.pos = 4
+    try:
+        while r.pos < len(data):
+            n = r.uvarint(5)
+            ctype = r.take(4)
+            payload = r.take(n)
+            r.take(4)
+            chunks.append([ctype, payload])
+    except ValueError:
+        return None
+    return data[:4], chunks
+
+
+def join_chunks(prefix: bytes, chunks: Sequence[Sequence[bytes]], rng: Optional[random.Random] = None) -> bytes:
+    out = bytearray(prefix)
+    for ctype, payload in chunks:
+        crc = zlib.crc32(bytes(ctype) + bytes(payload)) & 0xFFFFFFFF
+        if rng is not None and rng.random() < 0.03:
+            crc ^= 1 << rng.randrange(32)
+        out += uvarint(len(payload)) + bytes(ctype) + bytes(payload) + struct.pack(">I", crc)
+    return bytes(out)
+
+
+HEAD_INTS = ("media", "width", "height", "frames", "fps_num", "fps_den", "rate_level", "seed", "count")
+
+
+def parse_head(payload: bytes) -> Optional[dict]:
+    r = _Lenient(payload)
+    try:
+        f = {"media": r.u8()}
+        for k in ("width", "height", "frames", "fps_num", "fps_den"):
+            f[k] = r.uvarint()
+        f["digest"] = r.take(8)
+        f["rate_level"] = r.u8()
+        f["seed"] = r.uvarint()
+        f["params"] = [(r.uvarint(), r.uvarint()) for _ in range(min(r.uvarint(), 200))]
+        f["count"] = r.uvarint()
+        f["tail"] = r.rest()
+    except ValueError:
+        return None
+    return f
+
+
+def encode_head(f: dict) -> bytes:
+    out = bytearray([f["media"] & 0xFF])
+    for k in ("width", "height", "frames", "fps_num", "fps_den"):
+        out += uvarint(f[k])
+    out += bytes(f["digest"])[:8].ljust(8, b"\0")
+    out.append(f["rate_level"] & 0xFF)
+    out += uvarint(f["seed"]) + uvarint(len(f["params"]))
+    for pid, value in f["params"]:
+        out += uvarint(pid) + uvarint(value)
+    return bytes(out + uvarint(f["count"]) + f["tail"])
+
+
+def parse_anch(payload: bytes) -> Optional[dict]:
+    r = _Lenient(payload)
+    try:
+        zh, zw, zlen = r.uvarint(), r.uvarint(), r.uvarint()
+        z = r.take(zlen)
+        (check,) = struct.unpack(">H", r.take(2))
+        return {"zh": zh, "zw": zw, "z": z, "check": check, "y": r.rest()}
+    except ValueError:
+        return None
+
+
+def encode_anch(f: dict, zlen: Optional[int] = None) -> bytes:
+    z = bytes(f["z"])
+    return (uvarint(f["zh"]) + uvarint(f["zw"]) + uvarint(len(z) if zlen is None else zlen) + z
+            + struct.pack(">H", f["check"] & 0xFFFF) + bytes(f["y"]))
+
+
+INTERESTING = (0, 1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 63, 64, 65, 127, 128, 255, 256, 511, 512, 1023, 1024, 4095,
+               4096, 8191, 8192, 16383, 16384, 32767, 32768, 32769, 65535, 65536, (1 << 20), (1 << 20) + 1,
+               (1 << 28), (1 << 31) - 1, 1 << 31, 1 << 32, (1 << 35) - 1, 1 << 63, (1 << 64) - 1, (1 << 70) - 1)
+
+
+SIDES = (1, 2, 3, 15, 16, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513, 575, 576, 577, 1023, 1024,
+         2048, 4096, 8192, 16384, 32767, 32768, 32769)
+
+
+def random_bytes_mutation(data: bytes, max_size: int, rng: random.Random) -> bytes:
+    """A small libFuzzer-like byte mutator (for the in-test fuzz, no atheris needed)."""
+    b = bytearray(data)
+    for _ in range(rng.choice((1, 1, 1, 2, 3, 4))):
+        op = rng.randrange(10)
+        if not b:
+            b += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 9)))
+            continue
+        i = rng.randrange(len(b))
+        if op == 0:
+            b[i] ^= 1 << rng.randrange(8)
+        elif op == 1:
+            b[i] = rng.randrange(256)
+        elif op == 2:
+            b[i] = rng.choice((0x00, 0x01, 0x7F, 0x80, 0xFF))
+        elif op == 3:
+            b[i:i] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 9)))
+        elif op == 4:
+            del b[i:i + rng.randrange(1, 9)]
+        elif op == 5:
+            j = rng.randrange(len(b))
+            b[i:i] = b[j:j + rng.randrange(1, 33)]
+        elif op == 6:
+            n = rng.randrange(1, 65)
+            b[i:i + n] = bytes([rng.choice((0x00, 0xFF))]) * n
+        elif op == 7:
+            del b[i:]
+        elif op == 8:
+            b[i], b[-1 - i] = b[-1 - i], b[i]
+        else:
+            b += bytes(rng.randrange(256) for _ in range(rng.randrange(1, 17)))
+    return bytes(b[:max_size])
+
+
+ByteMutator = Callable[[bytes, int], bytes]
+
+
+def _resync_anchor(chunks, head: dict) -> None:
+    """Make the ANCH z shape match the (mutated) header's coded size, so that the decoder gets past that check."""
+    down = dict(head["params"]).get(2, 1) or 1
+    if not 1 <= head["width"] <= 1 << 20 or not 1 <= head["height"] <= 1 << 20:
+        return
+    cw, ch = coded_size(head["width"], head["height"], down)
+    for chunk in chunks:
+        if chunk[0] == bitstream.CHUNK_ANCHOR:
+            anch = parse_anch(bytes(chunk[1]))
+            if anch is not None:
+                anch["zh"], anch["zw"] = -(-ch // 64), -(-cw // 64)
+                chunk[1] = encode_anch(anch)
+
+
+def mutate(data: bytes, max_size: int, rng: random.Random, byte_mutator: Optional[ByteMutator] = None) -> bytes:
+    """One structure-aware mutation of a .ulb file (see the comment above)."""
+    bm = byte_mutator or (lambda d, n: random_bytes_mutation(d, n, rng))
+    parsed = split_chunks(data)
+    if parsed is None or rng.random() < 0.05:
+        return bm(data, max_size)
+    prefix, chunks = parsed
+    chunks = [list(c) for c in chunks]
+    op = rng.randrange(10)
+    heads = [c for c in chunks if c[0] == bitstream.CHUNK_HEADER]
+    anchs = [c for c in chunks if c[0] == bitstream.CHUNK_ANCHOR]
+    head = parse_head(heads[0][1]) if heads else None
+    fix_count = rng.random() < 0.9
+    if op <= 2 and head is not None:  # one header field
+        key = rng.choice(HEAD_INTS + ("digest", "params", "params", "size"))
+        if key == "size":  # both sides at once: small, odd, tile-boundary or huge images
+            head["width"], head["height"] = (rng.choice(SIDES) for _ in range(2))
+        elif key == "digest":
+            head["digest"] = bytes(rng.randrange(256) for _ in range(8)) if rng.random() < 0.5 else bytes(8)
+        elif key == "params":
+            choice = rng.randrange(4)
+            if choice == 0:
+                head["params"] = [(2, rng.choice((0, 1, 2, 3, 4, 8, 16, 1 << 40)))]
+            elif choice == 1:
+                pid = rng.choice((0, 1, 2, 3, 15, 16, 21, 22, 23, 127, 128, 1 << 35))
+                head["params"].append((pid, rng.choice(INTERESTING)))
+            elif choice == 2:
+                head["params"] = [(rng.choice((1, 16, 17, 18, 19, 20, 21)), rng.choice(INTERESTING))
+                                  for _ in range(rng.choice((0, 1, 5, 64, 65)))]
+            else:
+                head["params"] = head["params"][:-1]
+        elif key in ("media", "rate_level"):
+            head[key] = rng.choice((0, 1, 2, 3, 4, 255, rng.randrange(256)))
+        else:
+            head[key] = (rng.choice(INTERESTING) if rng.random() < 0.5
+                         else max(0, head[key] + rng.choice((-1, 1, -16, 16, 63, 64, 65))))
+        if key == "count":
+            fix_count = False
+        if key in ("width", "height", "params", "size") and rng.random() < 0.8:
+            _resync_anchor(chunks, head)
+        heads[0][1] = encode_head(head)
+    elif op <= 5 and anchs:  # one ANCH field
+        anch = parse_anch(bytes(anchs[0][1]))
+        if anch is None:
+            anchs[0][1] = bm(bytes(anchs[0][1]), max_size)
+        else:
+            zlen = None
+            what = rng.randrange(8)
+            if what == 0:
+                anch["z"] = bm(anch["z"], max_size)
+            elif what in (1, 2):
+                anch["y"] = bm(anch["y"], max_size)
+            elif what == 3:
+                anch["check"] = rng.randrange(1 << 16)
+            elif what == 4:
+                anch[rng.choice(("zh", "zw"))] = rng.choice(INTERESTING)
+            elif what == 5:
+                zlen = max(0, len(anch["z"]) + rng.choice((-1, 1, 2, 1000, 1 << 31)))
+            elif what == 6:  # runs that drive the rANS decoder into its bypass / renormalisation paths
+                part = rng.choice(("y", "z"))
+                fill = bytes([rng.choice((0x00, 0xFF))]) * rng.choice((1, 4, 16, 256, 4096))
+                anch[part] = fill if rng.random() < 0.5 else anch[part] + fill
+            else:
+                part = rng.choice(("y", "z"))
+                anch[part] = anch[part][: rng.randrange(len(anch[part]) + 1)]
+            anchs[0][1] = encode_anch(anch, zlen)
+    elif op <= 7 and chunks:  # chunk structure
+        what = rng.randrange(6)
+        i = rng.randrange(len(chunks))
+        if what == 0 and len(chunks) > 1:
+            del chunks[i]
+        elif what == 1:
+            chunks.insert(i, list(chunks[rng.randrange(len(chunks))]))
+        elif what == 2:
+            j = rng.randrange(len(chunks))
+            chunks[i], chunks[j] = chunks[j], chunks[i]
+        elif what == 3:
+            ctype = rng.choice((b"teXt", b"zzzz", b"XTRA", b"GOPS", b"ANCH", b"HEAD", b"head", b"AN1H", b"\0\0\0\0"))
+            payload = bytes(rng.randrange(256) for _ in range(rng.randrange(9)))
+            chunks.insert(rng.randrange(1, len(chunks) + 1), [ctype, payload])
+        elif what == 4:
+            chunks[i][0] = rng.choice((b"teXt", b"XTRA", b"GOPS", b"ANCH", b"HEAD", b"anch", b"AN\xffH"))
+        else:
+            chunks[i][1] = bm(bytes(chunks[i][1]), max_size)
+    else:  # any chunk's payload, or the prefix
+        if chunks and rng.random() < 0.8:
+            c = rng.choice(chunks)
+            c[1] = bm(bytes(c[1]), max_size)
+        else:
+            prefix = bytes(prefix[:3]) + bytes([rng.choice((0, 1, 2, 255))])
+    if fix_count:
+        chunks = fix_chunk_count(chunks)
+    return join_chunks(prefix, chunks, rng)[:max_size]
+
+
+def fix_chunk_count(chunks: List[List[bytes]]) -> List[List[bytes]]:
+    """Set the HEAD chunk's count of following chunks (when HEAD comes first and parses)."""
+    chunks = [list(c) for c in chunks]
+    if chunks and chunks[0][0] == bitstream.CHUNK_HEADER:
+        head = parse_head(bytes(chunks[0][1]))
+        if head is not None:
+            head["count"] = len(chunks) - 1
+            chunks[0][1] = encode_head(head)
+    return chunks
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def seed_inputs(dirs: Sequence[Path] = (CORPUS_DIR,)) -> List[Tuple[str, bytes]]:
+    files = []
+    for d in dirs:
+        for p in sorted(Path(d).iterdir()) if Path(d).is_dir() else []:
+            if p.is_file() and not p.name.startswith(".") and p.suffix != ".md":
+                files.append((p.name, p.read_bytes()))
+    return files
+
+
+def _limits(args) -> Limits:
+    return Limits(args.max_latent_positions, args.max_output_pixels, args.guard_rans)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="*", type=Path, help="inputs to check (one JSON line each)")
+    ap.add_argument("--model-dir", type=Path, help="an already built fuzz model package (else built in a temp dir)")
+    ap.add_argument("--guard-rans", action="store_true", help="suppress the known rANS over-read finding")
+    ap.add_argument("--max-latent-positions", type=int, help="skip inputs with z_h*z_w above this")
+    ap.add_argument("--max-output-pixels", type=int, help="skip inputs declaring more output pixels than this")
+    ap.add_argument("--strict", action="store_true", help="undocumented ValueError/OSError count as failures")
+    ap.add_argument("--mutate", type=int, default=0, metavar="N", help="check N random mutations of the seed corpus")
+    ap.add_argument("--seed", type=int, default=0, help="random seed for --mutate")
+    ap.add_argument("--last-input", type=Path, help="--mutate: write each input here before checking it")
+    args = ap.parse_args(argv)
+    codec = build_codec(args.model_dir)
+    limits = _limits(args)
+    if args.mutate:
+        rng = random.Random(args.seed)
+        seeds = seed_inputs()
+        valid = [data for name, data in seeds if name.startswith("valid-")]
+        others = [data for name, data in seeds if not name.startswith("valid-")]
+        stats: Dict[str, int] = {}
+        slowest, t0 = 0.0, time.perf_counter()
+        for i in range(args.mutate):
+            data = rng.choice(valid if rng.random() < 0.75 or not others else others)
+            for _ in range(rng.choice((1, 1, 2, 3))):
+                data = mutate(data, 1 << 16, rng)
+            if args.last_input:
+                args.last_input.write_bytes(data)
+            try:
+                out = check_input(data, codec, limits, args.strict)
+            except BaseException:
+                traceback.print_exc()
+                print(json.dumps({"failed_input": i, "hex": data.hex()}), flush=True)
+                return 1
+            key = f"{out.status}:{out.stage}" + ("" if out.documented else f":{out.error_type}")
+            stats[key] = stats.get(key, 0) + 1
+            slowest = max(slowest, out.seconds)
+        print(json.dumps({"inputs": args.mutate, "seconds": round(time.perf_counter() - t0, 3),
+                          "slowest_s": round(slowest, 4), "outcomes": stats}), flush=True)
+        return 0
+    status = 0
+    for path in args.files:
+        data = path.read_bytes()
+        try:
+            out = check_input(data, codec, limits, args.strict)
+        except BaseException as exc:
+            traceback.print_exc()
+            print(json.dumps({"file": str(path), "status": "FAILED", "error_type": type(exc).__name__,
+                              "error": str(exc)[:300]}), flush=True)
+            status = 1
+            continue
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # whole process so far
+        print(json.dumps({"file": str(path), **out.as_dict(), "peak_rss_mb": peak_mb}), flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Write the seed corpus fuzz/corpus/ (and, with --crashes, the hand-made reproducers in fuzz/crashes/).
+
+    .venv/bin/python fuzz/make_seeds.py            # rewrites fuzz/corpus/
+    .venv/bin/python fuzz/make_seeds.py --crashes  # also rewrites the hand-made files in fuzz/crashes/
+
+Seeds are encoded with the fuzz model of fuzz/decode_check.py (tiny, seeded, deterministic),
+so they decode with the model the fuzz target builds. ``valid-*`` files must decode;
+``edge-*`` files are hand-made malformed or unusual files that must be refused cleanly
+(or, for the few valid oddities, decode). Everything is deterministic: running the
+script again gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import decode_check as dc  # noqa: E402
+
+from ulbcodec import bitstream as bs  # noqa: E402
+from ulbcodec.bitstream import AnchorPayload, Chunk, Container, Header  # noqa: E402
+
+# (width, height, rate level, downscale, content)
+VALID = [
+    (1, 1, 0, 1, "noise"),
+    (2, 3, 2, 1, "gradient"),
+    (17, 9, 1, 1, "noise"),
+    (64, 64, 0, 1, "flat"),
+    (64, 64, 2, 1, "checker"),
+    (65, 64, 1, 1, "gradient"),
+    (100, 70, 2, 1, "noise"),
+    (130, 200, 1, 1, "gradient"),
+    (300, 40, 0, 1, "checker"),
+    (8, 260, 2, 1, "noise"),
+    (200, 150, 1, 2, "gradient"),
+    (257, 129, 2, 4, "noise"),
+    (520, 300, 0, 8, "checker"),
+    (3, 5, 1, 8, "flat"),
+]
+
+
+def image(width: int, height: int, content: str, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if content == "noise":
+        return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    if content == "flat":
+        return np.full((height, width, 3), rng.integers(0, 256, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width]
+    if content == "checker":
+        v = (((yy // 8) + (xx // 8)) % 2 * 255).astype(np.uint8)
+        return np.stack([v, 255 - v, v // 2], axis=-1)
+    g = (xx * 255 // max(width - 1, 1)).astype(np.uint8)
+    return np.stack([g, (yy * 255 // max(height - 1, 1)).astype(np.uint8), 255 - g], axis=-1)
+
+
+def raw_chunk(ctype: bytes, payload: bytes, crc_xor: int = 0) -> bytes:
+    return bs.write_uvarint(len(payload)) + ctype + payload + ((zlib_crc(ctype + payload) ^ crc_xor).to_bytes(4, "big"))
+
+
+def zlib_crc(data: bytes) -> int:
+    import zlib
+
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def edge_cases(valid: dict, digest: bytes) -> dict:
+    """Hand-made inputs: one per malformed-file class (and a few valid oddities)."""
+    base = valid["valid-064x064-q2-f1-checker.ulb"]
+    prefix, chunks = dc.split_chunks(base)
+    head, anch = chunks[0][1], chunks[1][1]
+    fields = dc.parse_head(head)
+    a = dc.parse_anch(anch)
+
+    def file(*raw_chunks: bytes, prefix: bytes = b"ULB\x01") -> bytes:
+        return prefix + b"".join(raw_chunks)
+
+    def head_with(**kw) -> bytes:
+        f = dict(fields, **kw)
+        return dc.encode_head(f)
+
+    def anch_with(**kw) -> bytes:
+        return dc.encode_anch(dict(a, **kw))
+
+    H = lambda **kw: raw_chunk(b"HEAD", head_with(**kw))  # noqa: E731
+    A = raw_chunk(b"ANCH", anch)
+    out = {
+        "edge-empty.ulb": b"",
+        "edge-magic-only.ulb": b"ULB",
+        "edge-no-chunks.ulb": b"ULB\x01",
+        "edge-version-0.ulb": b"ULB\x00" + base[4:],
+        "edge-version-2.ulb": b"ULB\x02" + base[4:],
+        "edge-wrong-magic.ulb": b"PNG\x01" + base[4:],
+        "edge-trailing-byte.ulb": base + b"\0",
+        "edge-cut-at-chunk-boundary.ulb": file(H()),
+        "edge-cut-mid-chunk.ulb": base[:-5],
+        "edge-crc-flipped.ulb": file(H(), raw_chunk(b"ANCH", anch, crc_xor=1)),
+        "edge-length-varint-6-bytes.ulb": b"ULB\x01" + b"\x80" * 5 + b"\x01" + b"HEAD",
+        "edge-length-over-limit.ulb": b"ULB\x01" + bs.write_uvarint((1 << 30) + 1) + b"HEAD",
+        "edge-chunk-type-not-letters.ulb": file(H(), raw_chunk(b"AN\xffH", anch)),
+        "edge-first-chunk-not-head.ulb": file(A, H()),
+        "edge-duplicate-head.ulb": file(H(count=2), A, H()),
+        "edge-unknown-critical-chunk.ulb": file(H(count=2), A, raw_chunk(b"XTRA", b"x")),
+        "edge-unknown-ancillary-chunk.ulb": file(H(count=2), raw_chunk(b"teXt", b"comment"), A),  # valid: decodes
+        "edge-two-anch.ulb": file(H(count=2), A, A),
+        "edge-no-anch.ulb": file(H(count=0)),
+        "edge-gops-in-image.ulb": file(H(count=2), A, raw_chunk(b"GOPS", b"")),
+        "edge-count-too-high.ulb": file(H(count=2), A),
+        "edge-count-over-limit.ulb": file(H(count=(1 << 16) + 1), A),
+        "edge-head-trailing-bytes.ulb": file(raw_chunk(b"HEAD", head + b"\0"), A),
+        "edge-head-truncated.ulb": file(raw_chunk(b"HEAD", head[:10]), A),
+        "edge-media-video.ulb": file(H(media=1, frames=2, fps_num=25), A),
+        "edge-media-unknown.ulb": file(H(media=7), A),
+        "edge-image-two-frames.ulb": file(H(frames=2), A),
+        "edge-fps-den-zero.ulb": file(H(fps_den=0), A),
+        "edge-width-zero.ulb": file(H(width=0), A),
+        "edge-width-32769.ulb": file(H(width=32769), A),
+        "edge-pixels-over-limit.ulb": file(H(width=32768, height=8193), A),
+        "edge-varint-11-bytes.ulb": file(raw_chunk(b"HEAD", bytes([0]) + b"\xff" * 10 + b"\x01" + head[2:]), A),
+        "edge-wrong-model.ulb": file(H(digest=b"\xde\xad\xbe\xef" * 2), A),
+        "edge-rate-level-not-offered.ulb": file(H(rate_level=7), A),
+        "edge-downscale-3.ulb": file(H(params=[(2, 3)]), A),
+        "edge-unknown-param-id.ulb": file(H(params=[(99, 1)]), A),
+        "edge-65-params.ulb": file(H(params=[(16, i) for i in range(65)]), A),
+        "edge-reserved-params.ulb": file(H(params=[(1, 5), (16, 160), (20, 4)]), A),  # valid: decodes
+        "edge-z-shape-mismatch.ulb": file(H(), raw_chunk(b"ANCH", anch_with(zh=2))),
+        "edge-z-shape-zero.ulb": file(H(), raw_chunk(b"ANCH", anch_with(zh=0))),
+        "edge-z-len-past-end.ulb": file(H(), raw_chunk(b"ANCH", dc.encode_anch(a, zlen=len(a["z"]) + 1000))),
+        "edge-anch-no-check.ulb": file(H(), raw_chunk(b"ANCH", dc.encode_anch(dict(a, y=b""))[:-2])),
+        "edge-symbols-check-wrong.ulb": file(H(), raw_chunk(b"ANCH", anch_with(check=a["check"] ^ 0x5555))),
+        "edge-y-bit-flipped.ulb": file(H(), raw_chunk(b"ANCH", anch_with(y=bytes([a["y"][0] ^ 1]) + a["y"][1:]))),
+        "edge-z-bit-flipped.ulb": file(H(), raw_chunk(b"ANCH", anch_with(z=bytes([a["z"][0] ^ 0x10]) + a["z"][1:]))),
+        "edge-y-extra-words.ulb": file(H(), raw_chunk(b"ANCH", anch_with(y=a["y"] + b"\0" * 8))),
+        "edge-swapped-z-y.ulb": file(H(), raw_chunk(b"ANCH", anch_with(z=a["y"], y=a["z"]))),
+    }
+    assert prefix == b"ULB\x01"
+    return out
+
+
+def crash_reproducers(codec, digest: bytes) -> dict:
+    """Hand-made reproducers of the findings (docs/robustness.md); see fuzz/crashes/README.md."""
+    def image_file(width, height, z, y, check=0, params=None) -> bytes:
+        header = Header(bs.MEDIA_IMAGE, width, height, digest, 1, params=params or {})
+        cw, ch = -(-width // (params or {}).get("downscale", 1)), -(-height // (params or {}).get("downscale", 1))
+        payload = AnchorPayload((-(-ch // 64), -(-cw // 64)), z, y, check)
+        return Container(header, [Chunk(bs.CHUNK_ANCHOR, payload.to_bytes())]).to_bytes()
+
+    # A valid 4096x1024 stream relabelled 32768x8192 with downscale 8: an 11 KB file that
+    # decodes to 268 MP (upscale bomb); and the same header class at full size, 82 bytes.
+    flat = np.full((1024, 4096, 3), 128, np.uint8)
+    coded = Container.from_bytes(codec.encode(flat, 1).data)
+    header = Header(bs.MEDIA_IMAGE, 32768, 8192, digest, 1, params={"downscale": 8})
+    return {
+        "rans-overread-empty-z-2048x2048.ulb": image_file(2048, 2048, b"", b""),
+        "rans-overread-short-z-2048x2048.ulb": image_file(2048, 2048, b"\0" * 8, b"\0" * 16),
+        "size-bomb-32768x8192.ulb": image_file(32768, 8192, b"\0" * 16, b"\0" * 16),
+        "size-bomb-downscale8-valid-stream.ulb": Container(header, coded.chunks).to_bytes(),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="write the fuzz seed corpus")
+    ap.add_argument("--out", type=Path, default=dc.CORPUS_DIR)
+    ap.add_argument("--crashes", action="store_true", help="also write the hand-made reproducers to fuzz/crashes/")
+    args = ap.parse_args()
+    codec = dc.build_codec(Path(tempfile.mkdtemp(prefix="ulbc-seeds-")) / dc.FUZZ_MODEL_NAME)
+    digest = codec.package.short_digest
+    valid = {}
+    for i, (w, h, level, down, content) in enumerate(VALID):
+        data = codec.encode(image(w, h, content, seed=i), level, down).data
+        name = f"valid-{w:03d}x{h:03d}-q{level}-f{down}-{content}.ulb"
+        valid[name] = data
+    files = {**valid, **edge_cases(valid, digest)}
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    for name, data in files.items():
+        (args.out / name).write_bytes(data)
+    total = sum(len(d) for d in files.values())
+    print(f"wrote {len(files)} seeds, {total} bytes, to {args.out}")
+    if args.crashes:
+        dc.CRASHES_DIR.mkdir(exist_ok=True)
+        for name, data in crash_reproducers(codec, digest).items():
+            (dc.CRASHES_DIR / name).write_bytes(data)
+            print(f"wrote {dc.CRASHES_DIR / name} ({len(data)} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
