@@ -237,38 +237,12 @@ def uvarint(value: int) -> bytes:
     return bitstream.write_uvarint(max(0, value))
 
 
-class _Lenient:
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise ValueError("short")
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def uvarint(self, max_bytes: int = 10) -> int:
-        value = 0
-        for i in range(max_bytes):
-            byte = self.u8()
-            value |= (byte & 0x7F) << (7 * i)
-            if not byte & 0x80:
-                return value
-        raise ValueError("varint")
-
-    def rest(self) -> bytes:
-        return self.take(len(self.data) - self.pos)
-
 
 def split_chunks(data: bytes) -> Optional[Tuple[bytes, List[List[bytes]]]]:
     """(magic+version, [[type, payload], ...]) ignoring CRCs, or None if the framing is broken."""
     if len(data) < 4:
         return None
-    r, chunks = _Lenient(data), []
+    r, chunks = bitstream.Reader(data), []
     r.pos = 4
     try:
         while r.pos < len(data):
@@ -296,7 +270,7 @@ HEAD_INTS = ("media", "width", "height", "frames", "fps_num", "fps_den", "rate_l
 
 
 def parse_head(payload: bytes) -> Optional[dict]:
-    r = _Lenient(payload)
+    r = bitstream.Reader(payload)
     try:
         f = {"media": r.u8()}
         for k in ("width", "height", "frames", "fps_num", "fps_den"):
@@ -306,7 +280,7 @@ def parse_head(payload: bytes) -> Optional[dict]:
         f["seed"] = r.uvarint()
         f["params"] = [(r.uvarint(), r.uvarint()) for _ in range(min(r.uvarint(), 200))]
         f["count"] = r.uvarint()
-        f["tail"] = r.rest()
+        f["tail"] = r.take(r.remaining)
     except ValueError:
         return None
     return f
@@ -325,12 +299,12 @@ def encode_head(f: dict) -> bytes:
 
 
 def parse_anch(payload: bytes) -> Optional[dict]:
-    r = _Lenient(payload)
+    r = bitstream.Reader(payload)
     try:
         zh, zw, zlen = r.uvarint(), r.uvarint(), r.uvarint()
         z = r.take(zlen)
         (check,) = struct.unpack(">H", r.take(2))
-        return {"zh": zh, "zw": zw, "z": z, "check": check, "y": r.rest()}
+        return {"zh": zh, "zw": zw, "z": z, "check": check, "y": r.take(r.remaining)}
     except ValueError:
         return None
 

@@ -27,7 +27,6 @@ and out, never the whole clip.
 from __future__ import annotations
 
 import collections
-import math
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Deque, Iterable, Iterator, List, Optional, Tuple
@@ -235,11 +234,3 @@ class VideoCodec:
     def decode(self, data: bytes) -> Iterator[np.ndarray]:
         return self.decode_container(Container.from_bytes(data))
 
-
-def bpp(data: bytes, header: Header) -> float:
-    return len(data) * 8 / (header.width * header.height * header.frames)
-
-
-def frames_per_round(gops: GopStructure) -> float:
-    rounds = [a for _, rs in gops.segments for a in rs]
-    return sum(rounds) / len(rounds) if rounds else math.nan
