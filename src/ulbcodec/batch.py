@@ -41,6 +41,7 @@ class Skipped(Exception):
 class Task:
     src: Path
     dst: Path
+    planned: bool = False  # dst derived under --out-dir (its suffix a default), not given with -o
 
 
 def _collect(folder: Path, extensions: Iterable[str], recursive: bool) -> List[Path]:
@@ -78,11 +79,11 @@ def plan(
         if src.is_dir():
             for f in _collect(src, in_extensions, recursive):
                 rel = f.relative_to(src).with_suffix(out_suffix)
-                tasks.append(Task(f, Path(out_dir) / rel))
+                tasks.append(Task(f, Path(out_dir) / rel, planned=True))
         elif output:
             tasks.append(Task(src, Path(output)))
         else:
-            tasks.append(Task(src, Path(out_dir) / (src.stem + out_suffix)))
+            tasks.append(Task(src, Path(out_dir) / (src.stem + out_suffix), planned=True))
     seen = {}
     for t in tasks:
         if t.dst in seen:

@@ -21,6 +21,7 @@ failure raises :class:`BitstreamError` with one human-readable line.
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -151,6 +152,10 @@ class Header:
     @property
     def fps(self) -> float:
         return self.fps_num / self.fps_den if self.fps_den else 0.0
+
+    @property
+    def fps_fraction(self) -> Fraction:
+        return Fraction(self.fps_num, self.fps_den)
 
     def validate(self) -> None:
         if self.media not in MEDIA_KINDS:
@@ -469,10 +474,18 @@ def describe(container: Container) -> dict:
     chunks = [
         {"type": "HEAD", "offset": container.header_chunk.offset, "bytes": container.header_chunk.size}
     ] + [{"type": c.type.decode(), "offset": c.offset, "bytes": c.size} for c in container.chunks]
-    return {
+    desc = {
         "version": container.version,
         **h.as_dict(),
         "bytes": container.total_bytes,
         "bpp": container.total_bytes * 8 / pixels,
         "chunks": chunks,
     }
+    gops = container.find(CHUNK_GOPS)
+    if h.media == MEDIA_VIDEO and len(gops) == 1:
+        structure = GopStructure.from_bytes(gops[0].payload, h.frames, h.params.get("cond_frames", 0),
+                                            h.params.get("pred_frames", 0))
+        types = structure.frame_types()
+        desc["gop"] = {"frame_types": types, "keyframes": [i for i, t in enumerate(types) if t == "K"],
+                       "rounds": [a for _, rounds in structure.segments for a in rounds]}
+    return desc

@@ -53,8 +53,17 @@ def _skipping_existing(skip_existing: bool):
         raise Skipped("output exists") from None
 
 
-def _encode_job(codec, task, quality: Optional[int], bpp: Optional[float], downscale: int, force: bool,
-                skip_existing: bool = False, budget=None) -> dict:
+def _is_video_input(path: Path) -> bool:
+    from ulbcodec.io import is_video_path
+
+    return is_video_path(path) or path.is_dir()  # a folder given as one input is a frame sequence
+
+
+def _encode_job(encoders, task, quality: Optional[int], bpp: Optional[float], downscale: int, force: bool,
+                skip_existing: bool = False, budget=None, video=None, progress: bool = False) -> dict:
+    if _is_video_input(task.src):
+        return _encode_video_job(encoders.video, task, quality, bpp, force, skip_existing, budget, video, progress)
+    codec = encoders.image
     from ulbcodec.io import check_input, check_output, image_size, read_image, write_bytes
 
     with _skipping_existing(skip_existing):
@@ -83,20 +92,109 @@ def _encode_job(codec, task, quality: Optional[int], bpp: Optional[float], downs
             "timings": {k: round(v, 3) for k, v in result.timings.items()}}
 
 
-def _decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int = 1, seed: Optional[int] = None,
-                skip_existing: bool = False, budget=None) -> dict:
-    from ulbcodec.bitstream import read_file
-    from ulbcodec.io import check_input, check_output, image_format, input_error, write_image
+def _encode_video_job(codec, task, quality: Optional[int], bpp: Optional[float], force: bool, skip_existing: bool,
+                      budget, settings, progress: bool) -> dict:
+    import dataclasses
 
-    image_format(task.dst)
+    from tqdm import tqdm
+
+    from ulbcodec.io import VideoReader, check_output, write_bytes
+    from ulbcodec.video import file_bpp
+
     with _skipping_existing(skip_existing):
         check_output(task.dst, force)
+        reader = VideoReader(task.src)  # size and rate from the header; frames are streamed
+        (width, height), notes = reader.size, []
+        if budget is not None:  # a window of K + P frames: the image decoder's peak per frame
+            from ulbcodec import resources
+
+            budget.check(resources.estimate_decode(width, height, 1, True, resources.weights_bytes(codec.package)),
+                         f"encoding {width}x{height} video")
+        settings = dataclasses.replace(settings, rate_level=quality)
+        t0 = time.perf_counter()
+        if bpp is not None:
+            reader.close()
+            data, gops, settings, met = codec.encode_to_bpp(lambda: VideoReader(task.src), reader.fps, settings, bpp)
+            if not met:
+                notes.append(f"target {bpp} bpp is below the smallest file ulbc makes ({file_bpp(data):.5f} bpp, "
+                             f"level {settings.rate_level}, threshold {settings.threshold})")
+        else:
+            with tqdm(total=reader.expected_frames, unit="frame", disable=not progress, file=sys.stderr,
+                      leave=False) as bar:
+                data, gops = codec.encode(reader, reader.fps, settings,
+                                          progress=lambda done: bar.update(done - bar.n))
+        seconds = time.perf_counter() - t0
+        write_bytes(task.dst, data, force=force)
+    level = codec.image.default_level if settings.rate_level is None else settings.rate_level
+    return {"media": "video", "width": width, "height": height, "frames": gops.frames, "rate_level": level,
+            "threshold": settings.threshold, "keyframes": gops.keyframes, "frame_types": gops.frame_types(),
+            "bytes": len(data), "bpp": round(file_bpp(data), 6), "notes": notes,
+            "timings": {"frames_per_s": round(gops.frames / seconds, 3)}}
+
+
+def _decode_video(decoders, container, task, force: bool, video_format: str, lossless: bool, progress: bool):
+    """Frames streamed from the decoder to the output (mp4/mkv/y4m or a frame folder)."""
+    from tqdm import tqdm
+
+    from ulbcodec.io import IMAGE_EXTENSIONS, OutputError, OutputExistsError, write_video
+
+    dst = task.dst
+    if dst.suffix.lower() in IMAGE_EXTENSIONS:
+        if task.planned:  # --out-dir: the image suffix was a default, videos get theirs
+            dst = dst.with_suffix("" if video_format == "frames" else "." + video_format)
+        else:
+            raise OutputError(f"{task.src} is a video; write it to .mp4, .mkv, .y4m or a folder, not {dst.suffix}")
+    if dst.exists() and not force:  # before decoding (checked again when the output is put in place)
+        raise OutputExistsError(f"{dst}: already exists (use --force to overwrite)")
+    h = container.header
+    codec = decoders.video_for(h)
+    t0 = time.perf_counter()
+    with tqdm(total=h.frames, unit="frame", disable=not progress, file=sys.stderr, leave=False) as bar:
+        def frames():
+            for frame in codec.decode_container(container):
+                bar.update(1)
+                yield frame
+
+        write_video(dst, frames(), h.fps_fraction, force=force, lossless=lossless)
+    return dst, {"media": "video", "frames": h.frames, "timings": {"frames_per_s": round(h.frames / (time.perf_counter() - t0), 3)}}
+
+
+def _decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int = 1, seed: Optional[int] = None,
+                skip_existing: bool = False, budget=None, video_format: str = "mp4", lossless: bool = False,
+                progress: bool = False) -> dict:
+    from ulbcodec.bitstream import MEDIA_VIDEO, read_file
+    from ulbcodec.io import (IMAGE_EXTENSIONS, check_input, check_output, image_format, input_error, video_output_kind,
+                             write_image)
+
+    is_image_dst = task.dst.suffix.lower() in IMAGE_EXTENSIONS
+    if is_image_dst:
+        image_format(task.dst)
+    else:
+        video_output_kind(task.dst)
+    with _skipping_existing(skip_existing):
+        if is_image_dst:
+            check_output(task.dst, force)
         check_input(task.src)
         try:
             container = read_file(task.src)
         except OSError as exc:
             raise input_error(task.src, exc) from None
         h = container.header
+        if h.media == MEDIA_VIDEO:
+            if anchor_only or steps > 1:
+                raise ValueError(f"{task.src}: --anchor-only and --steps apply to images, this file is a video")
+            if budget is not None:
+                from ulbcodec import resources
+
+                package = codec.codec_for(h).package
+                budget.check(resources.estimate_decode(h.width, h.height, 1, True, resources.weights_bytes(package)),
+                             f"decoding {h.width}x{h.height} video")
+            dst, record = _decode_video(codec, container, task, force, video_format, lossless, progress)
+            pixels = h.width * h.height * h.frames
+            return {"output": str(dst), "width": h.width, "height": h.height, "rate_level": h.rate_level,
+                    "bytes": container.total_bytes, "bpp": round(container.total_bytes * 8 / pixels, 6), **record}
+        if not is_image_dst:
+            raise ValueError(f"{task.src} is an image; write it to .png, .jpg, .webp or .tiff")
         if budget is not None:  # from the header, before entropy decoding
             from ulbcodec import resources
 
@@ -118,6 +216,41 @@ def _load_codec(model: str, device: str):
     from ulbcodec.image import ImageCodec
 
     return ImageCodec.from_pretrained(model, device=device)
+
+
+class _Encoders:
+    """The image and video encoders of one encode command, each loaded on first use:
+    ``--model`` for both, else the default image model and the default video model."""
+
+    def __init__(self, model: Optional[str], device: str):
+        self.model, self.device = model, device
+        self._image = self._video = None
+
+    @property
+    def image(self):
+        if self._image is None:
+            self._image = _load_codec(self.model or "default", self.device)
+        return self._image
+
+    @property
+    def video(self):
+        if self._video is None:
+            from ulbcodec.video import VideoCodec
+
+            name = self.model or "video"
+            self._video = VideoCodec(_load_codec(name, self.device).package, self.device,
+                                     image=_load_codec(name, self.device))
+        return self._video
+
+
+@functools.lru_cache(maxsize=2)
+def _load_encoders(need_image: bool, need_video: bool, model: Optional[str], device: str) -> _Encoders:
+    encoders = _Encoders(model, device)
+    if need_image:  # load now: a bad --model fails once, before any work
+        encoders.image
+    if need_video:
+        encoders.video
+    return encoders
 
 
 @functools.lru_cache(maxsize=2)
@@ -160,14 +293,15 @@ def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosi
                     click.echo(f"{record['input']} -> {record['output']}: skipped ({record['reason']})", err=True)
                 continue
             total_bytes += record["bytes"]
-            total_pixels += record["width"] * record["height"]
+            total_pixels += record["width"] * record["height"] * record.get("frames", 1)
             for note in record.get("notes", []):
                 if verbosity >= 0:
                     click.echo(f"ulbc: warning: {record['input']}: {note}", err=True)
             if verbosity >= 1 and not as_json:
                 bar.clear()
+                video = f", {record['frames']} frames {record['frame_types']}" if "frame_types" in record else ""
                 click.echo(f"{record['input']} -> {record['output']}: {record['bytes']} bytes, "
-                           f"{record['bpp']:.5f} bpp, level {record['rate_level']}, "
+                           f"{record['bpp']:.5f} bpp, level {record['rate_level']}{video}, "
                            f"{record['seconds']:.2f} s {record['timings']}", err=True)
     except KeyboardInterrupt:
         records.close()  # stops the workers; each removes its temporary file
@@ -278,38 +412,73 @@ def _with_options(options):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ulbc")
 def cli() -> None:
-    """ulbc: ultra-low-bitrate generative codec for images (and, later, videos)."""
+    """ulbc: ultra-low-bitrate generative codec for images and videos."""
     logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 
 @cli.command()
 @click.argument("inputs", nargs=-1, type=click.Path())
 @_with_options(common_batch)
-@click.option("--model", default="default", show_default=True, help="Model name or package directory.")
-@click.option("--quality", type=int, help="Rate level of the model (0 = lowest rate); default: the model's default.")
+@click.option("--model", default=None, help="Model name or package directory [default: 'default' for images, "
+              "'video' for videos].")
+@click.option("--quality", type=int, help="Rate level of the model (0 = lowest rate); default: the model's default. "
+              "Videos: the keyframes' level.")
 @click.option("--bpp", type=click.FloatRange(min=0, min_open=True),
-              help="Target bits per pixel: the largest file at or under it (searches levels and downscale).")
+              help="Target bits per pixel: the largest file at or under it (images: searches levels and downscale; "
+                   "videos: keyframe level and threshold).")
 @click.option("--downscale", type=click.Choice([str(f) for f in DOWNSCALES]), default="1", show_default=True,
               help="Code the image at 1/F size; the decoder upsamples (reaches rates below the lowest level).")
+@click.option("--threshold", type=click.FloatRange(min=0), default=0.16, show_default=True,
+              help="Video: largest perceptual distance of an accepted predicted frame (0: every frame a keyframe).")
+@click.option("--metric", type=click.Choice(["ms-ssim", "lpips"]), default="ms-ssim", show_default=True,
+              help="Video: the distance (ms-ssim: 1 - MS-SSIM; lpips needs its weights installed).")
+@click.option("--max-gop", type=click.IntRange(0, 4096), default=64, show_default=True,
+              help="Video: longest run of predicted frames before the next keyframes.")
+@click.option("--seed", "video_seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Video: stream seed; each prediction round's noise derives from it and the round alone.")
+@click.option("--generative-keyframes", is_flag=True,
+              help="Video: decode keyframes with the generative decoder (slower) instead of as anchor frames.")
 def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, skip_existing, max_memory, quiet,
-           verbose, quality, bpp, downscale):
-    """Encode images to .ulb files."""
-    from ulbcodec.io import READ_EXTENSIONS
+           verbose, quality, bpp, downscale, threshold, metric, max_gop, video_seed, generative_keyframes):
+    """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files."""
+    from ulbcodec.batch import Task
+    from ulbcodec.io import READ_EXTENSIONS, VIDEO_EXTENSIONS
+    from ulbcodec.video import VideoSettings
 
     if quality is not None and bpp is not None:
         raise click.UsageError("use either --quality or --bpp, not both")
     if bpp is not None and downscale != "1":
         raise click.UsageError("--bpp chooses the downscale factor itself; drop --downscale")
-    tasks = _plan(inputs, output, out_dir, recursive, READ_EXTENSIONS, ".ulb")
+    if len(inputs) == 1 and Path(inputs[0]).is_dir() and output and not out_dir:
+        tasks = [Task(Path(inputs[0]), Path(output))]  # one folder to one file: a sequence of frames
+    else:
+        tasks = _plan(inputs, output, out_dir, recursive, READ_EXTENSIONS | VIDEO_EXTENSIONS, ".ulb")
+    need_video = any(_is_video_input(t.src) for t in tasks)
+    need_image = not all(_is_video_input(t.src) for t in tasks)
     budget = _batch_limits("encode", tasks, jobs, force, skip_existing, max_memory)
-    factory = _factory(_load_codec, model, device)
+    factory = _factory(functools.partial(_load_encoders, need_image, need_video), model, device)
+    if need_video and metric == "lpips":
+        from ulbcodec.metrics import available_metrics
+
+        raise click.UsageError(f"--metric lpips: {available_metrics().get('lpips', 'unavailable')}")
     if quality is not None:
-        levels = factory().rate_levels
-        if quality not in levels:
-            raise click.UsageError(f"--quality must be one of the model's rate levels {levels[0]}..{levels[-1]}")
+        encoders = factory()
+        for codec in ([encoders.image] if need_image else []) + ([encoders.video.image] if need_video else []):
+            levels = codec.rate_levels
+            if quality not in levels:
+                raise click.UsageError(f"--quality must be one of the model's rate levels {levels[0]}..{levels[-1]}")
+    settings = VideoSettings(threshold=threshold, metric=metric, max_gop=max_gop, seed=video_seed,
+                             generative_keyframes=generative_keyframes)
+    verbosity = _verbosity(quiet, verbose)
     job = functools.partial(_encode_job, quality=quality, bpp=bpp, downscale=int(downscale), force=force,
-                            skip_existing=skip_existing, budget=budget)
-    _run_batch("encoded", tasks, factory, job, jobs, as_json, _verbosity(quiet, verbose), skip_existing)
+                            skip_existing=skip_existing, budget=budget, video=settings,
+                            progress=_frame_progress(tasks, jobs, as_json, verbosity))
+    _run_batch("encoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing)
+
+
+def _frame_progress(tasks, jobs: int, as_json: bool, verbosity: int) -> bool:
+    """A per-frame bar for one long video at a terminal (a batch has its per-file bar)."""
+    return len(tasks) == 1 and jobs == 1 and not as_json and verbosity >= 0 and sys.stderr.isatty()
 
 
 @cli.command()
@@ -325,24 +494,29 @@ def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
               help="Generative decoding steps: 1 = one-step bypass decoding; N > 1 samples from seeded noise.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1),
               help="Noise seed for --steps > 1 [default: the seed stored in the file].")
+@click.option("--video-format", type=click.Choice(["mp4", "mkv", "y4m", "frames"]), default="mp4", show_default=True,
+              help="Output format of videos under --out-dir (frames: a folder of PNGs).")
+@click.option("--lossless", is_flag=True,
+              help="Videos to mp4/mkv: lossless RGB H.264 (qp 0) instead of high-quality 4:2:0 (crf 12).")
 def decode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, skip_existing, max_memory, quiet,
-           verbose, fmt, anchor_only, steps, seed):
-    """Decode .ulb files to images (format from the -o extension: png, jpg, webp, tiff)."""
-    from ulbcodec.io import image_format, OutputError
+           verbose, fmt, anchor_only, steps, seed, video_format, lossless):
+    """Decode .ulb files: images to png, jpg, webp or tiff; videos to mp4, mkv, y4m or a folder
+    of frames (from the -o extension; a name without one is a folder)."""
+    from ulbcodec.io import IMAGE_EXTENSIONS, VIDEO_WRITE_EXTENSIONS
 
     tasks = _plan(inputs, output, out_dir, recursive, [".ulb"], "." + fmt)
-    if output:
-        try:
-            image_format(output)
-        except OutputError as exc:
-            raise click.UsageError(str(exc)) from None
+    if output and Path(output).suffix.lower() not in IMAGE_EXTENSIONS.keys() | VIDEO_WRITE_EXTENSIONS | {""}:
+        raise click.UsageError(f"{output}: unsupported output format {Path(output).suffix}; use .png, .jpg, .webp, "
+                               ".tiff (images), .mp4, .mkv, .y4m or a folder name (videos)")
     budget = _batch_limits("decode", tasks, jobs, force, skip_existing, max_memory)
     factory = _factory(_load_decoders, model, device)
     if anchor_only and steps > 1:
         raise click.UsageError("--steps applies to the generative decoder; drop --anchor-only")
+    verbosity = _verbosity(quiet, verbose)
     job = functools.partial(_decode_job, force=force, anchor_only=anchor_only, steps=steps, seed=seed,
-                            skip_existing=skip_existing, budget=budget)
-    _run_batch("decoded", tasks, factory, job, jobs, as_json, _verbosity(quiet, verbose), skip_existing)
+                            skip_existing=skip_existing, budget=budget, video_format=video_format, lossless=lossless,
+                            progress=_frame_progress(tasks, jobs, as_json, verbosity))
+    _run_batch("decoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing)
 
 
 @cli.command()
@@ -373,6 +547,10 @@ def info(files, as_json):
                    f"{desc['bytes']} bytes, {desc['bpp']:.6f} bpp")
         for key in ("frames", "fps", "model_digest", "rate_level", "seed", "params"):
             click.echo(f"  {key:13s} {desc[key]}")
+        if "gop" in desc:  # K keyframe, p first frame of a prediction round, P predicted
+            gop = desc["gop"]
+            click.echo(f"  {'keyframes':13s} {len(gop['keyframes'])} at frames {gop['keyframes']}")
+            click.echo(f"  {'frame types':13s} {gop['frame_types']}  (K keyframe, p/P predicted, p starts a round)")
         for chunk in desc["chunks"]:
             click.echo(f"  chunk {chunk['type']} at byte {chunk['offset']}: {chunk['bytes']} bytes")
     sys.exit(EXIT_FAILED if failed else EXIT_OK)

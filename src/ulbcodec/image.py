@@ -306,6 +306,7 @@ class DecoderSet:
         self.device = device
         self.fixed = ImageCodec.from_pretrained(model, device) if model is not None else None
         self.by_digest: Dict[bytes, ImageCodec] = {}
+        self.videos: Dict[bytes, "VideoCodec"] = {}  # noqa: F821 - built on first use
         self.last_timings: Dict[str, float] = {}
 
     def codec_for(self, header: Header) -> ImageCodec:
@@ -320,6 +321,16 @@ class DecoderSet:
                 )
             self.by_digest[header.model_digest] = ImageCodec.from_pretrained(str(path), self.device)
         return self.by_digest[header.model_digest]
+
+    def video_for(self, header: Header):
+        """The video codec (image model + frame predictor) of the file's package."""
+        from ulbcodec.video import VideoCodec
+
+        image = self.codec_for(header)
+        key = image.package.short_digest
+        if key not in self.videos:
+            self.videos[key] = VideoCodec(image.package, self.device, image=image)
+        return self.videos[key]
 
     def decode_container(self, container: Container, **options) -> np.ndarray:
         codec = self.codec_for(container.header)

@@ -1,4 +1,4 @@
-"""Images in and out: strict reading, normalisation to 8-bit RGB, atomic writing.
+"""Images and videos in and out: strict reading, normalisation to 8-bit RGB, atomic writing.
 
 Every failure is an :class:`InputError` (bad input) or :class:`OutputError` (cannot write)
 carrying one human-readable line; the CLI prints it and exits non-zero. Outputs are
@@ -19,8 +19,9 @@ import os
 import stat
 import tempfile
 import warnings
+from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, Iterable, Iterator, List, Tuple
 
 import numpy as np
 
@@ -253,3 +254,198 @@ def write_image(path, rgb: np.ndarray, force: bool = False) -> None:
                "PNG": {"compress_level": 6}, "TIFF": {"compression": "tiff_deflate"}}[fmt]
     image = Image.fromarray(np.ascontiguousarray(rgb), "RGB")
     atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **options), force)
+
+
+# ------------------------------------------------------------------ videos
+#
+# Videos are streamed through the ffmpeg inside imageio-ffmpeg: frames come in and go
+# out one at a time, never the whole clip in memory. A folder of numbered images is a
+# video too (read in name order; written as frame-000001.png, ...).
+
+VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".y4m", ".gif", ".mov", ".avi"}
+VIDEO_WRITE_EXTENSIONS = {".mp4", ".mkv", ".y4m"}
+DEFAULT_FRAME_FOLDER_FPS = Fraction(25)
+
+
+def is_video_path(path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _ffmpeg_fps(value) -> Fraction:
+    """ffmpeg reports 29.97 as 29.97: recover the NTSC fraction (30000/1001)."""
+    fps = float(value)
+    if not fps > 0:
+        raise ValueError("frame rate must be positive")
+    for base in (24, 30, 48, 60, 120):
+        if abs(fps - base * 1000 / 1001) < 0.006:
+            return Fraction(base * 1000, 1001)
+    return Fraction(fps).limit_denominator(1001)
+
+
+class VideoReader:
+    """A video file or a folder of frames, streamed. ``size`` (w, h) and ``fps`` are known
+    on opening; iterating yields HxWx3 uint8 frames and, at the end, checks that the file
+    held as many frames as its header promised (a truncated file is an InputError)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            self._files = sorted(p for p in self.path.iterdir()
+                                 if p.suffix.lower() in READ_EXTENSIONS and not p.name.startswith("."))
+            if not self._files:
+                raise InputError(f"{self.path}: folder holds no image frames")
+            self.size = image_size(self._files[0])
+            self.fps, self.expected_frames = DEFAULT_FRAME_FOLDER_FPS, len(self._files)
+            return
+        check_input(self.path)
+        self._files = None
+        import imageio_ffmpeg
+
+        try:
+            self._gen = imageio_ffmpeg.read_frames(str(self.path), pix_fmt="rgb24")
+            meta = next(self._gen)
+            self.size = tuple(meta["size"])
+            self.fps = _ffmpeg_fps(meta.get("fps") or 25)
+        except (OSError, RuntimeError, StopIteration, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{self.path}: not a readable video ({_first_line(exc)})") from None
+        if self.size[0] < 1 or self.size[1] < 1:
+            raise InputError(f"{self.path}: video has no pixels ({self.size[0]}x{self.size[1]})")
+        # ffmpeg's container estimate; None when the container does not say (y4m, some gifs).
+        duration = meta.get("duration") or 0
+        self.expected_frames = round(duration * float(self.fps)) if duration and meta.get("fps") else None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self._files is not None:
+            for f in self._files:
+                rgb, _ = read_image(f)
+                if (rgb.shape[1], rgb.shape[0]) != self.size:
+                    raise InputError(f"{f}: frame is {rgb.shape[1]}x{rgb.shape[0]}, the first frame "
+                                     f"{self.size[0]}x{self.size[1]}")
+                yield rgb
+            return
+        w, h = self.size
+        count = 0
+        try:
+            for raw in self._gen:
+                if len(raw) != w * h * 3:
+                    raise InputError(f"{self.path}: truncated video (frame {count} is incomplete)")
+                count += 1
+                yield np.frombuffer(raw, np.uint8).reshape(h, w, 3)
+        except (OSError, RuntimeError) as exc:
+            raise InputError(f"{self.path}: corrupt or truncated video after {count} frames "
+                             f"({_first_line(exc)})") from None
+        if count == 0:
+            raise InputError(f"{self.path}: video holds no decodable frame")
+        # Containers round their duration: allow a frame or two, not a missing tail.
+        if self.expected_frames and count < self.expected_frames - max(2, self.expected_frames // 50):
+            raise InputError(f"{self.path}: truncated video ({count} frames decoded, the container "
+                             f"announces {self.expected_frames})")
+
+    def close(self) -> None:
+        if self._files is None:
+            self._gen.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else exc.__class__.__name__
+
+
+def video_output_kind(path) -> str:
+    """'mp4', 'mkv', 'y4m', or 'frames' (a folder: a path without a video extension)."""
+    ext = Path(path).suffix.lower()
+    if ext in VIDEO_WRITE_EXTENSIONS:
+        return ext[1:]
+    if ext in IMAGE_EXTENSIONS or ext in VIDEO_EXTENSIONS:
+        raise OutputError(f"{path}: unsupported video output {ext}; use .mp4, .mkv, .y4m or a folder name")
+    return "frames"
+
+
+def _ffmpeg_output(kind: str, lossless: bool) -> Tuple[str, str, List[str]]:
+    """(codec, output pixel format, extra output params) for one output kind."""
+    if kind == "y4m":
+        return "rawvideo", "yuv444p", ["-f", "yuv4mpegpipe", "-strict", "-1"]
+    fmt = ["-f", "matroska" if kind == "mkv" else "mp4"]
+    if lossless:  # RGB, qp 0: bit-exact frames (players without RGB H.264 support may refuse it)
+        return "libx264rgb", "rgb24", ["-qp", "0", "-preset", "medium"] + fmt
+    # High quality, plays everywhere: 4:2:0, crf 12.
+    return "libx264", "yuv420p", ["-crf", "12", "-preset", "medium"] + fmt
+
+
+def write_video(path, frames: Iterable[np.ndarray], fps: Fraction, force: bool = False,
+                lossless: bool = False) -> int:
+    """Stream HxWx3 uint8 frames to ``path`` (mp4/mkv: H.264, ``lossless`` for RGB qp 0;
+    y4m: raw 4:4:4; a folder: PNG per frame), atomically; returns the frame count. Nothing
+    is left under ``path`` when the frames iterator raises."""
+    kind = video_output_kind(path)
+    if kind == "frames":
+        return _write_frame_folder(Path(path), frames, force)
+    count = 0
+
+    def _write(tmp: str) -> None:
+        import imageio_ffmpeg
+
+        nonlocal count
+        writer = None
+        try:
+            for frame in frames:
+                if writer is None:
+                    h, w = frame.shape[:2]
+                    codec, pix_out, params = _ffmpeg_output(kind, lossless)
+                    if pix_out == "yuv420p" and (w % 2 or h % 2):
+                        pix_out = "yuv444p"  # 4:2:0 needs even sides; the size is kept, never padded
+                    writer = imageio_ffmpeg.write_frames(tmp, (w, h), fps=float(fps), codec=codec,
+                                                         pix_fmt_in="rgb24", pix_fmt_out=pix_out,
+                                                         output_params=params + ["-r", str(fps)],
+                                                         macro_block_size=1, ffmpeg_log_level="error")
+                    writer.send(None)
+                writer.send(np.ascontiguousarray(frame))
+                count += 1
+            if writer is None:
+                raise ValueError("no frames to write")
+        finally:
+            if writer is not None:  # ffmpeg must be done before the temporary file is removed
+                writer.close()
+
+    atomic_write(path, _write, force)
+    return count
+
+
+def _write_frame_folder(path: Path, frames: Iterable[np.ndarray], force: bool) -> int:
+    """Frames as PNGs in a new folder, built as a hidden temporary folder and renamed into
+    place; with ``force`` an existing frame folder is replaced, only after the new one is
+    complete."""
+    from PIL import Image
+
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a folder")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path}: already exists (use --force to overwrite)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create folder ({exc.strerror or exc})") from None
+    old = None
+    try:
+        count = 0
+        for count, frame in enumerate(frames, 1):
+            Image.fromarray(np.ascontiguousarray(frame), "RGB").save(tmp / f"frame-{count:06d}.png", compress_level=6)
+        _default_mode()  # reads the umask
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0o700 is for the temporary folder only
+        if path.exists():
+            old = path.with_name(f".{path.name}.old.{os.getpid()}")
+            os.rename(path, old)
+        os.rename(tmp, path)
+        return count
+    except OSError as exc:
+        if old is not None and not path.exists():
+            os.rename(old, path)
+            old = None
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        import shutil
+
+        for leftover in (tmp, old):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)

@@ -27,6 +27,7 @@ and out, never the whole clip.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Deque, Iterable, Iterator, List, Optional, Tuple
@@ -74,17 +75,27 @@ class VideoSettings:
     generative_keyframes: bool = False
 
 
+def file_bpp(data: bytes) -> float:
+    """bpp of a complete .ulb file: its size x 8 / (width x height x frames)."""
+    h = Container.from_bytes(data).header
+    return len(data) * 8 / (h.width * h.height * h.frames)
+
+
+def is_video_package(package: packages.ModelPackage) -> bool:
+    return bool(package.extra.get("video")) and "predictor" in package.components
+
+
 class VideoCodec:
     """Encode/decode frame sequences with a video model package (an image model plus a
     frame predictor: components ``predictor`` and ``predictor_scheduler``, settings in
     ``extra.video``)."""
 
-    def __init__(self, package: packages.ModelPackage, device: str = "cpu"):
-        video = package.extra.get("video")
-        if not video or "predictor" not in package.components:
+    def __init__(self, package: packages.ModelPackage, device: str = "cpu", image: Optional[ImageCodec] = None):
+        if not is_video_package(package):
             raise packages.ModelError(f"model {package.name!r} has no frame predictor (not a video model)")
+        video = package.extra["video"]
         self.package = package
-        self.image = ImageCodec(package, device)
+        self.image = image if image is not None and image.package is package else ImageCodec(package, device)
         self.cond_frames, self.pred_frames, self.steps = video["cond_frames"], video["pred_frames"], video["steps"]
         self._predictor = None
 
@@ -193,6 +204,36 @@ class VideoCodec:
         chunks = [Chunk(bitstream.CHUNK_GOPS, gops.to_bytes())]
         chunks += [Chunk(bitstream.CHUNK_ANCHOR, a.to_bytes()) for a in anchors]
         return Container(header, chunks).to_bytes(), gops
+
+    def encode_to_bpp(self, open_frames: Callable[[], Iterable[np.ndarray]], fps: Fraction,
+                      settings: VideoSettings, target_bpp: float) -> Tuple[bytes, GopStructure, VideoSettings, bool]:
+        """The largest file at or under ``target_bpp``, searching keyframe level and threshold.
+
+        The operating points form one ladder ordered by rate: every keyframe level from the
+        highest down at ``settings.threshold``, then the lowest level at thresholds growing
+        by 1.5x (more predicted frames accepted). The rate falls along the ladder, so a
+        binary search needs about log2(len) encodes; ``open_frames`` re-reads the clip for
+        each (frames are streamed, never kept). Returns (data, gops, settings used, met);
+        when nothing is under the target, the smallest file found with ``met=False``.
+        """
+        levels = sorted(self.image.rate_levels, reverse=True)
+        base = settings.threshold if settings.threshold > 0 else 0.02
+        ladder = [(lv, settings.threshold) for lv in levels]
+        ladder += [(levels[-1], round(base * 1.5 ** i, 3)) for i in range(1, 7)]
+        lo, hi, best, smallest = 0, len(ladder) - 1, None, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            level, threshold = ladder[mid]
+            tried = dataclasses.replace(settings, rate_level=level, threshold=threshold)
+            data, gops = self.encode(open_frames(), fps, tried)
+            result = (data, gops, tried)
+            if smallest is None or len(data) < len(smallest[0]):
+                smallest = result
+            if file_bpp(data) <= target_bpp:
+                best, hi = result, mid - 1
+            else:
+                lo = mid + 1
+        return (*best, True) if best else (*smallest, False)
 
     # ------------------------------------------------------------------ decode
 

@@ -206,7 +206,8 @@ def _load_diffusers(cls, folder: Path, device: str):
     if not hasattr(cls, "save_pretrained") or not hasattr(cls, "parameters"):  # a scheduler: config only
         return cls.from_pretrained(str(folder))
     try:
-        module = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True, torch_dtype=torch.float32)
+        module = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True, torch_dtype=torch.float32,
+                                     low_cpu_mem_usage=False)  # accelerate is not a dependency
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{folder}: cannot load {cls.__name__} ({str(exc).splitlines()[0]})") from None
     # Tensors loaded from a file are not 64-byte aligned, which made some kernels differ by

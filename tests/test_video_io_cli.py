@@ -1,0 +1,190 @@
+"""Videos through the command line and the streaming video I/O, with a tiny random video model."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from ulbcodec import io
+from ulbcodec.video import VideoCodec, VideoSettings
+
+from conftest import make_tiny_video_package
+from test_cli import _invoke, ulbc
+from test_video_codec import clip
+
+
+@pytest.fixture(scope="module")
+def video_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("video-models")
+    make_tiny_video_package(root)
+    return root
+
+
+@pytest.fixture()
+def env(video_models, monkeypatch):
+    monkeypatch.setenv("ULBC_MODEL_PATH", str(video_models))
+    return video_models
+
+
+def write_clip(path, frames, fps=Fraction(25)):
+    io.write_video(path, iter(frames), fps, lossless=True)
+    return path
+
+
+# ------------------------------------------------------------------ video I/O
+
+
+@pytest.mark.parametrize("ext,lossless", [("mkv", True), ("mp4", True), ("mp4", False), ("y4m", False)])
+def test_video_round_trip_keeps_size_rate_and_count(tmp_path, ext, lossless):
+    frames = clip(7, 37, 51)  # odd sides: 4:2:0 is not possible, the size must still be kept
+    path = tmp_path / f"a.{ext}"
+    assert io.write_video(path, iter(frames), Fraction(30000, 1001), lossless=lossless) == 7
+    reader = io.VideoReader(path)
+    got = list(reader)
+    assert reader.size == (51, 37) and reader.fps == Fraction(30000, 1001) and len(got) == 7
+    err = max(np.abs(a.astype(int) - b).max() for a, b in zip(frames, got))
+    assert err == 0 if lossless else err < 40
+
+
+def test_frame_folder_round_trip(tmp_path):
+    frames = clip(4)
+    assert io.write_video(tmp_path / "frames", iter(frames), Fraction(25)) == 4
+    assert sorted(p.name for p in (tmp_path / "frames").iterdir())[0] == "frame-000001.png"
+    assert all(np.array_equal(a, b) for a, b in zip(frames, io.VideoReader(tmp_path / "frames")))
+
+
+def test_failed_writes_leave_nothing(tmp_path):
+    def broken():
+        yield clip(1)[0]
+        raise ValueError("boom")
+
+    for name in ("a.mp4", "frames"):
+        with pytest.raises(ValueError, match="boom"):
+            io.write_video(tmp_path / name, broken(), Fraction(25))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_video_is_an_input_error(tmp_path):
+    data = write_clip(tmp_path / "a.mkv", clip(20)).read_bytes()
+    (tmp_path / "cut.mkv").write_bytes(data[: len(data) // 2])
+    with pytest.raises(io.InputError, match="truncated"):
+        list(io.VideoReader(tmp_path / "cut.mkv"))
+    (tmp_path / "junk.mp4").write_bytes(b"\0" * 1000)
+    with pytest.raises(io.InputError, match="not a readable video"):
+        io.VideoReader(tmp_path / "junk.mp4")
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_encode_decode_info_video(env, tmp_path):
+    frames = clip(9)
+    src = write_clip(tmp_path / "clip.mkv", frames)
+    ulb = tmp_path / "clip.ulb"
+    r = _invoke(["encode", src, "-o", ulb, "--model", "tinyvideo", "--threshold", "10", "--seed", "3", "--json"])
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    assert record["frames"] == 9 and record["bytes"] == ulb.stat().st_size
+    assert record["bpp"] == pytest.approx(ulb.stat().st_size * 8 / (72 * 48 * 9), abs=1e-6)
+
+    # The decoder's frames are the encoder's reconstruction, bit for bit (lossless output).
+    codec = VideoCodec.from_pretrained(str(env / "tinyvideo"))
+    seen = []
+    data, gops = codec.encode(iter(frames), Fraction(25), VideoSettings(threshold=10.0, seed=3),
+                              reconstruction=seen.append)
+    assert data == ulb.read_bytes()
+    assert _invoke(["decode", ulb, "-o", tmp_path / "out.mkv", "--lossless"]).returncode == 0
+    decoded = list(io.VideoReader(tmp_path / "out.mkv"))
+    assert len(decoded) == 9 and all(np.array_equal(a, b) for a, b in zip(seen, decoded))
+    assert _invoke(["decode", ulb, "-o", tmp_path / "frames"]).returncode == 0
+    assert len(list((tmp_path / "frames").iterdir())) == 9
+
+    info = json.loads(_invoke(["info", ulb, "--json"]).stdout)
+    assert info["gop"]["frame_types"] == gops.frame_types() and info["gop"]["keyframes"] == [0, 1]
+    text = _invoke(["info", ulb]).stdout
+    assert "frame types" in text and gops.frame_types() in text
+
+
+def test_threshold_zero_codes_keyframes_only(env, tmp_path):
+    src = write_clip(tmp_path / "c.mkv", clip(5))
+    r = _invoke(["encode", src, "-o", tmp_path / "c.ulb", "--model", "tinyvideo", "--threshold", "0", "--json"])
+    assert json.loads(r.stdout)["frame_types"] == "KKKKK"
+
+
+def test_frame_folder_in_and_batch_of_images_and_videos(env, tmp_path):
+    io.write_video(tmp_path / "frames", iter(clip(4)), Fraction(25))
+    r = _invoke(["encode", tmp_path / "frames", "-o", tmp_path / "f.ulb", "--model", "tinyvideo", "--json"])
+    assert r.returncode == 0 and json.loads(r.stdout)["frames"] == 4
+
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    write_clip(batch / "v.mkv", clip(5))
+    from PIL import Image
+
+    Image.fromarray(clip(1, 64, 64)[0]).save(batch / "i.png")
+    (batch / "bad.mp4").write_bytes(b"not a video")
+    r = _invoke(["encode", batch, "--out-dir", tmp_path / "coded", "--model", "tinyvideo", "--threshold", "10"])
+    assert r.returncode == 1 and "bad.mp4" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in (tmp_path / "coded").iterdir()) == ["i.ulb", "v.ulb"]
+    r = _invoke(["decode", tmp_path / "coded", "--out-dir", tmp_path / "dec", "--video-format", "y4m"])
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["i.png", "v.y4m"]
+    assert len(list(io.VideoReader(tmp_path / "dec" / "v.y4m"))) == 5
+
+
+def test_bad_video_inputs_and_outputs(env, tmp_path):
+    data = write_clip(tmp_path / "a.mkv", clip(20)).read_bytes()
+    (tmp_path / "cut.mkv").write_bytes(data[: len(data) // 2])
+    r = ulbc(["encode", tmp_path / "cut.mkv", "-o", tmp_path / "cut.ulb", "--model", "tinyvideo"])
+    assert r.returncode == 1 and not (tmp_path / "cut.ulb").exists()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "truncated video" in lines[0], r.stderr
+
+    ulb = tmp_path / "a.ulb"
+    assert _invoke(["encode", tmp_path / "a.mkv", "-o", ulb, "--model", "tinyvideo", "--threshold", "10"]).returncode == 0
+    r = _invoke(["decode", ulb, "-o", tmp_path / "a.png"])  # a video to an image name
+    assert r.returncode == 1 and "is a video" in r.stderr and not (tmp_path / "a.png").exists()
+    corrupt = bytearray(ulb.read_bytes())
+    corrupt[60] ^= 0x40
+    (tmp_path / "bad.ulb").write_bytes(bytes(corrupt))
+    r = ulbc(["decode", tmp_path / "bad.ulb", "-o", tmp_path / "bad.mp4"])
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad.mp4").exists()
+    assert _invoke(["encode", tmp_path / "a.mkv", "-o", ulb, "--model", "tinyvideo",
+                    "--metric", "lpips"]).returncode == 2  # no LPIPS weights here: said plainly
+
+
+def test_video_bpp_target(env, tmp_path):
+    src = write_clip(tmp_path / "a.mkv", clip(10))
+    sizes = {}
+    for level in (0, 2):
+        out = tmp_path / f"q{level}.ulb"
+        _invoke(["encode", src, "-o", out, "--model", "tinyvideo", "--quality", str(level), "--threshold", "0"])
+        sizes[level] = out.stat().st_size * 8 / (72 * 48 * 10)
+    target = (sizes[0] + sizes[2]) / 2
+    r = _invoke(["encode", src, "-o", tmp_path / "t.ulb", "--model", "tinyvideo", "--bpp", str(target),
+                 "--threshold", "0", "--json"])
+    record = json.loads(r.stdout)
+    assert r.returncode == 0 and record["bpp"] <= target and record["notes"] == []
+
+
+def test_encoder_streams_the_clip(env):
+    """The encoder pulls at most K + P frames ahead of what it has coded: memory does not
+    grow with the clip (the 300-frame RSS figure is in BENCHMARKS.md)."""
+    codec = VideoCodec.from_pretrained(str(env / "tinyvideo"))
+    frames, pulled, emitted, ahead = clip(40, 32, 32), [0], [0], []
+
+    def source():
+        for f in frames:
+            pulled[0] += 1
+            ahead.append(pulled[0] - emitted[0])
+            yield f
+
+    def emit(_):
+        emitted[0] += 1
+
+    codec.encode(source(), Fraction(25), VideoSettings(threshold=10.0, max_gop=8), reconstruction=emit)
+    assert emitted[0] == 40 and max(ahead) <= codec.cond_frames + codec.pred_frames
