@@ -57,7 +57,7 @@ def make_tiny_generative_package(root: Path, name: str = "tinygen", seed: int = 
     return root / name
 
 
-TINY_VIDEO = {"cond_frames": 2, "pred_frames": 3, "steps": 2}
+TINY_VIDEO = {"cond_frames": 2, "pred_frames": 3, "steps": 2, "residual_scale": 0.5}
 
 
 def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0) -> Path:

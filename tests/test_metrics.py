@@ -207,3 +207,15 @@ def test_available_metrics_reports_every_metric_with_a_reason():
     assert {"psnr", "psnr_y", "ms_ssim", "vmaf", "log_spectrum_error", "lpips", "dists"} <= status.keys()
     for name, state in status.items():
         assert state == "available" or state.startswith(("available: ", "unavailable: ")), (name, state)
+
+
+def test_lpips_without_its_weights_says_so():
+    if metrics.available_metrics()["lpips"] == "available":
+        pytest.skip("LPIPS is installed with its weights here")
+    from ulbcodec.video import frame_distance
+
+    img = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(metrics.MetricUnavailable, match="LPIPS unavailable: "):
+        metrics.lpips(img, img)
+    with pytest.raises(metrics.MetricUnavailable, match="LPIPS unavailable: "):
+        frame_distance(img, img, "lpips")

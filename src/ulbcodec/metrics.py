@@ -13,6 +13,7 @@ range, settings), so that the numbers in our reports can be reproduced with othe
   MS-SSIM reward blur; this number makes the blur/detail trade-off visible.
 * :func:`bd_rate`, :func:`bd_metric` -- Bjøntegaard deltas with PCHIP interpolation,
   as in the JCT-VC/JVET common-test-condition spreadsheets.
+* :func:`lpips` -- LPIPS (AlexNet) when the user has the package and its weights.
 * :func:`available_metrics` -- which metrics can run on this machine.
 """
 
@@ -400,6 +401,35 @@ def _learned_metric_problem(package: str, backbone_file: str, packaged_file: str
     return None
 
 
+class MetricUnavailable(RuntimeError):
+    """A metric whose package or weights are not on this machine; the message says which."""
+
+
+@functools.lru_cache(maxsize=1)
+def _lpips_model():
+    import lpips as lpips_package  # the user's installed package, with its own weights
+
+    return lpips_package.LPIPS(net="alex", verbose=False).eval()
+
+
+def lpips(ref: np.ndarray, dist: np.ndarray) -> float:
+    """LPIPS v0.1 (AlexNet), the reference implementation of the ``lpips`` package, on RGB
+    scaled to [-1, 1]; lower is better. Needs the package, torchvision and the AlexNet
+    checkpoint in the torch hub cache (nothing is downloaded): otherwise raises
+    :class:`MetricUnavailable` with the missing piece."""
+    problem = _learned_metric_problem(*_LEARNED_METRICS["lpips"])
+    if problem:
+        raise MetricUnavailable(f"LPIPS unavailable: {problem}")
+    _check_pair(ref, dist)
+    import torch
+
+    def to(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+    with torch.no_grad():
+        return float(_lpips_model()(to(ref), to(dist)).reshape(-1)[0])
+
+
 def available_metrics() -> dict[str, str]:
     """Which metrics can run here: ``{name: "available..." | "unavailable: <reason>"}``.
 
@@ -407,8 +437,8 @@ def available_metrics() -> dict[str, str]:
     libvmaf) and the log-spectrum error are implemented in this module. LPIPS and DISTS
     need ImageNet backbone weights that we cannot download: they are reported with the
     first missing piece (package, torchvision, packaged weights, or the backbone
-    checkpoint in the torch hub cache). They are not wrapped here yet, so even with
-    everything present the entry only says that they could be.
+    checkpoint in the torch hub cache). LPIPS is wrapped (:func:`lpips`); DISTS is not
+    yet, so with everything present its entry only says that it could be.
     """
     status = {"psnr": "available", "psnr_y": "available", "log_spectrum_error": "available"}
     status["ms_ssim"] = (
@@ -421,6 +451,7 @@ def available_metrics() -> dict[str, str]:
         status[name] = (
             f"unavailable: {problem}"
             if problem
+            else "available" if name == "lpips"
             else "available: package and weights present (not yet wrapped in ulbcodec.metrics)"
         )
     return status

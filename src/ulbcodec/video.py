@@ -27,6 +27,7 @@ and out, never the whole clip.
 from __future__ import annotations
 
 import collections
+import itertools
 import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
@@ -48,7 +49,8 @@ def frame_distance(ref: np.ndarray, dist: np.ndarray, metric: str = "ms-ssim") -
     """Perceptual distance of two HxWx3 uint8 frames, 0 = identical.
 
     ``ms-ssim``: 1 − MS-SSIM (1 − SSIM for frames under 161 px, where MS-SSIM is
-    undefined). ``lpips`` is reserved (id 2) and refused with the reason until wrapped.
+    undefined). ``lpips``: LPIPS (AlexNet) where its package and weights are installed;
+    elsewhere :class:`~ulbcodec.metrics.MetricUnavailable` names what is missing.
     """
     from ulbcodec import metrics
 
@@ -60,8 +62,7 @@ def frame_distance(ref: np.ndarray, dist: np.ndarray, metric: str = "ms-ssim") -
         to = lambda a: torch.from_numpy(np.array(a, dtype=np.float32)).permute(2, 0, 1)[None]  # noqa: E731
         return 1.0 - float(ssim(to(ref), to(dist), data_range=255.0, win_size=min(11, min(ref.shape[:2]) // 2 * 2 - 1)))
     if metric == "lpips":
-        # Not wrapped yet (its backbone weights cannot be fetched on our machines); say so.
-        raise ValueError(f"metric lpips: {metrics.available_metrics().get('lpips', 'unavailable')}")
+        return metrics.lpips(ref, dist)
     raise ValueError(f"unknown metric {metric!r} (choose from {', '.join(METRICS)})")
 
 
@@ -110,7 +111,8 @@ class VideoCodec:
 
             self._predictor = FramePredictionPipeline(self.image.next_frame, self.package.build("predictor"),
                                                       self.package.build("predictor_scheduler"),
-                                                      self.cond_frames, self.pred_frames)
+                                                      self.cond_frames, self.pred_frames,
+                                                      self.package.extra["video"].get("residual_scale"))
         return self._predictor
 
     # ------------------------------------------------------------------ shared by both sides
@@ -118,13 +120,22 @@ class VideoCodec:
     def _keyframe_decode(self, payload: AnchorPayload, width: int, height: int, level: int, generative: bool):
         return self.image.decode_anchor(payload, width, height, level, anchor_only=not generative)
 
-    def _predict(self, history: Deque[np.ndarray], seed: int, first_frame: int, count: int) -> List[np.ndarray]:
-        """The next ``count`` (<= P) frames after ``history`` (the last K decoded frames)."""
-        h, w = history[-1].shape[:2]
-        frames = torch.from_numpy(np.stack(list(history))).permute(0, 3, 1, 2).float() / 255
-        frames = pad_replicate(frames, self.predictor.multiple)
-        out = self.predictor.predict(frames, seed, first_frame, self.steps)[:count, :, :h, :w]
-        return list(out.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    def _latent(self, frame: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float() / 255
+        return self.predictor.encode_frame(pad_replicate(x[None], self.predictor.multiple)[0])
+
+    def _predict(self, history: Deque[Tuple[np.ndarray, torch.Tensor]], seed: int, first_frame: int
+                 ) -> Iterator[np.ndarray]:
+        """The next P frames after ``history`` (the last K decoded frames with their
+        latents), decoded lazily: a caller that stops early saves the rest of the VAE work."""
+        h, w = history[-1][0].shape[:2]
+        latents = self.predictor.predict_latents(torch.stack([lat for _, lat in history]), seed, first_frame,
+                                                 self.steps)
+        return (self._to_frame(self.predictor.decode_frame(latent), h, w) for latent in latents)
+
+    @staticmethod
+    def _to_frame(x: torch.Tensor, h: int, w: int) -> np.ndarray:
+        return x[:, :h, :w].mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
     # ------------------------------------------------------------------ encode
 
@@ -160,7 +171,7 @@ class VideoCodec:
             return len(lookahead)
 
         index, segments, anchors, size = 0, [], [], None
-        history: Deque[np.ndarray] = collections.deque(maxlen=K)
+        history: Deque[Tuple[np.ndarray, torch.Tensor]] = collections.deque(maxlen=K)  # (frame, latent)
         while fill(1):
             h, w = lookahead[0].shape[:2]
             size = size or (w, h)
@@ -169,27 +180,27 @@ class VideoCodec:
                 frame = lookahead.popleft()
                 payload = self.image.encode_anchor(frame, level)
                 anchors.append(payload)
-                history.append(self._keyframe_decode(payload, w, h, level, settings.generative_keyframes))
-                emit(history[-1])
+                decoded = self._keyframe_decode(payload, w, h, level, settings.generative_keyframes)
+                history.append((decoded, self._latent(decoded) if fill(1) else None))
+                emit(decoded)
                 index += 1
             rounds, gop = [], 0
             while fill(1) and gop < settings.max_gop:
                 count = min(P, fill(P), settings.max_gop - gop)
-                predicted = self._predict(history, settings.seed, index, count)
-                accepted = 0
-                for frame, pred in zip(lookahead, predicted):
+                accepted = []
+                for frame, pred in zip(list(lookahead)[:count], self._predict(history, settings.seed, index)):
                     if frame_distance(frame, pred, settings.metric) > settings.threshold:
                         break
-                    accepted += 1
-                if accepted == 0:
+                    accepted.append(pred)
+                if not accepted:
                     break
-                for pred in predicted[:accepted]:
+                for pred in accepted:
                     lookahead.popleft()
-                    history.append(pred)
+                    history.append((pred, self._latent(pred)))
                     emit(pred)
-                rounds.append(accepted)
-                index += accepted
-                gop += accepted
+                rounds.append(len(accepted))
+                index += len(accepted)
+                gop += len(accepted)
             segments.append((k, rounds))
             if progress:
                 progress(index)
@@ -256,21 +267,25 @@ class VideoCodec:
         if len(anchors) != gops.keyframes:
             raise BitstreamError(f"GOPS announces {gops.keyframes} keyframes, the file holds {len(anchors)}")
         generative = bool(h.params.get("keyframe_decoder", 0))
-        history: Deque[np.ndarray] = collections.deque(maxlen=K)
+        history: Deque[Tuple[np.ndarray, torch.Tensor]] = collections.deque(maxlen=K)
         index, next_anchor = 0, 0
         for k, rounds in gops.segments:
             for _ in range(k):
                 payload = AnchorPayload.from_bytes(anchors[next_anchor].payload)
                 next_anchor += 1
                 frame = self._keyframe_decode(payload, h.width, h.height, h.rate_level, generative)
-                history.append(frame)
+                history.append((frame, self._latent(frame) if index + 1 < h.frames else None))
                 index += 1
                 yield frame
+            if rounds and len(history) < K:
+                raise BitstreamError(f"a prediction round needs {K} decoded frames before it, the GOP chunk "
+                                     f"gives {len(history)}")
             for accepted in rounds:
-                for frame in self._predict(history, h.seed, index, accepted):
-                    history.append(frame)
+                # A round's frames all come from the latents of the history before it.
+                for frame in itertools.islice(self._predict(history, h.seed, index), accepted):
                     index += 1
                     yield frame
+                    history.append((frame, self._latent(frame)))
 
     def decode(self, data: bytes) -> Iterator[np.ndarray]:
         return self.decode_container(Container.from_bytes(data))

@@ -11,7 +11,7 @@ the latent space of the image model's VAE (``AutoencoderKLCogVideoX``, 16 channe
           for t in scheduler.timesteps (``steps``, stored in the file):
               v = UNet([c_1..c_K, x_t], t) ;  x_{t-1} = scheduler.step(v, t, x_t)
                                                       ▼
-                              x_0: P latents ─► VAE.decode ─► P predicted frames
+                    x_0: P latents (residual: c_K + scale · x_0) ─► VAE.decode ─► P predicted frames
 
 Noise: every prediction round draws its noise from a ``torch.Generator`` seeded with
 :func:`round_seed` (stream seed, round index) alone, so a decoder reproduces any round
@@ -25,7 +25,7 @@ decoder computes, whatever the thread count of either machine's run (same build 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -53,11 +53,17 @@ def one_thread() -> Iterator[None]:
 class FramePredictionPipeline:
     """Composes the image model's VAE, a ``UNet2DModel`` denoiser and a scheduler."""
 
-    def __init__(self, latent: NextFramePipeline, unet, scheduler, cond_frames: int, pred_frames: int):
+    def __init__(self, latent: NextFramePipeline, unet, scheduler, cond_frames: int, pred_frames: int,
+                 residual_scale: Optional[float] = None):
         self.latent = latent  # encode_latent / decode_latent of the image model
         self.unet = unet
         self.scheduler = scheduler
         self.cond_frames, self.pred_frames = cond_frames, pred_frames
+        # Residual parameterisation: the diffusion model generates (x - c_K) / scale, the
+        # change from the last conditioning latent, so that an untrained or unsure model
+        # falls back to "nothing moves" instead of to noise (cf. residual video diffusion,
+        # Yang et al. 2022). None: it generates the latents themselves.
+        self.residual_scale = residual_scale
         c = latent.latent_channels
         if unet.config.in_channels != c * (cond_frames + pred_frames) or unet.config.out_channels != c * pred_frames:
             raise ValueError(f"predictor UNet needs {c * (cond_frames + pred_frames)} input and "
@@ -83,13 +89,27 @@ class FramePredictionPipeline:
             x = self.scheduler.step(self.velocity(cond, x, int(t)), t, x, return_dict=False)[0]
         return x
 
+    # Frames go through the VAE one at a time, on both sides: a batch of another size may
+    # take other kernels and round differently, and one at a time lets the encoder stop
+    # decoding a round at its first rejected frame and the decoder decode only accepted ones.
+
     @torch.no_grad()
-    def predict(self, cond_frames: Tensor, stream_seed: int, round_index: int, steps: int) -> Tensor:
-        """Last K decoded frames [K,3,H,W] in [0,1] (H, W multiples of ``multiple``) →
-        the next P frames [P,3,H,W] in [0,1]."""
+    def encode_frame(self, frame: Tensor) -> Tensor:
+        """One decoded frame [3,H,W] in [0,1] (H, W multiples of ``multiple``) → its latent [C,h,w]."""
         with one_thread():
-            cond = self.latent.encode_latent(cond_frames)[None]  # [1,K,C,h,w]
+            return self.latent.encode_latent(frame[None])[0]
+
+    @torch.no_grad()
+    def predict_latents(self, cond_latents: Tensor, stream_seed: int, round_index: int, steps: int) -> Tensor:
+        """Latents of the last K decoded frames [K,C,h,w] → latents of the next P frames [P,C,h,w]."""
+        with one_thread():
             g = torch.Generator().manual_seed(round_seed(stream_seed, round_index))
-            noise = torch.randn((1, self.pred_frames) + tuple(cond.shape[2:]), generator=g)
-            latents = self.sample(cond, noise, steps)[0]
-            return self.latent.decode_latent(latents)
+            noise = torch.randn((1, self.pred_frames) + tuple(cond_latents.shape[1:]), generator=g)
+            x = self.sample(cond_latents[None], noise, steps)[0]
+            return x if self.residual_scale is None else cond_latents[-1] + self.residual_scale * x
+
+    @torch.no_grad()
+    def decode_frame(self, latent: Tensor) -> Tensor:
+        """One predicted latent [C,h,w] → the frame [3,H,W] in [0,1]."""
+        with one_thread():
+            return self.latent.decode_latent(latent[None])[0]

@@ -1,0 +1,295 @@
+"""Video rate-distortion benchmark: ulbc (threshold sweep) against x264, x265, SVT-AV1, VVenC.
+
+    PYTHONPATH=src python benchmarks/video_rd.py --clips DIR --out OUT [--frames 30]
+
+For each validation clip (the first ``--frames`` frames) it codes
+  * ulbc with the video model (``ulbcodec.video.VideoCodec``) at every operating point
+    of ``--levels`` x ``--thresholds`` (keyframe rate level, perceptual threshold): each
+    ``.ulb`` is written, then decoded by the decoder from the file alone, and the decoded
+    frames are checked to equal the encoder's reconstruction bit for bit;
+  * every baseline of ``ulbcodec.video_baselines`` over its quantiser grid, charged for
+    its elementary stream without SEI (container size reported beside it);
+and measures bpp (bytes x 8 / (width x height x frames)), PSNR (RGB, mean over frames),
+MS-SSIM (RGB, mean over frames; SSIM for clips under 161 px, where MS-SSIM is undefined)
+and VMAF (vmaf_v0.6.1 over the sequence, BT.709 yuv420p; ``ulbcodec.metrics``).
+
+BD-rates are computed per clip (PCHIP over log rate, ``metrics.bd_rate``, on each
+codec's monotone envelope) and averaged over the clips where the curves overlap, over
+the whole range and restricted to <= 0.03 bpp (plus the nearest point above). Also
+``--speed``: encode and decode frames per second at 256x256 and the peak RSS of
+``ulbc encode``/``decode`` on a 60- and a 300-frame clip (memory must not grow with
+length). Outputs in OUT: points.csv / points.json, rd_<metric>.png, summary.md (printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from image_rd import envelope, in_window  # noqa: E402  (same envelope/window rules as images)
+
+from ulbcodec import metrics, video_baselines  # noqa: E402
+
+METRICS = ("psnr", "ms_ssim", "vmaf")
+LABELS = {"psnr": "PSNR (RGB) [dB]", "ms_ssim": "MS-SSIM (RGB; SSIM under 161 px)", "vmaf": "VMAF v0.6.1"}
+DEFAULT_CLIPS = ("carphone", "digits-1000", "pan-Path-256x256", "bikes")
+ULBC = "ulbc"
+
+
+def read_clip(path: Path, frames: int) -> tuple[np.ndarray, Fraction]:
+    from ulbcodec.io import VideoReader
+
+    reader = VideoReader(path)
+    out = []
+    for frame in reader:
+        out.append(frame.copy())
+        if len(out) == frames:
+            break
+    reader.close()
+    return np.stack(out), reader.fps
+
+
+def frame_ssim(ref: np.ndarray, dist: np.ndarray) -> float:
+    from ulbcodec.video import frame_distance
+
+    return 1.0 - frame_distance(ref, dist, "ms-ssim")
+
+
+def measure(ref: np.ndarray, dist: np.ndarray) -> dict:
+    return {"psnr": float(np.mean([metrics.psnr(a, b) for a, b in zip(ref, dist)])),
+            "ms_ssim": float(np.mean([frame_ssim(a, b) for a, b in zip(ref, dist)])),
+            "vmaf": metrics.vmaf_video(list(ref), list(dist), threads=2)}
+
+
+def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresholds, out: Path) -> list[dict]:
+    from ulbcodec.video import VideoSettings
+
+    rows = []
+    t, h, w = frames.shape[:3]
+    for level in levels:
+        for threshold in thresholds:
+            seen = []
+            t0 = time.perf_counter()
+            data, gops = codec.encode(iter(frames), fps, VideoSettings(threshold=threshold, rate_level=level),
+                                      reconstruction=seen.append)
+            encode_s = time.perf_counter() - t0
+            path = out / f"{name}-q{level}-t{threshold}.ulb"
+            path.write_bytes(data)
+            t0 = time.perf_counter()
+            decoded = np.stack(list(codec.decode(path.read_bytes())))
+            decode_s = time.perf_counter() - t0
+            if not all(np.array_equal(a, b) for a, b in zip(seen, decoded)):
+                raise RuntimeError(f"{path}: decoded frames differ from the encoder's reconstruction")
+            rows.append({"clip": name, "codec": ULBC, "setting": f"q{level} t{threshold}",
+                         "bpp": path.stat().st_size * 8 / (w * h * t), "bytes": path.stat().st_size,
+                         "keyframes": gops.keyframes, "frame_types": gops.frame_types(),
+                         "encode_fps": t / encode_s, "decode_fps": t / decode_s, **measure(frames, decoded)})
+            print(f"  {name} ulbc q{level} t{threshold}: {rows[-1]['bpp']:.4f} bpp, {gops.keyframes} keyframes, "
+                  f"VMAF {rows[-1]['vmaf']:.1f}", file=sys.stderr, flush=True)
+    return rows
+
+
+def run_baselines(name: str, frames: np.ndarray, fps: Fraction, codecs, max_bpp: float) -> list[dict]:
+    rows = []
+    for codec in codecs:
+        for q in video_baselines.QUALITIES[codec]:  # lowest rate first; stop once past max_bpp
+            result = video_baselines.encode_decode(frames, codec, q, float(fps))
+            rows.append({"clip": name, "codec": codec, "setting": f"q{q}", "bpp": result.bpp(frames.shape),
+                         "bytes": result.charged_bytes, "container_bytes": result.mp4_bytes,
+                         **measure(frames, result.decoded)})
+            if rows[-1]["bpp"] > max_bpp:
+                break
+    return rows
+
+
+def bd(anchor: list[dict], test: list[dict], metric: str) -> float | None:
+    try:
+        return metrics.bd_rate([p["bpp"] for p in anchor], [p[metric] for p in anchor],
+                               [p["bpp"] for p in test], [p[metric] for p in test])
+    except ValueError:
+        return None
+
+
+def bd_table(rows: list[dict], codecs, hi: float | None) -> str:
+    """Mean over clips of the per-clip BD-rate of ulbc against each baseline."""
+    by_clip = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by_clip[r["clip"]][r["codec"]].append(r)
+    lines = ["| anchor | " + " | ".join(LABELS[m] for m in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for codec in codecs:
+        cells = []
+        for m in METRICS:
+            values = []
+            for clip, curves in by_clip.items():
+                a, t = envelope(curves[codec], m), envelope(curves[ULBC], m)
+                if hi is not None:
+                    a, t = in_window(a, 0, hi), in_window(t, 0, hi)
+                v = bd(a, t, m)
+                if v is not None and math.isfinite(v):
+                    values.append(v)
+            cells.append(f"{np.mean(values):+.1f}% ({len(values)}/{len(by_clip)} clips)" if values else
+                         "n/a (no overlap)")
+        lines.append(f"| {codec} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clips = sorted({r["clip"] for r in rows})
+    fig, axes = plt.subplots(1, len(clips), figsize=(4.5 * len(clips), 4), squeeze=False)
+    for ax, clip in zip(axes[0], clips):
+        for codec in (ULBC, *video_baselines.CODECS):
+            pts = envelope([r for r in rows if r["clip"] == clip and r["codec"] == codec], metric)
+            if pts:
+                ax.plot([p["bpp"] for p in pts], [p[metric] for p in pts], marker="*" if codec == ULBC else "o",
+                        lw=2.2 if codec == ULBC else 1.2, ms=7 if codec == ULBC else 3, label=codec,
+                        color="black" if codec == ULBC else None)
+        ax.set_xscale("log")
+        ax.set_title(clip, fontsize=9)
+        ax.set_xlabel("bpp (real bytes; baselines: elementary stream)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel(LABELS[metric])
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def speed(model: str, clips: Path, out: Path) -> str:
+    """fps at 256x256 through the CLI, and peak RSS at 60 vs 300 frames (128x128)."""
+    from ulbcodec.io import write_video
+    from ulbcodec.train.video_data import load_digits, moving_digits, read_frames
+
+    pan = clips / "pan-Path-256x256.mkv"
+    src30 = out / "speed-256.mkv"
+    write_video(src30, (f for _, f in zip(range(30), read_frames(pan))), Fraction(25), force=True, lossless=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        digits = load_digits(Path(tmp))
+    lines = ["| clip | frames | step | frames/s (coding) | command wall s | peak RSS MB | file |",
+             "|---|---|---|---|---|---|---|"]
+    cases = [(src30, "256x256 pan")]
+    for n in (60, 300):
+        path = out / f"speed-digits-{n}.mkv"
+        write_video(path, moving_digits(digits, 1000, frames=n), Fraction(25), force=True, lossless=True)
+        cases.append((path, "128x128 digits"))
+    for src, label in cases:
+        ulb, dec = src.with_suffix(".ulb"), src.with_suffix(".out.mkv")
+        for verb, cmd in (("encode", ["encode", src, "-o", ulb, "--model", model, "-f", "--json"]),
+                          ("decode", ["decode", ulb, "-o", dec, "-f", "--json"])):
+            rec, wall, peak = run_cli(cmd)
+            lines.append(f"| {label} | {rec['frames']} | {verb} | {rec['timings']['frames_per_s']:.2f} | {wall:.1f} "
+                         f"| {peak:.0f} | {rec['bytes']} B, {rec['bpp']:.4f} bpp |")
+    return "\n".join(lines)
+
+
+def run_cli(cmd) -> tuple[dict, float, float]:
+    """One `ulbc` command, 2 threads: its JSON record, wall seconds and peak RSS (MB)."""
+    code = ("import resource, subprocess, sys, time; t = time.time(); "
+            "p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "print(p.stdout.strip().splitlines()[-1] if p.returncode == 0 else 'FAILED ' + p.stderr); "
+            "print(time.time() - t); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    env_cmd = [sys.executable, "-c", code, "env", "OMP_NUM_THREADS=2", sys.executable, "-m", "ulbcodec",
+               *map(str, cmd)]
+    out = subprocess.run(env_cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    if out[0].startswith("FAILED"):
+        raise RuntimeError(f"ulbc {' '.join(map(str, cmd))}: {out[0]}")
+    return json.loads(out[0]), float(out[1]), int(out[2]) / 1024
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--clips", required=True, type=Path, help="folder of validation clips (make data: videos/val)")
+    p.add_argument("--names", nargs="+", default=list(DEFAULT_CLIPS))
+    p.add_argument("--frames", type=int, default=30)
+    p.add_argument("--model", default="video")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 3])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2, 0.35])
+    p.add_argument("--codecs", nargs="+", default=list(video_baselines.CODECS))
+    p.add_argument("--max-bpp", type=float, default=0.1)
+    p.add_argument("--out", type=Path, default=ROOT / "out" / "bench" / "video")
+    p.add_argument("--plots", type=Path, default=None, help="copy the RD plots here (docs/benchmarks)")
+    p.add_argument("--speed", action="store_true")
+    args = p.parse_args(argv)
+    from ulbcodec.video import VideoCodec
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    codec = VideoCodec.from_pretrained(args.model)
+    rows, shapes = [], {}
+    for name in args.names:
+        frames, fps = read_clip(args.clips / f"{name}.mkv", args.frames)
+        shapes[name] = frames.shape
+        print(f"{name}: {frames.shape[2]}x{frames.shape[1]}, {len(frames)} frames", file=sys.stderr, flush=True)
+        rows += run_ulbc(codec, name, frames, fps, args.levels, args.thresholds, args.out)
+        rows += run_baselines(name, frames, fps, args.codecs, args.max_bpp)
+    keys = sorted({k for r in rows for k in r})
+    with open(args.out / "points.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    (args.out / "points.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                      "rows": rows}, indent=1))
+    for m in METRICS:
+        plot(rows, m, args.out / f"rd_{m}.png")
+        if args.plots:
+            args.plots.mkdir(parents=True, exist_ok=True)
+            (args.plots / f"video_rd_{m}.png").write_bytes((args.out / f"rd_{m}.png").read_bytes())
+    clip_lines = "\n".join(f"- {n}: {s[2]}x{s[1]}, {s[0]} frames" for n, s in shapes.items())
+    point_lines = ["| clip | codec | setting | bpp | PSNR | MS-SSIM | VMAF | keyframes | enc fps | dec fps |",
+                   "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["clip"], r["codec"] != ULBC, r["codec"], r["bpp"])):
+        if r["codec"] == ULBC or r["bpp"] <= 0.1:
+            point_lines.append(
+                f"| {r['clip']} | {r['codec']} | {r['setting']} | {r['bpp']:.4f} | {r['psnr']:.2f} | "
+                f"{r['ms_ssim']:.4f} | {r['vmaf']:.1f} | {r.get('keyframes', '')} | "
+                f"{r.get('encode_fps', 0):.2f} | {r.get('decode_fps', 0):.2f} |".replace("| 0.00 | 0.00 |", "| | |"))
+    text = f"""Clips (first {args.frames} frames of each, from `{args.clips}`):
+{clip_lines}
+
+ulbc operating points: keyframe levels {args.levels} x thresholds {args.thresholds} (1 - MS-SSIM per frame;
+1 - SSIM under 161 px), model `{args.model}`. Every ulbc file was decoded from the file alone and matched the
+encoder's reconstruction bit for bit. Baselines: elementary-stream bytes without SEI (`ulbcodec.video_baselines`).
+
+### Mean per-clip BD-rate of ulbc against each baseline (negative: ulbc needs fewer bits)
+
+Whole range:
+
+{bd_table(rows, args.codecs, None)}
+
+At most 0.03 bpp (plus the nearest point above):
+
+{bd_table(rows, args.codecs, 0.03)}
+
+### Every point (baselines up to 0.1 bpp)
+
+{chr(10).join(point_lines)}
+"""
+    if args.speed:
+        text += f"""
+### Speed and memory through the CLI (2 threads)
+
+{speed(args.model, args.clips, args.out)}
+"""
+    (args.out / "summary.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
