@@ -7,7 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from ulbcodec.bitstream import BitstreamError, Chunk, Container, GopStructure
+from ulbcodec.bitstream import BitstreamError, Chunk, Container, GopStructure, Round
 from ulbcodec.video import VideoCodec, VideoSettings
 
 from conftest import make_tiny_video_package
@@ -68,7 +68,7 @@ def test_noise_depends_only_on_seed_and_frame_index(codec):
 def test_inconsistent_gop_chunk_is_refused(codec):
     data, _, _ = encode(codec, clip(5), threshold=10.0)
     container = Container.from_bytes(data)
-    bad = GopStructure([(2, [3]), (1, [])])  # one frame too many
+    bad = GopStructure([(2, [Round(3)]), (1, [])])  # one frame too many
     container.chunks[0] = Chunk(b"GOPS", bad.to_bytes())
     with pytest.raises(BitstreamError, match="more than the 5 frames|describes 6"):
         list(codec.decode(container.to_bytes()))
@@ -79,3 +79,34 @@ def test_image_model_is_not_a_video_model(model_dir):
 
     with pytest.raises(ModelError, match="not a video model"):
         VideoCodec.from_pretrained(str(model_dir / "tinygen"))
+
+
+def test_anchored_rounds_round_trip(codec, monkeypatch):
+    """When plain predictions fail the threshold and anchor-guided ones pass, rounds are
+    anchored (frame type A, one ANCH chunk each) and the decoder reproduces every frame.
+    The distance is stubbed so that exactly that happens with random tiny models."""
+    import ulbcodec.video as video
+
+    plain_ids, predict = set(), VideoCodec._predict
+
+    def tagged_predict(self, history, seed, first, guide=None, guide_timestep=0):
+        for frame in predict(self, history, seed, first, guide, guide_timestep):
+            if guide is None:
+                plain_ids.add(id(frame))
+            yield frame
+
+    monkeypatch.setattr(VideoCodec, "_predict", tagged_predict)
+    monkeypatch.setattr(video, "frame_distance", lambda ref, dist, metric: 1.0 if id(dist) in plain_ids else 0.0)
+    frames = clip(9)
+    data, gops, seen = encode(codec, frames, threshold=0.5, max_gop=4, seed=7, anchored=True)
+    assert gops.frame_types() == "KK" + "APP" + "A" + "KK" + "A"  # max_gop 4: keyframes after APP A
+    header = Container.from_bytes(data).header
+    assert header.params["anchor_level"] == codec.image.rate_levels[0] and header.params["guide_timestep"] == 600
+    assert len(Container.from_bytes(data).find(b"ANCH")) == gops.keyframes + gops.anchored_rounds == 7
+    monkeypatch.undo()
+    decoded = list(codec.decode(data))
+    assert len(decoded) == 9 and all(np.array_equal(a, b) for a, b in zip(seen, decoded))
+    # Without --anchored the same distances leave keyframes only.
+    monkeypatch.setattr(VideoCodec, "_predict", tagged_predict)
+    monkeypatch.setattr(video, "frame_distance", lambda ref, dist, metric: 1.0 if id(dist) in plain_ids else 0.0)
+    assert encode(codec, frames, threshold=0.5, max_gop=4, seed=7)[1].frame_types() == "K" * 9

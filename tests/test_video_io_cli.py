@@ -188,3 +188,15 @@ def test_encoder_streams_the_clip(env):
 
     codec.encode(source(), Fraction(25), VideoSettings(threshold=10.0, max_gop=8), reconstruction=emit)
     assert emitted[0] == 40 and max(ahead) <= codec.cond_frames + codec.pred_frames
+
+
+def test_anchored_flag_is_recorded(env, tmp_path):
+    src = write_clip(tmp_path / "a.mkv", clip(6))
+    r = _invoke(["encode", src, "-o", tmp_path / "a.ulb", "--model", "tinyvideo", "--anchored", "--anchor-level", "1",
+                 "--guide-timestep", "400", "--json"])
+    assert r.returncode == 0, r.stderr
+    info = json.loads(_invoke(["info", tmp_path / "a.ulb", "--json"]).stdout)
+    assert info["params"]["anchor_level"] == 1 and info["params"]["guide_timestep"] == 400
+    assert _invoke(["decode", tmp_path / "a.ulb", "-o", tmp_path / "a.y4m"]).returncode == 0
+    r = _invoke(["encode", src, "-o", tmp_path / "b.ulb", "--model", "tinyvideo", "--anchored", "--anchor-level", "9"])
+    assert r.returncode == 2 and "--anchor-level" in r.stderr

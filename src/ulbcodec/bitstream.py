@@ -25,7 +25,7 @@ from fractions import Fraction
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 MAGIC = b"ULB"
 VERSION = 1
@@ -126,6 +126,8 @@ PARAM_IDS: Dict[str, int] = {
     "steps": 20,  # video/generative: sampler steps
     "max_gop": 21,  # video: longest run of predicted frames
     "keyframe_decoder": 22,  # video: 0 anchor frames as keyframes, 1 generative decoding
+    "anchor_level": 23,  # video: rate level of the anchors of anchored rounds
+    "guide_timestep": 24,  # video: anchored rounds start denoising the anchor at this timestep
 }
 PARAM_NAMES = {v: k for k, v in PARAM_IDS.items()}
 
@@ -390,41 +392,55 @@ class AnchorPayload:
         return cls((zh, zw), z_string, y_string, check)
 
 
+class Round(NamedTuple):
+    """One prediction round: how many predicted frames the encoder accepted (1..P), and
+    whether the round was guided by a small anchor of its first frame (one ANCH chunk)."""
+
+    accepted: int
+    anchored: bool = False
+
+
 @dataclass
 class GopStructure:
     """The frame types of a video, as segments: ``k`` keyframes (coded, one ANCH chunk
-    each, in frame order) followed by prediction rounds, each with the number of
-    predicted frames it accepted (1..P). A round starting at frame i draws its noise from
-    (stream seed, i) alone, so the decoder replays exactly the accepted rounds.
+    each, in frame order) followed by prediction rounds (:class:`Round`). A round starting
+    at frame i draws its noise from (stream seed, i) alone, so the decoder replays exactly
+    the accepted rounds. An anchored round's ANCH chunk stands, in frame order, among the
+    keyframes' chunks.
 
     Payload: uvarint segment count, then per segment uvarint k, uvarint round count,
-    and one uvarint per round.
+    and one uvarint per round: accepted << 1 | anchored.
     """
 
-    segments: List[Tuple[int, List[int]]]
+    segments: List[Tuple[int, List[Round]]]
 
     @property
     def frames(self) -> int:
-        return sum(k + sum(rounds) for k, rounds in self.segments)
+        return sum(k + sum(r.accepted for r in rounds) for k, rounds in self.segments)
 
     @property
     def keyframes(self) -> int:
         return sum(k for k, _ in self.segments)
 
+    @property
+    def anchored_rounds(self) -> int:
+        return sum(r.anchored for _, rounds in self.segments for r in rounds)
+
     def frame_types(self) -> str:
-        """One letter per frame: K keyframe, P predicted (the first frame of a round: p)."""
+        """One letter per frame: K keyframe, P predicted; the first frame of a round is p,
+        or A when the round was guided by an anchor of that frame."""
         out = []
         for k, rounds in self.segments:
             out.append("K" * k)
-            out += ["p" + "P" * (a - 1) for a in rounds]
+            out += [("A" if r.anchored else "p") + "P" * (r.accepted - 1) for r in rounds]
         return "".join(out)
 
     def to_bytes(self) -> bytes:
         out = bytearray(write_uvarint(len(self.segments)))
         for k, rounds in self.segments:
             out += write_uvarint(k) + write_uvarint(len(rounds))
-            for a in rounds:
-                out += write_uvarint(a)
+            for r in rounds:
+                out += write_uvarint(r.accepted << 1 | int(r.anchored))
         return bytes(out)
 
     @classmethod
@@ -439,10 +455,11 @@ class GopStructure:
             k, n = r.uvarint(), r.uvarint()
             if not 1 <= k <= cond_frames or n > frames:
                 raise BitstreamError(f"GOP segment with {k} keyframes and {n} rounds is out of range")
-            rounds = [r.uvarint() for _ in range(n)]
-            if any(not 1 <= a <= pred_frames for a in rounds):
-                raise BitstreamError(f"a prediction round accepts 1..{pred_frames} frames, found {rounds}")
-            total += k + sum(rounds)
+            rounds = [Round(v >> 1, bool(v & 1)) for v in (r.uvarint() for _ in range(n))]
+            if any(not 1 <= x.accepted <= pred_frames for x in rounds):
+                raise BitstreamError(f"a prediction round accepts 1..{pred_frames} frames, "
+                                     f"found {[x.accepted for x in rounds]}")
+            total += k + sum(x.accepted for x in rounds)
             if total > frames:
                 raise BitstreamError(f"GOP chunk describes more than the {frames} frames of the header")
             segments.append((k, rounds))
@@ -487,5 +504,6 @@ def describe(container: Container) -> dict:
                                             h.params.get("pred_frames", 0))
         types = structure.frame_types()
         desc["gop"] = {"frame_types": types, "keyframes": [i for i, t in enumerate(types) if t == "K"],
-                       "rounds": [a for _, rounds in structure.segments for a in rounds]}
+                       "anchored": [i for i, t in enumerate(types) if t == "A"],
+                       "rounds": [r.accepted for _, rounds in structure.segments for r in rounds]}
     return desc

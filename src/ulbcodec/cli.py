@@ -127,7 +127,8 @@ def _encode_video_job(codec, task, quality: Optional[int], bpp: Optional[float],
         write_bytes(task.dst, data, force=force)
     level = codec.image.default_level if settings.rate_level is None else settings.rate_level
     return {"media": "video", "width": width, "height": height, "frames": gops.frames, "rate_level": level,
-            "threshold": settings.threshold, "keyframes": gops.keyframes, "frame_types": gops.frame_types(),
+            "threshold": settings.threshold, "keyframes": gops.keyframes, "anchored_rounds": gops.anchored_rounds,
+            "frame_types": gops.frame_types(),
             "bytes": len(data), "bpp": round(file_bpp(data), 6), "notes": notes,
             "timings": {"frames_per_s": round(gops.frames / seconds, 3)}}
 
@@ -438,8 +439,15 @@ def cli() -> None:
               help="Video: stream seed; each prediction round's noise derives from it and the round alone.")
 @click.option("--generative-keyframes", is_flag=True,
               help="Video: decode keyframes with the generative decoder (slower) instead of as anchor frames.")
+@click.option("--anchored", is_flag=True,
+              help="Video: when a prediction fails the threshold, try one guided by a small anchor of the frame "
+                   "before coding keyframes (frame type A).")
+@click.option("--anchor-level", type=int, help="Video: rate level of those anchors [default: the lowest].")
+@click.option("--guide-timestep", type=click.IntRange(0, 999), default=600, show_default=True,
+              help="Video: anchored predictions start denoising the anchor at this timestep (lower: closer to it).")
 def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, skip_existing, max_memory, quiet,
-           verbose, quality, bpp, downscale, threshold, metric, max_gop, video_seed, generative_keyframes):
+           verbose, quality, bpp, downscale, threshold, metric, max_gop, video_seed, generative_keyframes, anchored,
+           anchor_level, guide_timestep):
     """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files."""
     from ulbcodec.batch import Task
     from ulbcodec.io import READ_EXTENSIONS, VIDEO_EXTENSIONS
@@ -461,14 +469,17 @@ def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
         from ulbcodec.metrics import available_metrics
 
         raise click.UsageError(f"--metric lpips: {available_metrics().get('lpips', 'unavailable')}")
-    if quality is not None:
-        encoders = factory()
-        for codec in ([encoders.image] if need_image else []) + ([encoders.video.image] if need_video else []):
+    encoders = factory()
+    for flag, level, codecs in (("--quality", quality, ([encoders.image] if need_image else [])
+                                 + ([encoders.video.image] if need_video else [])),
+                                ("--anchor-level", anchor_level, [encoders.video.image] if need_video else [])):
+        for codec in codecs if level is not None else []:
             levels = codec.rate_levels
-            if quality not in levels:
-                raise click.UsageError(f"--quality must be one of the model's rate levels {levels[0]}..{levels[-1]}")
+            if level not in levels:
+                raise click.UsageError(f"{flag} must be one of the model's rate levels {levels[0]}..{levels[-1]}")
     settings = VideoSettings(threshold=threshold, metric=metric, max_gop=max_gop, seed=video_seed,
-                             generative_keyframes=generative_keyframes)
+                             generative_keyframes=generative_keyframes, anchored=anchored, anchor_level=anchor_level,
+                             guide_timestep=guide_timestep)
     verbosity = _verbosity(quiet, verbose)
     job = functools.partial(_encode_job, quality=quality, bpp=bpp, downscale=int(downscale), force=force,
                             skip_existing=skip_existing, budget=budget, video=settings,
@@ -550,7 +561,10 @@ def info(files, as_json):
         if "gop" in desc:  # K keyframe, p first frame of a prediction round, P predicted
             gop = desc["gop"]
             click.echo(f"  {'keyframes':13s} {len(gop['keyframes'])} at frames {gop['keyframes']}")
-            click.echo(f"  {'frame types':13s} {gop['frame_types']}  (K keyframe, p/P predicted, p starts a round)")
+            if gop["anchored"]:
+                click.echo(f"  {'anchored':13s} {len(gop['anchored'])} rounds at frames {gop['anchored']}")
+            click.echo(f"  {'frame types':13s} {gop['frame_types']}  (K keyframe, p/P predicted, p starts a round, "
+                       "A starts an anchored round)")
         for chunk in desc["chunks"]:
             click.echo(f"  chunk {chunk['type']} at byte {chunk['offset']}: {chunk['bytes']} bytes")
     sys.exit(EXIT_FAILED if failed else EXIT_OK)

@@ -11,8 +11,12 @@ perceptual threshold (after Li et al. 2024, with a real decoder).
         (noise seeded by (seed, first frame index))          (same seed, same frame index)
       accept the longest prefix with                       keep the accepted a frames
         distance(pred_j, original_j) <= threshold
-      none accepted (or max_gop reached) ─► next K keyframes
-    HEAD(K, P, steps, threshold, metric, max_gop, seed) + GOPS(segments, rounds) + ANCH...
+      none accepted: [--anchored] code a small anchor     anchored round: ANCH ─► anchor
+        of the first frame, predict again from it          frame ─► guide the prediction
+        (SDEdit-style guide); still none ─►
+      next K keyframes (also after max_gop frames)
+    HEAD(K, P, steps, threshold, metric, max_gop, seed[, anchor level, guide timestep])
+      + GOPS(segments, rounds) + ANCH (keyframes and round anchors, in frame order)
 
 The decoder never sees the originals: the GOPS chunk tells it, round by round, how many
 predicted frames the encoder accepted, and each round's noise depends only on the stream
@@ -37,7 +41,7 @@ import numpy as np
 import torch
 
 from ulbcodec import bitstream
-from ulbcodec.bitstream import AnchorPayload, BitstreamError, Chunk, Container, GopStructure, Header
+from ulbcodec.bitstream import AnchorPayload, BitstreamError, Chunk, Container, GopStructure, Header, Round
 from ulbcodec.image import DecodeError, ImageCodec, pad_replicate
 from ulbcodec.models import package as packages
 
@@ -74,6 +78,11 @@ class VideoSettings:
     seed: int = 0
     rate_level: Optional[int] = None
     generative_keyframes: bool = False
+    # Anchored rounds: when a round accepts nothing, first try one guided by a small
+    # anchor of its first frame (``anchor_level``: default the lowest) before keyframes.
+    anchored: bool = False
+    anchor_level: Optional[int] = None
+    guide_timestep: int = 600
 
 
 def file_bpp(data: bytes) -> float:
@@ -124,14 +133,19 @@ class VideoCodec:
         x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float() / 255
         return self.predictor.encode_frame(pad_replicate(x[None], self.predictor.multiple)[0])
 
-    def _predict(self, history: Deque[Tuple[np.ndarray, torch.Tensor]], seed: int, first_frame: int
-                 ) -> Iterator[np.ndarray]:
+    def _predict(self, history: Deque[Tuple[np.ndarray, torch.Tensor]], seed: int, first_frame: int,
+                 guide: Optional[torch.Tensor] = None, guide_timestep: int = 0) -> Iterator[np.ndarray]:
         """The next P frames after ``history`` (the last K decoded frames with their
-        latents), decoded lazily: a caller that stops early saves the rest of the VAE work."""
+        latents), decoded lazily: a caller that stops early saves the rest of the VAE work.
+        ``guide``: the latent of the round's anchor (anchored rounds)."""
         h, w = history[-1][0].shape[:2]
         latents = self.predictor.predict_latents(torch.stack([lat for _, lat in history]), seed, first_frame,
-                                                 self.steps)
+                                                 self.steps, guide, guide_timestep)
         return (self._to_frame(self.predictor.decode_frame(latent), h, w) for latent in latents)
+
+    def _anchor_guide(self, payload: AnchorPayload, width: int, height: int, level: int) -> torch.Tensor:
+        """The latent of an anchored round's anchor frame (decoded without the generative decoder)."""
+        return self._latent(self.image.decode_anchor(payload, width, height, level, anchor_only=True))
 
     @staticmethod
     def _to_frame(x: torch.Tensor, h: int, w: int) -> np.ndarray:
@@ -170,6 +184,18 @@ class VideoCodec:
                 lookahead.append(frame)
             return len(lookahead)
 
+        def accept(targets: List[np.ndarray], predicted: Iterator[np.ndarray]) -> List[np.ndarray]:
+            """The longest prefix of predictions within the threshold of their originals."""
+            out = []
+            for frame, pred in zip(targets, predicted):
+                if frame_distance(frame, pred, settings.metric) > settings.threshold:
+                    break
+                out.append(pred)
+            return out
+
+        anchor_level = self.image.rate_levels[0] if settings.anchor_level is None else settings.anchor_level
+        if anchor_level not in self.image.rate_levels:
+            raise ValueError(f"anchor level {anchor_level} not offered by model {self.package.name!r}")
         index, segments, anchors, size = 0, [], [], None
         history: Deque[Tuple[np.ndarray, torch.Tensor]] = collections.deque(maxlen=K)  # (frame, latent)
         while fill(1):
@@ -187,18 +213,23 @@ class VideoCodec:
             rounds, gop = [], 0
             while fill(1) and gop < settings.max_gop:
                 count = min(P, fill(P), settings.max_gop - gop)
-                accepted = []
-                for frame, pred in zip(list(lookahead)[:count], self._predict(history, settings.seed, index)):
-                    if frame_distance(frame, pred, settings.metric) > settings.threshold:
-                        break
-                    accepted.append(pred)
+                targets = list(lookahead)[:count]
+                accepted = accept(targets, self._predict(history, settings.seed, index))
+                anchor = None
+                if not accepted and settings.anchored:
+                    anchor = self.image.encode_anchor(targets[0], anchor_level)
+                    guide = self._anchor_guide(anchor, w, h, anchor_level)
+                    accepted = accept(targets, self._predict(history, settings.seed, index, guide,
+                                                             settings.guide_timestep))
                 if not accepted:
                     break
+                if anchor is not None:
+                    anchors.append(anchor)
                 for pred in accepted:
                     lookahead.popleft()
                     history.append((pred, self._latent(pred)))
                     emit(pred)
-                rounds.append(len(accepted))
+                rounds.append(Round(len(accepted), anchor is not None))
                 index += len(accepted)
                 gop += len(accepted)
             segments.append((k, rounds))
@@ -210,6 +241,8 @@ class VideoCodec:
         params = {"threshold_milli": round(settings.threshold * 1000), "metric": METRICS[settings.metric],
                   "cond_frames": K, "pred_frames": P, "steps": self.steps, "max_gop": settings.max_gop,
                   "keyframe_decoder": int(settings.generative_keyframes)}
+        if settings.anchored:
+            params.update(anchor_level=anchor_level, guide_timestep=settings.guide_timestep)
         header = Header(bitstream.MEDIA_VIDEO, size[0], size[1], self.package.short_digest, level, index,
                         fps.numerator, fps.denominator, settings.seed, params)
         chunks = [Chunk(bitstream.CHUNK_GOPS, gops.to_bytes())]
@@ -264,8 +297,12 @@ class VideoCodec:
             raise BitstreamError(f"a video file needs exactly one GOPS chunk, found {len(gop_chunks)}")
         gops = GopStructure.from_bytes(gop_chunks[0].payload, h.frames, K, P)
         anchors = container.find(bitstream.CHUNK_ANCHOR)
-        if len(anchors) != gops.keyframes:
-            raise BitstreamError(f"GOPS announces {gops.keyframes} keyframes, the file holds {len(anchors)}")
+        if len(anchors) != gops.keyframes + gops.anchored_rounds:
+            raise BitstreamError(f"GOPS announces {gops.keyframes} keyframes and {gops.anchored_rounds} anchored "
+                                 f"rounds, the file holds {len(anchors)} anchors")
+        anchor_level, guide_timestep = h.params.get("anchor_level"), h.params.get("guide_timestep")
+        if gops.anchored_rounds and (anchor_level not in self.image.rate_levels or guide_timestep is None):
+            raise BitstreamError("anchored rounds need a valid anchor level and guide timestep in the header")
         generative = bool(h.params.get("keyframe_decoder", 0))
         history: Deque[Tuple[np.ndarray, torch.Tensor]] = collections.deque(maxlen=K)
         index, next_anchor = 0, 0
@@ -280,9 +317,15 @@ class VideoCodec:
             if rounds and len(history) < K:
                 raise BitstreamError(f"a prediction round needs {K} decoded frames before it, the GOP chunk "
                                      f"gives {len(history)}")
-            for accepted in rounds:
+            for r in rounds:
+                guide = None
+                if r.anchored:
+                    payload = AnchorPayload.from_bytes(anchors[next_anchor].payload)
+                    next_anchor += 1
+                    guide = self._anchor_guide(payload, h.width, h.height, anchor_level)
                 # A round's frames all come from the latents of the history before it.
-                for frame in itertools.islice(self._predict(history, h.seed, index), accepted):
+                predicted = self._predict(history, h.seed, index, guide, guide_timestep or 0)
+                for frame in itertools.islice(predicted, r.accepted):
                     index += 1
                     yield frame
                     history.append((frame, self._latent(frame)))

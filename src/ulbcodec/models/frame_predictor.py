@@ -82,10 +82,19 @@ class FramePredictionPipeline:
         t = torch.as_tensor(t).reshape(-1).expand(b)
         return self.unet(inputs, t).sample.reshape(b, self.pred_frames, c, h, w).float()
 
-    def sample(self, cond: Tensor, noise: Tensor, steps: int) -> Tensor:
-        x = noise
+    def sample(self, cond: Tensor, noise: Tensor, steps: int, init: Optional[Tensor] = None,
+               start_timestep: Optional[int] = None) -> Tensor:
+        """DDIM-style sampling over ``steps`` scheduler steps from ``noise``; with ``init``
+        (SDEdit, Meng et al. 2022), from ``init`` noised to the first timestep <= ``start_timestep``
+        instead, and only the remaining steps."""
         self.scheduler.set_timesteps(steps)
-        for t in self.scheduler.timesteps:
+        timesteps = list(self.scheduler.timesteps)
+        x = noise
+        if init is not None:
+            timesteps = [t for t in timesteps if int(t) <= start_timestep] or timesteps[-1:]
+            ab = float(self.scheduler.alphas_cumprod[int(timesteps[0])])
+            x = ab ** 0.5 * init + (1 - ab) ** 0.5 * noise
+        for t in timesteps:
             x = self.scheduler.step(self.velocity(cond, x, int(t)), t, x, return_dict=False)[0]
         return x
 
@@ -100,12 +109,21 @@ class FramePredictionPipeline:
             return self.latent.encode_latent(frame[None])[0]
 
     @torch.no_grad()
-    def predict_latents(self, cond_latents: Tensor, stream_seed: int, round_index: int, steps: int) -> Tensor:
-        """Latents of the last K decoded frames [K,C,h,w] → latents of the next P frames [P,C,h,w]."""
+    def predict_latents(self, cond_latents: Tensor, stream_seed: int, round_index: int, steps: int,
+                        guide: Optional[Tensor] = None, guide_timestep: int = 600) -> Tensor:
+        """Latents of the last K decoded frames [K,C,h,w] → latents of the next P frames [P,C,h,w].
+
+        ``guide`` (the latent [C,h,w] of a small anchor of the round's first frame): every
+        predicted frame starts from it, noised to ``guide_timestep``, so that the anchor
+        sets the layout and colours and the prediction adds what the history knows."""
         with one_thread():
             g = torch.Generator().manual_seed(round_seed(stream_seed, round_index))
             noise = torch.randn((1, self.pred_frames) + tuple(cond_latents.shape[1:]), generator=g)
-            x = self.sample(cond_latents[None], noise, steps)[0]
+            init = None
+            if guide is not None:
+                target = guide if self.residual_scale is None else (guide - cond_latents[-1]) / self.residual_scale
+                init = target.expand_as(noise[0])[None]
+            x = self.sample(cond_latents[None], noise, steps, init, guide_timestep)[0]
             return x if self.residual_scale is None else cond_latents[-1] + self.residual_scale * x
 
     @torch.no_grad()
