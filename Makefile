@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.ulbc-installed
 DATA   ?= $(HOME)/.cache/ulbc
 JOBS   ?= 1
 
-.PHONY: install demo test test-all models generative-model data bench lock clean
+.PHONY: install demo test test-all models generative-model video-model data bench lock clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ models: $(STAMP)
 generative-model: $(STAMP)
 	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative --anchor-model default \
 		--export models/generative
+
+# Train (or resume) the video frame predictor on top of models/generative, export models/video.
+video-model: $(STAMP)
+	$(PY) -m ulbcodec.train.predictor --data $(DATA) --run runs/predictor --image-model generative \
+		--steps 8000 --max-frames 40 --export models/video
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --data $(DATA) --jobs $(JOBS)

@@ -7,6 +7,8 @@ Runs, on the held-out photographs fetched by ``ulbcodec.train.data``:
      on one 768 px photograph, with 2 threads;
   3. when models/generative is installed: generative vs anchor-only decoding vs AVIF/WebP
      (benchmarks/generative.py, 0.005-0.06 bpp) with its crop sheet, and its speed;
+  4. when models/video is installed: the video benchmark (benchmarks/video_rd.py) on the
+     validation clips against x264/x265/SVT-AV1/VVenC, with speed and memory;
 and writes BENCHMARKS.md with the machine, date, commands and tables. RD plots go to
 docs/benchmarks/.
 """
@@ -57,6 +59,7 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=os.path.expanduser("~/.cache/ulbc"))
     p.add_argument("--model", default="default")
     p.add_argument("--generative-model", default="generative")
+    p.add_argument("--video-model", default="video")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "out" / "bench"))
     args = p.parse_args(argv)
@@ -101,6 +104,23 @@ Plots: docs/benchmarks/generative_rd_*.png; crops: docs/generative_crops.png
 ### Speed and memory of generative decoding (2 threads)
 
 {gen_speed}"""
+    video_section = "Not run: no video model installed."
+    try:
+        packages.resolve(args.video_model)
+    except packages.ModelError:
+        pass
+    else:
+        import video_rd
+        from ulbcodec.train.video_data import fetch_videos
+
+        clips = fetch_videos(Path(args.data)) / "val"
+        video_argv = ["--clips", str(clips), "--model", args.video_model, "--out", str(Path(args.out) / "video"),
+                      "--plots", str(plots), "--speed"]
+        video = capture(video_rd.main, video_argv)
+        video_section = f"""Command: `python benchmarks/video_rd.py {' '.join(video_argv)}`
+Plots: docs/benchmarks/video_rd_*.png
+
+{video}"""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
     text = f"""# Benchmarks
@@ -131,6 +151,10 @@ Command: `python benchmarks/speed.py IMAGE --model {args.model}`
 ## Generative (next-frame) decoding
 
 {gen_section}
+
+## Video: keyframes + diffusion prediction against x264, x265, SVT-AV1, VVenC
+
+{video_section}
 """
     (ROOT / "BENCHMARKS.md").write_text(text)
     print(text)

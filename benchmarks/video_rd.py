@@ -47,7 +47,7 @@ from ulbcodec import metrics, video_baselines  # noqa: E402
 METRICS = ("psnr", "ms_ssim", "vmaf")
 LABELS = {"psnr": "PSNR (RGB) [dB]", "ms_ssim": "MS-SSIM (RGB; SSIM under 161 px)", "vmaf": "VMAF v0.6.1"}
 DEFAULT_CLIPS = ("carphone", "digits-1000", "pan-Path-256x256", "bikes")
-ULBC = "ulbc"
+ULBC, ULBC_ANCHORED = "ulbc", "ulbc-anchored"
 
 
 def read_clip(path: Path, frames: int) -> tuple[np.ndarray, Fraction]:
@@ -75,30 +75,33 @@ def measure(ref: np.ndarray, dist: np.ndarray) -> dict:
             "vmaf": metrics.vmaf_video(list(ref), list(dist), threads=2)}
 
 
-def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresholds, out: Path) -> list[dict]:
+def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresholds, out: Path,
+             anchored: bool = False) -> list[dict]:
     from ulbcodec.video import VideoSettings
 
     rows = []
     t, h, w = frames.shape[:3]
+    label = ULBC_ANCHORED if anchored else ULBC
     for level in levels:
         for threshold in thresholds:
             seen = []
             t0 = time.perf_counter()
-            data, gops = codec.encode(iter(frames), fps, VideoSettings(threshold=threshold, rate_level=level),
-                                      reconstruction=seen.append)
+            settings = VideoSettings(threshold=threshold, rate_level=level, anchored=anchored)
+            data, gops = codec.encode(iter(frames), fps, settings, reconstruction=seen.append)
             encode_s = time.perf_counter() - t0
-            path = out / f"{name}-q{level}-t{threshold}.ulb"
+            path = out / f"{name}-{label}-q{level}-t{threshold}.ulb"
             path.write_bytes(data)
             t0 = time.perf_counter()
             decoded = np.stack(list(codec.decode(path.read_bytes())))
             decode_s = time.perf_counter() - t0
             if not all(np.array_equal(a, b) for a, b in zip(seen, decoded)):
                 raise RuntimeError(f"{path}: decoded frames differ from the encoder's reconstruction")
-            rows.append({"clip": name, "codec": ULBC, "setting": f"q{level} t{threshold}",
+            rows.append({"clip": name, "codec": label, "setting": f"q{level} t{threshold}",
                          "bpp": path.stat().st_size * 8 / (w * h * t), "bytes": path.stat().st_size,
-                         "keyframes": gops.keyframes, "frame_types": gops.frame_types(),
+                         "keyframes": gops.keyframes, "anchored_rounds": gops.anchored_rounds,
+                         "frame_types": gops.frame_types(),
                          "encode_fps": t / encode_s, "decode_fps": t / decode_s, **measure(frames, decoded)})
-            print(f"  {name} ulbc q{level} t{threshold}: {rows[-1]['bpp']:.4f} bpp, {gops.keyframes} keyframes, "
+            print(f"  {name} {label} q{level} t{threshold}: {rows[-1]['bpp']:.4f} bpp, {gops.frame_types()}, "
                   f"VMAF {rows[-1]['vmaf']:.1f}", file=sys.stderr, flush=True)
     return rows
 
@@ -124,8 +127,8 @@ def bd(anchor: list[dict], test: list[dict], metric: str) -> float | None:
         return None
 
 
-def bd_table(rows: list[dict], codecs, hi: float | None) -> str:
-    """Mean over clips of the per-clip BD-rate of ulbc against each baseline."""
+def bd_table(rows: list[dict], codecs, hi: float | None, test: str = ULBC) -> str:
+    """Mean over clips of the per-clip BD-rate of ``test`` against each anchor codec."""
     by_clip = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by_clip[r["clip"]][r["codec"]].append(r)
@@ -135,7 +138,7 @@ def bd_table(rows: list[dict], codecs, hi: float | None) -> str:
         for m in METRICS:
             values = []
             for clip, curves in by_clip.items():
-                a, t = envelope(curves[codec], m), envelope(curves[ULBC], m)
+                a, t = envelope(curves[codec], m), envelope(curves[test], m)
                 if hi is not None:
                     a, t = in_window(a, 0, hi), in_window(t, 0, hi)
                 v = bd(a, t, m)
@@ -156,12 +159,13 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
     clips = sorted({r["clip"] for r in rows})
     fig, axes = plt.subplots(1, len(clips), figsize=(4.5 * len(clips), 4), squeeze=False)
     for ax, clip in zip(axes[0], clips):
-        for codec in (ULBC, *video_baselines.CODECS):
+        for codec in (ULBC, ULBC_ANCHORED, *video_baselines.CODECS):
             pts = envelope([r for r in rows if r["clip"] == clip and r["codec"] == codec], metric)
             if pts:
-                ax.plot([p["bpp"] for p in pts], [p[metric] for p in pts], marker="*" if codec == ULBC else "o",
-                        lw=2.2 if codec == ULBC else 1.2, ms=7 if codec == ULBC else 3, label=codec,
-                        color="black" if codec == ULBC else None)
+                ours = codec.startswith(ULBC)
+                ax.plot([p["bpp"] for p in pts], [p[metric] for p in pts], marker="*" if ours else "o",
+                        lw=2.2 if ours else 1.2, ms=7 if ours else 3, label=codec, ls="--" if codec == ULBC_ANCHORED
+                        else "-", color="black" if ours else None)
         ax.set_xscale("log")
         ax.set_title(clip, fontsize=9)
         ax.set_xlabel("bpp (real bytes; baselines: elementary stream)")
@@ -227,6 +231,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "out" / "bench" / "video")
     p.add_argument("--plots", type=Path, default=None, help="copy the RD plots here (docs/benchmarks)")
     p.add_argument("--speed", action="store_true")
+    p.add_argument("--anchored-levels", type=int, nargs="*", default=[1],
+                   help="also run ulbc with anchored rounds at these keyframe levels (same thresholds)")
     args = p.parse_args(argv)
     from ulbcodec.video import VideoCodec
 
@@ -238,6 +244,8 @@ def main(argv=None) -> None:
         shapes[name] = frames.shape
         print(f"{name}: {frames.shape[2]}x{frames.shape[1]}, {len(frames)} frames", file=sys.stderr, flush=True)
         rows += run_ulbc(codec, name, frames, fps, args.levels, args.thresholds, args.out)
+        if args.anchored_levels:
+            rows += run_ulbc(codec, name, frames, fps, args.anchored_levels, args.thresholds, args.out, anchored=True)
         rows += run_baselines(name, frames, fps, args.codecs, args.max_bpp)
     keys = sorted({k for r in rows for k in r})
     with open(args.out / "points.csv", "w", newline="") as f:
@@ -252,13 +260,13 @@ def main(argv=None) -> None:
             args.plots.mkdir(parents=True, exist_ok=True)
             (args.plots / f"video_rd_{m}.png").write_bytes((args.out / f"rd_{m}.png").read_bytes())
     clip_lines = "\n".join(f"- {n}: {s[2]}x{s[1]}, {s[0]} frames" for n, s in shapes.items())
-    point_lines = ["| clip | codec | setting | bpp | PSNR | MS-SSIM | VMAF | keyframes | enc fps | dec fps |",
+    point_lines = ["| clip | codec | setting | bpp | PSNR | MS-SSIM | VMAF | frame types | enc fps | dec fps |",
                    "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["clip"], r["codec"] != ULBC, r["codec"], r["bpp"])):
-        if r["codec"] == ULBC or r["bpp"] <= 0.1:
+    for r in sorted(rows, key=lambda r: (r["clip"], not r["codec"].startswith(ULBC), r["codec"], r["bpp"])):
+        if r["codec"].startswith(ULBC) or r["bpp"] <= 0.1:
             point_lines.append(
                 f"| {r['clip']} | {r['codec']} | {r['setting']} | {r['bpp']:.4f} | {r['psnr']:.2f} | "
-                f"{r['ms_ssim']:.4f} | {r['vmaf']:.1f} | {r.get('keyframes', '')} | "
+                f"{r['ms_ssim']:.4f} | {r['vmaf']:.1f} | {r.get('frame_types', '')} | "
                 f"{r.get('encode_fps', 0):.2f} | {r.get('decode_fps', 0):.2f} |".replace("| 0.00 | 0.00 |", "| | |"))
     text = f"""Clips (first {args.frames} frames of each, from `{args.clips}`):
 {clip_lines}
@@ -276,6 +284,10 @@ Whole range:
 At most 0.03 bpp (plus the nearest point above):
 
 {bd_table(rows, args.codecs, 0.03)}
+
+### Anchored rounds: ulbc-anchored (keyframe levels {args.anchored_levels}) against plain ulbc
+
+{bd_table(rows, [ULBC], None, test=ULBC_ANCHORED) if args.anchored_levels else "not run"}
 
 ### Every point (baselines up to 0.1 bpp)
 

@@ -127,7 +127,12 @@ class VideoCodec:
     # ------------------------------------------------------------------ shared by both sides
 
     def _keyframe_decode(self, payload: AnchorPayload, width: int, height: int, level: int, generative: bool):
-        return self.image.decode_anchor(payload, width, height, level, anchor_only=not generative)
+        if not generative:  # the anchor path is bit-exact for any thread count (docs/bitstream.md)
+            return self.image.decode_anchor(payload, width, height, level, anchor_only=True)
+        from ulbcodec.models.frame_predictor import one_thread
+
+        with one_thread():  # the generative decoder is not; one thread keeps encoder and decoder equal
+            return self.image.decode_anchor(payload, width, height, level, anchor_only=False)
 
     def _latent(self, frame: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float() / 255
