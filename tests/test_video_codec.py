@@ -89,8 +89,8 @@ def test_anchored_rounds_round_trip(codec, monkeypatch):
 
     plain_ids, predict = set(), VideoCodec._predict
 
-    def tagged_predict(self, history, seed, first, guide=None, guide_timestep=0):
-        for frame in predict(self, history, seed, first, guide, guide_timestep):
+    def tagged_predict(self, history, seed, first, steps, guide=None, guide_timestep=0):
+        for frame in predict(self, history, seed, first, steps, guide, guide_timestep):
             if guide is None:
                 plain_ids.add(id(frame))
             yield frame
@@ -110,3 +110,12 @@ def test_anchored_rounds_round_trip(codec, monkeypatch):
     monkeypatch.setattr(VideoCodec, "_predict", tagged_predict)
     monkeypatch.setattr(video, "frame_distance", lambda ref, dist, metric: 1.0 if id(dist) in plain_ids else 0.0)
     assert encode(codec, frames, threshold=0.5, max_gop=4, seed=7)[1].frame_types() == "K" * 9
+
+
+def test_sampler_steps_are_the_files(codec):
+    frames = clip(7)
+    one, gops, seen = encode(codec, frames, threshold=10.0, steps=1)
+    assert Container.from_bytes(one).header.params["steps"] == 1
+    assert all(np.array_equal(a, b) for a, b in zip(seen, codec.decode(one)))
+    with pytest.raises(ValueError, match="steps"):
+        encode(codec, frames, steps=0)

@@ -445,9 +445,11 @@ def cli() -> None:
 @click.option("--anchor-level", type=int, help="Video: rate level of those anchors [default: the lowest].")
 @click.option("--guide-timestep", type=click.IntRange(0, 999), default=600, show_default=True,
               help="Video: anchored predictions start denoising the anchor at this timestep (lower: closer to it).")
+@click.option("--pred-steps", type=click.IntRange(1, 100),
+              help="Video: sampler steps of every prediction (stored in the file) [default: the model's].")
 def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, skip_existing, max_memory, quiet,
            verbose, quality, bpp, downscale, threshold, metric, max_gop, video_seed, generative_keyframes, anchored,
-           anchor_level, guide_timestep):
+           anchor_level, guide_timestep, pred_steps):
     """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files."""
     from ulbcodec.batch import Task
     from ulbcodec.io import READ_EXTENSIONS, VIDEO_EXTENSIONS
@@ -479,7 +481,7 @@ def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
                 raise click.UsageError(f"{flag} must be one of the model's rate levels {levels[0]}..{levels[-1]}")
     settings = VideoSettings(threshold=threshold, metric=metric, max_gop=max_gop, seed=video_seed,
                              generative_keyframes=generative_keyframes, anchored=anchored, anchor_level=anchor_level,
-                             guide_timestep=guide_timestep)
+                             guide_timestep=guide_timestep, steps=pred_steps)
     verbosity = _verbosity(quiet, verbose)
     job = functools.partial(_encode_job, quality=quality, bpp=bpp, downscale=int(downscale), force=force,
                             skip_existing=skip_existing, budget=budget, video=settings,

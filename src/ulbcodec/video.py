@@ -46,6 +46,7 @@ from ulbcodec.image import DecodeError, ImageCodec, pad_replicate
 from ulbcodec.models import package as packages
 
 METRICS = {"ms-ssim": 1, "lpips": 2}
+MAX_STEPS = 100  # sampler steps a file may ask for: bounds the decoder's work per round
 METRIC_NAMES = {v: k for k, v in METRICS.items()}
 
 
@@ -83,6 +84,7 @@ class VideoSettings:
     anchored: bool = False
     anchor_level: Optional[int] = None
     guide_timestep: int = 600
+    steps: Optional[int] = None  # sampler steps of every prediction (default: the model's); in the file
 
 
 def file_bpp(data: bytes) -> float:
@@ -138,14 +140,14 @@ class VideoCodec:
         x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float() / 255
         return self.predictor.encode_frame(pad_replicate(x[None], self.predictor.multiple)[0])
 
-    def _predict(self, history: Deque[Tuple[np.ndarray, torch.Tensor]], seed: int, first_frame: int,
+    def _predict(self, history: Deque[Tuple[np.ndarray, torch.Tensor]], seed: int, first_frame: int, steps: int,
                  guide: Optional[torch.Tensor] = None, guide_timestep: int = 0) -> Iterator[np.ndarray]:
         """The next P frames after ``history`` (the last K decoded frames with their
         latents), decoded lazily: a caller that stops early saves the rest of the VAE work.
         ``guide``: the latent of the round's anchor (anchored rounds)."""
         h, w = history[-1][0].shape[:2]
         latents = self.predictor.predict_latents(torch.stack([lat for _, lat in history]), seed, first_frame,
-                                                 self.steps, guide, guide_timestep)
+                                                 steps, guide, guide_timestep)
         return (self._to_frame(self.predictor.decode_frame(latent), h, w) for latent in latents)
 
     def _anchor_guide(self, payload: AnchorPayload, width: int, height: int, level: int) -> torch.Tensor:
@@ -167,6 +169,9 @@ class VideoCodec:
         (decoded keyframes, accepted predictions), in order."""
         emit = reconstruction or (lambda frame: None)
         K, P = self.cond_frames, self.pred_frames
+        steps = self.steps if settings.steps is None else settings.steps
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"sampler steps must be 1..{MAX_STEPS}, got {steps}")
         level = self.image.default_level if settings.rate_level is None else settings.rate_level
         if level not in self.image.rate_levels:
             raise ValueError(f"rate level {level} not offered by model {self.package.name!r}")
@@ -219,12 +224,12 @@ class VideoCodec:
             while fill(1) and gop < settings.max_gop:
                 count = min(P, fill(P), settings.max_gop - gop)
                 targets = list(lookahead)[:count]
-                accepted = accept(targets, self._predict(history, settings.seed, index))
+                accepted = accept(targets, self._predict(history, settings.seed, index, steps))
                 anchor = None
                 if not accepted and settings.anchored:
                     anchor = self.image.encode_anchor(targets[0], anchor_level)
                     guide = self._anchor_guide(anchor, w, h, anchor_level)
-                    accepted = accept(targets, self._predict(history, settings.seed, index, guide,
+                    accepted = accept(targets, self._predict(history, settings.seed, index, steps, guide,
                                                              settings.guide_timestep))
                 if not accepted:
                     break
@@ -244,7 +249,7 @@ class VideoCodec:
             raise ValueError("the video has no frames")
         gops = GopStructure(segments)
         params = {"threshold_milli": round(settings.threshold * 1000), "metric": METRICS[settings.metric],
-                  "cond_frames": K, "pred_frames": P, "steps": self.steps, "max_gop": settings.max_gop,
+                  "cond_frames": K, "pred_frames": P, "steps": steps, "max_gop": settings.max_gop,
                   "keyframe_decoder": int(settings.generative_keyframes)}
         if settings.anchored:
             params.update(anchor_level=anchor_level, guide_timestep=settings.guide_timestep)
@@ -293,10 +298,12 @@ class VideoCodec:
             raise DecodeError(f"file holds a {h.media_name}, not a video")
         self.image.check_model(h)
         K, P = h.params.get("cond_frames"), h.params.get("pred_frames")
-        if (K, P, h.params.get("steps")) != (self.cond_frames, self.pred_frames, self.steps):
-            raise DecodeError(f"file needs K={K}, P={P}, steps={h.params.get('steps')}; model "
-                              f"{self.package.name!r} predicts K={self.cond_frames}, P={self.pred_frames}, "
-                              f"steps={self.steps}")
+        if (K, P) != (self.cond_frames, self.pred_frames):
+            raise DecodeError(f"file needs K={K}, P={P}; model {self.package.name!r} predicts "
+                              f"K={self.cond_frames}, P={self.pred_frames}")
+        steps = h.params.get("steps")
+        if steps is None or not 1 <= steps <= MAX_STEPS:
+            raise BitstreamError(f"sampler steps {steps} outside 1..{MAX_STEPS}")
         gop_chunks = container.find(bitstream.CHUNK_GOPS)
         if len(gop_chunks) != 1:
             raise BitstreamError(f"a video file needs exactly one GOPS chunk, found {len(gop_chunks)}")
@@ -329,7 +336,7 @@ class VideoCodec:
                     next_anchor += 1
                     guide = self._anchor_guide(payload, h.width, h.height, anchor_level)
                 # A round's frames all come from the latents of the history before it.
-                predicted = self._predict(history, h.seed, index, guide, guide_timestep or 0)
+                predicted = self._predict(history, h.seed, index, steps, guide, guide_timestep or 0)
                 for frame in itertools.islice(predicted, r.accepted):
                     index += 1
                     yield frame
