@@ -119,3 +119,16 @@ def test_sampler_steps_are_the_files(codec):
     assert all(np.array_equal(a, b) for a, b in zip(seen, codec.decode(one)))
     with pytest.raises(ValueError, match="steps"):
         encode(codec, frames, steps=0)
+
+
+def test_decoder_thread_count_does_not_matter(codec):
+    import torch
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        data, _, seen = encode(codec, clip(7), threshold=10.0, seed=5)
+        torch.set_num_threads(2)
+        assert all(np.array_equal(a, b) for a, b in zip(seen, codec.decode(data)))
+    finally:
+        torch.set_num_threads(previous)

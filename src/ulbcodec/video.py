@@ -21,8 +21,8 @@ perceptual threshold (after Li et al. 2024, with a real decoder).
 The decoder never sees the originals: the GOPS chunk tells it, round by round, how many
 predicted frames the encoder accepted, and each round's noise depends only on the stream
 seed and the index of the round's first frame. Everything is in the file and counted in
-bpp. Predictions run on one thread (models/frame_predictor.py), so the decoder's frames
-equal the encoder's on the same machine and build.
+bpp. Predictions run on a fixed number of threads (models/frame_predictor.py), so the
+decoder's frames equal the encoder's on the same machine and build.
 
 Memory is bounded by a window of K + P frames on either side: frames are streamed in
 and out, never the whole clip.
@@ -131,9 +131,9 @@ class VideoCodec:
     def _keyframe_decode(self, payload: AnchorPayload, width: int, height: int, level: int, generative: bool):
         if not generative:  # the anchor path is bit-exact for any thread count (docs/bitstream.md)
             return self.image.decode_anchor(payload, width, height, level, anchor_only=True)
-        from ulbcodec.models.frame_predictor import one_thread
+        from ulbcodec.models.frame_predictor import fixed_threads
 
-        with one_thread():  # the generative decoder is not; one thread keeps encoder and decoder equal
+        with fixed_threads():  # the generative decoder is not; a fixed thread count keeps both sides equal
             return self.image.decode_anchor(payload, width, height, level, anchor_only=False)
 
     def _latent(self, frame: np.ndarray) -> torch.Tensor:
