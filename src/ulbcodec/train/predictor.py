@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ulbcodec.models import package as packages
 from ulbcodec.train.generative import SCHEDULER_CONFIG, load_stage, save_stage
 
-COND_FRAMES, PRED_FRAMES, SAMPLER_STEPS = 2, 5, 6
+COND_FRAMES, PRED_FRAMES = 2, 5
 LATENT = 16
 
 
@@ -114,6 +114,8 @@ def main(argv=None) -> None:
     p.add_argument("--crop", type=int, default=16, help="latent crop (x8 pixels)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--residual-scale", type=float, default=0.25, help="targets are (x - c_K) / scale")
+    p.add_argument("--sampler-steps", type=int, default=1,
+                   help="the exported model's default prediction steps (docs/training.md: why 1)")
     p.add_argument("--max-frames", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
@@ -179,7 +181,7 @@ def export(image, unet, scheduler, meta: Dict, args) -> None:
     modules = {name: base.build(name) for name in base.components}
     modules.update(predictor=unet, predictor_scheduler=scheduler)
     extra = dict(base.extra)
-    extra["video"] = {"cond_frames": COND_FRAMES, "pred_frames": PRED_FRAMES, "steps": SAMPLER_STEPS,
+    extra["video"] = {"cond_frames": COND_FRAMES, "pred_frames": PRED_FRAMES, "steps": args.sampler_steps,
                       "residual_scale": meta["residual_scale"]}
     extra["predictor_training"] = {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
                                    "batch": args.batch, "crop_latents": args.crop, "lr": args.lr,
