@@ -685,6 +685,23 @@ def _inter_context_heads(dim: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
+
+def rans_safe(string: bytes, symbols: int) -> bytes:
+    """``string`` followed by enough zero bytes that CompressAI's rANS decoder cannot read
+    past the end of its buffer while decoding ``symbols`` symbols.
+
+    Its C++ decoder never checks its read pointer: on a short or corrupted string it reads
+    the memory after it (a crash when the string lives on the stack; docs/robustness.md,
+    finding 1). Per symbol it reads at most one renormalisation word and, in bypass mode,
+    one word for the bypass count; longer bypass runs need 0xF nibbles, of which a string
+    of n bytes holds at most 2n (+16 in the state), each asking for 15 nibbles more. Zero
+    bytes end every bypass run, so 32 bytes per string byte, 16 per symbol and 4 KiB bound
+    every read inside the padded buffer. A valid stream is consumed exactly as before and
+    decodes to the same symbols (conformance pins); the padding costs ~16 bytes per symbol
+    for the duration of the call (~75 MB at 12 MP with models/default).
+    """
+    return string + bytes(32 * len(string) + 16 * symbols + 4096)
+
 class AnchorCodec(CompressionModel):
     """NeFIC anchor codec (see the module docstring for the data flow).
 
@@ -1124,6 +1141,9 @@ class AnchorCodec(CompressionModel):
         if len(shape) != 2 or any(isinstance(s, bool) or int(s) != s or int(s) <= 0 for s in shape):
             raise ValueError(f"shape must be the positive (height, width) of z, got {shape!r}")
         shape = (int(shape[0]), int(shape[1]))
+        positions = shape[0] * shape[1]
+        z_string = rans_safe(z_string, self.entropy_bottleneck.channels * positions)
+        y_string = rans_safe(y_string, self.M * 16 * positions)
         self._check_entropy_dtype()
         device = self.h_s.increase[0].weight.device
         gc = self.gaussian_conditional
