@@ -81,6 +81,15 @@ def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0) 
     return root / name
 
 
+@pytest.fixture()
+def one_thread():
+    """One torch thread for the test (the test machine's other core is shared), restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """A folder on ULBC_MODEL_PATH holding the packages 'tiny' and 'tinygen'."""

@@ -23,13 +23,7 @@ from ulbcodec.models.anchor_codec import RELEASED_CONFIG, AnchorCodec, crop_to_s
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine's other core is shared; keep to one thread (restored afterwards).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

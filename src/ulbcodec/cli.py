@@ -157,7 +157,8 @@ def _decode_video(decoders, container, task, force: bool, video_format: str, los
                 yield frame
 
         write_video(dst, frames(), h.fps_fraction, force=force, lossless=lossless)
-    return dst, {"media": "video", "frames": h.frames, "timings": {"frames_per_s": round(h.frames / (time.perf_counter() - t0), 3)}}
+    fps = h.frames / (time.perf_counter() - t0)
+    return dst, {"media": "video", "frames": h.frames, "timings": {"frames_per_s": round(fps, 3)}}
 
 
 def _decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int = 1, seed: Optional[int] = None,
@@ -572,10 +573,13 @@ def info(files, as_json):
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
 
 
-@cli.command("models")
+@cli.group("models", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def models_cmd(as_json):
+@click.pass_context
+def models_cmd(ctx, as_json):
     """List the models ulbc can use (search path: $ULBC_MODEL_PATH, then models/)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from ulbcodec.models import package as packages
 
     rows = []
@@ -601,6 +605,27 @@ def models_cmd(as_json):
     if not rows:
         click.echo("no models found (search path: $ULBC_MODEL_PATH, then the project's models/)", err=True)
         sys.exit(EXIT_FAILED)
+
+
+@models_cmd.command("import-nefic")
+@click.option("--base", required=True, type=click.Path(file_okay=False),
+              help="CogVideoX-1.5-5B in diffusers' layout (vae/, transformer/, scheduler/): referenced, not copied.")
+@click.option("--checkpoint", "checkpoints", required=True, multiple=True, type=click.Path(file_okay=False),
+              help="A NeFIC rate point (nefic_lambda*/ with anchor_codec.bin, pytorch_lora_weights.safetensors); "
+                   "repeat for several rate levels.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Package directory to write.")
+@click.option("-f", "--force", is_flag=True, help="Replace an existing package.")
+def import_nefic_cmd(base, checkpoints, output, force):
+    """Convert the official NeFIC checkpoints into a ulbc model package."""
+    from ulbcodec.models.nefic import import_nefic
+    from ulbcodec.models.package import ModelError
+
+    try:
+        pkg = import_nefic(base, checkpoints, output, force=force)
+    except ModelError as exc:
+        _fail(str(exc))
+    click.echo(f"imported {len(pkg.rate_levels)} rate level(s) into {pkg.root} (digest {pkg.digest[:16]}, "
+               f"{pkg.size_bytes / 1e6:.1f} MB; base model referenced at {Path(base).resolve()})")
 
 
 @cli.command()

@@ -17,6 +17,10 @@ With a generative package, the decoder's output is the next-frame decoder's imag
 the diffusion weights). Anchor codecs conditioned on the VAE latent (``vae_channels``,
 as NeFIC's) get it from the package's VAE at the encoder only.
 
+A package may hold one anchor codec and one transformer LoRA per rate level (imported
+NeFIC checkpoints, ``models/nefic.py``): the codec keeps one level's codec in memory and
+puts that level's LoRA on the transformer before decoding with it.
+
 Operating points are (downscale f, rate level). The model's lowest level still pays for
 its hyper-latent (about 0.02 bpp at full size); coding a 1/2 or 1/4 size image, as the
 classical baselines must at these rates too, reaches further down. ``encode_to_bpp``
@@ -111,16 +115,18 @@ class ImageCodec:
     def __init__(self, package: packages.ModelPackage, device: str = "cpu"):
         self.package = package
         self.device = torch.device(device)
-        self.model = package.build("anchor_codec", device=str(self.device))
+        # per-level packages: the level whose anchor codec is loaded (None: one codec for all)
+        self._model_level = self.default_level if package.per_level("anchor_codec") else None
+        self.model = package.build("anchor_codec", device=str(self.device), level=self._model_level)
         self._next_frame = None
+        self._lora_level: Optional[int] = None  # the level whose LoRA is on the transformer (-1: the only one)
         self.last_timings: Dict[str, float] = {}
 
     @property
     def is_generative(self) -> bool:
         return self.package.is_generative
 
-    @property
-    def next_frame(self):
+    def _pipeline(self):
         """The next-frame decoder, built on first use (anchor-only work never loads it)."""
         if self._next_frame is None:
             if not self.is_generative:
@@ -131,6 +137,39 @@ class ImageCodec:
             self._next_frame = NextFramePipeline(build("vae"), build("transformer"), build("scheduler"),
                                                  build("prompt_embeds"))
         return self._next_frame
+
+    def next_frame_for(self, rate_level: Optional[int] = None):
+        """The next-frame decoder with the package's LoRA of ``rate_level`` on its
+        transformer (default: the one already on it, else the default level's)."""
+        pipe = self._pipeline()
+        lora = self.package.components.get("lora")
+        if lora is not None:
+            if rate_level is None:
+                rate_level = self.default_level if self._lora_level is None else self._lora_level
+            if not self.package.per_level("lora"):
+                rate_level = -1  # one LoRA for every level
+            if rate_level != self._lora_level:
+                from ulbcodec.models import nefic
+
+                nefic.apply_lora(pipe.transformer, self.package.build("lora", level=rate_level),
+                                 lora.get("config", {}).get("alpha"), source=f"model {self.package.name!r}: LoRA")
+                self._lora_level = rate_level
+        return pipe
+
+    @property
+    def next_frame(self):
+        """The next-frame decoder (see :meth:`next_frame_for`)."""
+        return self.next_frame_for()
+
+    def _anchor_codec(self, rate_level: int):
+        """(anchor codec, level to give it) for ``rate_level``: in a per-level package the
+        level's own codec (loaded in place of the previous one) at its only level, 0."""
+        if self._model_level is None:
+            return self.model, rate_level
+        if rate_level != self._model_level:
+            self.model = self.package.build("anchor_codec", device=str(self.device), level=rate_level)
+            self._model_level = rate_level
+        return self.model, 0
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "default", device: str = "cpu") -> "ImageCodec":
@@ -157,12 +196,13 @@ class ImageCodec:
     @torch.no_grad()
     def analyze(self, rgb: np.ndarray, rate_level: int) -> torch.Tensor:
         x = pad_replicate(to_tensor(rgb).to(self.device))
-        if self.model.vae_channels == 0:
-            return tiled_apply(lambda t: self.model.analyze(t, rate_level=rate_level), x,
+        model, level = self._anchor_codec(rate_level)
+        if model.vae_channels == 0:
+            return tiled_apply(lambda t: model.analyze(t, rate_level=level), x,
                                Fraction(1, 16), TILE_CORE, TILE_MARGIN, TILE_WORKERS)
         # NeFIC-style encoder: g_a also sees the VAE latent of the (padded) original.
-        vae_latent = tiled_apply(self.next_frame.encode_latent, x, Fraction(1, 8), TILE_CORE, TILE_MARGIN, 1)
-        return tiled_apply(lambda t, v: self.model.analyze(t, v, rate_level=rate_level), x,
+        vae_latent = tiled_apply(self._pipeline().encode_latent, x, Fraction(1, 8), TILE_CORE, TILE_MARGIN, 1)
+        return tiled_apply(lambda t, v: model.analyze(t, v, rate_level=level), x,
                            Fraction(1, 16), TILE_CORE, TILE_MARGIN, TILE_WORKERS, side=[(vae_latent, Fraction(1, 8))])
 
     @torch.no_grad()
@@ -189,7 +229,7 @@ class ImageCodec:
         t0 = time.perf_counter()
         y = self.analyze(rgb, rate_level)
         t1 = time.perf_counter()
-        coded = self.model.encode_latent(y)
+        coded = self._anchor_codec(rate_level)[0].encode_latent(y)
         self.last_timings = {"analysis_s": t1 - t0, "entropy_encode_s": time.perf_counter() - t1}
         (y_string,), (z_string,) = coded["strings"]
         return AnchorPayload(tuple(coded["shape"]), z_string, y_string, coded["symbols_crc32"] & 0xFFFF)
@@ -267,8 +307,9 @@ class ImageCodec:
                 f"hyper-latent shape {payload.z_shape} does not match a {width}x{height} coded image"
             )
         t0 = time.perf_counter()
+        model, level = self._anchor_codec(rate_level)
         try:
-            decoded = self.model.decode_latent([[payload.y_string], [payload.z_string]], payload.z_shape)
+            decoded = model.decode_latent([[payload.y_string], [payload.z_string]], payload.z_shape)
         except (RuntimeError, ValueError, IndexError) as exc:
             raise DecodeError(f"entropy decoding failed ({exc})") from None
         if decoded["symbols_crc32"] & 0xFFFF != payload.symbols_check:
@@ -280,15 +321,15 @@ class ImageCodec:
         generative = self.is_generative and not anchor_only
         y_hat, core, margin = decoded["y_hat"], TILE_CORE // 16, TILE_MARGIN // 16
         if generative:
-            x_hat, bypass = tiled_apply(lambda t: self.model.synthesize(t, rate_level=rate_level, with_bypass=True),
+            x_hat, bypass = tiled_apply(lambda t: model.synthesize(t, rate_level=level, with_bypass=True),
                                         y_hat, (Fraction(16), Fraction(2)), core, margin, TILE_WORKERS)
         else:
-            x_hat = tiled_apply(lambda t: self.model.synthesize(t, rate_level=rate_level, with_bypass=False)[0],
+            x_hat = tiled_apply(lambda t: model.synthesize(t, rate_level=level, with_bypass=False)[0],
                                 y_hat, Fraction(16), core, margin, TILE_WORKERS)
         t2 = time.perf_counter()
         self.last_timings = {"entropy_decode_s": t1 - t0, "synthesis_s": t2 - t1}
         if generative:
-            x_hat = self.next_frame.decode_image(x_hat.clamp(0, 1), bypass, steps=steps, seed=seed)
+            x_hat = self.next_frame_for(rate_level).decode_image(x_hat.clamp(0, 1), bypass, steps=steps, seed=seed)
             self.last_timings["next_frame_s"] = time.perf_counter() - t2
         return to_uint8(x_hat[:, :, :height, :width])
 

@@ -15,12 +15,25 @@
 
 An image-only package (models/default) has just the manifest and anchor_codec.
 
+Each component names where its weights are, as exactly one of:
+
+- ``"weights"``: one safetensors file in the package;
+- ``"levels"``: one safetensors file per rate level, ``{"0": file, "1": file, ...}``
+  (imported NeFIC checkpoints: one anchor codec and one LoRA per rate point);
+- ``"diffusers"``: a sub-directory in diffusers' layout;
+- ``"external"``: ``{"path": absolute directory, "digest": fingerprint}``, a diffusers
+  directory outside the package (the 5B base model of an imported NeFIC package is
+  referenced, not copied; see :func:`external_digest`).
+
 Only JSON and safetensors are ever read from a package: nothing is unpickled or
 executed, and a component's class is looked up in a fixed table of ulbc classes, never
 imported by name. The *digest* is a SHA-256 over the canonical JSON of every component's
 class and config plus the SHA-256 of every weights file; its first 8 bytes go into every
 bitstream so that decoding with a different model is refused instead of producing
-garbage. Loading verifies the recorded digest against the files on disk.
+garbage. Loading verifies the recorded digest against the files on disk. An external
+directory enters the digest through its recorded fingerprint, which loading checks
+against the directory (its path does not enter the digest: a moved base model only
+needs the path edited).
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ from safetensors.torch import load_file, save_file
 
 MANIFEST = "ulbc_model.json"
 FORMAT = "ulbc-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: components with "levels" or "external" (others are still written as 1)
 DIGEST_BYTES = 8
 
 
@@ -46,6 +59,8 @@ class ModelError(ValueError):
 
 
 PROMPT_EMBEDS = "PromptEmbeddings"  # pseudo class: one tensor named "prompt_embeds"
+LORA = "LoRA"  # pseudo class: LoRA tensors for the transformer, as published (models/nefic.py)
+SOURCES = ("weights", "levels", "diffusers", "external")  # where a component's weights are
 # Files a diffusers component directory may hold: configs and safetensors, nothing else
 # (a stray pickle such as diffusion_pytorch_model.bin is refused, not ignored).
 DIFFUSERS_SUFFIXES = (".json", ".safetensors")
@@ -54,7 +69,7 @@ DIFFUSERS_SUFFIXES = (".json", ".safetensors")
 # A fixed table: a manifest can only name these classes (never a module path to import).
 DIFFUSERS_CLASSES = ("AutoencoderKLCogVideoX", "CogVideoXTransformer3DModel", "CogVideoXDDIMScheduler",
                      "CogVideoXDPMScheduler", "UNet2DModel")
-KNOWN_CLASSES = ("AnchorCodec", PROMPT_EMBEDS) + DIFFUSERS_CLASSES
+KNOWN_CLASSES = ("AnchorCodec", PROMPT_EMBEDS, LORA) + DIFFUSERS_CLASSES
 
 
 def _component_class(name: str) -> Callable:
@@ -71,9 +86,12 @@ def _component_class(name: str) -> Callable:
 
 
 def _component_files(root: Path, comp: dict) -> List[Path]:
-    """The files a component's digest covers, in a fixed order."""
+    """The package files a component's digest covers, in a fixed order (an external
+    directory is covered by its fingerprint instead)."""
     if comp.get("weights"):
         return [root / comp["weights"]]
+    if comp.get("levels"):
+        return [root / comp["levels"][k] for k in sorted(comp["levels"], key=int)]
     if comp.get("diffusers"):
         folder = root / comp["diffusers"]
         return sorted(p for p in folder.rglob("*") if p.is_file())
@@ -88,12 +106,49 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _safetensors_header(path: Path) -> bytes:
+    """The 8-byte length and the JSON header (names, dtypes, shapes, offsets) of a file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < size <= min(100 << 20, path.stat().st_size - 8):
+            raise ModelError(f"{path}: not a safetensors file")
+        return head + f.read(size)
+
+
+def external_digest(folder) -> str:
+    """Fingerprint of a diffusers directory outside the package.
+
+    SHA-256 over every ``.json`` and ``.safetensors`` file (sorted relative paths; hidden
+    paths skipped): its path and size, the whole of a JSON file (configs, shard index)
+    and the header of a safetensors file (every tensor's name, dtype, shape and offsets).
+    It reads a few hundred KB where hashing the 5B base model's ~20 GB would cost about a
+    minute on every load, and it catches another model or revision, a changed config, a
+    truncated, re-sharded or re-typed download. It does not catch an in-place edit of
+    tensor values that keeps every size: the base model is the user's own download.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(DIFFUSERS_SUFFIXES)
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise ModelError(f"{folder}: no JSON or safetensors files")
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0".encode())
+        h.update(path.read_bytes() if path.suffix == ".json" else _safetensors_header(path))
+    return h.hexdigest()
+
+
 def compute_digest(components: Dict[str, dict], root: Path) -> str:
     """SHA-256 over canonical component descriptions and the hashes of their weights."""
     h = hashlib.sha256()
     for name in sorted(components):
         comp = components[name]
         desc = {"name": name, "class": comp["class"], "config": comp.get("config", {})}
+        if comp.get("levels"):  # (added only when present: older digests are unchanged)
+            desc["levels"] = comp["levels"]
+        if comp.get("external"):
+            desc["external"] = comp["external"]["digest"]
         h.update(json.dumps(desc, sort_keys=True, separators=(",", ":")).encode())
         for path in _component_files(root, comp):
             if comp.get("diffusers"):
@@ -129,6 +184,10 @@ class ModelPackage:
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
+    def per_level(self, component: str) -> bool:
+        """Whether ``component`` has one weights file per rate level."""
+        return bool(self.components.get(component, {}).get("levels"))
+
     @property
     def is_generative(self) -> bool:
         """Has a next-frame decoder (VAE + transformer + scheduler + prompt embeddings)."""
@@ -149,57 +208,107 @@ class ModelPackage:
         if manifest.get("format_version", 0) > FORMAT_VERSION:
             raise ModelError(f"{path}: model format version {manifest['format_version']} is newer than this ulbc")
         components = manifest.get("components") or {}
+        levels = [RateLevel(**lv) for lv in manifest.get("rate_levels", [])]
         for name, comp in components.items():
-            if comp.get("class") not in KNOWN_CLASSES:
-                raise ModelError(f"{path}: component {name!r} has unknown class {comp.get('class')!r}")
-            weights, folder = comp.get("weights"), comp.get("diffusers")
-            if (weights is None) == (folder is None):
-                raise ModelError(f"{path}: component {name!r} needs exactly one of 'weights' or 'diffusers'")
-            if weights is not None:
-                if not weights.endswith(".safetensors") or "/" in weights or weights.startswith("."):
-                    raise ModelError(f"{path}: component {name!r} weights must be a .safetensors file in the package")
-                if not (root / weights).is_file():
-                    raise ModelError(f"{root}: missing weights file {weights}")
-            if folder is not None:
-                if not isinstance(folder, str) or "/" in folder or folder.startswith(".") or not (root / folder).is_dir():
-                    raise ModelError(f"{root}: component {name!r} needs a sub-directory, got {folder!r}")
-                for file in (root / folder).rglob("*"):
-                    if file.is_file() and not file.name.endswith(DIFFUSERS_SUFFIXES):
-                        raise ModelError(f"{file}: only JSON and safetensors files may be in a model package")
+            _check_component(root, name, comp, {str(lv.level) for lv in levels})
         digest = manifest.get("digest", "")
         if verify:
+            for comp in components.values():
+                if comp.get("external"):
+                    _verify_external(root, comp["external"])
             actual = compute_digest(components, root)
             if actual != digest:
                 raise ModelError(
                     f"{root}: files do not match the recorded digest (recorded {digest[:16]}, "
                     f"found {actual[:16]}); the package was modified or is incomplete"
                 )
-        levels = [RateLevel(**lv) for lv in manifest.get("rate_levels", [])]
         return cls(root, manifest.get("name", root.name), components, levels, digest,
                    manifest.get("description", ""), manifest.get("extra", {}))
 
-    def build(self, component: str, device: str = "cpu"):
+    def build(self, component: str, device: str = "cpu", level: Optional[int] = None):
         """Instantiate a component and load its weights strictly.
 
         ulbc classes are built from the manifest's config; diffusers components through
-        their own ``from_pretrained`` on the sub-directory, safetensors only, offline.
-        A prompt-embeddings component is returned as a tensor.
+        their own ``from_pretrained`` on the sub-directory (or external directory),
+        safetensors only, offline. A prompt-embeddings component is returned as a tensor,
+        a LoRA as the file's tensors (``models/nefic.py`` applies them). ``level`` picks
+        the file of a per-level component and is ignored by the others.
         """
         if component not in self.components:
             raise ModelError(f"model {self.name!r} has no component {component!r}")
         comp = self.components[component]
+        if comp.get("levels"):
+            if str(level) not in comp["levels"]:
+                raise ModelError(f"model {self.name!r}: component {component!r} has no weights for rate level {level}")
+            weights = self.root / comp["levels"][str(level)]
+        else:
+            weights = self.root / comp["weights"] if comp.get("weights") else None
         if comp["class"] == PROMPT_EMBEDS:
-            tensors = load_file(str(self.root / comp["weights"]), device="cpu")
+            tensors = load_file(str(weights), device="cpu")
             if set(tensors) != {"prompt_embeds"}:
-                raise ModelError(f"{self.root / comp['weights']}: expected one tensor named 'prompt_embeds'")
+                raise ModelError(f"{weights}: expected one tensor named 'prompt_embeds'")
             return tensors["prompt_embeds"].float().to(device)
+        if comp["class"] == LORA:
+            return load_file(str(weights), device="cpu")
         cls = _component_class(comp["class"])
         if comp.get("diffusers"):
             return _load_diffusers(cls, self.root / comp["diffusers"], device)
+        if comp.get("external"):
+            return _load_diffusers(cls, Path(comp["external"]["path"]), device)
         module = cls(**comp.get("config", {}))
-        state = load_file(str(self.root / comp["weights"]), device="cpu")
+        state = load_file(str(weights), device="cpu")
         module.load_state_dict(state, strict=True)
         return module.to(device).eval()
+
+
+def _check_weights_name(root: Path, name: str, weights) -> None:
+    if (not isinstance(weights, str) or not weights.endswith(".safetensors") or "/" in weights
+            or weights.startswith(".")):
+        raise ModelError(f"{root / MANIFEST}: component {name!r} weights must be a .safetensors file in the package")
+    if not (root / weights).is_file():
+        raise ModelError(f"{root}: missing weights file {weights}")
+
+
+def _check_component(root: Path, name: str, comp: dict, level_names) -> None:
+    """Refuse a manifest entry that names an unknown class, a file outside the package,
+    a non-safetensors file, or levels other than the package's rate levels."""
+    path = root / MANIFEST
+    if comp.get("class") not in KNOWN_CLASSES:
+        raise ModelError(f"{path}: component {name!r} has unknown class {comp.get('class')!r}")
+    given = [key for key in SOURCES if comp.get(key) is not None]
+    if len(given) != 1:
+        raise ModelError(f"{path}: component {name!r} needs exactly one of " + ", ".join(map(repr, SOURCES)))
+    weights, levels, folder, external = (comp.get(key) for key in SOURCES)
+    if weights is not None:
+        _check_weights_name(root, name, weights)
+    if levels is not None:
+        if not isinstance(levels, dict) or set(levels) != set(level_names) or comp["class"] in DIFFUSERS_CLASSES:
+            raise ModelError(f"{path}: component {name!r} needs one weights file per rate level "
+                             f"({', '.join(sorted(level_names, key=int)) or 'none declared'})")
+        for file in levels.values():
+            _check_weights_name(root, name, file)
+    if folder is not None:
+        if not isinstance(folder, str) or "/" in folder or folder.startswith(".") or not (root / folder).is_dir():
+            raise ModelError(f"{root}: component {name!r} needs a sub-directory, got {folder!r}")
+        for file in (root / folder).rglob("*"):
+            if file.is_file() and not file.name.endswith(DIFFUSERS_SUFFIXES):
+                raise ModelError(f"{file}: only JSON and safetensors files may be in a model package")
+    if external is not None:
+        if (comp["class"] not in DIFFUSERS_CLASSES or not isinstance(external, dict)
+                or not isinstance(external.get("digest"), str) or not os.path.isabs(str(external.get("path", "")))):
+            raise ModelError(f"{path}: component {name!r}: 'external' needs an absolute 'path' and a 'digest' "
+                             "of a diffusers directory")
+        if not Path(external["path"]).is_dir():
+            raise ModelError(f"{external['path']}: base model directory not found (component {name!r} of {root})")
+
+
+def _verify_external(root: Path, external: dict) -> None:
+    found = external_digest(external["path"])
+    if found != external["digest"]:
+        raise ModelError(
+            f"{external['path']}: the base model differs from the one imported into {root} (fingerprint "
+            f"recorded {external['digest'][:16]}, found {found[:16]}); restore it or import the package again"
+        )
 
 
 def _load_diffusers(cls, folder: Path, device: str):
@@ -261,9 +370,18 @@ def save_package(
                 state[pname] = half
         save_file(state, str(root / weights))
         components[cname] = {"class": type(module).__name__, "config": module.config, "weights": weights}
+    write_manifest(root, name, components, rate_levels, description, extra)
+    return ModelPackage.load_manifest(root)
+
+
+def write_manifest(root, name: str, components: Dict[str, dict], rate_levels: List[RateLevel], description: str = "",
+                   extra: Optional[dict] = None) -> str:
+    """Write ``ulbc_model.json`` for components whose files are already in ``root``
+    (atomically: a temporary file renamed into place). Returns the digest."""
+    root = Path(root)
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if any(c.get("levels") or c.get("external") for c in components.values()) else 1,
         "name": name,
         "description": description,
         "components": components,
@@ -274,7 +392,7 @@ def save_package(
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, root / MANIFEST)
-    return ModelPackage.load_manifest(root)
+    return manifest["digest"]
 
 
 def _save_diffusers(module, folder: Path, dtype: torch.dtype) -> None:

@@ -1,0 +1,452 @@
+"""Import of the official NeFIC checkpoints into a ulbc model package.
+
+After "Next-frame decoding for ultra-low-bitrate image compression with video diffusion
+priors" (NeFIC, Chen et al. 2026; code github UnoC-727/NeFIC, weights Hugging Face
+yuUnuo/NeFIC, research use only). Each published rate point
+``checkpoints/nefic_lambda{λ}/`` holds an anchor codec (a pickled state dict) and a LoRA
+of the base model's transformer; the base model is CogVideoX-1.5-5B in diffusers' layout.
+The conversion, once, by ``ulbc models import-nefic``::
+
+    checkpoint dir (one per rate point)                base model dir (diffusers layout)
+    ┌────────────────────────────────────────────┐     ┌──────────────────────────────┐
+    │ anchor_codec.bin                           │     │ vae/ transformer/ scheduler/ │
+    │ pytorch_lora_weights.safetensors           │     └──────────────┬───────────────┘
+    │ prompt_embeds.{safetensors,pt} (or in base)│                    │ fingerprint: configs,
+    └──────┬───────────────────┬─────────────────┘                    │ sizes, safetensors headers
+           │ torch.load(       │ names + shapes checked               │
+           │  weights_only)    │ against the transformer ◄────────────┤ (built on the meta
+           ▼                   │ (rank, every target layer)           │  device: no weights read)
+    ┌──────────────────┐       ▼                                      ▼
+    │ flat dict of     │   copied verbatim                 referenced by absolute path
+    │ tensors; strict  │       │                                      │
+    │ AnchorCodec load │       │                                      │
+    └──────┬───────────┘       │                                      │
+           ▼                   ▼                                      ▼
+    package/  anchor_codec.{level}.safetensors  lora.{level}.safetensors  prompt_embeds.safetensors
+              ulbc_model.json: "levels" per rate level, {"external": {path, digest}} for the base
+
+At run time (``ImageCodec``) a rate level's anchor codec codes the anchor; the next-frame
+decoder (``models/next_frame.py``) loads the base VAE/transformer/scheduler from the
+referenced directory after checking its fingerprint, and :func:`apply_lora` puts that
+level's LoRA on the transformer.
+
+The LoRA is applied *unmerged*, as the published loader (peft) does: each target
+``nn.Linear`` is wrapped by :class:`LoRALinear`, computing ``base(x) + scale·B(A(x))``
+with ``scale = alpha / rank`` (published: rank 256, alpha 256, scale 1.0). Unmerged keeps
+the 5B base weights untouched, so switching between the rate points' LoRAs swaps two
+small matrices per layer instead of reloading the base, and the arithmetic follows the
+published one (a merged ``W + B·A`` would be rounded to bf16 as one matrix instead).
+Its cost is two rank-256 matmuls per target layer.
+
+Nothing here unpickles beyond ``torch.load(..., weights_only=True)``: a pickle holding
+anything but tensors and plain containers is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ulbcodec.models.package import LORA, ModelError, ModelPackage, RateLevel, external_digest, write_manifest
+
+ANCHOR_FILE = "anchor_codec.bin"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PROMPT_FILES = ("prompt_embeds.safetensors", "prompt_embeds.pt")
+LORA_PREFIX = "transformer."
+#: The layers of every transformer block the published LoRA adapts.
+LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "norm1.linear", "norm2.linear")
+#: Base model sub-directories and the classes they may hold.
+BASE_COMPONENTS = {"vae": ("AutoencoderKLCogVideoX",), "transformer": ("CogVideoXTransformer3DModel",),
+                   "scheduler": ("CogVideoXDPMScheduler", "CogVideoXDDIMScheduler")}
+_SHOWN = 3  # keys named in an error message
+
+
+def _first(names: Iterable[str]) -> str:
+    names = sorted(names)
+    more = f", … ({len(names)} in all)" if len(names) > _SHOWN else ""
+    return ", ".join(names[:_SHOWN]) + more
+
+
+def _key_mismatch(source, what: str, expected: Iterable[str], found: Iterable[str]) -> None:
+    """Raise one line naming the first few missing and unexpected keys, if any."""
+    expected, found = set(expected), set(found)
+    missing, unexpected = expected - found, found - expected
+    parts = [f"{label} {_first(keys)}" for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if parts:
+        raise ModelError(f"{source}: {what}: " + "; ".join(parts))
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+class LoRALinear(nn.Module):
+    """``base_layer(x) + scale · lora_B(lora_A(x))``: an unmerged low-rank adapter."""
+
+    def __init__(self, base_layer: nn.Linear, lora_A: Tensor, lora_B: Tensor, scale: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self.set_weights(lora_A, lora_B, scale)
+
+    def set_weights(self, lora_A: Tensor, lora_B: Tensor, scale: float) -> None:
+        like = self.base_layer.weight
+        self.lora_A = nn.Linear(lora_A.shape[1], lora_A.shape[0], bias=False, device="meta")
+        self.lora_B = nn.Linear(lora_B.shape[1], lora_B.shape[0], bias=False, device="meta")
+        self.lora_A.weight = nn.Parameter(lora_A.to(like.device, like.dtype))
+        self.lora_B.weight = nn.Parameter(lora_B.to(like.device, like.dtype))
+        self.scale = float(scale)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base_layer(x) + self.scale * self.lora_B(self.lora_A(x))
+
+
+def lora_targets(transformer: nn.Module) -> Dict[str, nn.Linear]:
+    """The layers the LoRA adapts, by name without the ``transformer.`` prefix (the base
+    layer where a LoRA is already applied)."""
+    targets = {}
+    for i in range(len(transformer.transformer_blocks)):
+        for suffix in LORA_TARGETS:
+            name = f"transformer_blocks.{i}.{suffix}"
+            module = transformer.get_submodule(name)
+            module = module.base_layer if isinstance(module, LoRALinear) else module
+            if not isinstance(module, nn.Linear):
+                raise ModelError(f"transformer layer {name} is a {type(module).__name__}, not a Linear")
+            targets[name] = module
+    return targets
+
+
+def lora_shapes(transformer: nn.Module, rank: int) -> Dict[str, Tuple[int, int]]:
+    """Every tensor a rank-``rank`` LoRA of ``transformer`` holds: name (without the
+    ``transformer.`` prefix) → shape. A is [rank, in_features], B [out_features, rank]."""
+    shapes = {}
+    for name, layer in lora_targets(transformer).items():
+        shapes[f"{name}.lora_A.weight"] = (rank, layer.in_features)
+        shapes[f"{name}.lora_B.weight"] = (layer.out_features, rank)
+    return shapes
+
+
+def _normalise_key(key: str) -> Optional[str]:
+    """The published loader's renaming: keep ``transformer.*``, strip the prefix, and
+    name old-style ``.lora.down``/``.lora.up`` tensors ``lora_A``/``lora_B``."""
+    if not key.startswith(LORA_PREFIX):
+        return None
+    return key[len(LORA_PREFIX):].replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
+
+
+def _normalise(keys: Iterable[str], source) -> Dict[str, str]:
+    """normalised name → name in the file (keys of other models are left out, as published)."""
+    names: Dict[str, str] = {}
+    for key in keys:
+        name = _normalise_key(key)
+        if name is None:
+            continue
+        if name in names:
+            raise ModelError(f"{source}: LoRA holds {names[name]} and {key}, the same tensor twice")
+        names[name] = key
+    return names
+
+
+def check_lora(shapes: Mapping[str, Sequence[int]], transformer: nn.Module,
+               expected_keys: Optional[Iterable[str]] = None, source="LoRA") -> int:
+    """Check a LoRA's tensor names and shapes (file names → shapes) against the target
+    layers of ``transformer``; returns its rank. Refuses (ModelError, one line) any
+    missing or unexpected key, a wrong shape, or ranks that differ between layers.
+    ``expected_keys`` (names as in the file) replaces the key set derived from the
+    transformer; shapes are always checked against the layers."""
+    names = _normalise(shapes, source)
+    if expected_keys is None:
+        expected = set(lora_shapes(transformer, 1))
+    else:
+        expected = set(_normalise(expected_keys, "expected keys"))
+    _key_mismatch(source, f"LoRA does not match the transformer ({len(transformer.transformer_blocks)} blocks)",
+                  (LORA_PREFIX + k for k in expected), (LORA_PREFIX + k for k in names))
+    first_a = next((names[k] for k in sorted(names) if k.endswith(".lora_A.weight")), None)
+    if first_a is None or len(shapes[first_a]) != 2:
+        raise ModelError(f"{source}: LoRA has no 2-D lora_A tensor to read its rank from")
+    rank = int(shapes[first_a][0])
+    want = lora_shapes(transformer, rank)
+    for name in sorted(names):
+        if name not in want:
+            raise ModelError(f"{source}: LoRA tensor {names[name]} is not for a target layer "
+                             f"({', '.join(LORA_TARGETS)} of a transformer block)")
+        if tuple(shapes[names[name]]) != want[name]:
+            raise ModelError(f"{source}: LoRA tensor {names[name]} has shape {tuple(shapes[names[name]])}, expected "
+                             f"{want[name]} (rank {rank}, the layer's in/out features)")
+    return rank
+
+
+def apply_lora(transformer: nn.Module, tensors: Mapping[str, Tensor], alpha: Optional[float] = None,
+               expected_keys: Optional[Iterable[str]] = None, source="LoRA") -> int:
+    """Apply (or replace) a LoRA given as the file's tensors; returns its rank.
+
+    Checked first (:func:`check_lora`), so a refused file leaves the transformer as it
+    was. ``alpha`` defaults to the rank (scale 1.0, as published)."""
+    for key, tensor in tensors.items():
+        if _normalise_key(key) is not None and not tensor.is_floating_point():
+            raise ModelError(f"{source}: LoRA tensor {key} is {tensor.dtype}, not floating point")
+    rank = check_lora({k: tuple(v.shape) for k, v in tensors.items()}, transformer, expected_keys, source)
+    names = _normalise(tensors, source)
+    scale = (rank if alpha is None else float(alpha)) / rank
+    for name in lora_targets(transformer):
+        a, b = tensors[names[f"{name}.lora_A.weight"]], tensors[names[f"{name}.lora_B.weight"]]
+        parent_name, _, child = name.rpartition(".")
+        parent = transformer.get_submodule(parent_name)  # (to_out is a ModuleList: child "0")
+        current = getattr(parent, child)
+        if isinstance(current, LoRALinear):
+            current.set_weights(a, b, scale)
+        else:
+            setattr(parent, child, LoRALinear(current, a, b, scale))
+    return rank
+
+
+def _lora_file_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
+    """Names and shapes of a safetensors file, from its header (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    if path.suffix != ".safetensors":
+        raise ModelError(f"{path}: a LoRA must be a .safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError as exc:
+        raise ModelError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def load_lora(path, transformer: nn.Module, expected_keys: Optional[Iterable[str]] = None,
+              alpha: Optional[float] = None) -> int:
+    """Read a LoRA safetensors file (safetensors only), check it against ``transformer``
+    and apply it unmerged with scale ``alpha / rank`` (default 1.0). Returns the rank."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    check_lora(_lora_file_shapes(path), transformer, expected_keys, path)  # before reading 2.7 GB
+    return apply_lora(transformer, load_file(str(path)), alpha, expected_keys, path)
+
+
+# --------------------------------------------------------------------------- pickles
+
+
+def load_weights_only(path) -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, with its refusals
+    (any object but tensors and plain containers) as one-line ModelErrors."""
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's text is lines of advice around one reason, e.g. "WeightsUnpickler error: Unsupported
+        # global: GLOBAL mod.name was not an allowed global by default. Please use ...".
+        reasons = [ln.strip().removeprefix("WeightsUnpickler error:").strip() for ln in str(exc).splitlines()]
+        why = next((r for r in reasons if r.startswith(("Unsupported", "Trying to load"))), "unreadable")
+        raise ModelError(f"{path}: refused by weights-only loading, not a pickle of plain tensors "
+                         f"({why.split('. Please use')[0]})") from None
+    except (RuntimeError, EOFError, ValueError) as exc:
+        why = (str(exc).splitlines() or ["empty or truncated"])[0]
+        raise ModelError(f"{path}: not a PyTorch checkpoint ({why})") from None
+
+
+def convert_anchor_codec(checkpoint_file) -> Dict[str, Tensor]:
+    """The published ``anchor_codec.bin`` as a state dict that loads strictly into
+    :class:`AnchorCodec` (config from :meth:`AnchorCodec.infer_config`).
+
+    Read only through weights-only ``torch.load``; must be a flat dict of tensors. A file
+    whose CDF tables are empty gets them built once here (``update(force=True)``);
+    otherwise the file's own tables are kept, as the released bitstreams need them.
+    """
+    from ulbcodec.models.anchor_codec import AnchorCodec
+
+    path = Path(checkpoint_file)
+    state = load_weights_only(path)
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: not a state dict (a {type(state).__name__})")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise ModelError(f"{path}: not a flat dict of tensors (entry {key!r} is a {type(value).__name__})")
+    try:
+        model = AnchorCodec(**AnchorCodec.infer_config(state))
+    except ValueError as exc:
+        raise ModelError(f"{path}: {exc}") from None
+    _key_mismatch(path, "not a NeFIC anchor codec state dict", model.state_dict(), state)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # "Error(s) in loading state_dict ...:" then one line per error
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise ModelError(f"{path}: not a NeFIC anchor codec state dict ({lines[min(1, len(lines) - 1)]})") from None
+    if any(state[k].numel() == 0 for k in state if k.endswith("_quantized_cdf")):
+        model.update(force=True)
+        return {k: v.contiguous() for k, v in model.state_dict().items()}
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def _read_prompt_embeds(dirs: Sequence[Path], text_dim: int) -> Tensor:
+    """The fixed prompt embeddings, [1, L, text_dim], from the first directory that has
+    them; every copy found must be equal."""
+    from safetensors.torch import load_file
+
+    found: List[Tuple[Path, Tensor]] = []
+    for folder in dirs:
+        for name in PROMPT_FILES:
+            path = folder / name
+            if not path.is_file():
+                continue
+            data = load_file(str(path)) if path.suffix == ".safetensors" else load_weights_only(path)
+            if isinstance(data, dict):
+                data = data.get("prompt_embeds", next(iter(data.values())) if len(data) == 1 else None)
+            if not isinstance(data, Tensor) or data.ndim not in (2, 3) or data.shape[-1] != text_dim \
+                    or (data.ndim == 3 and data.shape[0] != 1):
+                shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+                raise ModelError(f"{path}: prompt embeddings must be one tensor [1, L, {text_dim}], got {shape}")
+            found.append((path, data.reshape(1, -1, text_dim).float()))
+    if not found:
+        raise ModelError(f"no prompt embeddings: put the base model's T5 embedding of the NeFIC prompt ([1, 226, "
+                         f"{text_dim}]) as {' or '.join(PROMPT_FILES)} in a checkpoint or the base directory")
+    for path, tensor in found[1:]:
+        if tensor.shape != found[0][1].shape or not torch.equal(tensor, found[0][1]):
+            raise ModelError(f"{path}: prompt embeddings differ from those in {found[0][0]}")
+    return found[0][1].contiguous()
+
+
+# --------------------------------------------------------------------------- import
+
+
+def _base_config(folder: Path, component: str) -> dict:
+    config_path = folder / ("scheduler_config.json" if component == "scheduler" else "config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{config_path}: unreadable base model config ({exc})") from None
+    if config.get("_class_name") not in BASE_COMPONENTS[component]:
+        raise ModelError(f"{config_path}: {component} is a {config.get('_class_name')!r}, expected "
+                         + " or ".join(BASE_COMPONENTS[component]))
+    return config
+
+
+def _meta_transformer(config: dict):
+    """The transformer of ``config`` on the meta device: its layers' shapes, no memory."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device("meta"):
+        return CogVideoXTransformer3DModel.from_config(config)
+
+
+_LAMBDA = re.compile(r"lambda_?([0-9]+(?:\.[0-9]+)?)$")
+
+
+def _ordered_checkpoints(checkpoint_dirs: Sequence) -> List[Tuple[Path, float]]:
+    """Checkpoint dirs as rate levels, level 0 the lowest rate. When every name ends in
+    ``lambda{λ}`` (as published), by decreasing λ (NeFIC: λ 5 is the lowest rate);
+    otherwise in the order given."""
+    dirs = [Path(d).resolve() for d in checkpoint_dirs]
+    if not dirs:
+        raise ModelError("no checkpoint directory given")
+    if len(set(dirs)) != len(dirs):
+        raise ModelError("a checkpoint directory is given twice")
+    for d in dirs:
+        for name in (ANCHOR_FILE, LORA_FILE):
+            if not (d / name).is_file():
+                raise ModelError(f"{d}: not a NeFIC checkpoint directory (no {name})")
+    lambdas = [_LAMBDA.search(d.name) for d in dirs]
+    if all(lambdas):
+        return sorted(((d, float(m.group(1))) for d, m in zip(dirs, lambdas)), key=lambda p: -p[1])
+    return [(d, 0.0) for d in dirs]
+
+
+def import_nefic(base_dir, checkpoint_dirs: Sequence, out_dir, force: bool = False,
+                 lora_alpha: Optional[float] = None) -> ModelPackage:
+    """Write a ulbc model package from the published NeFIC files (see the module docstring).
+
+    ``base_dir``: CogVideoX-1.5-5B in diffusers' layout (vae/, transformer/, scheduler/),
+    referenced by absolute path and fingerprint, not copied. ``checkpoint_dirs``: one or
+    more ``nefic_lambda*`` directories, one rate level each. The package is built in a
+    temporary directory next to ``out_dir`` and renamed into place: a failed or
+    interrupted import leaves nothing behind (``force`` replaces an existing package).
+    """
+    from safetensors.torch import save_file
+
+    from ulbcodec.models.anchor_codec import AnchorCodec
+
+    out = Path(out_dir).absolute()
+    if out.exists() and not force:
+        raise ModelError(f"{out}: already exists (use --force to replace it)")
+    base = Path(base_dir).resolve()
+    if not base.is_dir():
+        raise ModelError(f"{base}: base model directory not found")
+    configs, components = {}, {}
+    for name, classes in BASE_COMPONENTS.items():
+        folder = base / name
+        if not folder.is_dir():
+            raise ModelError(f"{base}: not a CogVideoX base model in diffusers' layout (no {name}/)")
+        configs[name] = _base_config(folder, name)
+        components[name] = {"class": configs[name]["_class_name"],
+                            "external": {"path": str(folder), "digest": external_digest(folder)}}
+    transformer = _meta_transformer(configs["transformer"])
+    latent = configs["vae"].get("latent_channels")
+    if latent != transformer.config.in_channels:
+        raise ModelError(f"{base}: VAE latent channels {latent} and transformer input channels "
+                         f"{transformer.config.in_channels} differ")
+    checkpoints = _ordered_checkpoints(checkpoint_dirs)
+    prompt = _read_prompt_embeds([d for d, _ in checkpoints] + [base], transformer.config.text_embed_dim)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        config, rank, anchor_files, lora_files = None, None, {}, {}
+        for level, (folder, _) in enumerate(checkpoints):
+            state = convert_anchor_codec(folder / ANCHOR_FILE)
+            level_config = AnchorCodec.infer_config(state)
+            if config is not None and level_config != config:
+                raise ModelError(f"{folder / ANCHOR_FILE}: anchor codec config differs from {checkpoints[0][0]}'s")
+            config = level_config
+            if config["bypass_channels"] != latent or config["vae_channels"] not in (0, latent):
+                raise ModelError(f"{folder / ANCHOR_FILE}: anchor codec bypass/VAE channels "
+                                 f"{config['bypass_channels']}/{config['vae_channels']} do not match the base "
+                                 f"model's {latent} latent channels")
+            anchor_files[str(level)] = f"anchor_codec.{level}.safetensors"
+            save_file(state, str(tmp / anchor_files[str(level)]))
+            del state
+            lora_rank = check_lora(_lora_file_shapes(folder / LORA_FILE), transformer, source=folder / LORA_FILE)
+            if rank is not None and lora_rank != rank:
+                raise ModelError(f"{folder / LORA_FILE}: LoRA rank {lora_rank} differs from {rank} of the first")
+            rank = lora_rank
+            lora_files[str(level)] = f"lora.{level}.safetensors"
+            shutil.copyfile(folder / LORA_FILE, tmp / lora_files[str(level)])
+        save_file({"prompt_embeds": prompt}, str(tmp / "prompt_embeds.safetensors"))
+        components.update({
+            "anchor_codec": {"class": "AnchorCodec", "config": config, "levels": anchor_files},
+            "lora": {"class": LORA, "config": {"rank": rank, "alpha": rank if lora_alpha is None else lora_alpha,
+                                               "target": "transformer"}, "levels": lora_files},
+            "prompt_embeds": {"class": "PromptEmbeddings", "weights": "prompt_embeds.safetensors"},
+        })
+        levels = [RateLevel(level, lmbda, folder.name) for level, (folder, lmbda) in enumerate(checkpoints)]
+        write_manifest(tmp, out.name, components, levels,
+                       description=f"NeFIC (Chen et al. 2026), {len(levels)} rate point(s), base {base}",
+                       extra={"nefic": {"base": str(base), "checkpoints": [str(d) for d, _ in checkpoints]}})
+        if out.exists():  # --force: the old package goes only once the new one is complete
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "package")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ModelPackage.load_manifest(out, verify=False)  # digest computed from these files just now
