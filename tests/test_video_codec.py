@@ -132,3 +132,13 @@ def test_decoder_thread_count_does_not_matter(codec):
         assert all(np.array_equal(a, b) for a, b in zip(seen, codec.decode(data)))
     finally:
         torch.set_num_threads(previous)
+
+
+def test_info_describes_a_bad_gop_chunk_without_failing(codec):
+    from ulbcodec.bitstream import describe
+
+    data, _, _ = encode(codec, clip(5), threshold=10.0)
+    container = Container.from_bytes(data)
+    container.chunks[0] = Chunk(b"GOPS", GopStructure([(2, [Round(3)]), (1, [])]).to_bytes())
+    desc = describe(Container.from_bytes(container.to_bytes()))
+    assert "describes" in desc["gop"]["error"] or "more than" in desc["gop"]["error"]

@@ -500,8 +500,12 @@ def describe(container: Container) -> dict:
     }
     gops = container.find(CHUNK_GOPS)
     if h.media == MEDIA_VIDEO and len(gops) == 1:
-        structure = GopStructure.from_bytes(gops[0].payload, h.frames, h.params.get("cond_frames", 0),
-                                            h.params.get("pred_frames", 0))
+        try:
+            structure = GopStructure.from_bytes(gops[0].payload, h.frames, h.params.get("cond_frames", 0),
+                                                h.params.get("pred_frames", 0))
+        except BitstreamError as exc:  # describe what is there; decoding refuses it
+            desc["gop"] = {"error": str(exc)}
+            return desc
         types = structure.frame_types()
         desc["gop"] = {"frame_types": types, "keyframes": [i for i, t in enumerate(types) if t == "K"],
                        "anchored": [i for i, t in enumerate(types) if t == "A"],

@@ -561,7 +561,9 @@ def info(files, as_json):
                    f"{desc['bytes']} bytes, {desc['bpp']:.6f} bpp")
         for key in ("frames", "fps", "model_digest", "rate_level", "seed", "params"):
             click.echo(f"  {key:13s} {desc[key]}")
-        if "gop" in desc:  # K keyframe, p first frame of a prediction round, P predicted
+        if "gop" in desc and "error" in desc["gop"]:
+            click.echo(f"  {'frame types':13s} unreadable GOPS chunk: {desc['gop']['error']}")
+        elif "gop" in desc:  # K keyframe, p first frame of a prediction round, P predicted
             gop = desc["gop"]
             click.echo(f"  {'keyframes':13s} {len(gop['keyframes'])} at frames {gop['keyframes']}")
             if gop["anchored"]:
