@@ -141,9 +141,9 @@ def test_skip_existing_is_not_combinable_with_force(tiny_model, images, coded, t
 def test_skip_existing_when_the_output_appears_during_the_job(tiny_model, images, tmp_path):
     """Another run finished the file while this one was coding it: a skip, not a failure;
     and without --skip-existing, an error that keeps the other run's file."""
-    from ulbcodec.cli import _encode_job, _load_codec
+    from ulbcodec.cli import _encode_job, _load_encoders
 
-    codec = _load_codec("tiny", "cpu")
+    codec = _load_encoders(True, False, "tiny", "cpu")
     dst = tmp_path / "a.ulb"
     real_read = uio.read_image
 
