@@ -1,10 +1,12 @@
-"""Record the conformance pins of the shipped default model (tests/data/default_model_pins.json).
+"""Record the conformance pins of the shipped default models (tests/data/default_model_pins.json):
+the image model on a crop of the sample photograph, the video model on a slow pan over it.
 
 Run after (re)training or after an intentional change to the coding path, and say so in
-the commit message: the pins are what tests/test_image_codec.py compares against.
+the commit message: the pins are what tests/test_image_codec.py and tests/test_video_codec.py compare against.
 """
 
 import hashlib
+from fractions import Fraction
 import json
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ulbcodec.image import ImageCodec
+from ulbcodec.video import VideoCodec, VideoSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 PINS = ROOT / "tests" / "data" / "default_model_pins.json"
@@ -27,5 +30,16 @@ pins[codec.package.digest[:16]] = {
     "pixels": hashlib.sha256(pixels.tobytes()).hexdigest()[:16],
     "bytes": len(data),
 }
+
+video = VideoCodec.from_pretrained("video")
+clip = [np.ascontiguousarray(photo[:128, 2 * t : 2 * t + 192]) for t in range(8)]  # the pan the test uses
+data, gops = video.encode(iter(clip), Fraction(25), VideoSettings(threshold=0.5, rate_level=2))
+frames = np.stack(list(video.decode(data)))
+pins[video.package.digest[:16]] = {
+    "bitstream": hashlib.sha256(data).hexdigest()[:16],
+    "pixels": hashlib.sha256(frames.tobytes()).hexdigest()[:16],
+    "bytes": len(data),
+    "frame_types": gops.frame_types(),
+}
 PINS.write_text(json.dumps(pins, indent=1) + "\n")
-print(PINS, pins[codec.package.digest[:16]])
+print(PINS, pins[codec.package.digest[:16]], pins[video.package.digest[:16]])

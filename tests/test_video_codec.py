@@ -142,3 +142,25 @@ def test_info_describes_a_bad_gop_chunk_without_failing(codec):
     container.chunks[0] = Chunk(b"GOPS", GopStructure([(2, [Round(3)]), (1, [])]).to_bytes())
     desc = describe(Container.from_bytes(container.to_bytes()))
     assert "describes" in desc["gop"]["error"] or "more than" in desc["gop"]["error"]
+
+
+def test_shipped_video_model_conformance_pins():
+    """Bitstream and decoded-frame digests of models/video on a fixed pan
+    (scripts/pin_default_model.py records them): any change to video coding shows here."""
+    import hashlib
+    import json
+
+    from PIL import Image
+
+    from conftest import DATA, SAMPLE
+
+    codec = VideoCodec.from_pretrained("video")
+    pins = json.loads((DATA / "default_model_pins.json").read_text()).get(codec.package.digest[:16])
+    assert pins is not None, f"no pins recorded for video model {codec.package.digest[:16]}"
+    photo = np.asarray(Image.open(SAMPLE).convert("RGB"))
+    frames = [np.ascontiguousarray(photo[:128, 2 * t : 2 * t + 192]) for t in range(8)]
+    data, gops = codec.encode(iter(frames), Fraction(25), VideoSettings(threshold=0.5, rate_level=2))
+    decoded = np.stack(list(codec.decode(data)))
+    assert gops.frame_types() == pins["frame_types"] and len(data) == pins["bytes"]
+    assert hashlib.sha256(data).hexdigest()[:16] == pins["bitstream"]
+    assert hashlib.sha256(decoded.tobytes()).hexdigest()[:16] == pins["pixels"]
