@@ -393,8 +393,11 @@ def test_file_size_limit_in_a_real_process(tiny_model, coded, tmp_path):
 
 
 def test_directory_given_as_an_input_file(tiny_model, images, coded, tmp_path):
-    # a folder with -o: the folder rule says --out-dir is needed (usage error)
+    # one folder with -o is a sequence of frames (a video): an image model cannot code it
     r = run(["encode", images, "-o", tmp_path / "x.ulb", "--model", "tiny"])
+    assert r.returncode == 1 and "not a video model" in r.stderr and not (tmp_path / "x.ulb").exists()
+    # several inputs with -o: --out-dir is needed (usage error)
+    r = run(["encode", images, images, "-o", tmp_path / "x.ulb", "--model", "tiny"])
     assert r.returncode == 2 and "need --out-dir" in r.stderr
     # a folder named like an input inside a batch is not an input; a named one that is a
     # folder by the time the job runs is one clear failure
