@@ -18,10 +18,8 @@ suppressed so that fuzzing keeps exploring the rest:
   header's declared size, not by the file size; a 60-byte file can ask for a 268 MP
   decode. Inputs over the budget stop right before entropy decoding (every check before
   it still runs) and count as ``skipped``.
-- ``Limits.guard_rans``: CompressAI's rANS decoder has no end-of-stream check and reads
-  past the end of a short or corrupted z/y string (segfaults seen). The guard appends
-  zero bytes to the strings before decoding: a valid stream is consumed exactly and
-  decodes identically; a corrupted one then over-reads into the padding, not past it.
+(The rANS over-read that a ``guard_rans`` limit used to suppress here is fixed in the
+decoder itself: ``AnchorCodec.decode_latent`` pads its strings, ``anchor_codec.rans_safe``.)
 
 Also a command line, used by tests/test_fuzz_regressions.py to run inputs in a child
 process (a native crash must not take pytest down)::
@@ -117,12 +115,11 @@ class Limits:
 
     max_latent_positions: Optional[int] = None  # z_h * z_w, i.e. padded pixels / 4096
     max_output_pixels: Optional[int] = None
-    guard_rans: bool = False
 
 
 NO_LIMITS = Limits()
 # What the fuzz target uses by default (--known-issues suppress): 512x512 coded pixels, 4 MP out.
-FUZZ_LIMITS = Limits(max_latent_positions=64, max_output_pixels=1 << 22, guard_rans=True)
+FUZZ_LIMITS = Limits(max_latent_positions=64, max_output_pixels=1 << 22)
 
 
 @dataclass
@@ -137,13 +134,6 @@ class Outcome:
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
-
-
-def _rans_pad(string: bytes, symbols: int) -> bytes:
-    # Per decoded symbol the C++ decoder reads at most one renormalisation word plus its
-    # bypass words; a bypass run is bounded by the 0xF nibbles available (stream + state).
-    # Zero padding ends every bypass run, so this bounds the read inside the buffer.
-    return string + bytes(32 * len(string) + 160 * symbols + 4096)
 
 
 class _DecodeGuard:
@@ -165,14 +155,6 @@ class _DecodeGuard:
             return self.original(strings, shape)
         if self.limits.max_latent_positions is not None and zh * zw > self.limits.max_latent_positions:
             raise BudgetExceeded(f"{zh}x{zw} hyper-latent over budget")
-        if self.limits.guard_rans and zh > 0 and zw > 0:
-            try:
-                (y,), (z,) = strings
-            except (TypeError, ValueError):
-                return self.original(strings, shape)
-            z_symbols = self.model.N * zh * zw
-            y_symbols = self.model.M * 16 * zh * zw
-            strings = [[_rans_pad(bytes(y), y_symbols)], [_rans_pad(bytes(z), z_symbols)]]
         return self.original(strings, shape)
 
 
@@ -494,14 +476,13 @@ def seed_inputs(dirs: Sequence[Path] = (CORPUS_DIR,)) -> List[Tuple[str, bytes]]
 
 
 def _limits(args) -> Limits:
-    return Limits(args.max_latent_positions, args.max_output_pixels, args.guard_rans)
+    return Limits(args.max_latent_positions, args.max_output_pixels)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*", type=Path, help="inputs to check (one JSON line each)")
     ap.add_argument("--model-dir", type=Path, help="an already built fuzz model package (else built in a temp dir)")
-    ap.add_argument("--guard-rans", action="store_true", help="suppress the known rANS over-read finding")
     ap.add_argument("--max-latent-positions", type=int, help="skip inputs with z_h*z_w above this")
     ap.add_argument("--max-output-pixels", type=int, help="skip inputs declaring more output pixels than this")
     ap.add_argument("--strict", action="store_true", help="undocumented ValueError/OSError count as failures")

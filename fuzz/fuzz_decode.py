@@ -67,8 +67,6 @@ def worker() -> None:
     limits = {
         "suppress": dc.FUZZ_LIMITS,
         "expose": dc.NO_LIMITS,
-        "expose-size": dc.Limits(guard_rans=True),
-        "expose-rans": dc.Limits(dc.FUZZ_LIMITS.max_latent_positions, dc.FUZZ_LIMITS.max_output_pixels, False),
     }[config["known_issues"]]
     strict = config["strict"]
 
@@ -121,10 +119,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=20, help="per-input time bound in seconds [20]")
     ap.add_argument("--rss-limit-mb", type=int, default=4096, help="memory bound of the process [4096]")
     ap.add_argument("--max-len", type=int, default=4096, help="largest input libFuzzer makes [4096]")
-    ap.add_argument("--known-issues", choices=("suppress", "expose", "expose-size", "expose-rans"),
-                    default="suppress",
-                    help="suppress (default): bound the decode size and guard the rANS over-read (the known "
-                         "findings, docs/robustness.md); expose: neither; expose-size / expose-rans: only that one")
+    ap.add_argument("--known-issues", choices=("suppress", "expose"), default="suppress",
+                    help="suppress (default): bound the decode size (the known size-bomb finding, "
+                         "docs/robustness.md); expose: unbounded")
     ap.add_argument("--strict", action="store_true", help="only BitstreamError/DecodeError are clean")
     ap.add_argument("--work-dir", type=Path, default=ROOT / "out" / "fuzz",
                     help="new corpus entries (work-dir/corpus), artifacts (work-dir/artifacts), log [out/fuzz]")

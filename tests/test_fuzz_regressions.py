@@ -31,7 +31,7 @@ spec.loader.exec_module(dc)
 SECONDS_PER_INPUT = 10.0  # seeds decode in ~0.05 s; generous for slow CI machines
 CHILD_RSS_MB = 2048  # a child decoding small inputs peaks at ~0.6 GB (torch + tiny model)
 CHILD_ADDRESS_SPACE = 4 << 30
-MUTATIONS, MUTATION_SECONDS = 2000, 20.0
+MUTATIONS, MUTATION_SECONDS = 2000, 60.0  # a hang guard (~15-20 s here), not a speed figure
 
 
 def _files(folder: Path):
@@ -106,24 +106,10 @@ def test_valid_seeds_match_the_fuzz_model(fuzz_codec):
         assert header.model_digest == fuzz_codec.package.short_digest, f"{path.name}: run fuzz/make_seeds.py"
 
 
-# In-process checks guard the rANS over-read (a corrupted seed could otherwise read past
-# its string: undefined behaviour inside pytest); the guard does not change valid decodes.
-GUARDED = dc.Limits(guard_rans=True)
-
-
-def test_rans_guard_does_not_change_valid_decodes(fuzz_codec):
-    for path in (p for p in CORPUS if p.name.startswith("valid-")):
-        container = dc.Container.from_bytes(path.read_bytes())
-        dc.apply_limits(fuzz_codec, dc.NO_LIMITS)
-        plain = fuzz_codec.decode_container(container)
-        dc.apply_limits(fuzz_codec, GUARDED)
-        assert (fuzz_codec.decode_container(container) == plain).all(), path.name
-
-
 @pytest.mark.parametrize("path", CORPUS, ids=[p.name for p in CORPUS])
 def test_corpus_input_is_clean(path, fuzz_codec):
     t0 = time.perf_counter()
-    outcome = dc.check_input(path.read_bytes(), fuzz_codec, GUARDED, strict=True)
+    outcome = dc.check_input(path.read_bytes(), fuzz_codec, dc.NO_LIMITS, strict=True)  # as the CLI decodes
     assert time.perf_counter() - t0 < SECONDS_PER_INPUT
     if path.name.startswith("valid-") or path.name in (
         "edge-unknown-ancillary-chunk.ulb", "edge-reserved-params.ulb", "edge-y-extra-words.ulb",
@@ -155,12 +141,13 @@ def test_crash_reproducer_is_clean(path, fuzz_model):
     assert lines[0]["peak_rss_mb"] < CHILD_RSS_MB, lines[0]
 
 
-def test_rans_guard_contains_the_known_overreads(fuzz_model):
-    """The fuzz target's suppression of the rANS over-read works (else fuzzing stops at it)."""
+def test_rans_overread_reproducers_are_refused_without_any_guard(fuzz_model):
+    """The inputs that made CompressAI's rANS decoder read past its strings (and crash)
+    are refused cleanly by the plain decoder: it pads the strings itself."""
     paths = [p for p in CRASHES if p.name.startswith("rans-overread-")]
     if not paths:
         pytest.skip("no rANS reproducers")
-    rc, lines, err = _child_check(paths, fuzz_model, ["--guard-rans"], timeout=SECONDS_PER_INPUT * len(paths))
+    rc, lines, err = _child_check(paths, fuzz_model, timeout=SECONDS_PER_INPUT * len(paths))
     assert rc == 0, err[-2000:]
     assert [line["status"] for line in lines] == ["rejected"] * len(paths), lines
 
@@ -168,7 +155,7 @@ def test_rans_guard_contains_the_known_overreads(fuzz_model):
 def test_random_mutations_are_clean(fuzz_model, tmp_path):
     """A bounded random fuzz of the seeds (structure-aware mutations, no atheris)."""
     last = tmp_path / "last-input.ulb"
-    args = ["--model-dir", fuzz_model, "--guard-rans", "--max-latent-positions", 64, "--max-output-pixels", 1 << 22,
+    args = ["--model-dir", fuzz_model, "--max-latent-positions", 64, "--max-output-pixels", 1 << 22,
             "--mutate", MUTATIONS, "--seed", 20240611, "--last-input", last]
     rc, out, err = _run_child(args, MUTATION_SECONDS + 60)
     assert rc is not None, f"random fuzz did not finish; last input: {last.read_bytes().hex()}"
