@@ -430,7 +430,7 @@ def cli() -> None:
                    "videos: keyframe level and threshold).")
 @click.option("--downscale", type=click.Choice([str(f) for f in DOWNSCALES]), default="1", show_default=True,
               help="Code the image at 1/F size; the decoder upsamples (reaches rates below the lowest level).")
-@click.option("--threshold", type=click.FloatRange(min=0), default=0.16, show_default=True,
+@click.option("--threshold", type=click.FloatRange(min=0), default=0.4, show_default=True,
               help="Video: largest perceptual distance of an accepted predicted frame (0: every frame a keyframe).")
 @click.option("--metric", type=click.Choice(["ms-ssim", "lpips"]), default="ms-ssim", show_default=True,
               help="Video: the distance (ms-ssim: 1 - MS-SSIM; lpips needs its weights installed).")
