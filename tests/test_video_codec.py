@@ -164,3 +164,14 @@ def test_shipped_video_model_conformance_pins():
     assert gops.frame_types() == pins["frame_types"] and len(data) == pins["bytes"]
     assert hashlib.sha256(data).hexdigest()[:16] == pins["bitstream"]
     assert hashlib.sha256(decoded.tobytes()).hexdigest()[:16] == pins["pixels"]
+
+
+def test_smaller_keyframe_groups_after_the_first(codec):
+    frames = clip(7)
+    _, gops, _ = encode(codec, frames, threshold=0.0, keyframe_group=1)
+    assert gops.segments[0][0] == 2 and all(k == 1 for k, _ in gops.segments[1:]) and gops.frames == 7
+    data, gops, seen = encode(codec, frames, threshold=10.0, max_gop=2, keyframe_group=1)
+    assert gops.frame_types() == "KK" + "pP" + "K" + "pP"
+    assert all(np.array_equal(a, b) for a, b in zip(seen, codec.decode(data)))
+    with pytest.raises(ValueError, match="keyframe group"):
+        encode(codec, frames, keyframe_group=3)

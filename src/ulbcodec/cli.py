@@ -448,9 +448,12 @@ def cli() -> None:
               help="Video: anchored predictions start denoising the anchor at this timestep (lower: closer to it).")
 @click.option("--pred-steps", type=click.IntRange(1, 100),
               help="Video: sampler steps of every prediction (stored in the file) [default: the model's].")
+@click.option("--keyframe-group", type=click.IntRange(1, 64),
+              help="Video: keyframes coded when a prediction fails, 1..K [default: K, the model's conditioning "
+                   "frames]; the first group is always K.")
 def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, skip_existing, max_memory, quiet,
            verbose, quality, bpp, downscale, threshold, metric, max_gop, video_seed, generative_keyframes, anchored,
-           anchor_level, guide_timestep, pred_steps):
+           anchor_level, guide_timestep, pred_steps, keyframe_group):
     """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files."""
     from ulbcodec.batch import Task
     from ulbcodec.io import READ_EXTENSIONS, VIDEO_EXTENSIONS
@@ -482,7 +485,7 @@ def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
                 raise click.UsageError(f"{flag} must be one of the model's rate levels {levels[0]}..{levels[-1]}")
     settings = VideoSettings(threshold=threshold, metric=metric, max_gop=max_gop, seed=video_seed,
                              generative_keyframes=generative_keyframes, anchored=anchored, anchor_level=anchor_level,
-                             guide_timestep=guide_timestep, steps=pred_steps)
+                             guide_timestep=guide_timestep, steps=pred_steps, keyframe_group=keyframe_group)
     verbosity = _verbosity(quiet, verbose)
     job = functools.partial(_encode_job, quality=quality, bpp=bpp, downscale=int(downscale), force=force,
                             skip_existing=skip_existing, budget=budget, video=settings,

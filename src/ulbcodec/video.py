@@ -85,6 +85,7 @@ class VideoSettings:
     anchor_level: Optional[int] = None
     guide_timestep: int = 600
     steps: Optional[int] = None  # sampler steps of every prediction (default: the model's); in the file
+    keyframe_group: Optional[int] = None  # keyframes coded when a prediction fails, 1..K (default K)
 
 
 def file_bpp(data: bytes) -> float:
@@ -203,6 +204,9 @@ class VideoCodec:
                 out.append(pred)
             return out
 
+        keyframe_group = K if settings.keyframe_group is None else settings.keyframe_group
+        if not 1 <= keyframe_group <= K:
+            raise ValueError(f"keyframe group must be 1..{K} (the model conditions on K={K} frames)")
         anchor_level = self.image.rate_levels[0] if settings.anchor_level is None else settings.anchor_level
         if anchor_level not in self.image.rate_levels:
             raise ValueError(f"anchor level {anchor_level} not offered by model {self.package.name!r}")
@@ -211,7 +215,10 @@ class VideoCodec:
         while fill(1):
             h, w = lookahead[0].shape[:2]
             size = size or (w, h)
-            k = min(K, fill(K))
+            # The first group fills the predictor's history (K frames); later ones may be
+            # smaller, since the history keeps the frames decoded before them.
+            group = K if index == 0 else keyframe_group
+            k = min(group, fill(group))
             for _ in range(k):  # keyframes
                 frame = lookahead.popleft()
                 payload = self.image.encode_anchor(frame, level)
