@@ -586,6 +586,7 @@ def models_cmd(ctx, as_json):
     if ctx.invoked_subcommand is not None:
         return
     from ulbcodec.models import package as packages
+    from ulbcodec.video import is_video_package
 
     rows = []
     for path in packages.available_models():
@@ -596,6 +597,7 @@ def models_cmd(ctx, as_json):
             continue
         rows.append({"name": pkg.name, "path": str(path), "digest": pkg.digest[:16], "bytes": pkg.size_bytes,
                      "rate_levels": [lv.level for lv in pkg.rate_levels], "generative": pkg.is_generative,
+                     "video": is_video_package(pkg),
                      "description": pkg.description})
     for row in rows:
         if as_json:
@@ -606,7 +608,8 @@ def models_cmd(ctx, as_json):
             levels = row["rate_levels"]
             click.echo(f"{row['name']:12s} digest {row['digest']}  {row['bytes'] / 1e6:6.1f} MB  "
                        f"rate levels {levels[0]}..{levels[-1]}  "
-                       f"{'generative' if row['generative'] else 'anchor only'}  {row['path']}")
+                       f"{'generative' if row['generative'] else 'anchor only'}"
+                       f"{' + frame predictor (video)' if row['video'] else ''}  {row['path']}")
     if not rows:
         click.echo("no models found (search path: $ULBC_MODEL_PATH, then the project's models/)", err=True)
         sys.exit(EXIT_FAILED)
