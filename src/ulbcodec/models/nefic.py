@@ -258,9 +258,9 @@ def load_weights_only(path) -> object:
         why = next((r for r in reasons if r.startswith(("Unsupported", "Trying to load"))), "unreadable")
         raise ModelError(f"{path}: refused by weights-only loading, not a pickle of plain tensors "
                          f"({why.split('. Please use')[0]})") from None
-    except (RuntimeError, EOFError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - corrupt bytes make the unpickler raise anything (IndexError, ...)
         why = (str(exc).splitlines() or ["empty or truncated"])[0]
-        raise ModelError(f"{path}: not a PyTorch checkpoint ({why})") from None
+        raise ModelError(f"{path}: not a PyTorch checkpoint ({type(exc).__name__}: {why})") from None
 
 
 def convert_anchor_codec(checkpoint_file) -> Dict[str, Tensor]:
