@@ -200,3 +200,14 @@ def test_anchored_flag_is_recorded(env, tmp_path):
     assert _invoke(["decode", tmp_path / "a.ulb", "-o", tmp_path / "a.y4m"]).returncode == 0
     r = _invoke(["encode", src, "-o", tmp_path / "b.ulb", "--model", "tinyvideo", "--anchored", "--anchor-level", "9"])
     assert r.returncode == 2 and "--anchor-level" in r.stderr
+
+
+def test_still_gif_is_an_image_animated_gif_a_video(tmp_path):
+    from PIL import Image
+
+    frames = [Image.fromarray(f) for f in clip(3, 32, 32)]
+    frames[0].save(tmp_path / "still.gif")
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:], duration=40)
+    assert not io.is_video_path(tmp_path / "still.gif") and io.is_video_path(tmp_path / "moving.gif")
+    reader = io.VideoReader(tmp_path / "moving.gif")
+    assert reader.size == (32, 32) and len(list(reader)) == 3

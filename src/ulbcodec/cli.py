@@ -239,9 +239,8 @@ class _Encoders:
         if self._video is None:
             from ulbcodec.video import VideoCodec
 
-            name = self.model or "video"
-            self._video = VideoCodec(_load_codec(name, self.device).package, self.device,
-                                     image=_load_codec(name, self.device))
+            image = _load_codec(self.model or "video", self.device)
+            self._video = VideoCodec(image.package, self.device, image=image)
         return self._video
 
 

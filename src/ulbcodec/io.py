@@ -268,7 +268,18 @@ DEFAULT_FRAME_FOLDER_FPS = Fraction(25)
 
 
 def is_video_path(path) -> bool:
-    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
+    """A video file by its extension; a GIF only when it is animated (a still GIF is an image)."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext == ".gif":
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                return getattr(im, "n_frames", 1) > 1
+        except (OSError, ValueError, SyntaxError):
+            return False  # unreadable: the image reader reports it
+    return ext in VIDEO_EXTENSIONS
 
 
 def _ffmpeg_fps(value) -> Fraction:
