@@ -199,6 +199,7 @@ def predictor_vs_copy(codec, clips: dict) -> str:
 
     import torch
 
+    from ulbcodec.image import to_uint8
     from ulbcodec.video import frame_distance
 
     fp = codec.predictor
@@ -212,12 +213,12 @@ def predictor_vs_copy(codec, clips: dict) -> str:
             lat = {i: codec._latent(frames[i]) for i in range(t - codec.cond_frames + 1, t + codec.pred_frames + 1)}
             history = collections.deque((frames[i], lat[i]) for i in range(t - codec.cond_frames + 1, t + 1))
             predicted = fp.predict_latents(torch.stack([x for _, x in history]), 0, t + 1, codec.steps)
-            copied = codec._to_frame(fp.decode_frame(lat[t]), h, w)
+            copied = to_uint8(fp.decode_frame(lat[t])[None, :, :h, :w])
             vae.append(frame_distance(frames[t], copied))
             for j in range(codec.pred_frames):
                 target = frames[t + 1 + j]
                 copy.append(frame_distance(target, copied))
-                pred.append(frame_distance(target, codec._to_frame(fp.decode_frame(predicted[j]), h, w)))
+                pred.append(frame_distance(target, to_uint8(fp.decode_frame(predicted[j])[None, :, :h, :w])))
                 mse_copy.append(float((lat[t] - lat[t + 1 + j]).pow(2).mean()))
                 mse_pred.append(float((predicted[j] - lat[t + 1 + j]).pow(2).mean()))
         lines.append(f"| {name} | {len(starts)} | {np.mean(vae):.3f} | {np.mean(copy):.3f} | {np.mean(pred):.3f} | "

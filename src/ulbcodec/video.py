@@ -42,7 +42,7 @@ import torch
 
 from ulbcodec import bitstream
 from ulbcodec.bitstream import AnchorPayload, BitstreamError, Chunk, Container, GopStructure, Header, Round
-from ulbcodec.image import DecodeError, ImageCodec, pad_replicate
+from ulbcodec.image import DecodeError, ImageCodec, pad_replicate, to_tensor, to_uint8
 from ulbcodec.models import package as packages
 
 METRICS = {"ms-ssim": 1, "lpips": 2}
@@ -110,6 +110,7 @@ class VideoCodec:
         self.package = package
         self.image = image if image is not None and image.package is package else ImageCodec(package, device)
         self.cond_frames, self.pred_frames, self.steps = video["cond_frames"], video["pred_frames"], video["steps"]
+        self.residual_scale = video.get("residual_scale")
         self._predictor = None
 
     @classmethod
@@ -123,8 +124,7 @@ class VideoCodec:
 
             self._predictor = FramePredictionPipeline(self.image.next_frame, self.package.build("predictor"),
                                                       self.package.build("predictor_scheduler"),
-                                                      self.cond_frames, self.pred_frames,
-                                                      self.package.extra["video"].get("residual_scale"))
+                                                      self.cond_frames, self.pred_frames, self.residual_scale)
         return self._predictor
 
     # ------------------------------------------------------------------ shared by both sides
@@ -138,8 +138,7 @@ class VideoCodec:
             return self.image.decode_anchor(payload, width, height, level, anchor_only=False)
 
     def _latent(self, frame: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1).float() / 255
-        return self.predictor.encode_frame(pad_replicate(x[None], self.predictor.multiple)[0])
+        return self.predictor.encode_frame(pad_replicate(to_tensor(frame), self.predictor.multiple)[0])
 
     def _predict(self, history: Deque[Tuple[np.ndarray, torch.Tensor]], seed: int, first_frame: int, steps: int,
                  guide: Optional[torch.Tensor] = None, guide_timestep: int = 0) -> Iterator[np.ndarray]:
@@ -149,15 +148,12 @@ class VideoCodec:
         h, w = history[-1][0].shape[:2]
         latents = self.predictor.predict_latents(torch.stack([lat for _, lat in history]), seed, first_frame,
                                                  steps, guide, guide_timestep)
-        return (self._to_frame(self.predictor.decode_frame(latent), h, w) for latent in latents)
+        return (to_uint8(self.predictor.decode_frame(latent)[None, :, :h, :w]) for latent in latents)
 
     def _anchor_guide(self, payload: AnchorPayload, width: int, height: int, level: int) -> torch.Tensor:
         """The latent of an anchored round's anchor frame (decoded without the generative decoder)."""
         return self._latent(self.image.decode_anchor(payload, width, height, level, anchor_only=True))
 
-    @staticmethod
-    def _to_frame(x: torch.Tensor, h: int, w: int) -> np.ndarray:
-        return x[:, :h, :w].mul(255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
     # ------------------------------------------------------------------ encode
 
