@@ -12,9 +12,11 @@ latents stacked as channels. The targets are residuals, (x_j - c_K) / ``--residu
 the model generates the change from the last conditioning latent (a first model that
 generated the latents themselves, 1,500 steps, predicted far worse than copying the last
 frame: latent MSE 0.31-0.37 against 0.002-0.12). Encoded clips are cached in the run
-folder (``latents.safetensors``), so a resumed run starts training at once. ``export`` writes a package holding every component of the
-image model plus ``predictor`` (UNet2DModel) and ``predictor_scheduler``, with the
-prediction settings (K, P, steps) in the manifest's ``extra.video``.
+folder (``latents.safetensors``), so a resumed run starts training at once.
+
+``export`` writes a package holding every component of the image model plus
+``predictor`` (UNet2DModel) and ``predictor_scheduler``, with the prediction settings
+(K, P, steps, residual scale) in the manifest's ``extra.video``.
 """
 
 from __future__ import annotations
