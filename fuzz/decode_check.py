@@ -1,25 +1,28 @@
 """The decode contract every input must satisfy, shared by the fuzz target and the tests.
 
     bytes ─► bitstream.Container.from_bytes ─► bitstream.describe (what `ulbc info` prints)
-          ─► ImageCodec.decode_container (tiny seeded random model) ─► HxWx3 uint8
+          ─► the CLI's memory check (resources.estimate_decode_file, as `--max-memory`)
+          ─► ImageCodec.decode_container   (image: tiny seeded random anchor codec) ─► HxWx3 uint8
+           └ VideoCodec.decode_container   (video: tiny seeded random video model)  ─► frames x HxWx3 uint8
 
-Every input must end in a successful decode (an array of the header's size) or in an
-exception the CLI reports as a clean one-line error. ``batch.describe_error`` prints
-``ValueError`` and ``OSError`` as plain messages and anything else as "internal error ...;
-please report it", so exactly those two are *clean* (``CLEAN_ERRORS``); the documented
-ones are ``BitstreamError`` and ``DecodeError`` (both ValueError subclasses). With
-``strict=True`` an undocumented ValueError/OSError is a failure too. Any other exception,
-a wrong output, a native crash, a hang or a memory blow-up is a finding.
+Every input must end in a successful decode (an array of the header's size; for a video,
+exactly the header's frame count) or in an exception the CLI reports as a clean one-line
+error. ``batch.describe_error`` prints ``ValueError`` and ``OSError`` as plain messages and
+anything else as "internal error ...; please report it", so exactly those two are *clean*
+(``CLEAN_ERRORS``); the documented ones are ``BitstreamError``, ``DecodeError`` and
+``MemoryLimitError`` (all ValueError subclasses). With ``strict=True`` an undocumented
+ValueError/OSError is a failure too. Any other exception, a wrong output, a native crash,
+a hang or a memory blow-up is a finding.
 
-Known, reported and not yet fixed findings (docs/robustness.md, "Fuzzing") can be
-suppressed so that fuzzing keeps exploring the rest:
+``Limits`` are what the run is configured with:
 
-- ``Limits.max_latent_positions`` / ``max_output_pixels``: decode work is bounded by the
-  header's declared size, not by the file size; a 60-byte file can ask for a 268 MP
-  decode. Inputs over the budget stop right before entropy decoding (every check before
-  it still runs) and count as ``skipped``.
-(The rANS over-read that a ``guard_rans`` limit used to suppress here is fixed in the
-decoder itself: ``AnchorCodec.decode_latent`` pads its strings, ``anchor_codec.rans_safe``.)
+- ``max_memory``: the product's own ``--max-memory`` check (the estimate from the header,
+  before any decoding). Inputs over it are refused as the CLI refuses them.
+- ``max_video_pixels``: harness-only, frames x width x height of a video. Predicted frames
+  cost no bits (that is the codec), so a small file may declare many of them and the
+  decode time grows with that count (docs/robustness.md, finding 4); above the bound an
+  input stops right before decoding (every check before it still runs) and counts as
+  ``skipped``, so that fuzzing keeps exploring instead of spending minutes on one input.
 
 Also a command line, used by tests/test_fuzz_regressions.py to run inputs in a child
 process (a native crash must not take pytest down)::
@@ -54,6 +57,8 @@ import torch  # noqa: E402
 from ulbcodec import bitstream  # noqa: E402
 from ulbcodec.bitstream import BitstreamError, Container  # noqa: E402
 from ulbcodec.image import DecodeError, ImageCodec, coded_size  # noqa: E402
+from ulbcodec.resources import Budget, MemoryLimitError, estimate_decode_file, parse_size  # noqa: E402
+from ulbcodec.video import VideoCodec  # noqa: E402
 
 CORPUS_DIR = HERE / "corpus"
 CRASHES_DIR = HERE / "crashes"
@@ -66,24 +71,36 @@ FUZZ_MODEL_CONFIG = dict(N=16, M=32, num_slices=2, context_window=3, vae_channel
 FUZZ_MODEL_SEED = 0
 FUZZ_MODEL_NAME = "tiny"
 FUZZ_RATE_LEVELS = 3
+# The video fuzz model: same idea, a frozen copy of tests/conftest.py's tiny video model
+# (anchor codec, CogVideoX VAE and transformer for generative keyframes, a UNet2DModel
+# predictor, K=2 -> P=3, 1 sampler step).
+FUZZ_VIDEO_NAME = "tinyvideo"
+FUZZ_VIDEO = {"cond_frames": 2, "pred_frames": 3, "steps": 1, "residual_scale": 0.5}
+FUZZ_LATENT = 4
+FUZZ_VAE = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=FUZZ_LATENT,
+                temporal_compression_ratio=4, sample_height=64, sample_width=64)
+FUZZ_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=16, in_channels=FUZZ_LATENT,
+                        out_channels=FUZZ_LATENT, time_embed_dim=16, text_embed_dim=8, num_layers=1, sample_width=8,
+                        sample_height=8, sample_frames=5, patch_size=2, patch_size_t=2, temporal_compression_ratio=4,
+                        max_text_seq_length=3, use_rotary_positional_embeddings=True)
+FUZZ_PREDICTOR = dict(sample_size=8, in_channels=FUZZ_LATENT * 5, out_channels=FUZZ_LATENT * 3,
+                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                      block_out_channels=(8, 8), layers_per_block=1, add_attention=False, norm_num_groups=4)
 
 CLEAN_ERRORS = (ValueError, OSError)  # what batch.describe_error reports as a plain one-line error
-DOCUMENTED_ERRORS = (BitstreamError, DecodeError)
+DOCUMENTED_ERRORS = (BitstreamError, DecodeError, MemoryLimitError)
 
 
 class FuzzFailure(AssertionError):
     """The decoder broke its contract on this input (wrong output, undocumented error in strict mode)."""
 
 
-class BudgetExceeded(Exception):
-    """Harness-only: the input asks for more decode work than the fuzzing budget (not a finding)."""
-
-
 # --------------------------------------------------------------------------- model
 
 
 def build_package(root: Path) -> Path:
-    """Write the tiny seeded random anchor-codec package under ``root`` and return its path."""
+    """Write the tiny seeded random image package (and the video package beside it)
+    under ``root`` and return the image package's path."""
     from ulbcodec.models.anchor_codec import AnchorCodec
     from ulbcodec.models.package import RateLevel, save_package
 
@@ -93,17 +110,52 @@ def build_package(root: Path) -> Path:
         model.update(force=True)
     save_package(Path(root) / FUZZ_MODEL_NAME, FUZZ_MODEL_NAME, {"anchor_codec": model.eval()},
                  [RateLevel(i) for i in range(FUZZ_RATE_LEVELS)], description="tiny random model for fuzzing")
+    _build_video_package(Path(root))
     return Path(root) / FUZZ_MODEL_NAME
 
 
-def build_codec(model_dir: Optional[Path] = None) -> ImageCodec:
-    """The fuzz codec, one intra-op thread. Builds the package into a temporary folder
-    unless ``model_dir`` already holds one."""
+def _build_video_package(root: Path) -> Path:
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel, UNet2DModel
+
+    from ulbcodec.models.anchor_codec import AnchorCodec
+    from ulbcodec.models.package import RateLevel, save_package
+    from ulbcodec.train.generative import SCHEDULER_CONFIG
+
+    with torch.random.fork_rng():
+        torch.manual_seed(FUZZ_MODEL_SEED)
+        anchor = AnchorCodec(**{**FUZZ_MODEL_CONFIG, "bypass_channels": FUZZ_LATENT})
+        anchor.update(force=True)
+        modules = {"anchor_codec": anchor.eval(), "vae": AutoencoderKLCogVideoX(**FUZZ_VAE).eval(),
+                   "transformer": CogVideoXTransformer3DModel(**FUZZ_TRANSFORMER).eval(),
+                   "scheduler": CogVideoXDDIMScheduler(**SCHEDULER_CONFIG), "prompt_embeds": torch.randn(1, 3, 8),
+                   "predictor": UNet2DModel(**FUZZ_PREDICTOR).eval(),
+                   "predictor_scheduler": CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)}
+    save_package(root / FUZZ_VIDEO_NAME, FUZZ_VIDEO_NAME, modules, [RateLevel(i) for i in range(FUZZ_RATE_LEVELS)],
+                 extra={"video": FUZZ_VIDEO}, description="tiny random video model for fuzzing")
+    return root / FUZZ_VIDEO_NAME
+
+
+@dataclass
+class Decoders:
+    """The fuzz target's two decoders; a file goes to the one its header's media asks for."""
+
+    image: ImageCodec
+    video: VideoCodec
+
+    def for_header(self, header):
+        return self.video if header.media == bitstream.MEDIA_VIDEO else self.image
+
+
+def build_codec(model_dir: Optional[Path] = None) -> Decoders:
+    """The fuzz decoders, one intra-op thread. Builds the packages into a temporary folder
+    unless ``model_dir`` (the image package; the video one beside it) already holds them."""
     torch.set_num_threads(1)
-    if model_dir is None or not (Path(model_dir) / "ulbc_model.json").is_file():
+    if model_dir is None or not (Path(model_dir) / "ulbc_model.json").is_file() \
+            or not (Path(model_dir).parent / FUZZ_VIDEO_NAME / "ulbc_model.json").is_file():
         root = Path(tempfile.mkdtemp(prefix="ulbc-fuzz-model-")) if model_dir is None else Path(model_dir).parent
         model_dir = build_package(root)
-    return ImageCodec.from_pretrained(str(model_dir))
+    return Decoders(ImageCodec.from_pretrained(str(model_dir)),
+                    VideoCodec.from_pretrained(str(Path(model_dir).parent / FUZZ_VIDEO_NAME)))
 
 
 # --------------------------------------------------------------------------- the check
@@ -111,21 +163,22 @@ def build_codec(model_dir: Optional[Path] = None) -> ImageCodec:
 
 @dataclass
 class Limits:
-    """Suppressions of known findings (see the module docstring); ``None`` = unbounded."""
+    """What a run is configured with (see the module docstring); ``None`` = unbounded."""
 
-    max_latent_positions: Optional[int] = None  # z_h * z_w, i.e. padded pixels / 4096
-    max_output_pixels: Optional[int] = None
+    max_memory: Optional[int] = None  # bytes, as `ulbc decode --max-memory`
+    max_video_pixels: Optional[int] = None  # frames x width x height (harness-only)
 
 
 NO_LIMITS = Limits()
-# What the fuzz target uses by default (--known-issues suppress): 512x512 coded pixels, 4 MP out.
-FUZZ_LIMITS = Limits(max_latent_positions=64, max_output_pixels=1 << 22)
+# The fuzz target's default: `--max-memory 1G` (~4 MP coded at the anchor path's rates)
+# and videos of at most 40 frames of 64x64 (a few seconds with the tiny video model).
+FUZZ_LIMITS = Limits(max_memory=1 << 30, max_video_pixels=40 * 64 * 64)
 
 
 @dataclass
 class Outcome:
     status: str  # "decoded" | "rejected" | "skipped"
-    stage: str  # "container" | "decode" | "budget"
+    stage: str  # "container" | "budget" | "decode"
     error_type: str = ""
     error: str = ""
     documented: bool = True
@@ -136,38 +189,6 @@ class Outcome:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
-class _DecodeGuard:
-    """Wraps ``codec.model.decode_latent`` (instance attribute) to apply ``Limits``."""
-
-    def __init__(self, codec: ImageCodec):
-        self.model = codec.model
-        self.original = codec.model.decode_latent
-        self.limits = NO_LIMITS
-        self.force_skip = False
-        codec.model.decode_latent = self  # type: ignore[method-assign]
-
-    def __call__(self, strings, shape):
-        if self.force_skip:
-            raise BudgetExceeded("output pixels over budget")
-        try:
-            zh, zw = (int(s) for s in shape)
-        except (TypeError, ValueError):
-            return self.original(strings, shape)
-        if self.limits.max_latent_positions is not None and zh * zw > self.limits.max_latent_positions:
-            raise BudgetExceeded(f"{zh}x{zw} hyper-latent over budget")
-        return self.original(strings, shape)
-
-
-def apply_limits(codec: ImageCodec, limits: Limits) -> _DecodeGuard:
-    """Install (once) the decode guard on ``codec`` and set its limits; they stay in force
-    for later ``codec.decode_container`` calls until the next call of this function."""
-    guard = codec.model.__dict__.get("decode_latent")
-    if not isinstance(guard, _DecodeGuard):
-        guard = _DecodeGuard(codec)
-    guard.limits, guard.force_skip = limits, False
-    return guard
-
-
 def _clean(exc: BaseException, stage: str, strict: bool, t0: float) -> Outcome:
     documented = isinstance(exc, DOCUMENTED_ERRORS)
     if strict and not documented:
@@ -176,8 +197,30 @@ def _clean(exc: BaseException, stage: str, strict: bool, t0: float) -> Outcome:
                    documented, time.perf_counter() - t0)
 
 
-def check_input(data: bytes, codec: ImageCodec, limits: Limits = NO_LIMITS, strict: bool = False) -> Outcome:
-    """Run one input through the container reader and the image decoder.
+def _decode(codec, container: Container) -> Tuple[int, ...]:
+    """Decode fully; the output's shape (frames first for a video), checked against the header."""
+    header = container.header
+    frame_shape = (header.height, header.width, 3)
+    if isinstance(codec, VideoCodec):
+        frames = 0
+        for frame in codec.decode_container(container):
+            _check_array(frame, frame_shape)
+            frames += 1
+        if frames != header.frames:
+            raise FuzzFailure(f"decoded {frames} frames, header says {header.frames}")
+        return (frames, *frame_shape)
+    _check_array(codec.decode_container(container), frame_shape)  # the CLI's defaults
+    return frame_shape
+
+
+def _check_array(rgb, expected: Tuple[int, ...]) -> None:
+    if not (hasattr(rgb, "shape") and tuple(rgb.shape) == expected and str(rgb.dtype) == "uint8"):
+        raise FuzzFailure(f"decoded {getattr(rgb, 'shape', type(rgb))} {getattr(rgb, 'dtype', '')}, "
+                          f"header says {expected} uint8")
+
+
+def check_input(data: bytes, decoders: Decoders, limits: Limits = NO_LIMITS, strict: bool = False) -> Outcome:
+    """Run one input through the container reader, the memory check and the decoder.
 
     Returns the outcome when the contract holds; raises ``FuzzFailure`` (or lets the
     unexpected exception through) when it does not.
@@ -189,21 +232,22 @@ def check_input(data: bytes, codec: ImageCodec, limits: Limits = NO_LIMITS, stri
         return _clean(exc, "container", strict, t0)
     bitstream.describe(container)  # `ulbc info` on any file that parses must not fail
     header = container.header
-    guard = apply_limits(codec, limits)
-    guard.force_skip = limits.max_output_pixels is not None and header.width * header.height > limits.max_output_pixels
+    codec = decoders.for_header(header)
     try:
-        rgb = codec.decode_container(container)  # the CLI's defaults
-    except BudgetExceeded:
+        if limits.max_memory is not None:
+            generative = isinstance(codec, VideoCodec) or codec.is_generative
+            Budget(limits.max_memory).check(estimate_decode_file(header, codec.package, generative),
+                                            f"decoding {header.width}x{header.height}")
+    except CLEAN_ERRORS as exc:
+        return _clean(exc, "budget", strict, t0)
+    if (limits.max_video_pixels is not None and header.media == bitstream.MEDIA_VIDEO
+            and header.frames * header.width * header.height > limits.max_video_pixels):
         return Outcome("skipped", "budget", seconds=time.perf_counter() - t0)
+    try:
+        shape = _decode(codec, container)
     except CLEAN_ERRORS as exc:
         return _clean(exc, "decode", strict, t0)
-    finally:
-        guard.force_skip = False
-    expected = (header.height, header.width, 3)
-    if not (hasattr(rgb, "shape") and tuple(rgb.shape) == expected and str(rgb.dtype) == "uint8"):
-        raise FuzzFailure(f"decoded {getattr(rgb, 'shape', type(rgb))} {getattr(rgb, 'dtype', '')}, "
-                          f"header says {expected} uint8")
-    return Outcome("decoded", "decode", seconds=time.perf_counter() - t0, shape=expected)
+    return Outcome("decoded", "decode", seconds=time.perf_counter() - t0, shape=shape)
 
 
 # --------------------------------------------------------------------------- structure-aware mutation
@@ -476,15 +520,15 @@ def seed_inputs(dirs: Sequence[Path] = (CORPUS_DIR,)) -> List[Tuple[str, bytes]]
 
 
 def _limits(args) -> Limits:
-    return Limits(args.max_latent_positions, args.max_output_pixels)
+    return Limits(args.max_memory, args.max_video_pixels)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="*", type=Path, help="inputs to check (one JSON line each)")
     ap.add_argument("--model-dir", type=Path, help="an already built fuzz model package (else built in a temp dir)")
-    ap.add_argument("--max-latent-positions", type=int, help="skip inputs with z_h*z_w above this")
-    ap.add_argument("--max-output-pixels", type=int, help="skip inputs declaring more output pixels than this")
+    ap.add_argument("--max-memory", type=parse_size, help="refuse inputs as `ulbc decode --max-memory` does")
+    ap.add_argument("--max-video-pixels", type=int, help="skip videos of more frames x pixels than this")
     ap.add_argument("--strict", action="store_true", help="undocumented ValueError/OSError count as failures")
     ap.add_argument("--mutate", type=int, default=0, metavar="N", help="check N random mutations of the seed corpus")
     ap.add_argument("--seed", type=int, default=0, help="random seed for --mutate")

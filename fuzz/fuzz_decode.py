@@ -1,14 +1,16 @@
-"""Coverage-guided fuzzing (atheris / libFuzzer) of the .ulb reader and the image decode path.
+"""Coverage-guided fuzzing (atheris / libFuzzer) of the .ulb reader and the image and video decode paths.
 
     .venv/bin/python fuzz/fuzz_decode.py --runs 2000                  # short (CI-sized) run
     .venv/bin/python fuzz/fuzz_decode.py --seconds 600                # long local run
-    .venv/bin/python fuzz/fuzz_decode.py --seconds 60 --known-issues expose   # find the known findings again
+    .venv/bin/python fuzz/fuzz_decode.py --seconds 60 --max-memory none   # no memory check
 
 Each input goes through decode_check.check_input: Container.from_bytes, describe (what
-`ulbc info` prints), then ImageCodec.decode_container with a tiny seeded random anchor
-codec built at start-up into a temporary folder. A successful decode must return an
-array of the header's size; a failure must be ValueError or OSError (what the CLI prints
-as a clean one-line error; --strict: BitstreamError or DecodeError only). Anything else,
+`ulbc info` prints), the CLI's memory check (--max-memory, default 1G), then
+ImageCodec.decode_container or VideoCodec.decode_container (by the header's media) with
+tiny seeded random models built at start-up into a temporary folder. A successful decode
+must return arrays of the header's size (and, for a video, its frame count); a failure
+must be ValueError or OSError (what the CLI prints as a clean one-line error; --strict:
+BitstreamError, DecodeError or MemoryLimitError only). Anything else,
 a native crash, an input over --timeout seconds or a process over --rss-limit-mb is a
 finding: libFuzzer stops and writes the input to the artifacts folder.
 
@@ -47,6 +49,7 @@ WORKER_ENV = "ULBC_FUZZ_WORKER"
 # C++ and not instrumented either.
 UNINSTRUMENTED_FIRST = ["ulbcodec.models.anchor_codec"]
 INSTRUMENT = ["ulbcodec"]
+FUZZ_VIDEO_PIXELS = 40 * 64 * 64  # decode_check.FUZZ_LIMITS (not imported here: the driver stays torch-free)
 
 
 # --------------------------------------------------------------------------- worker (inside libFuzzer)
@@ -64,10 +67,7 @@ def worker() -> None:
         import decode_check as dc  # imports ulbcodec.bitstream, .image, ... under instrumentation
 
     codec = dc.build_codec()
-    limits = {
-        "suppress": dc.FUZZ_LIMITS,
-        "expose": dc.NO_LIMITS,
-    }[config["known_issues"]]
+    limits = dc.Limits(config["max_memory"], config["max_video_pixels"])
     strict = config["strict"]
 
     outcomes: dict = {}
@@ -119,9 +119,11 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=20, help="per-input time bound in seconds [20]")
     ap.add_argument("--rss-limit-mb", type=int, default=4096, help="memory bound of the process [4096]")
     ap.add_argument("--max-len", type=int, default=4096, help="largest input libFuzzer makes [4096]")
-    ap.add_argument("--known-issues", choices=("suppress", "expose"), default="suppress",
-                    help="suppress (default): bound the decode size (the known size-bomb finding, "
-                         "docs/robustness.md); expose: unbounded")
+    ap.add_argument("--max-memory", default="1G",
+                    help="refuse inputs as `ulbc decode --max-memory` does (2G, 500M, none) [1G]")
+    ap.add_argument("--max-video-pixels", default=str(FUZZ_VIDEO_PIXELS),
+                    help="skip videos of more frames x width x height than this (none: no bound) "
+                         f"[{FUZZ_VIDEO_PIXELS}]")
     ap.add_argument("--strict", action="store_true", help="only BitstreamError/DecodeError are clean")
     ap.add_argument("--work-dir", type=Path, default=ROOT / "out" / "fuzz",
                     help="new corpus entries (work-dir/corpus), artifacts (work-dir/artifacts), log [out/fuzz]")
@@ -148,7 +150,16 @@ def main() -> int:
     cmd = [sys.executable, str(Path(__file__).resolve()), *flags, str(work / "corpus"), *map(str, seeds)]
     stats_file = work / "outcomes.json"
     stats_file.unlink(missing_ok=True)
-    config = {"known_issues": args.known_issues, "strict": args.strict, "stats_file": str(stats_file)}
+    sys.path.insert(0, str(ROOT / "src"))
+    from ulbcodec.resources import parse_size  # here, not at the top: the worker must import
+                                               # ulbcodec only under instrumentation
+    try:
+        max_memory = parse_size(args.max_memory)
+    except ValueError as exc:
+        ap.error(f"--max-memory: {exc}")
+    max_video_pixels = None if args.max_video_pixels.lower() == "none" else int(args.max_video_pixels)
+    config = {"max_memory": max_memory, "max_video_pixels": max_video_pixels, "strict": args.strict,
+              "stats_file": str(stats_file)}
     env = {**os.environ, WORKER_ENV: json.dumps(config), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
     stats = {"executions": 0, "cov": 0, "ft": 0, "corpus": 0, "exec_per_s": 0, "peak_rss_mb": 0}
@@ -194,7 +205,7 @@ def main() -> int:
     if result == "ok" and rc != 0:
         result = f"exit-{rc}"
     stats.update(seconds=round(time.time() - started, 1), result=result, artifact=artifact,
-                 mode=args.known_issues, strict=args.strict)
+                 max_memory=args.max_memory, max_video_pixels=max_video_pixels, strict=args.strict)
     if stats_file.is_file():  # outcome counts, sampled every 5000 executions
         stats["outcomes"] = json.loads(stats_file.read_text())
     (work / "summary.json").write_text(json.dumps(stats, indent=1) + "\n")

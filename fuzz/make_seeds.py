@@ -16,6 +16,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import decode_check as dc  # noqa: E402
 
 from ulbcodec import bitstream as bs  # noqa: E402
 from ulbcodec.bitstream import AnchorPayload, Chunk, Container, Header  # noqa: E402
+from ulbcodec.video import VideoSettings  # noqa: E402
 
 # (width, height, rate level, downscale, content)
 VALID = [
@@ -43,6 +45,25 @@ VALID = [
     (520, 300, 0, 8, "checker"),
     (3, 5, 1, 8, "flat"),
 ]
+
+
+# Videos, coded with the video fuzz model: (width, height, frames, rate level, settings).
+# A threshold of 0.9 accepts the random predictor's frames; 0 refuses them all.
+VALID_VIDEOS = [
+    (16, 16, 3, 0, dict(threshold=0.9)),
+    (64, 48, 9, 1, dict(threshold=0.9)),
+    (33, 17, 6, 2, dict(threshold=0.0)),
+    (24, 24, 8, 1, dict(threshold=0.9, generative_keyframes=True, max_gop=3)),
+    (40, 32, 7, 2, dict(threshold=0.9, seed=7)),
+]
+
+
+def clip(width: int, height: int, frames: int) -> np.ndarray:
+    """A smooth moving pattern (what the predictor can follow)."""
+    y, x = np.mgrid[0:height, 0:width]
+    out = [np.stack([128 + 90 * np.sin((x + 2 * t) / 7), 128 + 90 * np.cos((y + t) / 5), np.full_like(x, 100.0)], -1)
+           for t in range(frames)]
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def image(width: int, height: int, content: str, seed: int) -> np.ndarray:
@@ -142,6 +163,54 @@ def edge_cases(valid: dict, digest: bytes) -> dict:
     return out
 
 
+def video_edge_cases(valid: dict) -> dict:
+    """Hand-made malformed videos: GOP structure, anchors and predictor settings."""
+    base = valid["valid-064x048x09-q1-video.ulb"]
+    prefix, chunks = dc.split_chunks(base)
+    head, gops, anchors = chunks[0][1], chunks[1][1], [c[1] for c in chunks[2:]]
+    fields = dc.parse_head(head)
+
+    def file(*raw_chunks: bytes) -> bytes:
+        return prefix + b"".join(raw_chunks)
+
+    def H(**kw) -> bytes:  # noqa: N802
+        return raw_chunk(b"HEAD", dc.encode_head(dict(fields, **kw)))
+
+    params = dict(fields["params"])
+    A = [raw_chunk(b"ANCH", a) for a in anchors]
+    G = raw_chunk(b"GOPS", gops)
+    n = len(chunks) - 1
+
+    def gop(*segments) -> bytes:  # segments: (k, [round values])
+        out = bs.write_uvarint(len(segments))
+        for k, rounds in segments:
+            out += bs.write_uvarint(k) + bs.write_uvarint(len(rounds)) + b"".join(map(bs.write_uvarint, rounds))
+        return raw_chunk(b"GOPS", out)
+
+    return {
+        "edge-video-no-gops.ulb": file(H(count=n - 1), *A),
+        "edge-video-two-gops.ulb": file(H(count=n + 1), G, G, *A),
+        "edge-video-anchor-missing.ulb": file(H(count=n - 1), G, *A[:-1]),
+        "edge-video-extra-anchor.ulb": file(H(count=n + 1), G, *A, A[0]),
+        "edge-video-gops-frames-short.ulb": file(H(frames=fields["frames"] + 1), G, *A),
+        "edge-video-round-too-long.ulb": file(H(count=2), gop((1, [7 << 1])), A[0]),  # P = 3
+        "edge-video-round-before-k-frames.ulb": file(H(frames=3, count=2), gop((1, [2 << 1])), A[0]),
+        "edge-video-round-zero.ulb": file(H(count=2), gop((1, [0])), A[0]),
+        "edge-video-anchored-no-level.ulb": file(H(frames=5, count=4), gop((2, [1 << 1 | 1, 2 << 1])),
+                                                 A[0], A[1], A[0]),
+        "edge-video-k-mismatch.ulb": file(H(params=sorted({**params, bs.PARAM_IDS["cond_frames"]: 3}.items())), G, *A),
+        "edge-video-steps-zero.ulb": file(H(params=sorted({**params, bs.PARAM_IDS["steps"]: 0}.items())), G, *A),
+        "edge-video-image-model.ulb": file(H(digest=b"\0" * 8), G, *A),
+        "edge-video-gops-empty.ulb": file(H(), raw_chunk(b"GOPS", b""), *A),
+        # valid, decodes: the first round (frames 2-4) anchored, its anchor a copy of the
+        # first keyframe's, at the keyframes' level (random models never make one themselves)
+        "edge-video-anchored-round.ulb": file(
+            H(frames=5, count=4, params=sorted({**params, bs.PARAM_IDS["anchor_level"]: fields["rate_level"],
+                                                  bs.PARAM_IDS["guide_timestep"]: 600}.items())),
+            gop((2, [3 << 1 | 1])), A[0], A[1], A[0]),
+    }
+
+
 def crash_reproducers(codec, digest: bytes) -> dict:
     """Hand-made reproducers of the findings (docs/robustness.md); see fuzz/crashes/README.md."""
     def image_file(width, height, z, y, check=0, params=None) -> bytes:
@@ -168,14 +237,19 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=dc.CORPUS_DIR)
     ap.add_argument("--crashes", action="store_true", help="also write the hand-made reproducers to fuzz/crashes/")
     args = ap.parse_args()
-    codec = dc.build_codec(Path(tempfile.mkdtemp(prefix="ulbc-seeds-")) / dc.FUZZ_MODEL_NAME)
-    digest = codec.package.short_digest
+    decoders = dc.build_codec(Path(tempfile.mkdtemp(prefix="ulbc-seeds-")) / dc.FUZZ_MODEL_NAME)
+    codec, digest = decoders.image, decoders.image.package.short_digest
     valid = {}
     for i, (w, h, level, down, content) in enumerate(VALID):
         data = codec.encode(image(w, h, content, seed=i), level, down).data
         name = f"valid-{w:03d}x{h:03d}-q{level}-f{down}-{content}.ulb"
         valid[name] = data
-    files = {**valid, **edge_cases(valid, digest)}
+    videos = {}
+    for w, h, n, level, settings in VALID_VIDEOS:
+        data, gops = decoders.video.encode(iter(clip(w, h, n)), Fraction(25), VideoSettings(rate_level=level, **settings))
+        videos[f"valid-{w:03d}x{h:03d}x{n:02d}-q{level}-video.ulb"] = data
+        print(f"video {w}x{h}x{n}: {gops.frame_types()}, {len(data)} bytes")
+    files = {**valid, **videos, **edge_cases(valid, digest), **video_edge_cases(videos)}
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)

@@ -270,6 +270,22 @@ def test_max_memory_environment_override(tiny_model, coded, tmp_path):
     assert r.returncode == 2 and "ULBC_MAX_MEMORY" in r.stderr
 
 
+def test_default_memory_limit_is_a_fraction_of_the_machine(tiny_model, coded, tmp_path, monkeypatch):
+    """Without --max-memory or $ULBC_MAX_MEMORY the limit is 3/4 of the physical memory:
+    a file the machine cannot hold is refused with one line saying how to lift it."""
+    limit = resources.default_limit()
+    assert limit is not None and 0.5 * limit < os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") < 1.5 * limit
+    monkeypatch.delenv(resources.ENV_VAR, raising=False)
+    monkeypatch.setattr(resources, "default_limit", lambda: 300 * resources.MiB)  # a small machine
+    runner = CliRunner()
+    r = runner.invoke(cli, ["decode", str(coded / "im0.ulb"), "-o", str(tmp_path / "a.png")])
+    assert r.exit_code == 1 and not (tmp_path / "a.png").exists()
+    assert "needs an estimated" in r.output and "over the default limit of 300 MiB" in r.output, r.output
+    assert "--max-memory SIZE or none" in r.output
+    r = runner.invoke(cli, ["decode", str(coded / "im0.ulb"), "-o", str(tmp_path / "a.png"), "--max-memory", "none"])
+    assert r.exit_code == 0 and (tmp_path / "a.png").is_file(), r.output
+
+
 def test_max_memory_is_shared_by_the_jobs(tiny_model, images, tmp_path):
     """With --jobs N the limit covers the whole command: a limit that fits one process
     refuses the files when it would have to hold two workers and the main process."""

@@ -41,16 +41,13 @@ def _files(folder: Path):
 CORPUS = _files(dc.CORPUS_DIR)
 CRASHES = _files(dc.CRASHES_DIR)
 
-# Findings reported in docs/robustness.md and not fixed yet (the fix is outside the
-# container reader). strict=True: once fixed, the test passes, and the marker must go.
-# (The rANS over-read reproducers are fixed: AnchorCodec.decode_latent pads its strings,
-# `anchor_codec.rans_safe`; they now run unguarded in the child like every other file.)
-SIZE_BOMB = (True, "decode work and memory are bounded by the declared size, not by the file size")
-KNOWN_UNFIXED = {
-    "size-bomb-32768x8192.ulb": SIZE_BOMB,
-    "size-bomb-fuzzer-oom-c1cfb513-8192x8192.ulb": SIZE_BOMB,
-    "size-bomb-downscale8-valid-stream.ulb": SIZE_BOMB,
-}
+# Reproducers run with the limits the CLI would apply. The size bombs that declare a huge
+# image over a few bytes of anchor are refused by the format's anchor-size rule
+# (bitstream.MAX_CODED_PIXELS_PER_ANCHOR_BYTE) whatever the limit; the valid 11 KB stream
+# relabelled 32768x8192 with downscale 8 really is a 268 MP image, and what refuses it is
+# the memory check (the CLI's default is 3/4 of the machine's memory; 2 GiB here, as
+# `ulbc decode --max-memory 2G`, so that the child stays small on any machine).
+REPRODUCER_ARGS = {"size-bomb-downscale8-valid-stream.ulb": ["--max-memory", "2G"]}
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +97,11 @@ def test_valid_seeds_match_the_fuzz_model(fuzz_codec):
     # a new AnchorCodec init), they would all become "wrong model" files and stop reaching
     # the entropy decoder: regenerate them with fuzz/make_seeds.py.
     valid = [p for p in CORPUS if p.name.startswith("valid-")]
-    assert valid
+    assert any(p.name.endswith("-video.ulb") for p in valid) and any(not p.name.endswith("-video.ulb") for p in valid)
     for path in valid:
         header = dc.Container.from_bytes(path.read_bytes()).header
-        assert header.model_digest == fuzz_codec.package.short_digest, f"{path.name}: run fuzz/make_seeds.py"
+        codec = fuzz_codec.for_header(header)
+        assert header.model_digest == codec.package.short_digest, f"{path.name}: run fuzz/make_seeds.py"
 
 
 @pytest.mark.parametrize("path", CORPUS, ids=[p.name for p in CORPUS])
@@ -113,7 +111,7 @@ def test_corpus_input_is_clean(path, fuzz_codec):
     assert time.perf_counter() - t0 < SECONDS_PER_INPUT
     if path.name.startswith("valid-") or path.name in (
         "edge-unknown-ancillary-chunk.ulb", "edge-reserved-params.ulb", "edge-y-extra-words.ulb",
-        "edge-gops-in-image.ulb",
+        "edge-gops-in-image.ulb", "edge-video-anchored-round.ulb",
     ):
         assert outcome.status == "decoded", outcome
     elif path.name.startswith("edge-"):
@@ -126,14 +124,9 @@ def _child_check(paths, model: Path, extra=(), timeout=SECONDS_PER_INPUT):
     return rc, [json.loads(line) for line in out.splitlines() if line.startswith("{")], err
 
 
-@pytest.mark.parametrize(
-    "path",
-    [pytest.param(p, marks=pytest.mark.xfail(strict=KNOWN_UNFIXED[p.name][0], reason=KNOWN_UNFIXED[p.name][1]))
-     if p.name in KNOWN_UNFIXED else p for p in CRASHES],
-    ids=[p.name for p in CRASHES],
-)
+@pytest.mark.parametrize("path", CRASHES, ids=[p.name for p in CRASHES])
 def test_crash_reproducer_is_clean(path, fuzz_model):
-    rc, lines, err = _child_check([path], fuzz_model)
+    rc, lines, err = _child_check([path], fuzz_model, REPRODUCER_ARGS.get(path.name, ()))
     assert rc is not None, f"{path.name}: no result within {SECONDS_PER_INPUT} s"
     assert rc == 0, f"{path.name}: child exited with {rc}\n{err[-2000:]}"
     assert len(lines) == 1 and lines[0]["status"] in ("decoded", "rejected"), lines
@@ -152,11 +145,23 @@ def test_rans_overread_reproducers_are_refused_without_any_guard(fuzz_model):
     assert [line["status"] for line in lines] == ["rejected"] * len(paths), lines
 
 
+def test_size_bombs_are_refused_before_decoding(fuzz_model):
+    """A few bytes of anchor declaring a huge image: refused by the anchor-size rule,
+    before entropy decoding, whatever the memory limit (none here)."""
+    paths = [p for p in CRASHES if p.name.startswith("size-bomb-") and "valid-stream" not in p.name]
+    assert len(paths) >= 2
+    rc, lines, err = _child_check(paths, fuzz_model, timeout=SECONDS_PER_INPUT * len(paths))
+    assert rc == 0, err[-2000:]
+    for line in lines:
+        assert line["status"] == "rejected" and "cannot describe a" in line["error"], line
+        assert line["seconds"] < 1.0 and line["peak_rss_mb"] < CHILD_RSS_MB, line
+
+
 def test_random_mutations_are_clean(fuzz_model, tmp_path):
     """A bounded random fuzz of the seeds (structure-aware mutations, no atheris)."""
     last = tmp_path / "last-input.ulb"
-    args = ["--model-dir", fuzz_model, "--max-latent-positions", 64, "--max-output-pixels", 1 << 22,
-            "--mutate", MUTATIONS, "--seed", 20240611, "--last-input", last]
+    args = ["--model-dir", fuzz_model, "--max-memory", dc.FUZZ_LIMITS.max_memory,
+            "--max-video-pixels", dc.FUZZ_LIMITS.max_video_pixels, "--mutate", MUTATIONS, "--seed", 20240611, "--last-input", last]
     rc, out, err = _run_child(args, MUTATION_SECONDS + 60)
     assert rc is not None, f"random fuzz did not finish; last input: {last.read_bytes().hex()}"
     assert rc == 0, (f"crash on a mutated input (saved as {last}; copy it to fuzz/crashes/):\n"

@@ -146,3 +146,21 @@ def test_tile_workers_do_not_change_results():
         one = tiled_apply(conv, x, Fraction(1), core=64, margin=8, workers=1)
         two = tiled_apply(conv, x, Fraction(1), core=64, margin=8, workers=2)
     assert torch.equal(one, two)
+
+
+def test_anchor_is_padded_to_the_format_minimum_and_a_short_one_refused(tiny_codec, monkeypatch):
+    """The format asks for one anchor byte per MAX_CODED_PIXELS_PER_ANCHOR_BYTE coded pixels
+    (docs/bitstream.md): the encoder pads y with zeros, which decode to the same pixels;
+    the decoder refuses a shorter anchor before entropy decoding."""
+    img = np.full((64, 64, 3), 90, np.uint8)
+    plain = tiny_codec.encode(img, 0).data
+    plain_pixels = tiny_codec.decode(plain)
+    monkeypatch.setattr(bs, "MAX_CODED_PIXELS_PER_ANCHOR_BYTE", 4)  # 1024 bytes for 64x64: forces padding
+    padded = tiny_codec.encode(img, 0).data
+    payload = bs.AnchorPayload.from_bytes(bs.Container.from_bytes(padded).find(bs.CHUNK_ANCHOR)[0].payload)
+    assert len(payload.z_string) + len(payload.y_string) == 1024 > len(plain)
+    assert np.array_equal(tiny_codec.decode(padded), plain_pixels)
+    short = bs.AnchorPayload(payload.z_shape, payload.z_string, payload.y_string[:-1], payload.symbols_check)
+    monkeypatch.setattr(tiny_codec.model, "decode_latent", lambda *a: pytest.fail("entropy decoding started"))
+    with pytest.raises(bs.BitstreamError, match="anchor strings of 1023 bytes cannot describe a 64x64 coded image"):
+        tiny_codec.decode_anchor(short, 64, 64, 0)

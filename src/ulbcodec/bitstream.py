@@ -39,6 +39,13 @@ MAX_CHUNK_BYTES = 1 << 30
 MAX_CHUNKS = 1 << 16
 MAX_PARAMS = 64
 MODEL_DIGEST_BYTES = 8
+# An ANCH payload's z and y strings hold at least one byte per this many coded pixels.
+# Without it a 60-byte file could declare 32768x8192 and start a full-size entropy
+# decode (docs/robustness.md, size bombs): the decoder refuses such a file before any
+# decoding, and the encoder pads y with zero bytes, which the rANS decoder never reads,
+# on the rare image that codes smaller (flat images code at ~1000 px/byte with
+# models/default, so the rule costs nothing in practice).
+MAX_CODED_PIXELS_PER_ANCHOR_BYTE = 4096
 
 DOWNSCALES = (1, 2, 4, 8)
 
@@ -369,6 +376,27 @@ class AnchorPayload:
     z_string: bytes
     y_string: bytes
     symbols_check: int
+
+    @staticmethod
+    def min_string_bytes(width: int, height: int) -> int:
+        """The fewest z + y bytes an anchor of a width x height coded image may have."""
+        return -(-width * height // MAX_CODED_PIXELS_PER_ANCHOR_BYTE)
+
+    def padded_for(self, width: int, height: int) -> "AnchorPayload":
+        """This payload with y padded by zero bytes up to ``min_string_bytes`` (the rANS
+        decoder stops after the last symbol and never reads them)."""
+        short = self.min_string_bytes(width, height) - len(self.z_string) - len(self.y_string)
+        return self if short <= 0 else AnchorPayload(self.z_shape, self.z_string, self.y_string + bytes(short),
+                                                      self.symbols_check)
+
+    def check_size(self, width: int, height: int) -> None:
+        """Refuse a payload too small for the coded size it is decoded at, before any work."""
+        have, need = len(self.z_string) + len(self.y_string), self.min_string_bytes(width, height)
+        if have < need:
+            raise BitstreamError(
+                f"anchor strings of {have} bytes cannot describe a {width}x{height} coded image "
+                f"(at least {need}: one byte per {MAX_CODED_PIXELS_PER_ANCHOR_BYTE} coded pixels)"
+            )
 
     def to_bytes(self) -> bytes:
         return (

@@ -186,10 +186,9 @@ def _decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int 
             if anchor_only or steps > 1:
                 raise ValueError(f"{task.src}: --anchor-only and --steps apply to images, this file is a video")
             if budget is not None:
-                from ulbcodec import resources
+                from ulbcodec.resources import estimate_decode_file
 
-                package = codec.codec_for(h).package
-                budget.check(resources.estimate_decode(h.width, h.height, 1, True, resources.weights_bytes(package)),
+                budget.check(estimate_decode_file(h, codec.codec_for(h).package, True),
                              f"decoding {h.width}x{h.height} video")
             dst, record = _decode_video(codec, container, task, force, video_format, lossless, progress)
             pixels = h.width * h.height * h.frames
@@ -198,13 +197,11 @@ def _decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int 
         if not is_image_dst:
             raise ValueError(f"{task.src} is an image; write it to .png, .jpg, .webp or .tiff")
         if budget is not None:  # from the header, before entropy decoding
-            from ulbcodec import resources
+            from ulbcodec.resources import estimate_decode_file
 
             image_codec = codec.codec_for(h) if hasattr(codec, "codec_for") else codec
-            generative = image_codec.is_generative and not anchor_only
-            weights = resources.weights_bytes(image_codec.package, None if generative else ["anchor_codec"])
-            budget.check(resources.estimate_decode(h.width, h.height, h.params.get("downscale", 1), generative,
-                                                   weights), f"decoding {h.width}x{h.height}")
+            budget.check(estimate_decode_file(h, image_codec.package, image_codec.is_generative and not anchor_only),
+                         f"decoding {h.width}x{h.height}")
         rgb = codec.decode_container(container, anchor_only=anchor_only, steps=steps, seed=seed)
         write_image(task.dst, rgb, force=force)
     return {"width": h.width, "height": h.height, "rate_level": h.rate_level,
@@ -328,14 +325,17 @@ def _batch_limits(verb: str, tasks, jobs: int, force: bool, skip_existing: bool,
     per-process budget of this batch (None: no limit)."""
     from click.core import ParameterSource
 
-    from ulbcodec.resources import ENV_VAR, Budget
+    from ulbcodec.resources import DEFAULT_SOURCE, ENV_VAR, Budget, default_limit
 
     if force and skip_existing:
         raise click.UsageError("use either --force or --skip-existing, not both")
-    if max_memory is None:
+    given = click.get_current_context().get_parameter_source("max_memory")
+    if given == ParameterSource.DEFAULT:
+        max_memory, source = default_limit(), DEFAULT_SOURCE
+    else:
+        source = ENV_VAR if given == ParameterSource.ENVIRONMENT else "--max-memory"
+    if max_memory is None:  # 'none', or a platform that does not report its memory
         return None
-    ctx = click.get_current_context()
-    source = ENV_VAR if ctx.get_parameter_source("max_memory") == ParameterSource.ENVIRONMENT else "--max-memory"
     pending = sum(1 for t in tasks if not (skip_existing and t.dst.is_file()))
     workers = min(jobs, pending) if jobs > 1 and pending > 1 else 1
     return Budget.shared(max_memory, workers, verb, source)
@@ -395,7 +395,7 @@ common_batch = [
                  help="Skip inputs whose output exists (finish an interrupted batch); not with --force."),
     click.option("--max-memory", "max_memory", type=_Size(), envvar="ULBC_MAX_MEMORY", show_envvar=True,
                  help="Refuse files whose estimated peak memory exceeds SIZE (2G, 500M; 'none': no limit), "
-                      "shared by --jobs workers. Default: no limit."),
+                      "shared by --jobs workers. Default: 3/4 of the physical memory."),
     click.option("-q", "--quiet", is_flag=True, help="Print errors only."),
     click.option("-v", "--verbose", count=True, help="Per-file lines with per-stage timings."),
 ]
@@ -575,6 +575,74 @@ def info(files, as_json):
         for chunk in desc["chunks"]:
             click.echo(f"  chunk {chunk['type']} at byte {chunk['offset']}: {chunk['bytes']} bytes")
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _comma_list(convert=str):
+    """A click callback: "a,b" -> ("a", "b") through ``convert``; None stays None (the default)."""
+    def parse(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return tuple(convert(v.strip()) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list, got {value!r}") from None
+
+    return parse
+
+
+@cli.command("eval")
+@click.argument("inputs", nargs=-1, type=click.Path())
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Results folder (created; rerunning into it skips finished work).")
+@click.option("--codecs", callback=_comma_list(), help="Comma list [default: images ulbc,jpeg,webp,avif,jxl; "
+              "videos ulbc,x264,x265,svtav1,vvenc].")
+@click.option("--metrics", "metric_names", callback=_comma_list(),
+              help="Comma list of psnr, psnr_y, ms_ssim, vmaf, log_spectrum_error, lpips, dists, fid, kid, fvd "
+                   "[default: psnr,psnr_y,ms_ssim,vmaf, and log_spectrum_error for images]. Those that cannot run "
+                   "here are reported as unavailable.")
+@click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes, one (item, codec) task each at a time.")
+@click.option("--max-bpp", type=click.FloatRange(min=0, min_open=True),
+              help="Baseline sweeps stop after their first point above this [default: 0.15 images, 0.1 videos].")
+@click.option("--thresholds", callback=_comma_list(float), default="0.3,0.5", show_default=True,
+              help="Videos: ulbc's perceptual thresholds.")
+@click.option("--levels", callback=_comma_list(int),
+              help="Videos: ulbc's keyframe rate levels [default: the model's lowest and default]; images run "
+                   "every level.")
+@click.option("--model", default="default", show_default=True, help="ulbc's image model.")
+@click.option("--video-model", default="video", show_default=True, help="ulbc's video model.")
+@click.option("--frames", default=30, show_default=True, type=click.IntRange(1),
+              help="Videos: evaluate the first N frames.")
+@click.option("--quality-step", default=1, type=click.IntRange(1), hidden=True,
+              help="Every n-th quality of each baseline grid (tests; 1 = the full sweep).")
+@click.option("-f", "--force", is_flag=True, help="Recompute finished items too.")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only (no summary, no notes).")
+def eval_cmd(inputs, out, codecs, metric_names, jobs, max_bpp, thresholds, levels, model, video_model, frames,
+             quality_step, force, quiet):
+    """Rate-distortion evaluation of ulbc against JPEG/WebP/AVIF/JPEG XL (images) and
+    x264/x265/SVT-AV1/VVenC (videos): per-item and mean points, BD-rates, RD plots and a
+    crop sheet in --out (docs/evaluation.md)."""
+    from ulbcodec import evaluate
+
+    config = evaluate.EvalConfig(codecs=codecs, metrics=metric_names, max_bpp=max_bpp, thresholds=thresholds,
+                                 levels=levels, image_model=model, video_model=video_model, frames=frames,
+                                 quality_step=quality_step, jobs=jobs, force=force)
+    def to_stderr(line: str) -> None:
+        click.echo(line, err=True)
+
+    try:
+        report = evaluate.run(inputs, out, config, progress=not quiet and sys.stderr.isatty(),
+                              note=(lambda line: None) if quiet else to_stderr, error=to_stderr)
+    except evaluate.EvalError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        click.echo("ulbc: interrupted; finished items are kept (rerun to go on)", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if not quiet:
+        click.echo(report.summary)
+        click.echo(f"eval: {report.computed} tasks computed, {report.reused} reused, {len(report.failures)} failed; "
+                   f"results in {report.out}", err=True)
+    sys.exit(EXIT_FAILED if report.failures else EXIT_OK)
 
 
 @cli.group("models", invoke_without_command=True)

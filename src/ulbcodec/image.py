@@ -232,7 +232,8 @@ class ImageCodec:
         coded = self._anchor_codec(rate_level)[0].encode_latent(y)
         self.last_timings = {"analysis_s": t1 - t0, "entropy_encode_s": time.perf_counter() - t1}
         (y_string,), (z_string,) = coded["strings"]
-        return AnchorPayload(tuple(coded["shape"]), z_string, y_string, coded["symbols_crc32"] & 0xFFFF)
+        payload = AnchorPayload(tuple(coded["shape"]), z_string, y_string, coded["symbols_crc32"] & 0xFFFF)
+        return payload.padded_for(rgb.shape[1], rgb.shape[0])
 
     def encode_to_bpp(
         self, rgb: np.ndarray, target_bpp: float, downscales: Sequence[int] = (1, 2, 4)
@@ -306,6 +307,7 @@ class ImageCodec:
             raise BitstreamError(
                 f"hyper-latent shape {payload.z_shape} does not match a {width}x{height} coded image"
             )
+        payload.check_size(width, height)
         t0 = time.perf_counter()
         model, level = self._anchor_codec(rate_level)
         try:

@@ -52,14 +52,23 @@ the VAE encoder on tiles: the same fixed working set, +4 B/px. Recalibrate these
 
 The estimate is for one process. With ``--jobs N`` the limit is shared: the main process
 keeps one runtime base, each of the N workers gets an equal part of the rest.
+
+Without ``--max-memory`` (or ``$ULBC_MAX_MEMORY``) the limit is 3/4 of the machine's
+physical memory (:func:`default_limit`): a file the machine cannot decode is refused with
+one line naming its estimate, instead of the allocator failing in the middle of entropy
+decoding (which reads like a corrupted file) or the out-of-memory killer ending the job.
+``--max-memory none`` lifts it.
 """
 
 from __future__ import annotations
 
 import re
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
+
+from ulbcodec.bitstream import MEDIA_VIDEO
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -126,6 +135,18 @@ def _component_bytes(root: Path, comp: dict) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
+DEFAULT_LIMIT_FRACTION = 0.75
+DEFAULT_SOURCE = "default"
+
+
+def default_limit() -> Optional[int]:
+    """3/4 of the physical memory, or None where the platform does not say."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * DEFAULT_LIMIT_FRACTION)
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def weights_bytes(package, components: Optional[Iterable[str]] = None) -> int:
     """Bytes of the weights files a job loads (all components, or those named)."""
     names = package.components if components is None else components
@@ -151,6 +172,16 @@ def estimate_encode(width: int, height: int, downscale: int = 1, uses_vae: bool 
     if uses_vae:
         per_pixel += GENERATIVE_ENCODE_BYTES_PER_CODED_PIXEL * coded + GENERATIVE_TILE_BYTES
     return ENCODE_BASE_BYTES + weights + max(weights, per_pixel)
+
+
+def estimate_decode_file(header, package, generative: bool) -> int:
+    """Peak bytes of ``ulbc decode`` of the file with this header (``bitstream.Header``)
+    with ``package``: an image at its coded size, or a video (one frame's window at a
+    time, generative keyframe and predictor weights loaded)."""
+    if header.media == MEDIA_VIDEO:
+        return estimate_decode(header.width, header.height, 1, True, weights_bytes(package))
+    weights = weights_bytes(package, None if generative else ["anchor_codec"])
+    return estimate_decode(header.width, header.height, header.params.get("downscale", 1), generative, weights)
 
 
 @dataclass(frozen=True)
@@ -182,6 +213,9 @@ class Budget:
         if self.workers > 1 and self.total is not None:
             bound = (f"the {format_size(self.limit)} per job left by {self.source} {format_size(self.total)} "
                      f"with --jobs {self.workers}")
+        elif self.source == DEFAULT_SOURCE:
+            bound = (f"the default limit of {format_size(self.limit)} ({DEFAULT_LIMIT_FRACTION:.0%} of this machine's "
+                     f"memory; --max-memory SIZE or none changes it)")
         else:
             bound = f"the {self.source} limit of {format_size(self.limit)}"
         raise MemoryLimitError(f"{what} needs an estimated {format_size(estimate)} of memory, over {bound}")
