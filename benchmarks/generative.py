@@ -28,7 +28,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import image_rd  # noqa: E402
-from image_rd import IMAGE_SUFFIXES, LABELS, METRICS, average_curves, envelope, in_window, load_image, measure  # noqa: E402
+from image_rd import IMAGE_SUFFIXES, LABELS, METRICS, average_curves, load_image, measure  # noqa: E402
+
+from ulbcodec.evaluate import bd_cell as bd, family_envelopes as envelopes  # noqa: E402  (same rules as image_rd)
 
 GEN, ANCHOR = "ulbc-generative", "ulbc-anchor-only"
 BD_METRICS = ("psnr", "ms_ssim", "vmaf", "log_spectrum_error")
@@ -56,29 +58,6 @@ def run_ulbc(model: str, image_paths, downscales=(1, 2)) -> list[dict]:
             mean = np.mean([r["bpp"] for r in rows if r["setting"] == level and r["downscale"] == downscale])
             print(f"  ulbc level {level} 1/{downscale}: mean {mean:.4f} bpp", file=sys.stderr, flush=True)
     return rows
-
-
-def envelopes(curves, metric, lo, hi) -> dict:
-    by_codec: dict = {}
-    for points in curves.values():
-        for p in points:
-            by_codec.setdefault(p["codec"], []).append(p)
-    return {(c if c.startswith("ulbc") else f"best-{c}"): in_window(envelope(pts, metric), lo, hi)
-            for c, pts in by_codec.items()}
-
-
-def bd(anchor, test, metric) -> str:
-    from ulbcodec import metrics
-
-    if not image_rd.HIGHER_IS_BETTER[metric]:  # BD-rate wants "higher is better"
-        anchor = [{**p, metric: -p[metric]} for p in anchor]
-        test = [{**p, metric: -p[metric]} for p in test]
-    try:
-        value = metrics.bd_rate([p["bpp"] for p in anchor], [p[metric] for p in anchor],
-                                [p["bpp"] for p in test], [p[metric] for p in test])
-    except ValueError as e:
-        return f"n/a ({str(e).split(':')[0][:40]})"
-    return f"{value:+.1f}%"
 
 
 def plot(curves, metric, lo, hi, path: Path) -> None:

@@ -29,21 +29,21 @@ Outputs in OUT: ``points.csv`` / ``points.json`` (one row per image x codec sett
 with the configuration and library versions in the JSON), ``curves.json`` (averaged
 curves and envelopes), ``rd_<metric>.png`` (log-rate RD plots) and ``summary.md`` (also
 printed to stdout).
+
+The measuring and curve rules (metrics, averaging, envelopes, windows, BD-rates, plots)
+are ``ulbcodec.evaluate``'s, shared with ``ulbc eval``; this script keeps its own sweep
+(stopping on the mean rate over all images) and report.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import functools
 import json
-import math
 import multiprocessing
 import platform
 import sys
-import time
-from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
 
@@ -51,14 +51,13 @@ import numpy as np
 from PIL import Image
 
 from ulbcodec import baselines, metrics
+from ulbcodec.evaluate import HIGHER_IS_BETTER  # noqa: F401  (benchmarks/generative.py reads it here)
+from ulbcodec.evaluate import (ULBC, LABELS, average_curves as _average_curves, bd_cell, family_envelopes,
+                               image_scores, plot as _plot, timed_round_trip)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm"}
 METRICS = ("psnr", "ms_ssim", "vmaf", "log_spectrum_error")
-HIGHER_IS_BETTER = {"psnr": True, "ms_ssim": True, "vmaf": True, "log_spectrum_error": False}
 BD_METRICS = ("psnr", "ms_ssim", "vmaf")
-LABELS = {"psnr": "PSNR (RGB) [dB]", "ms_ssim": "MS-SSIM (RGB)", "vmaf": "VMAF v0.6.1",
-          "log_spectrum_error": "log-spectrum error [dB], lower is better"}
-ULBC = "ulbc"
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -70,40 +69,16 @@ def load_image(path: str) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-@contextlib.contextmanager
-def single_threaded_torch():
-    """Run one small torch computation on one thread, restoring the previous setting.
-
-    MS-SSIM of one image is too little work for torch's thread pool: on a busy machine
-    the pool's synchronisation made it ~100x slower (1.4 s instead of 15 ms at 256x192).
-    """
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def measure(ref: np.ndarray, stream: bytes, decoded: np.ndarray) -> dict:
     """Rate and every metric of one coded image (MS-SSIM is NaN below its minimum size)."""
-    if decoded.shape != ref.shape or decoded.dtype != np.uint8:
-        raise RuntimeError(f"decoder returned {decoded.dtype} {decoded.shape}, expected uint8 {ref.shape}")
-    try:
-        with single_threaded_torch():
-            ms_ssim = metrics.ms_ssim(ref, decoded)
-    except ValueError:
-        ms_ssim = math.nan
-    return {
-        "bytes": len(stream),
-        "bpp": baselines.bpp(stream, ref.shape),
-        "psnr": metrics.psnr(ref, decoded),
-        "ms_ssim": ms_ssim,
-        "vmaf": metrics.vmaf(ref, decoded),
-        "log_spectrum_error": metrics.log_spectrum_error(ref, decoded),
-    }
+    return {"bytes": len(stream), "bpp": baselines.bpp(stream, ref.shape), **image_scores(ref, decoded, METRICS)}
+
+
+def _coded_row(path: str, curve: str, codec: str, downscale: int, setting: int, encode, decode) -> dict:
+    ref = load_image(path)
+    stream, decoded, encode_s, decode_s = timed_round_trip(lambda: encode(ref), decode)
+    return {"image": Path(path).name, "curve": curve, "codec": codec, "downscale": downscale, "setting": setting,
+            **measure(ref, stream, decoded), "encode_s": encode_s, "decode_s": decode_s}
 
 
 def run_variant(codec: str, downscale: int, qualities: list[int], image_paths: list[str], max_bpp: float) -> list[dict]:
@@ -111,17 +86,9 @@ def run_variant(codec: str, downscale: int, qualities: list[int], image_paths: l
     variant = baselines.Baseline(codec, downscale)
     rows = []
     for quality in sorted(qualities):
-        setting_rows = []
-        for path in image_paths:
-            ref = load_image(path)
-            t0 = time.perf_counter()
-            stream = variant.encode(ref, quality)
-            t1 = time.perf_counter()
-            decoded = variant.decode(stream)
-            t2 = time.perf_counter()
-            setting_rows.append({"image": Path(path).name, "curve": variant.name, "codec": codec,
-                                 "downscale": downscale, "setting": quality, **measure(ref, stream, decoded),
-                                 "encode_s": t1 - t0, "decode_s": t2 - t1})
+        setting_rows = [_coded_row(path, variant.name, codec, downscale, quality,
+                                   lambda ref, q=quality: variant.encode(ref, q), variant.decode)
+                        for path in image_paths]
         rows += setting_rows
         mean_bpp = float(np.mean([r["bpp"] for r in setting_rows]))
         print(f"  {variant.name:10s} q={quality:<3d} mean {mean_bpp:.4f} bpp", file=sys.stderr, flush=True)
@@ -162,113 +129,28 @@ def run_ulbc(model: str, image_paths: list[str], downscales=(1, 2, 4)) -> list[d
         # like the baselines: ulbc@1/f codes a 1/f-size image (the .ulb header records f)
         curve = ULBC if downscale == 1 else f"{ULBC}@1/{downscale}"
         for level in codec.rate_levels:
-            for path in image_paths:
-                ref = load_image(path)
-                t0 = time.perf_counter()
-                stream = codec.encode(ref, rate_level=level, downscale=downscale).data
-                t1 = time.perf_counter()
-                decoded = codec.decode(stream)
-                t2 = time.perf_counter()
-                rows.append({"image": Path(path).name, "curve": curve, "codec": ULBC, "downscale": downscale,
-                             "setting": level, **measure(ref, stream, decoded), "encode_s": t1 - t0,
-                             "decode_s": t2 - t1})
+            rows += [_coded_row(path, curve, ULBC, downscale, level,
+                                lambda ref, lv=level, f=downscale: codec.encode(ref, rate_level=lv, downscale=f).data,
+                                codec.decode) for path in image_paths]
             mean_bpp = np.mean([r["bpp"] for r in rows if r["setting"] == level and r["curve"] == curve])
             print(f"  {curve:10s} level={level:<3d} mean {mean_bpp:.4f} bpp", file=sys.stderr, flush=True)
     return rows
 
 
-# ----------------------------------------------------------------------------- curves
+# ----------------------------------------------------------------------------- curves (rules in ulbcodec.evaluate)
 
 
 def average_curves(rows: list[dict]) -> dict[str, list[dict]]:
-    """``{curve: [point]}``: per setting, the mean rate and metrics over all images, by setting."""
-    groups = defaultdict(list)
-    for row in rows:
-        groups[row["curve"], row["setting"]].append(row)
-    n_images = len({row["image"] for row in rows})
-    curves = defaultdict(list)
-    for (curve, setting), group in sorted(groups.items()):
-        if len(group) != n_images:
-            raise RuntimeError(f"{curve} setting {setting}: {len(group)} of {n_images} images")
-        point = {"curve": curve, "codec": group[0]["codec"], "downscale": group[0]["downscale"], "setting": setting,
-                 "n_images": n_images}
-        for key in ("bpp", *METRICS):
-            point[key] = float(np.mean([r[key] for r in group]))
-        curves[curve].append(point)
-    return dict(curves)
-
-
-def envelope(points: list[dict], metric: str) -> list[dict]:
-    """Monotone envelope: the points no other point beats at equal or lower rate, by rate."""
-    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
-    usable = [p for p in points if math.isfinite(p[metric])]
-    best, front = -math.inf, []
-    for p in sorted(usable, key=lambda p: (p["bpp"], -sign * p[metric])):
-        if sign * p[metric] > best:
-            best = sign * p[metric]
-            front.append(p)
-    return front
-
-
-def in_window(points: list[dict], lo: float, hi: float) -> list[dict]:
-    """Points with lo <= bpp <= hi, plus the nearest point below lo and above hi, by rate."""
-    points = sorted(points, key=lambda p: p["bpp"])
-    below = [p for p in points if p["bpp"] < lo][-1:]
-    above = [p for p in points if p["bpp"] > hi][:1]
-    return below + [p for p in points if lo <= p["bpp"] <= hi] + above
-
-
-def family_envelopes(curves: dict[str, list[dict]], metric: str, lo: float, hi: float) -> dict[str, list[dict]]:
-    """``{"best-avif": [...], ..., "ulbc": [...]}``: each codec's envelope, windowed."""
-    by_codec = defaultdict(list)
-    for points in curves.values():
-        for p in points:
-            by_codec[p["codec"]].append(p)
-    return {(c if c == ULBC else f"best-{c}"): in_window(envelope(pts, metric), lo, hi) for c, pts in by_codec.items()}
-
-
-def bd_cell(anchor: list[dict], test: list[dict], metric: str) -> str:
-    try:
-        value = metrics.bd_rate([p["bpp"] for p in anchor], [p[metric] for p in anchor],
-                                [p["bpp"] for p in test], [p[metric] for p in test])
-    except ValueError as e:
-        reason = "no overlap" if "overlap" in str(e) else "< 2 points" if "at least 2" in str(e) else "invalid"
-        return f"n/a ({reason})"
-    return f"{value:+.1f}%"
-
-
-# ----------------------------------------------------------------------------- outputs
+    """``{curve: [point]}``: per setting, the mean rate and metrics over all images."""
+    return _average_curves(rows, METRICS, item_key="image")
 
 
 def plot(curves: dict[str, list[dict]], metric: str, lo: float, hi: float, path: Path) -> None:
-    import matplotlib
+    _plot(curves, metric, lo, hi, path, ylabel=LABELS[metric],
+          title=f"{LABELS[metric]} vs rate, mean over images (thin: variants, bold: envelopes)")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    colors = {"jpeg": "tab:blue", "webp": "tab:green", "avif": "tab:red", "jxl": "tab:purple", ULBC: "black"}
-    markers = {1: "o", 2: "s", 4: "^", 8: "D"}
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for name, points in sorted(curves.items()):
-        pts = sorted((p for p in in_window(points, lo, hi) if math.isfinite(p[metric])), key=lambda p: p["setting"])
-        if pts:
-            ax.plot([p["bpp"] for p in pts], [p[metric] for p in pts], lw=0.8, alpha=0.45, ms=3, label=name,
-                    color=colors[pts[0]["codec"]], marker=markers[pts[0]["downscale"]])
-    for name, pts in sorted(family_envelopes(curves, metric, lo, hi).items()):
-        codec = ULBC if name == ULBC else name.removeprefix("best-")
-        ax.plot([p["bpp"] for p in pts], [p[metric] for p in pts], lw=2.4 if name == ULBC else 1.8,
-                color=colors[codec], marker="*" if name == ULBC else None, ms=9,
-                label=f"{ULBC} (envelope)" if name == ULBC else name)
-    ax.set_xscale("log")
-    ax.set_xlabel("bits per pixel (real bytes / original pixels)")
-    ax.set_ylabel(LABELS[metric])
-    ax.axvspan(lo, hi, color="0.93", zorder=0)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"{LABELS[metric]} vs rate, mean over images (thin: variants, bold: envelopes)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+# ----------------------------------------------------------------------------- outputs
 
 
 def summary_markdown(curves, rows, args, have_ulbc: bool) -> str:

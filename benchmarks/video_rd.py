@@ -19,6 +19,8 @@ the whole range and restricted to <= 0.03 bpp (plus the nearest point above). Al
 ``--speed``: encode and decode frames per second at 256x256 and the peak RSS of
 ``ulbc encode``/``decode`` on a 60- and a 300-frame clip (memory must not grow with
 length). Outputs in OUT: points.csv / points.json, rd_<metric>.png, summary.md (printed).
+Metrics, the bit-exact ulbc round trip, envelopes and per-clip BD-rates are
+``ulbcodec.evaluate``'s, shared with ``ulbc eval``.
 """
 
 from __future__ import annotations
@@ -26,53 +28,26 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import subprocess
 import sys
 import tempfile
-import time
-from collections import defaultdict
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
+from ulbcodec import video_baselines
+from ulbcodec.evaluate import envelope, label, mean_bd_rate, read_clip, ulbc_video_round_trip, video_scores
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from image_rd import envelope, in_window  # noqa: E402  (same envelope/window rules as images)
-
-from ulbcodec import metrics, video_baselines  # noqa: E402
-
 METRICS = ("psnr", "ms_ssim", "vmaf")
-LABELS = {"psnr": "PSNR (RGB) [dB]", "ms_ssim": "MS-SSIM (RGB; SSIM under 161 px)", "vmaf": "VMAF v0.6.1"}
+LABELS = {m: label(m, "video") for m in METRICS}
 DEFAULT_CLIPS = ("carphone", "digits-1000", "pan-Path-256x256", "bikes")  # 176x144 .. 640x360
 ULBC, ULBC_ANCHORED = "ulbc", "ulbc-anchored"
 
 
-def read_clip(path: Path, frames: int) -> tuple[np.ndarray, Fraction]:
-    from ulbcodec.io import VideoReader
-
-    reader = VideoReader(path)
-    out = []
-    for frame in reader:
-        out.append(frame.copy())
-        if len(out) == frames:
-            break
-    reader.close()
-    return np.stack(out), reader.fps
-
-
-def frame_ssim(ref: np.ndarray, dist: np.ndarray) -> float:
-    from ulbcodec.video import frame_distance
-
-    return 1.0 - frame_distance(ref, dist, "ms-ssim")
-
-
 def measure(ref: np.ndarray, dist: np.ndarray) -> dict:
-    return {"psnr": float(np.mean([metrics.psnr(a, b) for a, b in zip(ref, dist)])),
-            "ms_ssim": float(np.mean([frame_ssim(a, b) for a, b in zip(ref, dist)])),
-            "vmaf": metrics.vmaf_video(list(ref), list(dist), threads=2)}
+    return video_scores(ref, dist, METRICS, vmaf_threads=2)
 
 
 def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresholds, out: Path,
@@ -81,27 +56,18 @@ def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresh
 
     rows = []
     t, h, w = frames.shape[:3]
-    label = ULBC_ANCHORED if anchored else ULBC
+    curve = ULBC_ANCHORED if anchored else ULBC
     for level in levels:
         for threshold in thresholds:
-            seen = []
-            t0 = time.perf_counter()
             settings = VideoSettings(threshold=threshold, rate_level=level, anchored=anchored)
-            data, gops = codec.encode(iter(frames), fps, settings, reconstruction=seen.append)
-            encode_s = time.perf_counter() - t0
-            path = out / f"{name}-{label}-q{level}-t{threshold}.ulb"
-            path.write_bytes(data)
-            t0 = time.perf_counter()
-            decoded = np.stack(list(codec.decode(path.read_bytes())))
-            decode_s = time.perf_counter() - t0
-            if not all(np.array_equal(a, b) for a, b in zip(seen, decoded)):
-                raise RuntimeError(f"{path}: decoded frames differ from the encoder's reconstruction")
-            rows.append({"clip": name, "codec": label, "setting": f"q{level} t{threshold}",
+            path = out / f"{name}-{curve}-q{level}-t{threshold}.ulb"
+            _, gops, decoded, encode_s, decode_s = ulbc_video_round_trip(codec, frames, fps, settings, path)
+            rows.append({"clip": name, "codec": curve, "setting": f"q{level} t{threshold}",
                          "bpp": path.stat().st_size * 8 / (w * h * t), "bytes": path.stat().st_size,
                          "keyframes": gops.keyframes, "anchored_rounds": gops.anchored_rounds,
                          "frame_types": gops.frame_types(),
                          "encode_fps": t / encode_s, "decode_fps": t / decode_s, **measure(frames, decoded)})
-            print(f"  {name} {label} q{level} t{threshold}: {rows[-1]['bpp']:.4f} bpp, {gops.frame_types()}, "
+            print(f"  {name} {curve} q{level} t{threshold}: {rows[-1]['bpp']:.4f} bpp, {gops.frame_types()}, "
                   f"VMAF {rows[-1]['vmaf']:.1f}", file=sys.stderr, flush=True)
     return rows
 
@@ -119,32 +85,14 @@ def run_baselines(name: str, frames: np.ndarray, fps: Fraction, codecs, max_bpp:
     return rows
 
 
-def bd(anchor: list[dict], test: list[dict], metric: str) -> float | None:
-    try:
-        return metrics.bd_rate([p["bpp"] for p in anchor], [p[metric] for p in anchor],
-                               [p["bpp"] for p in test], [p[metric] for p in test])
-    except ValueError:
-        return None
-
-
 def bd_table(rows: list[dict], codecs, hi: float | None) -> str:
     """Mean over clips of the per-clip BD-rate of ulbc against each baseline."""
-    by_clip = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        by_clip[r["clip"]][r["codec"]].append(r)
     lines = ["| anchor | " + " | ".join(LABELS[m] for m in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for codec in codecs:
         cells = []
         for m in METRICS:
-            values = []
-            for clip, curves in by_clip.items():
-                a, t = envelope(curves[codec], m), envelope(curves[ULBC], m)
-                if hi is not None:
-                    a, t = in_window(a, 0, hi), in_window(t, 0, hi)
-                v = bd(a, t, m)
-                if v is not None and math.isfinite(v):
-                    values.append(v)
-            cells.append(f"{np.mean(values):+.1f}% ({len(values)}/{len(by_clip)} clips)" if values else
+            bd = mean_bd_rate(rows, ULBC, codec, m, item_key="clip", hi=hi)
+            cells.append(f"{bd.value:+.1f}% ({bd.items_used}/{bd.items} clips)" if bd.value is not None else
                          "n/a (no overlap)")
         lines.append(f"| {codec} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
