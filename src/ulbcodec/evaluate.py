@@ -842,10 +842,11 @@ def run(inputs: Sequence[str], out, config: EvalConfig, progress: bool = False,
             from ulbcodec.batch import describe_error
 
             report.failures.append({"item": item.name, "codec": None, "error": describe_error(exc, Path(item.path))})
-            error(f"ulbc: error: {report.failures[-1]['error']}")
     if not usable:
-        raise EvalError(report.failures[0]["error"] if len(items) == 1 else
-                        f"none of the {len(items)} inputs could be read")
+        first = report.failures[0]["error"]
+        raise EvalError(first if len(items) == 1 else f"none of the {len(items)} inputs could be read ({first})")
+    for failure in report.failures:
+        error(f"ulbc: error: {failure['error']}")
     items = usable
 
     tasks = []
@@ -870,6 +871,9 @@ def run(inputs: Sequence[str], out, config: EvalConfig, progress: bool = False,
 
     done = [results[t.result_name] for t in tasks if t.result_name in results]
     rows = [row for result in done for row in result["rows"]]
+    for row in rows:  # an unavailable metric is an explicit null in every row, not a missing key
+        for name in config.metrics_for(row["kind"]):
+            row.setdefault(name, None)
     notes = sorted({f"{result['item']}: {n}" for result in done for n in result["notes"]})
     report.summary = write_outputs(out, inputs, items, rows, config, kinds, metric_status, codec_status, digests,
                                    report, notes, stream_dir)
