@@ -377,14 +377,6 @@ def find_items(inputs: Sequence[str]) -> list[Item]:
     return items
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _sweep(kind: str, codec: str, config: EvalConfig, ulbc_levels: Sequence[int]) -> dict:
     if codec == ULBC and kind == IMAGE:
         return {"model": config.image_model, "levels": list(ulbc_levels), "downscales": list(ULBC_IMAGE_DOWNSCALES)}
@@ -806,6 +798,8 @@ def run(inputs: Sequence[str], out, config: EvalConfig, progress: bool = False,
     ``error`` as one line, and the rest go on. ``note`` gets the unavailable metrics and
     codecs.
     """
+    from ulbcodec.models.package import sha256_file
+
     config.check()
     items = find_items(inputs)
     out = Path(out)
@@ -837,7 +831,7 @@ def run(inputs: Sequence[str], out, config: EvalConfig, progress: bool = False,
     for item in items:
         try:
             _load_item(item.path, item.kind, config.frames)
-            usable.append(dataclasses.replace(item, sha256=_sha256(item.path)))
+            usable.append(dataclasses.replace(item, sha256=sha256_file(item.path)))
         except (ValueError, OSError) as exc:
             from ulbcodec.batch import describe_error
 

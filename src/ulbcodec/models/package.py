@@ -98,7 +98,8 @@ def _component_files(root: Path, comp: dict) -> List[Path]:
     return []
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -153,7 +154,7 @@ def compute_digest(components: Dict[str, dict], root: Path) -> str:
         for path in _component_files(root, comp):
             if comp.get("diffusers"):
                 h.update(path.relative_to(root).as_posix().encode())
-            h.update(_sha256_file(path).encode())
+            h.update(sha256_file(path).encode())
     return h.hexdigest()
 
 
