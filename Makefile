@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.ulbc-installed
 DATA   ?= $(HOME)/.cache/ulbc
 JOBS   ?= 1
 
-.PHONY: install demo test test-all models generative-model video-model data bench lock clean
+.PHONY: install demo test test-all fuzz models generative-model video-model data bench lock clean
 
 install: $(STAMP)
 
@@ -30,6 +30,13 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
+
+# Coverage-guided fuzzing of the .ulb reader and the image/video decoders (docs/robustness.md).
+# CI runs the short default; FUZZ="--seconds 3600" for a long local run.
+FUZZ ?= --runs 20000
+fuzz: $(STAMP)
+	$(PIP) install -q atheris==2.3.0
+	OMP_NUM_THREADS=1 $(PY) fuzz/fuzz_decode.py $(FUZZ)
 
 data: $(STAMP)
 	$(PY) -m ulbcodec.train.data --cache $(DATA)

@@ -227,6 +227,9 @@ def crash_reproducers(codec, digest: bytes) -> dict:
     return {
         "rans-overread-empty-z-2048x2048.ulb": image_file(2048, 2048, b"", b""),
         "rans-overread-short-z-2048x2048.ulb": image_file(2048, 2048, b"\0" * 8, b"\0" * 16),
+        # the same short z, with y filled up to the format's minimum anchor size (1024 bytes):
+        # it reaches the rANS decoder, and crashed it (SIGSEGV) without rans_safe's padding
+        "rans-overread-short-z-sized-2048x2048.ulb": image_file(2048, 2048, b"\0" * 8, b"\0" * 1016),
         "size-bomb-32768x8192.ulb": image_file(32768, 8192, b"\0" * 16, b"\0" * 16),
         "size-bomb-downscale8-valid-stream.ulb": Container(header, coded.chunks).to_bytes(),
     }

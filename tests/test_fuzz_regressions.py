@@ -136,13 +136,20 @@ def test_crash_reproducer_is_clean(path, fuzz_model):
 
 def test_rans_overread_reproducers_are_refused_without_any_guard(fuzz_model):
     """The inputs that made CompressAI's rANS decoder read past its strings (and crash)
-    are refused cleanly by the plain decoder: it pads the strings itself."""
+    are refused cleanly by the plain decoder. The first ones found are now stopped by the
+    format's minimum anchor size before any decoding; the "sized" one meets it, reaches
+    the rANS decoder (which crashed on it unpadded) and is refused there: the decoder
+    pads the strings itself (anchor_codec.rans_safe)."""
     paths = [p for p in CRASHES if p.name.startswith("rans-overread-")]
-    if not paths:
-        pytest.skip("no rANS reproducers")
+    sized = [p for p in paths if "-sized-" in p.name]
+    assert sized and len(paths) > len(sized)
     rc, lines, err = _child_check(paths, fuzz_model, timeout=SECONDS_PER_INPUT * len(paths))
     assert rc == 0, err[-2000:]
     assert [line["status"] for line in lines] == ["rejected"] * len(paths), lines
+    for line in lines:
+        reached_rans = "-sized-" in line["file"]
+        assert ("entropy decoding" in line["error"]) == reached_rans, line
+        assert ("cannot describe a" in line["error"]) != reached_rans, line
 
 
 def test_size_bombs_are_refused_before_decoding(fuzz_model):
