@@ -90,6 +90,23 @@ def test_folder_batch_mirrors_and_reports_json(tiny_model, images, tmp_path):
     assert Image.open(dec / "sub" / "b.png").size == (60, 80)
 
 
+def test_shards_split_a_batch_into_disjoint_parts_that_cover_it(tiny_model, images, tmp_path):
+    out = tmp_path / "out"
+    done = []
+    for i in (1, 2, 3):
+        r = _invoke(["encode", str(images), "--out-dir", str(out), "-r", "--model", "tiny", "--json",
+                     "--shard", f"{i}/3"])
+        assert r.returncode == 0, r.stderr
+        done.append(sorted(Path(json.loads(line)["input"]).name for line in r.stdout.splitlines()))
+    names = [n for shard in done for n in shard]
+    assert sorted(names) == ["a.png", "alpha.png", "b.jpg", "deep16.png", "gray.png"]  # each file exactly once
+    assert sum(1 for shard in done if shard) >= 2  # and the work really is split
+    assert len(list(out.rglob("*.ulb"))) == 5
+    for bad in ("0/3", "4/3", "2", "a/b"):
+        r = _invoke(["encode", str(images), "--out-dir", str(tmp_path / "x"), "--shard", bad])
+        assert r.returncode == 2 and "--shard" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_batch_keeps_going_past_a_corrupt_image(tiny_model, images, tmp_path):
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)
     r = ulbc(["encode", images, "--out-dir", tmp_path / "out", "--model", "tiny", "--jobs", "2"])

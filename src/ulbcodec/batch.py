@@ -14,6 +14,7 @@ fails the files it left unfinished with one clear line each instead of a traceba
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -90,6 +91,22 @@ def plan(
             raise UsageError(f"{seen[t.dst]} and {t.src} would both be written to {t.dst}")
         seen[t.dst] = t.src
     return tasks
+
+
+def shard(tasks: Sequence[Task], index: int, count: int) -> List[Task]:
+    """The tasks of shard ``index`` of ``count`` (1-based), for job arrays (SLURM and the
+    like): every job plans the same inputs and keeps the files whose source path hashes
+    to its shard. A hash, not a position in the list, so that a file stays in its shard
+    when others are added or removed, and the shards of one plan are disjoint and cover
+    it (with --skip-existing a re-run of any shard finishes only its missing files)."""
+    if not 1 <= index <= count:
+        raise UsageError(f"shard {index}/{count}: need 1 <= I <= N")
+    return [t for t in tasks if _shard_of(t.src, count) == index]
+
+
+def _shard_of(src: Path, count: int) -> int:
+    digest = hashlib.sha256(os.fsencode(src)).digest()
+    return int.from_bytes(digest[:8], "big") % count + 1
 
 
 # ------------------------------------------------------------------ execution

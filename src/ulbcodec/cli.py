@@ -357,6 +357,29 @@ class _Size(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class _Shard(click.ParamType):
+    """``I/N``: shard I (1-based) of N."""
+
+    name = "shard"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            index, count = (int(part) for part in str(value).split("/"))
+        except ValueError:
+            self.fail(f"{value!r} is not I/N (for example 2/8)", param, ctx)
+        if not 1 <= index <= count <= 1_000_000:
+            self.fail(f"{value!r}: need 1 <= I <= N", param, ctx)
+        return index, count
+
+
+def _sharded(tasks, shard):
+    from ulbcodec import batch
+
+    return tasks if shard is None else batch.shard(tasks, *shard)
+
+
 def _plan(inputs, output, out_dir, recursive, in_exts, suffix):
     from ulbcodec import batch
 
@@ -396,6 +419,9 @@ common_batch = [
     click.option("--max-memory", "max_memory", type=_Size(), envvar="ULBC_MAX_MEMORY", show_envvar=True,
                  help="Refuse files whose estimated peak memory exceeds SIZE (2G, 500M; 'none': no limit), "
                       "shared by --jobs workers. Default: 3/4 of the physical memory."),
+    click.option("--shard", type=_Shard(), metavar="I/N",
+                 help="Do only shard I of N of the inputs (by a hash of each path), for job arrays: "
+                      "--shard 1/4 ... --shard 4/4 together do every file once."),
     click.option("-q", "--quiet", is_flag=True, help="Print errors only."),
     click.option("-v", "--verbose", count=True, help="Per-file lines with per-stage timings."),
 ]
@@ -450,9 +476,9 @@ def cli() -> None:
 @click.option("--keyframe-group", type=click.IntRange(1, 64),
               help="Video: keyframes coded when a prediction fails, 1..K [default: K, the model's conditioning "
                    "frames]; the first group is always K.")
-def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, skip_existing, max_memory, quiet,
-           verbose, quality, bpp, downscale, threshold, metric, max_gop, video_seed, generative_keyframes, anchored,
-           anchor_level, guide_timestep, pred_steps, keyframe_group):
+def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, skip_existing, max_memory, shard,
+           quiet, verbose, quality, bpp, downscale, threshold, metric, max_gop, video_seed, generative_keyframes,
+           anchored, anchor_level, guide_timestep, pred_steps, keyframe_group):
     """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files."""
     from ulbcodec.batch import Task
     from ulbcodec.io import READ_EXTENSIONS, VIDEO_EXTENSIONS
@@ -466,6 +492,7 @@ def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
         tasks = [Task(Path(inputs[0]), Path(output))]  # one folder to one file: a sequence of frames
     else:
         tasks = _plan(inputs, output, out_dir, recursive, READ_EXTENSIONS | VIDEO_EXTENSIONS, ".ulb")
+    tasks = _sharded(tasks, shard)
     need_video = any(_is_video_input(t.src) for t in tasks)
     need_image = not all(_is_video_input(t.src) for t in tasks)
     budget = _batch_limits("encode", tasks, jobs, force, skip_existing, max_memory)
@@ -514,13 +541,13 @@ def _frame_progress(tasks, jobs: int, as_json: bool, verbosity: int) -> bool:
               help="Output format of videos under --out-dir (frames: a folder of PNGs).")
 @click.option("--lossless", is_flag=True,
               help="Videos to mp4/mkv: lossless RGB H.264 (qp 0) instead of high-quality 4:2:0 (crf 12).")
-def decode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, skip_existing, max_memory, quiet,
-           verbose, fmt, anchor_only, steps, seed, video_format, lossless):
+def decode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, skip_existing, max_memory, shard,
+           quiet, verbose, fmt, anchor_only, steps, seed, video_format, lossless):
     """Decode .ulb files: images to png, jpg, webp or tiff; videos to mp4, mkv, y4m or a folder
     of frames (from the -o extension; a name without one is a folder)."""
     from ulbcodec.io import IMAGE_EXTENSIONS, VIDEO_WRITE_EXTENSIONS
 
-    tasks = _plan(inputs, output, out_dir, recursive, [".ulb"], "." + fmt)
+    tasks = _sharded(_plan(inputs, output, out_dir, recursive, [".ulb"], "." + fmt), shard)
     if output and Path(output).suffix.lower() not in IMAGE_EXTENSIONS.keys() | VIDEO_WRITE_EXTENSIONS | {""}:
         raise click.UsageError(f"{output}: unsupported output format {Path(output).suffix}; use .png, .jpg, .webp, "
                                ".tiff (images), .mp4, .mkv, .y4m or a folder name (videos)")
