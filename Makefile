@@ -39,8 +39,7 @@ fuzz: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) fuzz/fuzz_decode.py $(FUZZ)
 
 data: $(STAMP)
-	$(PY) -m ulbcodec.train.data --cache $(DATA)
-	$(PY) -m ulbcodec.train.video_data --cache $(DATA)
+	PYTHON=$(PY) scripts/get-data $(DATA)
 
 # Train (or resume training) the shipped default model; see docs/training.md.
 models: $(STAMP)
