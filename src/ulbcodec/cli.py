@@ -730,6 +730,41 @@ def import_nefic_cmd(base, checkpoints, output, force):
                f"{pkg.size_bytes / 1e6:.1f} MB; base model referenced at {Path(base).resolve()})")
 
 
+@models_cmd.command("import-video-predictor")
+@click.option("--base", required=True, type=click.Path(file_okay=False),
+              help="A CogVideoX image-to-video model (e.g. CogVideoX-5b-I2V) in diffusers' layout (transformer/, "
+                   "vae/, scheduler/): referenced, not copied.")
+@click.option("--image-model", default="generative", show_default=True,
+              help="The image model (name or package directory) that codes the keyframes.")
+@click.option("--prompt-embeds", type=click.Path(dir_okay=False),
+              help="T5 embeddings of the prompt, one tensor [1, L, D] as safetensors [default: "
+                   "BASE/prompt_embeds.safetensors].")
+@click.option("--negative-embeds", type=click.Path(dir_okay=False),
+              help="T5 embeddings of the negative prompt, for --guidance-scale > 1.")
+@click.option("--pred-frames", default=4, show_default=True, type=click.IntRange(4, 256),
+              help="Frames predicted per round: a multiple of 4 (CogVideoX 1.5: 4, 12, 20, ...).")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(1, 100), help="Sampler steps.")
+@click.option("--guidance-scale", default=1.0, show_default=True, type=click.FloatRange(min=1.0),
+              help="Classifier-free guidance (needs --negative-embeds when > 1).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
+              help="Precision of the predictor's transformer and VAE.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Package directory to write.")
+@click.option("-f", "--force", is_flag=True, help="Replace an existing package.")
+def import_video_predictor_cmd(base, image_model, prompt_embeds, negative_embeds, pred_frames, steps, guidance_scale,
+                               dtype, output, force):
+    """Make a video model from an image model and a pretrained image-to-video diffusion model."""
+    from ulbcodec.models.i2v_predictor import import_i2v_predictor
+    from ulbcodec.models.package import ModelError
+
+    try:
+        pkg = import_i2v_predictor(base, image_model, output, pred_frames, steps, guidance_scale, prompt_embeds,
+                                   negative_embeds, dtype, force)
+    except ModelError as exc:
+        _fail(str(exc))
+    click.echo(f"wrote video model {pkg.root} (digest {pkg.digest[:16]}, K=1 -> P={pred_frames}, {steps} steps; "
+               f"predictor referenced at {Path(base).resolve()})")
+
+
 @cli.command()
 @click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--model", default="default", show_default=True)

@@ -119,12 +119,25 @@ class VideoCodec:
 
     @property
     def predictor(self):
+        """The frame predictor: the package's UNet in the image model's latent space, or a
+        pretrained image-to-video model (``extra.video.predictor``, models/i2v_predictor.py)."""
         if self._predictor is None:
-            from ulbcodec.models.frame_predictor import FramePredictionPipeline
+            kind = self.package.extra["video"].get("predictor", "unet")
+            if kind == "unet":
+                from ulbcodec.models.frame_predictor import FramePredictionPipeline
 
-            self._predictor = FramePredictionPipeline(self.image.next_frame, self.package.build("predictor"),
-                                                      self.package.build("predictor_scheduler"),
-                                                      self.cond_frames, self.pred_frames, self.residual_scale)
+                self._predictor = FramePredictionPipeline(self.image.next_frame, self.package.build("predictor"),
+                                                          self.package.build("predictor_scheduler"),
+                                                          self.cond_frames, self.pred_frames, self.residual_scale)
+            else:
+                from ulbcodec.models import i2v_predictor
+
+                if kind != i2v_predictor.KIND:
+                    raise packages.ModelError(f"model {self.package.name!r}: unknown frame predictor {kind!r}")
+                self._predictor = i2v_predictor.from_package(self.package, str(self.image.device))
+                if (self.cond_frames, self.pred_frames) != (1, self._predictor.pred_frames):
+                    raise packages.ModelError(f"model {self.package.name!r}: an image-to-video predictor "
+                                              f"conditions on K=1 frame, the package says K={self.cond_frames}")
         return self._predictor
 
     # ------------------------------------------------------------------ shared by both sides
