@@ -62,8 +62,8 @@ decoding (which reads like a corrupted file) or the out-of-memory killer ending 
 
 from __future__ import annotations
 
-import re
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -210,8 +210,9 @@ class Budget:
         ``what`` names the work, e.g. "decoding 4000x3000"."""
         if estimate <= self.limit:
             return
+        source = "the default limit" if self.source == DEFAULT_SOURCE else self.source
         if self.workers > 1 and self.total is not None:
-            bound = (f"the {format_size(self.limit)} per job left by {self.source} {format_size(self.total)} "
+            bound = (f"the {format_size(self.limit)} per job left by {source} {format_size(self.total)} "
                      f"with --jobs {self.workers}")
         elif self.source == DEFAULT_SOURCE:
             bound = (f"the default limit of {format_size(self.limit)} ({DEFAULT_LIMIT_FRACTION:.0%} of this machine's "
