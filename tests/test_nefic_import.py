@@ -168,7 +168,7 @@ def test_lora_must_be_safetensors(tmp_path):
 
 
 def test_published_lora_names_match_the_loaders_targets_for_42_layers():
-    meta = nefic._meta_transformer(BASE_5B)  # shapes only: nothing allocated
+    meta = nefic.meta_transformer(BASE_5B)  # shapes only: nothing allocated
     assert next(meta.parameters()).is_meta and len(meta.transformer_blocks) == 42
     keys = json.loads((DATA / "lora_expected_keys.json").read_text())["keys"]
     published = {name: tuple(shape) for name, shape in keys}

@@ -57,7 +57,7 @@ from ulbcodec.models.next_frame import _autocast
 KIND = "cogvideox-i2v"
 TEMPORAL_COMPRESSION = 4  # frames per latent frame of the CogVideoX VAE (after the first)
 OFS_VALUE = 2.0  # CogVideoX 1.5's "ofs" conditioning, the value its pipeline passes
-BASE_COMPONENTS = {"transformer": "CogVideoXTransformer3DModel", "vae": "AutoencoderKLCogVideoX",
+BASE_COMPONENTS = {"transformer": ("CogVideoXTransformer3DModel",), "vae": ("AutoencoderKLCogVideoX",),
                    "scheduler": ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")}
 PROMPT_FILE = "prompt_embeds.safetensors"
 
@@ -231,27 +231,23 @@ def import_i2v_predictor(base_dir, image_model: str, out_dir, pred_frames: int =
     ``out_dir`` and renamed into place, so that a failed import leaves nothing behind."""
     from safetensors.torch import load_file, save_file
 
+    from ulbcodec.models.nefic import meta_transformer, read_base_config
     from ulbcodec.models.package import ModelError, ModelPackage, RateLevel, external_digest, resolve, write_manifest
-    from ulbcodec.models.nefic import _meta_transformer
 
     out = Path(out_dir).absolute()
     if out.exists() and not force:
         raise ModelError(f"{out}: already exists (use --force to replace it)")
     base = Path(base_dir).resolve()
+    missing = [name for name in BASE_COMPONENTS if not (base / name).is_dir()]
+    if missing:
+        raise ModelError(f"{base}: not an image-to-video model in diffusers' layout (no {', '.join(missing)})")
     components, configs = {}, {}
     for name, classes in BASE_COMPONENTS.items():
         folder = base / name
-        config_path = folder / ("scheduler_config.json" if name == "scheduler" else "config.json")
-        try:
-            configs[name] = json.loads(config_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{base}: not an image-to-video model in diffusers' layout ({config_path}: {exc})") \
-                from None
-        if configs[name].get("_class_name") not in ((classes,) if isinstance(classes, str) else classes):
-            raise ModelError(f"{config_path}: {name} is a {configs[name].get('_class_name')!r}, expected {classes}")
+        configs[name] = read_base_config(folder, name, classes)
         components["predictor" if name == "transformer" else f"predictor_{name}"] = {
             "class": configs[name]["_class_name"], "external": {"path": str(folder), "digest": external_digest(folder)}}
-    text_dim = _meta_transformer(configs["transformer"]).config.text_embed_dim
+    text_dim = meta_transformer(configs["transformer"]).config.text_embed_dim
 
     def read_embeds(path, what: str) -> Tensor:
         try:

@@ -327,19 +327,21 @@ def _read_prompt_embeds(dirs: Sequence[Path], text_dim: int) -> Tensor:
 # --------------------------------------------------------------------------- import
 
 
-def _base_config(folder: Path, component: str) -> dict:
+def read_base_config(folder: Path, component: str, classes: Sequence[str]) -> dict:
+    """The diffusers config of one component directory of a base model, checked to be
+    one of ``classes``."""
     config_path = folder / ("scheduler_config.json" if component == "scheduler" else "config.json")
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{config_path}: unreadable base model config ({exc})") from None
-    if config.get("_class_name") not in BASE_COMPONENTS[component]:
+    if config.get("_class_name") not in classes:
         raise ModelError(f"{config_path}: {component} is a {config.get('_class_name')!r}, expected "
-                         + " or ".join(BASE_COMPONENTS[component]))
+                         + " or ".join(classes))
     return config
 
 
-def _meta_transformer(config: dict):
+def meta_transformer(config: dict):
     """The transformer of ``config`` on the meta device: its layers' shapes, no memory."""
     from diffusers import CogVideoXTransformer3DModel
 
@@ -394,10 +396,10 @@ def import_nefic(base_dir, checkpoint_dirs: Sequence, out_dir, force: bool = Fal
         folder = base / name
         if not folder.is_dir():
             raise ModelError(f"{base}: not a CogVideoX base model in diffusers' layout (no {name}/)")
-        configs[name] = _base_config(folder, name)
+        configs[name] = read_base_config(folder, name, classes)
         components[name] = {"class": configs[name]["_class_name"],
                             "external": {"path": str(folder), "digest": external_digest(folder)}}
-    transformer = _meta_transformer(configs["transformer"])
+    transformer = meta_transformer(configs["transformer"])
     latent = configs["vae"].get("latent_channels")
     if latent != transformer.config.in_channels:
         raise ModelError(f"{base}: VAE latent channels {latent} and transformer input channels "
