@@ -654,6 +654,11 @@ def eval_cmd(inputs, out, codecs, metric_names, jobs, max_bpp, thresholds, level
     config = evaluate.EvalConfig(codecs=codecs, metrics=metric_names, max_bpp=max_bpp, thresholds=thresholds,
                                  levels=levels, image_model=model, video_model=video_model, frames=frames,
                                  quality_step=quality_step, jobs=jobs, force=force)
+    try:
+        config.check()  # a bad --codecs / --metrics name is a usage error (exit 2), like any bad option
+    except evaluate.EvalError as exc:
+        raise click.UsageError(str(exc)) from None
+
     def to_stderr(line: str) -> None:
         click.echo(line, err=True)
 
