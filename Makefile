@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.ulbc-installed
 DATA   ?= $(HOME)/.cache/ulbc
-JOBS   ?= 1
+JOBS   ?= 2  # make bench: worker processes for the image baselines (this kind of machine has 2 cores)
 
 .PHONY: install demo test test-all fuzz models generative-model video-model data bench lock clean
 

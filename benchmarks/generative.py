@@ -149,12 +149,18 @@ def main(argv=None) -> None:
     p.add_argument("--max-bpp", type=float, default=0.06)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--sheet", default=None, help="write the crop sheet PNG here")
+    p.add_argument("--baselines-from", default=None, metavar="POINTS_JSON",
+                   help="take the WebP/AVIF points from image_rd.py's points.json over the same images "
+                        "instead of coding them again")
     args = p.parse_args(argv)
     paths = sorted(str(q) for q in Path(args.images).iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = run_ulbc(args.model, paths)
-    rows += image_rd.run_baselines(paths, ["webp", "avif"], [1, 2, 4], False, args.max_bpp, args.jobs)
+    if args.baselines_from:
+        rows += image_rd.rows_from_sweep(args.baselines_from, paths, ["webp", "avif"], [1, 2, 4], args.max_bpp)
+    else:
+        rows += image_rd.run_baselines(paths, ["webp", "avif"], [1, 2, 4], False, args.max_bpp, args.jobs)
     curves = average_curves(rows)
     fields = ["image", "curve", "codec", "downscale", "setting", "bytes", "bpp", *METRICS, "decode_s"]
     with open(out / "points.csv", "w", newline="") as f:

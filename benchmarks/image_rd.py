@@ -44,6 +44,7 @@ import json
 import multiprocessing
 import platform
 import sys
+from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
 
@@ -94,6 +95,33 @@ def run_variant(codec: str, downscale: int, qualities: list[int], image_paths: l
         print(f"  {variant.name:10s} q={quality:<3d} mean {mean_bpp:.4f} bpp", file=sys.stderr, flush=True)
         if mean_bpp > max_bpp:
             break
+    return rows
+
+
+def rows_from_sweep(points_json: Path, image_paths: list[str], codecs, downscales, max_bpp: float) -> list[dict]:
+    """The rows ``run_baselines`` would give, taken from a larger sweep already on disk (this
+    script's points.json over the same images, full grids, a higher --max-bpp): each
+    variant's settings ascending, up to and including the first whose mean bpp passes
+    ``max_bpp``, the rule of :func:`run_variant`. Saves coding them again (AVIF at speed 0
+    is the slowest codec here)."""
+    stored = json.loads(Path(points_json).read_text())
+    config, names = stored["config"], sorted(Path(p).name for p in image_paths)
+    if config.get("quick") or config.get("max_bpp", 0) < max_bpp:
+        raise ValueError(f"{points_json}: a --quick sweep or one that stops below {max_bpp} bpp cannot stand in")
+    by_variant = defaultdict(lambda: defaultdict(list))
+    for row in stored["points"]:
+        if row["codec"] in codecs and row["downscale"] in downscales:
+            by_variant[row["codec"], row["downscale"]][row["setting"]].append(row)
+    rows = []
+    for codec in codecs:
+        for downscale in downscales:
+            settings = by_variant[codec, downscale]
+            for quality in sorted(settings):
+                if sorted(r["image"] for r in settings[quality]) != names:
+                    raise ValueError(f"{points_json}: {codec}@1/{downscale} q{quality} was run on other images")
+                rows += settings[quality]
+                if np.mean([r["bpp"] for r in settings[quality]]) > max_bpp:
+                    break
     return rows
 
 

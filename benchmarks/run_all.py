@@ -90,6 +90,7 @@ def main(argv=None) -> None:
         garden, twelve = photos / "val-768" / "Garden.png", next((photos / "val-12mp").glob("*.png"))
         gen = capture(generative.main, ["--images", str(photos / "val-768"), "--out", str(Path(args.out) / "generative"),
                                         "--model", args.generative_model, "--jobs", str(args.jobs),
+                                        "--baselines-from", str(rd_out / "points.json"),
                                         "--sheet", str(ROOT / "docs" / "generative_crops.png")])
         for png in (Path(args.out) / "generative").glob("rd_*.png"):
             shutil.copyfile(png, plots / f"generative_{png.name}")
