@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.ulbc-installed
 DATA   ?= $(HOME)/.cache/ulbc
-JOBS   ?= 2  # make bench: worker processes for the image baselines (this kind of machine has 2 cores)
+# make bench: worker processes for the image baselines (this kind of machine has 2 cores)
+JOBS   ?= 2
 
 .PHONY: install demo test test-all fuzz models generative-model video-model data bench lock clean
 
