@@ -249,7 +249,8 @@ def main() -> int:
         valid[name] = data
     videos = {}
     for w, h, n, level, settings in VALID_VIDEOS:
-        data, gops = decoders.video.encode(iter(clip(w, h, n)), Fraction(25), VideoSettings(rate_level=level, **settings))
+        data, gops = decoders.video.encode(iter(clip(w, h, n)), Fraction(25),
+                                           VideoSettings(rate_level=level, **settings))
         videos[f"valid-{w:03d}x{h:03d}x{n:02d}-q{level}-video.ulb"] = data
         print(f"video {w}x{h}x{n}: {gops.frame_types()}, {len(data)} bytes")
     files = {**valid, **videos, **edge_cases(valid, digest), **video_edge_cases(videos)}

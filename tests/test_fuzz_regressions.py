@@ -168,7 +168,8 @@ def test_random_mutations_are_clean(fuzz_model, tmp_path):
     """A bounded random fuzz of the seeds (structure-aware mutations, no atheris)."""
     last = tmp_path / "last-input.ulb"
     args = ["--model-dir", fuzz_model, "--max-memory", dc.FUZZ_LIMITS.max_memory,
-            "--max-video-pixels", dc.FUZZ_LIMITS.max_video_pixels, "--mutate", MUTATIONS, "--seed", 20240611, "--last-input", last]
+            "--max-video-pixels", dc.FUZZ_LIMITS.max_video_pixels,
+            "--mutate", MUTATIONS, "--seed", 20240611, "--last-input", last]
     rc, out, err = _run_child(args, MUTATION_SECONDS + 60)
     assert rc is not None, f"random fuzz did not finish; last input: {last.read_bytes().hex()}"
     assert rc == 0, (f"crash on a mutated input (saved as {last}; copy it to fuzz/crashes/):\n"

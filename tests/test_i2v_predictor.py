@@ -26,7 +26,8 @@ def save_base(root: Path, in_channels: int = 2 * TINY_LATENT, embeds: bool = Tru
     from ulbcodec.train.generative import SCHEDULER_CONFIG
 
     torch.manual_seed(3)
-    CogVideoXTransformer3DModel(**{**TINY_TRANSFORMER, "in_channels": in_channels}).save_pretrained(root / "transformer")
+    transformer = CogVideoXTransformer3DModel(**{**TINY_TRANSFORMER, "in_channels": in_channels})
+    transformer.save_pretrained(root / "transformer")
     AutoencoderKLCogVideoX(**TINY_VAE).save_pretrained(root / "vae")
     CogVideoXDDIMScheduler(**SCHEDULER_CONFIG).save_pretrained(root / "scheduler")
     if embeds:

@@ -191,8 +191,8 @@ class ImageToVideoPredictor:
             c, h, w = cond_latents.shape[1:]
             g = torch.Generator().manual_seed(round_seed(stream_seed, round_index))
             noise = torch.randn((1, self.latent_frames, c, h, w), generator=g)
-            image_latents = torch.cat([cond_latents[-1][None, None], noise.new_zeros(1, self.latent_frames - 1, c, h, w)],
-                                      dim=1)
+            padding = noise.new_zeros(1, self.latent_frames - 1, c, h, w)  # the frames to generate
+            image_latents = torch.cat([cond_latents[-1][None, None], padding], dim=1)
             init = None if guide is None else guide.expand(1, self.latent_frames, c, h, w)
             x = self.sample(image_latents, noise, steps, init, guide_timestep)
             with _autocast(self.dtype, x.device):
