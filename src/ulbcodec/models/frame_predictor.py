@@ -43,6 +43,20 @@ def round_seed(stream_seed: int, round_index: int) -> int:
     return (stream_seed * _SEED_MIX + round_index * 0xBF58476D1CE4E5B9 + 1) % (1 << 63)
 
 
+def sampling_start(scheduler, steps: int, noise: Tensor, init: Optional[Tensor] = None,
+                   start_timestep: Optional[int] = None):
+    """(timesteps to run, starting sample) of a ``steps``-step sampler: all of them from
+    ``noise``; with ``init`` (SDEdit, Meng et al. 2022), ``init`` noised to the first
+    timestep <= ``start_timestep`` and only the timesteps from there on."""
+    scheduler.set_timesteps(steps)
+    timesteps = list(scheduler.timesteps)
+    if init is None:
+        return timesteps, noise
+    timesteps = [t for t in timesteps if int(t) <= start_timestep] or timesteps[-1:]
+    ab = float(scheduler.alphas_cumprod[int(timesteps[0])])
+    return timesteps, ab ** 0.5 * init + (1 - ab) ** 0.5 * noise
+
+
 PREDICTION_THREADS = 2
 
 
@@ -93,13 +107,7 @@ class FramePredictionPipeline:
         """DDIM-style sampling over ``steps`` scheduler steps from ``noise``; with ``init``
         (SDEdit, Meng et al. 2022), from ``init`` noised to the first timestep <= ``start_timestep``
         instead, and only the remaining steps."""
-        self.scheduler.set_timesteps(steps)
-        timesteps = list(self.scheduler.timesteps)
-        x = noise
-        if init is not None:
-            timesteps = [t for t in timesteps if int(t) <= start_timestep] or timesteps[-1:]
-            ab = float(self.scheduler.alphas_cumprod[int(timesteps[0])])
-            x = ab ** 0.5 * init + (1 - ab) ** 0.5 * noise
+        timesteps, x = sampling_start(self.scheduler, steps, noise, init, start_timestep)
         for t in timesteps:
             x = self.scheduler.step(self.velocity(cond, x, int(t)), t, x, return_dict=False)[0]
         return x

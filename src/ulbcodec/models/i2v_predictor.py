@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ulbcodec.models.frame_predictor import fixed_threads, round_seed
+from ulbcodec.models.frame_predictor import fixed_threads, round_seed, sampling_start
 from ulbcodec.models.next_frame import _autocast
 
 KIND = "cogvideox-i2v"
@@ -154,13 +154,7 @@ class ImageToVideoPredictor:
         to the first timestep <= ``start_timestep``)."""
         from diffusers import CogVideoXDPMScheduler
 
-        self.scheduler.set_timesteps(steps)
-        timesteps = list(self.scheduler.timesteps)
-        x = noise
-        if init is not None:
-            timesteps = [t for t in timesteps if int(t) <= start_timestep] or timesteps[-1:]
-            ab = float(self.scheduler.alphas_cumprod[int(timesteps[0])])
-            x = ab ** 0.5 * init + (1 - ab) ** 0.5 * noise
+        timesteps, x = sampling_start(self.scheduler, steps, noise, init, start_timestep)
         rope = self.rotary_embedding(*x.shape[-2:])
         previous_x0 = None
         for i, t in enumerate(timesteps):
