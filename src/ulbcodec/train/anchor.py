@@ -11,7 +11,9 @@ Recipe (docs/training.md has the reasoning and the measured cost):
   keeping an MSE term avoids the colour shifts of MS-SSIM alone;
 - the entropy bottleneck's quantiles are fitted by CompressAI's auxiliary loss;
 - a checkpoint (safetensors + JSON, no pickles) every ``--save-every`` seconds; running
-  the same command again resumes from it.
+  the same command again resumes from it;
+- one process or many: ``accelerate launch -m ulbcodec.train.anchor ...`` trains data
+  parallel (:mod:`ulbcodec.train.distributed`; global batch = processes x ``--batch``).
 
 Export (``--export DIR``) writes a ulb model package (:mod:`ulbcodec.models.package`).
 """
@@ -25,7 +27,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import ContextManager, Dict, List
 
 import numpy as np
 import torch
@@ -34,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from ulbcodec.models.anchor_codec import AnchorCodec
 from ulbcodec.models.package import RateLevel, save_package
+from ulbcodec.train.distributed import TrainRuntime, add_runtime_arguments, training_runtime
 
 # Small enough to code at <= 1.5 s/MP each way on 2 CPU cores (BENCHMARKS.md); no VAE
 # latent input until the generative decoder's latent autoencoder exists.
@@ -131,10 +134,10 @@ def load_checkpoint(run: Path, model, opt, aux_opt) -> dict:
 # --------------------------------------------------------------------------- training
 
 
-def rd_loss(model, x: torch.Tensor, level: int, lmbda: float, use_msssim: bool, bf16: bool):
+def rd_loss(model, x: torch.Tensor, level: int, lmbda: float, use_msssim: bool, autocast: ContextManager):
     from pytorch_msssim import ms_ssim
 
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with autocast:
         out = model(x, rate_level=level, with_bypass=False)
     x_hat = out["anchor_frame"].float()
     num_pixels = x.shape[0] * x.shape[2] * x.shape[3]
@@ -159,7 +162,7 @@ def widen_gain_spread(model: AnchorCodec, low: float = -2.6) -> None:
     got this at step 1955 of its run (recorded in its manifest); a fresh run gets it at 0.
     """
     with torch.no_grad():
-        scale = 2 ** torch.linspace(low, 0, model.gain.shape[0])
+        scale = 2 ** torch.linspace(low, 0, model.gain.shape[0], device=model.gain.device)
         model.gain.mul_(scale[:, None])
         model.inverse_gain.div_(scale[:, None])
 
@@ -171,21 +174,26 @@ def make_optimizers(model: AnchorCodec, lr: float):
     return params, torch.optim.Adam(params, lr=lr), torch.optim.Adam(aux_params, lr=1e-3)
 
 
-def train(args) -> None:
+def train(args, rt: TrainRuntime) -> None:
     torch.manual_seed(args.seed)
     run = Path(args.run)
     files = sorted((Path(args.data) / "photos" / "train").iterdir())
     if not files:
         raise SystemExit(f"no training photographs under {args.data}/photos/train: run `make data` first")
-    data = PhotoCrops(files, args.crop, args.seed)
+    seed = rt.process_seed(args.seed)  # this process's crops and levels (process 0: args.seed)
+    data = PhotoCrops(files, args.crop, seed)
     config = dict(DEFAULT_CONFIG)
-    model = AnchorCodec(**config)
+    model = AnchorCodec(**config).to(rt.device)
     params, opt, aux_opt = make_optimizers(model, args.lr)
+    aux_params = aux_opt.param_groups[0]["params"]
     widen_gain_spread(model)
     meta = {"step": 0, "seconds": 0.0, "config": config, "lambdas": args.lambdas, "log": []}
     if (run / "state.json").exists():
         meta = {**meta, **load_checkpoint(run, model, opt, aux_opt)}
-        print(f"resumed {run} at step {meta['step']} ({meta['seconds'] / 60:.1f} min trained)")
+        rt.print(f"resumed {run} at step {meta['step']} ({meta['seconds'] / 60:.1f} min trained)")
+    rt.record(meta, args.batch)
+    rt.sync_replicas(model.parameters())
+    rt.decorrelate_global_rng(args.seed)
     model.train()
     started, last_save = time.time(), time.time()
     window = []
@@ -194,34 +202,36 @@ def train(args) -> None:
         if step == int(args.steps * 0.85):
             for g in opt.param_groups:
                 g["lr"] = args.lr * 0.1
-        level = random.Random(args.seed * 1000003 + step).randrange(len(args.lambdas))
-        x = data.batch(args.batch)
-        loss, bpp, mse, msssim = rd_loss(model, x, level, args.lambdas[level], step >= args.mse_warmup, args.bf16)
+        level = random.Random(seed * 1000003 + step).randrange(len(args.lambdas))
+        x = data.batch(args.batch).to(rt.device)
+        loss, bpp, mse, msssim = rd_loss(model, x, level, args.lambdas[level], step >= args.mse_warmup, rt.autocast())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        rt.backward(loss, params)
+        rt.clip_grad_norm_(params, 1.0)
         opt.step()
         aux = model.aux_loss()
         aux_opt.zero_grad(set_to_none=True)
-        aux.backward()
+        rt.backward(aux, aux_params)
         aux_opt.step()
         meta["step"] = step + 1
         window.append((level, bpp.item(), mse.item(), msssim.item()))
         if meta["step"] % args.log_every == 0:
             elapsed = meta["seconds"] + time.time() - started
             rows = {}
-            for lv, b, m, s in window:
+            for lv, b, m, s in rt.gather_rows(window):  # every process's batches
                 rows.setdefault(lv, []).append((b, m, s))
             summary = {lv: [round(float(np.mean(c)), 5) for c in zip(*v)] for lv, v in sorted(rows.items())}
             meta["log"].append({"step": meta["step"], "minutes": round(elapsed / 60, 2), "by_level": summary})
-            print(f"step {meta['step']:6d} {elapsed / 60:6.1f} min  level: [bpp, mse, ms-ssim] {summary}", flush=True)
+            rt.print(f"step {meta['step']:6d} {elapsed / 60:6.1f} min  level: [bpp, mse, ms-ssim] {summary}")
             window = []
-        if time.time() - last_save > args.save_every or meta["step"] == args.steps:
+        # checkpoint_due is a collective: first in the test, so every process calls it every step
+        if rt.checkpoint_due(last_save, args.save_every) or meta["step"] == args.steps:
             meta["seconds"] += time.time() - started
             started = last_save = time.time()
-            save_checkpoint(run, model, opt, aux_opt, meta)
-    if args.export:
-        export(model, args, meta)
+            rt.save_checkpoint(lambda: save_checkpoint(run, model, opt, aux_opt, meta), model.parameters(),
+                               meta["step"])
+    if args.export and rt.is_main:
+        export(model.cpu(), args, meta)  # the package is built and used on the CPU
 
 
 def round_parameters_to_half(model: torch.nn.Module) -> None:
@@ -246,6 +256,7 @@ def export(model: AnchorCodec, args, meta: dict) -> None:
                             "batch": args.batch, "crop": args.crop, "lr": args.lr, "seed": args.seed,
                             "mse_warmup": args.mse_warmup, "msssim_weight": MSSSIM_WEIGHT,
                             "lambdas": args.lambdas, "command": "make models",
+                            **training_runtime(meta, args.batch),
                             "interventions": meta.get("interventions", []),
                             "log_tail": meta["log"][-10:]}},
         half_parameters=True,
@@ -264,19 +275,24 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1.5e-4)
     p.add_argument("--mse-warmup", type=int, default=1200)
     p.add_argument("--lambdas", type=float, nargs="+", default=DEFAULT_LAMBDAS)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="older spelling of --mixed-precision bf16 (--no-bf16: no)")
+    add_runtime_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints")
     p.add_argument("--export-only", action="store_true", help="export the current checkpoint and exit")
     args = p.parse_args(argv)
+    rt = TrainRuntime(args.mixed_precision or {True: "bf16", False: "no", None: None}[args.bf16])
     if args.export_only:
-        model = AnchorCodec(**DEFAULT_CONFIG)
-        _, opt, aux_opt = make_optimizers(model, args.lr)
-        meta = load_checkpoint(Path(args.run), model, opt, aux_opt)
-        export(model, args, meta)
-        return
-    train(args)
+        if rt.is_main:
+            model = AnchorCodec(**DEFAULT_CONFIG)
+            _, opt, aux_opt = make_optimizers(model, args.lr)
+            meta = load_checkpoint(Path(args.run), model, opt, aux_opt)
+            export(model, args, meta)
+    else:
+        train(args, rt)
+    rt.end()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ Three stages, each a checkpoint directory under ``--run`` that the same command 
 
 Then ``export`` writes the package: anchor_codec.safetensors (default codec + trained
 bypass head), vae/ and transformer/ and scheduler/ in diffusers' layout, prompt_embeds.
+
+Every stage runs on one process or data parallel under ``accelerate launch``
+(:mod:`ulbcodec.train.distributed`: gradients averaged explicitly, main process
+checkpoints and exports).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from ulbcodec.models import package as packages
 from ulbcodec.models.next_frame import ONE_STEP_TIMESTEP, NextFramePipeline
 from ulbcodec.train.anchor import PhotoCrops, _flatten_optimizer, _restore_optimizer
+from ulbcodec.train.distributed import TrainRuntime, add_runtime_arguments, training_runtime
 
 VAE_CONFIG = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=16,
                   temporal_compression_ratio=4, sample_height=256, sample_width=256)
@@ -141,34 +146,48 @@ def stage_done(run: Path, stage: str) -> bool:
 
 
 class Trainer:
-    def __init__(self, args):
+    def __init__(self, args, rt: TrainRuntime):
         self.args = args
+        self.rt = rt
         self.run = Path(args.run)
         files = sorted((Path(args.data) / "photos" / "train").iterdir())
         if not files:
             raise SystemExit(f"no training photographs under {args.data}/photos/train: run `make data` first")
-        self.data = PhotoCrops(files, args.crop, args.seed)
+        self.data = PhotoCrops(files, args.crop, rt.process_seed(args.seed))
         torch.manual_seed(args.seed)
-        self.vae = build_vae()
-        self.transformer = build_transformer()
+        self.vae = build_vae().to(rt.device)
+        self.transformer = build_transformer().to(rt.device)
         self.scheduler = build_scheduler()
         g = torch.Generator().manual_seed(args.seed)
-        self.prompt = nn.Parameter(torch.randn(PROMPT_SHAPE, generator=g) * 0.5)
+        self.prompt = nn.Parameter((torch.randn(PROMPT_SHAPE, generator=g) * 0.5).to(rt.device))
         base = packages.ModelPackage.load_manifest(packages.resolve(args.anchor_model))
         self.base = base
-        self.codec = base.build("anchor_codec")
+        self.codec = base.build("anchor_codec", device=str(rt.device))
         self.levels = [lv.level for lv in base.rate_levels]
-        self.disc = PatchDiscriminator()
+        self.disc = PatchDiscriminator().to(rt.device)
+        rt.decorrelate_global_rng(args.seed)
 
     def pipeline(self) -> NextFramePipeline:
-        return NextFramePipeline(self.vae, self.transformer, self.scheduler, self.prompt)
+        return NextFramePipeline(self.vae, self.transformer, self.scheduler, self.prompt, dtype=self.rt.autocast_dtype)
+
+    def _batch(self) -> torch.Tensor:
+        return self.data.batch(self.args.batch).to(self.rt.device)
+
+    def _save(self, path: Path, modules: Dict[str, nn.Module], tensors: Dict[str, torch.Tensor], opts: Dict,
+              meta: dict):
+        """``save_stage`` by the main process, once every replica is checked to hold the same weights."""
+        trained = [p for m in modules.values() for p in m.parameters()] + list(tensors.values())
+        self.rt.save_checkpoint(lambda: save_stage(path, modules, tensors, opts, meta), trained, meta["step"])
 
     def _loop(self, stage: str, modules, tensors, opts, step_fn, steps: int):
+        rt = self.rt
         path = self.run / stage
         meta = {"step": 0, "seconds": 0.0, "log": [], "done": False}
         if (path / "state.json").exists():
             meta = {**meta, **load_stage(path, modules, tensors, opts)}
-            print(f"{stage}: resumed at step {meta['step']} ({meta['seconds'] / 60:.1f} min)", flush=True)
+            rt.print(f"{stage}: resumed at step {meta['step']} ({meta['seconds'] / 60:.1f} min)")
+        rt.record(meta, self.args.batch)
+        rt.sync_replicas([p for m in modules.values() for p in m.parameters()] + list(tensors.values()))
         started = last_save = time.time()
         window: Dict[str, List[float]] = {}
         while meta["step"] < steps:
@@ -178,15 +197,20 @@ class Trainer:
                 window.setdefault(k, []).append(v)
             if meta["step"] % self.args.log_every == 0:
                 elapsed = meta["seconds"] + time.time() - started
-                row = {k: round(sum(v) / len(v), 5) for k, v in window.items()}
+                merged: Dict[str, List[float]] = {}
+                for w in rt.gather_rows([window]):  # every process's batches
+                    for k, v in w.items():
+                        merged.setdefault(k, []).extend(v)
+                row = {k: round(sum(v) / len(v), 5) for k, v in merged.items()}
                 meta["log"].append({"step": meta["step"], "minutes": round(elapsed / 60, 2), **row})
-                print(f"{stage} step {meta['step']:5d} {elapsed / 60:6.1f} min {row}", flush=True)
+                rt.print(f"{stage} step {meta['step']:5d} {elapsed / 60:6.1f} min {row}")
                 window = {}
-            if time.time() - last_save > self.args.save_every or meta["step"] == steps:
+            # checkpoint_due is a collective: first in the test, so every process calls it every step
+            if rt.checkpoint_due(last_save, self.args.save_every) or meta["step"] == steps:
                 meta["seconds"] += time.time() - started
                 started = last_save = time.time()
                 meta["done"] = meta["step"] >= steps
-                save_stage(path, modules, tensors, opts, meta)
+                self._save(path, modules, tensors, opts, meta)
         return meta
 
     # ---- stage 0: the latent autoencoder
@@ -194,11 +218,12 @@ class Trainer:
         from pytorch_msssim import ms_ssim
 
         vae = self.vae.train()
-        opt = torch.optim.Adam(vae.parameters(), lr=self.args.lr)
+        params = list(vae.parameters())
+        opt = torch.optim.Adam(params, lr=self.args.lr)
 
         def step(i):
-            x = self.data.batch(self.args.batch)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = self._batch()
+            with self.rt.autocast():
                 dist = vae.encode((x * 2 - 1).unsqueeze(2)).latent_dist
                 z = dist.sample()
                 x_hat = vae.decode(z).sample[:, :, 0].float() * 0.5 + 0.5
@@ -207,8 +232,8 @@ class Trainer:
             ms = ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0)
             loss = l1 + 0.2 * (1 - ms) + 1e-6 * kl
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            self.rt.backward(loss, params)
+            self.rt.clip_grad_norm_(params, 1.0)
             opt.step()
             psnr = -10 * torch.log10(F.mse_loss(x_hat.detach().clamp(0, 1), x))
             return {"l1": l1.item(), "ms_ssim": ms.item(), "psnr": psnr.item(), "kl": kl.item()}
@@ -216,18 +241,23 @@ class Trainer:
         meta = self._loop("vae", {"vae": vae}, {}, {"opt": opt}, step, self.args.steps["vae"])
         if "latent_std" not in meta:
             meta["latent_std"] = self._latent_std()
-            save_stage(self.run / "vae", {"vae": vae}, {}, {"opt": opt}, meta)
+            self._save(self.run / "vae", {"vae": vae}, {}, {"opt": opt}, meta)
         self._set_scaling(meta["latent_std"])
 
     @torch.no_grad()
     def _latent_std(self) -> float:
+        """The std of the VAE's latents over 16 batches of the main process, on every
+        process (each replica must scale its latents the same)."""
         self.vae.eval()
-        zs = []
-        for _ in range(16):
-            x = self.data.batch(self.args.batch)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                zs.append(self.vae.encode((x * 2 - 1).unsqueeze(2)).latent_dist.mode().float())
-        return torch.cat(zs).std().item()
+        std = 0.0
+        if self.rt.is_main:
+            zs = []
+            for _ in range(16):
+                x = self._batch()
+                with self.rt.autocast():
+                    zs.append(self.vae.encode((x * 2 - 1).unsqueeze(2)).latent_dist.mode().float())
+            std = torch.cat(zs).std().item()
+        return self.rt.from_main(std)
 
     def _set_scaling(self, std: float):
         self.vae.register_to_config(scaling_factor=1.0 / std)
@@ -237,7 +267,7 @@ class Trainer:
         meta = load_stage(self.run / "vae", {"vae": self.vae}, {}, {})
         if "latent_std" not in meta:  # stopped between the last step and the statistics
             meta["latent_std"] = self._latent_std()
-            save_stage(self.run / "vae", {"vae": self.vae}, {}, {}, meta)
+            self._save(self.run / "vae", {"vae": self.vae}, {}, {}, meta)
         self._set_scaling(meta["latent_std"])
 
     @torch.no_grad()
@@ -255,14 +285,17 @@ class Trainer:
         params = list(self.transformer.parameters()) + [self.prompt]
         opt = torch.optim.AdamW(params, lr=self.args.lr, weight_decay=0.0)
         ab_all = self.scheduler.alphas_cumprod.float()
+        rt, seed = self.rt, self.rt.process_seed(self.args.seed)
 
         def step(i):
-            rng = random.Random(self.args.seed * 7919 + i)
-            x = self.data.batch(self.args.batch)
+            rng = random.Random(seed * 7919 + i)
+            x = self._batch()
             _, a, x0 = self._anchor_and_target(x, rng.choice(self.levels), pipe)
-            t = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(i))
-            ab = ab_all[t].view(-1, 1, 1, 1)
-            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(10**6 + i))
+            # t and noise are drawn on the CPU (the same numbers on any device), then moved
+            t = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(rt.process_seed(i)))
+            ab = ab_all[t].view(-1, 1, 1, 1).to(rt.device)
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(rt.process_seed(10**6 + i)))
+            noise = noise.to(rt.device)
             xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
             v_target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
             v = pipe.velocity(a, xt, t)
@@ -270,8 +303,8 @@ class Trainer:
             loss_aux = F.mse_loss(v[:, 0], a) + F.mse_loss(v[:, 1], a)
             loss = loss_v + 0.1 * loss_aux
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            rt.backward(loss, params)
+            rt.clip_grad_norm_(params, 1.0)
             opt.step()
             return {"v": loss_v.item() / 2, "aux": loss_aux.item() / 2}
 
@@ -297,12 +330,14 @@ class Trainer:
         self.transformer.train().requires_grad_(True)
         gen_params = [p for m in bypass.values() for p in m.parameters()] + list(self.transformer.parameters()) + [self.prompt]
         opt = torch.optim.AdamW(gen_params, lr=self.args.lr, weight_decay=0.0)
-        opt_d = torch.optim.Adam(self.disc.parameters(), lr=self.args.lr * 2, betas=(0.5, 0.9))
+        disc_params = list(self.disc.parameters())
+        opt_d = torch.optim.Adam(disc_params, lr=self.args.lr * 2, betas=(0.5, 0.9))
         gan_start = self.args.steps["stage2"] // 5
+        rt, seed = self.rt, self.rt.process_seed(self.args.seed)
 
         def step(i):
-            rng = random.Random(self.args.seed * 104729 + i)
-            x = self.data.batch(self.args.batch)
+            rng = random.Random(seed * 104729 + i)
+            x = self._batch()
             level = rng.choice(self.levels)
             self.codec.train()
             out = self.codec(x, rate_level=level, with_bypass=True)  # grads reach the bypass head only
@@ -323,13 +358,13 @@ class Trainer:
                 loss = loss + self.args.adv_weight * g_adv
                 logs["g_adv"] = g_adv.item()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(gen_params, 1.0)
+            rt.backward(loss, gen_params)
+            rt.clip_grad_norm_(gen_params, 1.0)
             opt.step()
             if i >= gan_start // 2:  # discriminator warms up before it is used
                 d_loss = F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(x_hat.detach())).mean()
                 opt_d.zero_grad(set_to_none=True)
-                d_loss.backward()
+                rt.backward(d_loss, disc_params)
                 opt_d.step()
                 logs["d"] = d_loss.item()
             return logs
@@ -347,17 +382,20 @@ class Trainer:
         from ulbcodec.train.anchor import round_parameters_to_half
 
         meta = {s: json.loads((self.run / s / "state.json").read_text()) for s in STAGES}
+        for m in (self.codec, self.vae, self.transformer):
+            m.cpu()  # the package is built and used on the CPU
         self.codec.eval()
         # Only the new bypass head changes by rounding; the entropy model is the base
         # package's, already float16-exact, so its CDF tables stay valid (no update()).
         round_parameters_to_half(self.codec)
-        training = {s: {"steps": m["step"], "minutes": round(m["seconds"] / 60, 1), "log_tail": m["log"][-5:]}
+        training = {s: {"steps": m["step"], "minutes": round(m["seconds"] / 60, 1),
+                        **training_runtime(m, self.args.batch), "log_tail": m["log"][-5:]}
                     for s, m in meta.items()}
         training.update(command="make generative-model", batch=self.args.batch, crop=self.args.crop,
                         lr=self.args.lr, seed=self.args.seed, adv_weight=self.args.adv_weight,
                         anchor_model=self.base.name, anchor_model_digest=self.base.digest)
         modules = {"anchor_codec": self.codec, "vae": self.vae.eval(), "transformer": self.transformer.eval(),
-                   "scheduler": self.scheduler, "prompt_embeds": self.prompt.detach()}
+                   "scheduler": self.scheduler, "prompt_embeds": self.prompt.detach().cpu()}
         pkg = packages.save_package(
             out, "generative", modules, self.base.rate_levels, half_parameters=True,
             diffusers_dtype=torch.bfloat16,
@@ -383,10 +421,12 @@ def main(argv=None) -> None:
         p.add_argument(f"--{stage}-steps", type=int, default=DEFAULT_STEPS[stage])
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints")
+    add_runtime_arguments(p)
     args = p.parse_args(argv)
     args.steps = {s: getattr(args, f"{s}_steps") for s in STAGES}
     torch.set_num_threads(int(os.environ.get("ULBC_TRAIN_THREADS", torch.get_num_threads())))
-    trainer = Trainer(args)
+    rt = TrainRuntime(args.mixed_precision)
+    trainer = Trainer(args, rt)
     run = Path(args.run)
     if stage_done(run, "vae"):
         trainer.load_vae()
@@ -400,8 +440,9 @@ def main(argv=None) -> None:
         trainer.load_stage2()
     else:
         trainer.train_stage2()
-    if args.export:
+    if args.export and rt.is_main:
         trainer.export(Path(args.export))
+    rt.end()
 
 
 if __name__ == "__main__":

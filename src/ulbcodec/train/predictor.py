@@ -14,6 +14,10 @@ generated the latents themselves, 1,500 steps, predicted far worse than copying 
 frame: latent MSE 0.31-0.37 against 0.002-0.12). Encoded clips are cached in the run
 folder (``latents.safetensors``), so a resumed run starts training at once.
 
+One process or many (``accelerate launch``, :mod:`ulbcodec.train.distributed`): the
+main process encodes the clips into the cache while the others wait, then every process
+reads the cache and trains on its own windows.
+
 ``export`` writes a package holding every component of the image model plus
 ``predictor`` (UNet2DModel) and ``predictor_scheduler``, with the prediction settings
 (K, P, steps, residual scale) in the manifest's ``extra.video``.
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ulbcodec.models import package as packages
+from ulbcodec.train.distributed import TrainRuntime, add_runtime_arguments, training_runtime
 from ulbcodec.train.generative import SCHEDULER_CONFIG, load_stage, save_stage
 
 COND_FRAMES, PRED_FRAMES = 2, 5
@@ -66,27 +71,28 @@ def encode_clips(files: List[Path], pipe, max_frames: int) -> List[torch.Tensor]
                 break
             h, w = frame.shape[:2]
             x = torch.from_numpy(frame[: h // 8 * 8, : w // 8 * 8].copy()).permute(2, 0, 1)[None].float() / 255
-            frames.append(pipe.encode_latent(x)[0].to(torch.bfloat16))
+            frames.append(pipe.encode_latent(x.to(pipe.vae.device))[0].to("cpu", torch.bfloat16))
         out.append(torch.stack(frames))
         print(f"encoded {f.name}: {tuple(out[-1].shape)}", flush=True)
     return out
 
 
-def cached_clips(run: Path, args, pipe) -> List[torch.Tensor]:
-    """The training clips' latents, encoded once per run and kept in ``run/latents.safetensors``."""
+def cached_clips(run: Path, args, pipe, rt: TrainRuntime) -> List[torch.Tensor]:
+    """The training clips' latents, encoded once per run by the main process and kept in
+    ``run/latents.safetensors``; the other processes wait for the file, then read it."""
     from safetensors.torch import load_file, save_file
 
     cache = run / "latents.safetensors"
-    if cache.exists():
-        stored = load_file(str(cache))
-        return [stored[k] for k in sorted(stored)]
-    files = sorted((Path(args.data) / "videos" / "train").glob("*.mkv"))
-    if not files:
-        raise SystemExit(f"no training clips under {args.data}/videos/train: run `make data` first")
-    clips = encode_clips(files, pipe, args.max_frames)
-    run.mkdir(parents=True, exist_ok=True)
-    save_file({f"{i:05d}": c.contiguous() for i, c in enumerate(clips)}, str(cache))
-    return clips
+    if rt.is_main and not cache.exists():
+        files = sorted((Path(args.data) / "videos" / "train").glob("*.mkv"))
+        if not files:
+            raise SystemExit(f"no training clips under {args.data}/videos/train: run `make data` first")
+        clips = encode_clips(files, pipe, args.max_frames)
+        run.mkdir(parents=True, exist_ok=True)
+        save_file({f"{i:05d}": c.contiguous() for i, c in enumerate(clips)}, str(cache))
+    rt.wait_for_everyone()
+    stored = load_file(str(cache))
+    return [stored[k] for k in sorted(stored)]
 
 
 def sample_batch(clips, n: int, window: int, crop: int, rng: random.Random) -> torch.Tensor:
@@ -122,60 +128,72 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--save-every", type=float, default=300.0)
+    add_runtime_arguments(p)
     args = p.parse_args(argv)
     from diffusers import CogVideoXDDIMScheduler
 
     from ulbcodec.image import ImageCodec
 
+    rt = TrainRuntime(args.mixed_precision)
     torch.manual_seed(args.seed)
-    image = ImageCodec.from_pretrained(args.image_model)
+    image = ImageCodec.from_pretrained(args.image_model, device=str(rt.device))
     pipe = image.next_frame
-    unet, scheduler = build_unet(), CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    unet, scheduler = build_unet().to(rt.device), CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
+    params = list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     run = Path(args.run)
     meta = {"step": 0, "seconds": 0.0, "log": [], "done": False}
     if (run / "state.json").exists():
         meta = {**meta, **load_stage(run, {"unet": unet}, {}, {"opt": opt})}
-        print(f"resumed at step {meta['step']}", flush=True)
+        rt.print(f"resumed at step {meta['step']}")
     meta.setdefault("residual_scale", args.residual_scale)  # a resumed run keeps its own
+    rt.record(meta, args.batch)
+    rt.sync_replicas(params)
+    rt.decorrelate_global_rng(args.seed)
     if meta["step"] < args.steps:  # a finished run only exports: no need to encode the clips
-        clips = cached_clips(run, args, pipe)
+        clips = cached_clips(run, args, pipe, rt)
     ab_all = scheduler.alphas_cumprod.float()
     window, started, last_save, losses = COND_FRAMES + PRED_FRAMES, time.time(), time.time(), []
+    seed = rt.process_seed(args.seed)  # this process's windows (process 0: args.seed)
     unet.train()
     while meta["step"] < args.steps:
         i = meta["step"]
-        rng = random.Random(args.seed * 1_000_003 + i)
-        lat = sample_batch(clips, args.batch, window, args.crop, rng)
+        rng = random.Random(seed * 1_000_003 + i)
+        lat = sample_batch(clips, args.batch, window, args.crop, rng).to(rt.device)
         cond = lat[:, :COND_FRAMES]
         x0 = (lat[:, COND_FRAMES:] - cond[:, -1:]) / meta["residual_scale"]
-        t = torch.randint(0, 1000, (args.batch,), generator=torch.Generator().manual_seed(i))
-        ab = ab_all[t].view(-1, 1, 1, 1, 1)
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(10**7 + i))
+        # t and noise are drawn on the CPU (the same numbers on any device), then moved
+        t = torch.randint(0, 1000, (args.batch,), generator=torch.Generator().manual_seed(rt.process_seed(i)))
+        ab = ab_all[t].view(-1, 1, 1, 1, 1).to(rt.device)
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(rt.process_seed(10**7 + i)))
+        noise = noise.to(rt.device)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
         b, _, c, h, w = x0.shape
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            v = unet(torch.cat([cond.reshape(b, -1, h, w), xt.reshape(b, -1, h, w)], 1), t).sample
+        with rt.autocast():
+            v = unet(torch.cat([cond.reshape(b, -1, h, w), xt.reshape(b, -1, h, w)], 1), t.to(rt.device)).sample
         loss = F.mse_loss(v.float().reshape(x0.shape), target)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        rt.backward(loss, params)
+        rt.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
         meta["step"] = i + 1
         if meta["step"] % args.log_every == 0:
             elapsed = meta["seconds"] + time.time() - started
+            losses = rt.gather_rows(losses)  # every process's batches
             meta["log"].append({"step": meta["step"], "minutes": round(elapsed / 60, 2), "v": float(np.mean(losses))})
-            print(f"predictor step {meta['step']:5d} {elapsed / 60:6.1f} min v-loss {np.mean(losses):.4f}", flush=True)
+            rt.print(f"predictor step {meta['step']:5d} {elapsed / 60:6.1f} min v-loss {np.mean(losses):.4f}")
             losses = []
-        if time.time() - last_save > args.save_every or meta["step"] == args.steps:
+        # checkpoint_due is a collective: first in the test, so every process calls it every step
+        if rt.checkpoint_due(last_save, args.save_every) or meta["step"] == args.steps:
             meta["seconds"] += time.time() - started
             started = last_save = time.time()
             meta["done"] = meta["step"] >= args.steps
-            save_stage(run, {"unet": unet}, {}, {"opt": opt}, meta)
-    if args.export:
-        export(image, unet.eval(), scheduler, meta, args)
+            rt.save_checkpoint(lambda: save_stage(run, {"unet": unet}, {}, {"opt": opt}, meta), params, meta["step"])
+    if args.export and rt.is_main:
+        export(image, unet.cpu().eval(), scheduler, meta, args)  # the package is built and used on the CPU
+    rt.end()
 
 
 def export(image, unet, scheduler, meta: Dict, args) -> None:
@@ -188,6 +206,7 @@ def export(image, unet, scheduler, meta: Dict, args) -> None:
     extra["predictor_training"] = {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
                                    "batch": args.batch, "crop_latents": args.crop, "lr": args.lr,
                                    "seed": args.seed, "image_model_digest": base.digest,
+                                   **training_runtime(meta, args.batch),
                                    "log_tail": meta["log"][-5:]}
     pkg = packages.save_package(args.export, "video", modules, base.rate_levels, half_parameters=True,
                                 diffusers_dtype=torch.bfloat16, extra=extra,
