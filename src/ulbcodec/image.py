@@ -46,6 +46,7 @@ from ulbcodec import bitstream
 from ulbcodec.bitstream import AnchorPayload, BitstreamError, Container, Header
 from ulbcodec.models import package as packages
 from ulbcodec.models.tiling import tiled_apply
+from ulbcodec.placement import Placement
 
 # Tile cores for the transforms, in pixels. 512 px tiles keep peak memory of a 12 MP
 # image well under 2 GB; the 64 px margin is 4 latent rows of context.
@@ -112,9 +113,12 @@ def pad_replicate(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor
 class ImageCodec:
     """Encode/decode images with one model package (loaded once, reused for a batch)."""
 
-    def __init__(self, package: packages.ModelPackage, device: str = "cpu"):
+    def __init__(self, package: packages.ModelPackage, device="cpu"):
+        """``device``: a torch device name, or a :class:`~ulbcodec.placement.Placement`
+        (device, diffusers weights dtype, model offload)."""
         self.package = package
-        self.device = torch.device(device)
+        self.placement = Placement.of(device).for_package(package)
+        self.device = self.placement.device
         # per-level packages: the level whose anchor codec is loaded (None: one codec for all)
         self._model_level = self.default_level if package.per_level("anchor_codec") else None
         self.model = package.build("anchor_codec", device=str(self.device), level=self._model_level)
@@ -133,9 +137,13 @@ class ImageCodec:
                 raise DecodeError(f"model {self.package.name!r} has no generative decoder")
             from ulbcodec.models.next_frame import NextFramePipeline
 
-            build = lambda name: self.package.build(name, device=str(self.device))  # noqa: E731
+            place = self.placement
+
+            def build(name):
+                return self.package.build(name, device=str(place.home), dtype=place.diffusers_dtype)
+
             self._next_frame = NextFramePipeline(build("vae"), build("transformer"), build("scheduler"),
-                                                 build("prompt_embeds"))
+                                                 build("prompt_embeds").to(self.device), placement=place)
         return self._next_frame
 
     def next_frame_for(self, rate_level: Optional[int] = None):
@@ -172,7 +180,7 @@ class ImageCodec:
         return self.model, 0
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "default", device: str = "cpu") -> "ImageCodec":
+    def from_pretrained(cls, name_or_path: str = "default", device="cpu") -> "ImageCodec":
         return cls(packages.ModelPackage.load_manifest(packages.resolve(name_or_path)), device)
 
     @property
@@ -345,8 +353,8 @@ class DecoderSet:
     each file the installed package whose digest the file names, so that decoding needs
     no flag or config file."""
 
-    def __init__(self, model: Optional[str] = None, device: str = "cpu"):
-        self.device = device
+    def __init__(self, model: Optional[str] = None, device="cpu"):
+        self.device = device  # a device name or a Placement, passed on to every codec
         self.fixed = ImageCodec.from_pretrained(model, device) if model is not None else None
         self.by_digest: Dict[bytes, ImageCodec] = {}
         self.videos: Dict[bytes, "VideoCodec"] = {}  # noqa: F821 - built on first use

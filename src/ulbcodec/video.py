@@ -103,7 +103,7 @@ class VideoCodec:
     frame predictor: components ``predictor`` and ``predictor_scheduler``, settings in
     ``extra.video``)."""
 
-    def __init__(self, package: packages.ModelPackage, device: str = "cpu", image: Optional[ImageCodec] = None):
+    def __init__(self, package: packages.ModelPackage, device="cpu", image: Optional[ImageCodec] = None):
         if not is_video_package(package):
             raise packages.ModelError(f"model {package.name!r} has no frame predictor (not a video model)")
         video = package.extra["video"]
@@ -114,7 +114,7 @@ class VideoCodec:
         self._predictor = None
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str = "video", device: str = "cpu") -> "VideoCodec":
+    def from_pretrained(cls, name_or_path: str = "video", device="cpu") -> "VideoCodec":
         return cls(packages.ModelPackage.load_manifest(packages.resolve(name_or_path)), device)
 
     @property
@@ -126,7 +126,9 @@ class VideoCodec:
             if kind == "unet":
                 from ulbcodec.models.frame_predictor import FramePredictionPipeline
 
-                self._predictor = FramePredictionPipeline(self.image.next_frame, self.package.build("predictor"),
+                place = self.image.placement
+                unet = self.package.build("predictor", device=str(place.home), dtype=place.diffusers_dtype)
+                self._predictor = FramePredictionPipeline(self.image.next_frame, unet,
                                                           self.package.build("predictor_scheduler"),
                                                           self.cond_frames, self.pred_frames, self.residual_scale)
             else:
@@ -134,7 +136,7 @@ class VideoCodec:
 
                 if kind != i2v_predictor.KIND:
                     raise packages.ModelError(f"model {self.package.name!r}: unknown frame predictor {kind!r}")
-                self._predictor = i2v_predictor.from_package(self.package, str(self.image.device))
+                self._predictor = i2v_predictor.from_package(self.package, self.image.placement)
                 if (self.cond_frames, self.pred_frames) != (1, self._predictor.pred_frames):
                     raise packages.ModelError(f"model {self.package.name!r}: an image-to-video predictor "
                                               f"conditions on K=1 frame, the package says K={self.cond_frames}")

@@ -99,8 +99,11 @@ class FramePredictionPipeline:
         """cond [B,K,C,h,w], x [B,P,C,h,w] → v [B,P,C,h,w]."""
         b, _, c, h, w = x.shape
         inputs = torch.cat([cond.reshape(b, -1, h, w), x.reshape(b, -1, h, w)], dim=1)
-        t = torch.as_tensor(t).reshape(-1).expand(b)
-        return self.unet(inputs, t).sample.reshape(b, self.pred_frames, c, h, w).float()
+        t = torch.as_tensor(t, device=inputs.device).reshape(-1).expand(b)
+        unet = self.unet
+        with self.latent.placement.use(unet):  # float32 on the CPU, bfloat16 weights on a GPU
+            out = unet(inputs.to(unet.dtype), t).sample
+        return out.reshape(b, self.pred_frames, c, h, w).float()
 
     def sample(self, cond: Tensor, noise: Tensor, steps: int, init: Optional[Tensor] = None,
                start_timestep: Optional[int] = None) -> Tensor:
@@ -108,8 +111,9 @@ class FramePredictionPipeline:
         (SDEdit, Meng et al. 2022), from ``init`` noised to the first timestep <= ``start_timestep``
         instead, and only the remaining steps."""
         timesteps, x = sampling_start(self.scheduler, steps, noise, init, start_timestep)
-        for t in timesteps:
-            x = self.scheduler.step(self.velocity(cond, x, int(t)), t, x, return_dict=False)[0]
+        with self.latent.placement.use(self.unet):
+            for t in timesteps:
+                x = self.scheduler.step(self.velocity(cond, x, int(t)), t, x, return_dict=False)[0]
         return x
 
     # Frames go through the VAE one at a time, on both sides: a batch of another size may
@@ -132,7 +136,9 @@ class FramePredictionPipeline:
         sets the layout and colours and the prediction adds what the history knows."""
         with fixed_threads():
             g = torch.Generator().manual_seed(round_seed(stream_seed, round_index))
+            # drawn on the CPU: the same noise on every device
             noise = torch.randn((1, self.pred_frames) + tuple(cond_latents.shape[1:]), generator=g)
+            noise = noise.to(cond_latents.device)
             init = None
             if guide is not None:
                 target = guide if self.residual_scale is None else (guide - cond_latents[-1]) / self.residual_scale

@@ -82,7 +82,9 @@ class ImageToVideoPredictor:
 
     def __init__(self, vae, transformer, scheduler, prompt_embeds: Tensor, pred_frames: int,
                  negative_embeds: Optional[Tensor] = None, guidance_scale: float = 1.0,
-                 dtype: Optional[torch.dtype] = torch.bfloat16):
+                 dtype: Optional[torch.dtype] = torch.bfloat16, placement=None):
+        from ulbcodec.placement import Placement
+
         cfg = transformer.config
         c = vae.config.latent_channels
         if cfg.in_channels != 2 * c or cfg.out_channels != c:
@@ -101,6 +103,7 @@ class ImageToVideoPredictor:
         self.pred_frames, self.channels, self.dtype = pred_frames, c, dtype
         self.scaling_factor = vae.config.scaling_factor
         self.invert_scale = bool(getattr(vae.config, "invert_scale_latents", False))
+        self.placement = placement or Placement(next(transformer.parameters()).device)
 
     @property
     def multiple(self) -> int:
@@ -139,8 +142,8 @@ class ImageToVideoPredictor:
         if self.guidance_scale > 1:
             inputs, prompt = torch.cat([inputs, inputs]), torch.cat([self.negative_embeds, self.prompt_embeds])
         ofs = None if self.transformer.config.ofs_embed_dim is None else inputs.new_full((1,), OFS_VALUE)
-        timestep = torch.as_tensor(t).reshape(-1).expand(inputs.shape[0])
-        with _autocast(self.dtype, inputs.device):
+        timestep = torch.as_tensor(t, device=inputs.device).reshape(-1).expand(inputs.shape[0])
+        with self.placement.use(self.transformer), _autocast(self.dtype, inputs.device):
             out = self.transformer(hidden_states=inputs, encoder_hidden_states=prompt, timestep=timestep, ofs=ofs,
                                    image_rotary_emb=rope, return_dict=False)[0].float()
         if self.guidance_scale > 1:
@@ -152,10 +155,16 @@ class ImageToVideoPredictor:
                start_timestep: Optional[int] = None) -> Tensor:
         """The scheduler's sampler from ``noise`` (or, SDEdit-style, from ``init`` noised
         to the first timestep <= ``start_timestep``)."""
-        from diffusers import CogVideoXDPMScheduler
-
         timesteps, x = sampling_start(self.scheduler, steps, noise, init, start_timestep)
         rope = self.rotary_embedding(*x.shape[-2:])
+        if rope is not None:
+            rope = tuple(r.to(x.device) for r in rope)
+        with self.placement.use(self.transformer):
+            return self._denoise(x, image_latents, timesteps, rope)
+
+    def _denoise(self, x: Tensor, image_latents: Tensor, timesteps, rope) -> Tensor:
+        from diffusers import CogVideoXDPMScheduler
+
         previous_x0 = None
         for i, t in enumerate(timesteps):
             v = self.velocity(x, image_latents, int(t), rope)
@@ -171,7 +180,7 @@ class ImageToVideoPredictor:
     @torch.no_grad()
     def encode_frame(self, frame: Tensor) -> Tensor:
         """One decoded frame [3,H,W] in [0,1] → its scaled VAE latent [C,h,w] (the mode)."""
-        with fixed_threads(), _autocast(self.dtype, frame.device):
+        with fixed_threads(), self.placement.use(self.vae), _autocast(self.dtype, frame.device):
             dist = self.vae.encode((frame[None] * 2 - 1).unsqueeze(2)).latent_dist
         return self._scale(dist.mode()[0, :, 0].float())
 
@@ -184,12 +193,13 @@ class ImageToVideoPredictor:
         with fixed_threads():
             c, h, w = cond_latents.shape[1:]
             g = torch.Generator().manual_seed(round_seed(stream_seed, round_index))
-            noise = torch.randn((1, self.latent_frames, c, h, w), generator=g)
+            # drawn on the CPU: the same noise on every device
+            noise = torch.randn((1, self.latent_frames, c, h, w), generator=g).to(cond_latents.device)
             padding = noise.new_zeros(1, self.latent_frames - 1, c, h, w)  # the frames to generate
             image_latents = torch.cat([cond_latents[-1][None, None], padding], dim=1)
             init = None if guide is None else guide.expand(1, self.latent_frames, c, h, w)
             x = self.sample(image_latents, noise, steps, init, guide_timestep)
-            with _autocast(self.dtype, x.device):
+            with self.placement.use(self.vae), _autocast(self.dtype, x.device):
                 video = self.vae.decode(self._unscale(x).permute(0, 2, 1, 3, 4)).sample  # [1,3,1+4(F-1),H,W]
             return (video[0, :, 1:].float() * 0.5 + 0.5).clamp(0, 1).permute(1, 0, 2, 3)
 
@@ -198,16 +208,21 @@ class ImageToVideoPredictor:
         return frame
 
 
-def from_package(package, device: str = "cpu") -> ImageToVideoPredictor:
-    """The predictor of a video package with ``extra.video.predictor == "cogvideox-i2v"``."""
+def from_package(package, device="cpu") -> ImageToVideoPredictor:
+    """The predictor of a video package with ``extra.video.predictor == "cogvideox-i2v"``
+    (``device``: a device name or a :class:`~ulbcodec.placement.Placement`)."""
+    from ulbcodec.placement import Placement
+
+    placement = Placement.of(device)
+    device = placement.device
     video = package.extra["video"]
-    build = lambda name: package.build(name, device=device)  # noqa: E731
+    build = lambda name: package.build(name, device=str(placement.home), dtype=placement.diffusers_dtype)  # noqa: E731
     negative = build("predictor_negative_embeds") if "predictor_negative_embeds" in package.components else None
     dtype = {"bfloat16": torch.bfloat16, "float32": None}[video.get("dtype", "bfloat16")]
     return ImageToVideoPredictor(build("predictor_vae"), build("predictor"), build("predictor_scheduler"),
                                  build("predictor_prompt_embeds").to(device), video["pred_frames"],
                                  None if negative is None else negative.to(device), video.get("guidance_scale", 1.0),
-                                 dtype)
+                                 dtype, placement)
 
 
 # --------------------------------------------------------------------------- import

@@ -27,7 +27,10 @@ overlap: the transformer's attention and the VAE's GroupNorms are global within 
 so a hard stitch would show seams.
 
 Floating point: the VAE and transformer run in bfloat16 (as the published models do) on
-the CPU too; this path is NOT bit-exact across machines, unlike entropy decoding.
+the CPU too; this path is NOT bit-exact across machines, unlike entropy decoding. Where
+the modules run and whether they are offloaded to host memory between stages is the
+``placement``'s business (ulbcodec/placement.py); the pipeline only says when each
+module is in use.
 """
 
 from __future__ import annotations
@@ -135,7 +138,11 @@ class NextFramePipeline:
     embeddings into the next-frame decoder. Differentiable (training uses the same
     methods); callers choose ``torch.no_grad()``."""
 
-    def __init__(self, vae, transformer, scheduler, prompt_embeds: Tensor, dtype: Optional[torch.dtype] = torch.bfloat16):
+    def __init__(self, vae, transformer, scheduler, prompt_embeds: Tensor,
+                 dtype: Optional[torch.dtype] = torch.bfloat16, placement=None):
+        from ulbcodec.placement import Placement
+
+        self.placement = placement or Placement(next(transformer.parameters()).device)
         self.vae = vae
         self.transformer = transformer
         self.scheduler = scheduler
@@ -153,13 +160,13 @@ class NextFramePipeline:
 
     def encode_latent(self, image: Tensor) -> Tensor:
         """[B,3,H,W] in [0,1] (H, W multiples of 8) → scaled latent [B,16,H/8,W/8] (the mode)."""
-        with _autocast(self.dtype, image.device):
+        with self.placement.use(self.vae), _autocast(self.dtype, image.device):
             dist = self.vae.encode((image * 2 - 1).unsqueeze(2)).latent_dist
         return dist.mode()[:, :, 0].float() * self.scaling_factor
 
     def decode_latent(self, latent: Tensor, clamp: bool = True) -> Tensor:
         """Scaled latent [B,16,h,w] → image [B,3,8h,8w] in [0,1] (unclamped for training losses)."""
-        with _autocast(self.dtype, latent.device):
+        with self.placement.use(self.vae), _autocast(self.dtype, latent.device):
             frames = self.vae.decode((latent / self.scaling_factor).unsqueeze(2)).sample
         image = frames[:, :, 0].float() * 0.5 + 0.5
         return image.clamp(0, 1) if clamp else image
@@ -174,7 +181,7 @@ class NextFramePipeline:
         rope = rotary_embedding(h, w, self.head_dim, self.patch_size, device=frames.device)
         t = torch.as_tensor(timestep, device=frames.device).reshape(-1).expand(b)
         prompt = self.prompt_embeds.to(frames.device).expand(b, -1, -1)
-        with _autocast(self.dtype, frames.device):
+        with self.placement.use(self.transformer), _autocast(self.dtype, frames.device):
             v = self.transformer(hidden_states=frames, encoder_hidden_states=prompt, timestep=t,
                                  image_rotary_emb=rope, return_dict=False)[0]
         return v.float()
@@ -206,18 +213,23 @@ class NextFramePipeline:
         Every network runs on tiles, so the working memory is that of one tile plus the
         full-size inputs and outputs, whatever the image size.
         """
-        anchor_latent = blended_tiles(self.encode_latent, anchor_frame, tile=VAE_TILE, overlap=VAE_OVERLAP,
-                                      scale=Fraction(1, 8))
-        if steps <= 1:
-            if bypass_latent is None:
-                raise ValueError("one-step decoding needs the bypass latent")
-            latent = blended_tiles(self.predict_clean, anchor_latent, bypass_latent[:, 0], tile=LATENT_TILE,
-                                   overlap=LATENT_OVERLAP)
-        else:
-            # One seed per tile position would make tiles disagree; noise is drawn for the
-            # whole latent first and then tiled like any other input.
-            g = torch.Generator().manual_seed(seed)
-            noise = torch.randn(anchor_latent.shape, generator=g)
-            latent = blended_tiles(lambda a, n: self.sample(a, n, steps), anchor_latent, noise, tile=LATENT_TILE,
-                                   overlap=LATENT_OVERLAP)
-        return blended_tiles(self.decode_latent, latent, tile=VAE_TILE // 8, overlap=VAE_OVERLAP // 8, scale=Fraction(8))
+        use = self.placement.use  # with offloading: each module on the device for its whole stage
+        with use(self.vae):
+            anchor_latent = blended_tiles(self.encode_latent, anchor_frame, tile=VAE_TILE, overlap=VAE_OVERLAP,
+                                          scale=Fraction(1, 8))
+        with use(self.transformer):
+            if steps <= 1:
+                if bypass_latent is None:
+                    raise ValueError("one-step decoding needs the bypass latent")
+                latent = blended_tiles(self.predict_clean, anchor_latent, bypass_latent[:, 0], tile=LATENT_TILE,
+                                       overlap=LATENT_OVERLAP)
+            else:
+                # One seed per tile position would make tiles disagree; noise is drawn for the
+                # whole latent first (on the CPU: the same numbers on every device), then tiled.
+                g = torch.Generator().manual_seed(seed)
+                noise = torch.randn(anchor_latent.shape, generator=g).to(anchor_latent.device)
+                latent = blended_tiles(lambda a, n: self.sample(a, n, steps), anchor_latent, noise, tile=LATENT_TILE,
+                                       overlap=LATENT_OVERLAP)
+        with use(self.vae):
+            return blended_tiles(self.decode_latent, latent, tile=VAE_TILE // 8, overlap=VAE_OVERLAP // 8,
+                                 scale=Fraction(8))

@@ -39,6 +39,7 @@ needs the path edited).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -226,14 +227,16 @@ class ModelPackage:
         return cls(root, manifest.get("name", root.name), components, levels, digest,
                    manifest.get("description", ""), manifest.get("extra", {}))
 
-    def build(self, component: str, device: str = "cpu", level: Optional[int] = None):
+    def build(self, component: str, device: str = "cpu", level: Optional[int] = None,
+              dtype: torch.dtype = torch.float32):
         """Instantiate a component and load its weights strictly.
 
         ulbc classes are built from the manifest's config; diffusers components through
         their own ``from_pretrained`` on the sub-directory (or external directory),
         safetensors only, offline. A prompt-embeddings component is returned as a tensor,
         a LoRA as the file's tensors (``models/nefic.py`` applies them). ``level`` picks
-        the file of a per-level component and is ignored by the others.
+        the file of a per-level component and is ignored by the others; ``dtype`` is the
+        one diffusers modules are loaded in (ulbcodec/placement.py: bfloat16 on a GPU).
         """
         if component not in self.components:
             raise ModelError(f"model {self.name!r} has no component {component!r}")
@@ -253,9 +256,9 @@ class ModelPackage:
             return load_file(str(weights), device="cpu")
         cls = _component_class(comp["class"])
         if comp.get("diffusers"):
-            return _load_diffusers(cls, self.root / comp["diffusers"], device)
+            return _load_diffusers(cls, self.root / comp["diffusers"], device, dtype)
         if comp.get("external"):
-            return _load_diffusers(cls, Path(comp["external"]["path"]), device)
+            return _load_diffusers(cls, Path(comp["external"]["path"]), device, dtype)
         module = cls(**comp.get("config", {}))
         state = load_file(str(weights), device="cpu")
         module.load_state_dict(state, strict=True)
@@ -312,12 +315,15 @@ def _verify_external(root: Path, external: dict) -> None:
         )
 
 
-def _load_diffusers(cls, folder: Path, device: str):
+def _load_diffusers(cls, folder: Path, device: str, dtype: torch.dtype = torch.float32):
     if not hasattr(cls, "save_pretrained") or not hasattr(cls, "parameters"):  # a scheduler: config only
         return cls.from_pretrained(str(folder))
     try:
-        module = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True, torch_dtype=torch.float32,
-                                     low_cpu_mem_usage=False)  # accelerate is not a dependency
+        # low_cpu_mem_usage builds the module on the meta device and fills it from the
+        # file (with accelerate installed): no random initialisation of a 5B model in
+        # float32 (minutes and ~20 GB) before its weights replace it.
+        module = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True, torch_dtype=dtype,
+                                     low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{folder}: cannot load {cls.__name__} ({str(exc).splitlines()[0]})") from None
     # Tensors loaded from a file are not 64-byte aligned, which made some kernels differ by
