@@ -14,11 +14,12 @@ install: $(STAMP)
 
 # CPU torch first (a local 200 MB CPU wheel here), then every other dependency at a pinned
 # version with --no-deps: compressai declares torchvision, and resolving that would replace
-# the CPU torch with a multi-GB CUDA build. See README, "Installation".
-$(STAMP): requirements-cpu.txt requirements-test.txt setup.cfg pyproject.toml
+# the CPU torch with a multi-GB CUDA build. See README, "Installation". Ray (an optional
+# extra for users) is installed too: the tests run --engine ray on a local instance.
+$(STAMP): requirements-cpu.txt requirements-ray.txt requirements-test.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q --no-deps -r requirements-cpu.txt -r requirements-test.txt
+	$(PIP) install -q --no-deps -r requirements-cpu.txt -r requirements-ray.txt -r requirements-test.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PY) -c "import ulbcodec.image, ulbcodec.cli"
 	touch $@

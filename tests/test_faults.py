@@ -158,7 +158,7 @@ def test_skip_existing_when_the_output_appears_during_the_job(tiny_model, images
         job = functools.partial(_encode_job, quality=None, bpp=None, downscale=1, force=False, skip_existing=skip)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(uio, "read_image", read_then_race)
-            record = batch._guarded(job, codec, task)
+            record = batch.guard(job, codec, task)
         assert record["ok"] is expect_ok and record.get("skipped", False) is skip, record
         if not skip:
             assert "already exists" in record["error"]

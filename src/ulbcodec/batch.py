@@ -3,7 +3,8 @@ past failures, and report one record per file.
 
 Used by the ``encode`` and ``decode`` commands. With ``jobs=1`` everything runs in this
 process; with ``jobs>1`` a process pool is used, each worker loading the model once in
-its initializer and running torch with one thread (the pool is the parallelism).
+its initializer and running torch with one thread (the pool is the parallelism); with
+``engine="ray"`` the same jobs run on Ray actors (:mod:`ulbcodec.ray_batch`).
 
 Interruption: a KeyboardInterrupt (Ctrl-C, or SIGTERM, which the CLI turns into one) in
 the main process cancels the files not started and sends SIGTERM to the workers; a
@@ -142,6 +143,7 @@ def run(
     job: Callable[[object, Task], dict],
     jobs: int = 1,
     skip_existing: bool = False,
+    engine: str = "local",
 ) -> Iterator[dict]:
     """Yield one record per task, in completion order for jobs>1.
 
@@ -150,7 +152,8 @@ def run(
     goes on. ``factory`` builds the codec (model loaded once per process). With
     ``skip_existing``, tasks whose output file exists are reported as skipped first and
     never reach a worker (a job may still raise :class:`Skipped` if the output appears
-    while it runs).
+    while it runs). ``engine="ray"`` runs the jobs on ``jobs`` Ray actors instead of
+    local processes (:mod:`ulbcodec.ray_batch`), with the same records.
     """
     if skip_existing:
         todo = []
@@ -160,10 +163,16 @@ def run(
             else:
                 todo.append(task)
         tasks = todo
+    if engine == "ray":
+        from ulbcodec import ray_batch
+
+        if tasks:
+            yield from ray_batch.run(tasks, factory, job, jobs)
+        return
     if jobs <= 1 or len(tasks) <= 1:
         codec = factory()
         for task in tasks:
-            yield _guarded(job, codec, task)
+            yield guard(job, codec, task)
         return
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), initializer=_init_worker, initargs=(factory,))
     futures = {}
@@ -205,14 +214,15 @@ def _stop_workers(pool: ProcessPoolExecutor, futures) -> None:
 def _guarded_in_worker(job, task: Task) -> dict:
     _worker_state["busy"] = True
     try:
-        return _guarded(job, _worker_state["codec"], task)
+        return guard(job, _worker_state["codec"], task)
     except KeyboardInterrupt:
         os._exit(EXIT_INTERRUPTED)  # the job has unwound (temporary file removed); nothing else to do
     finally:
         _worker_state["busy"] = False
 
 
-def _guarded(job, codec, task: Task) -> dict:
+def guard(job, codec, task: Task) -> dict:
+    """Run one job; every failure becomes a record (``ok: False`` and one error line)."""
     t0 = time.perf_counter()
     base = {"input": str(task.src), "output": str(task.dst)}
     try:

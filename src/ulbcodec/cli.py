@@ -60,9 +60,11 @@ def _is_video_input(path: Path) -> bool:
 
 
 def _encode_job(encoders, task, quality: Optional[int], bpp: Optional[float], downscale: int, force: bool,
-                skip_existing: bool = False, budget=None, video=None, progress: bool = False) -> dict:
+                skip_existing: bool = False, budget=None, video=None, progress: bool = False,
+                quiet: bool = False) -> dict:
     if _is_video_input(task.src):
-        return _encode_video_job(encoders.video, task, quality, bpp, force, skip_existing, budget, video, progress)
+        return _encode_video_job(encoders.video, task, quality, bpp, force, skip_existing, budget, video, progress,
+                                 quiet)
     codec = encoders.image
     from ulbcodec.io import check_input, check_output, image_size, read_image, write_bytes
 
@@ -78,6 +80,10 @@ def _encode_job(encoders, task, quality: Optional[int], bpp: Optional[float], do
             weights = resources.weights_bytes(codec.package, None if uses_vae else ["anchor_codec"])
             budget.check(resources.estimate_encode(width, height, factor, uses_vae, weights),
                          f"encoding {width}x{height}" + (f" at 1/{factor} size" if factor > 1 else ""))
+        if codec.device.type != "cpu":  # from the image header, like the memory check
+            width, height = image_size(task.src)
+            _announce_device(codec, width, height, getattr(codec.model, "vae_channels", 0) > 0,
+                             f"encoding {width}x{height}", quiet, 1 if bpp is not None else downscale)
         rgb, notes = read_image(task.src)
         if bpp is not None:
             result, met = codec.encode_to_bpp(rgb, bpp)
@@ -93,7 +99,7 @@ def _encode_job(encoders, task, quality: Optional[int], bpp: Optional[float], do
 
 
 def _encode_video_job(codec, task, quality: Optional[int], bpp: Optional[float], force: bool, skip_existing: bool,
-                      budget, settings, progress: bool) -> dict:
+                      budget, settings, progress: bool, quiet: bool = False) -> dict:
     import dataclasses
 
     from tqdm import tqdm
@@ -110,6 +116,7 @@ def _encode_video_job(codec, task, quality: Optional[int], bpp: Optional[float],
 
             budget.check(resources.estimate_decode(width, height, 1, True, resources.weights_bytes(codec.package)),
                          f"encoding {width}x{height} video")
+        _announce_device(codec.image, width, height, True, f"encoding {width}x{height} video", quiet, video=True)
         settings = dataclasses.replace(settings, rate_level=quality)
         t0 = time.perf_counter()
         if bpp is not None:
@@ -163,7 +170,7 @@ def _decode_video(decoders, container, task, force: bool, video_format: str, los
 
 def _decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int = 1, seed: Optional[int] = None,
                 skip_existing: bool = False, budget=None, video_format: str = "mp4", lossless: bool = False,
-                progress: bool = False) -> dict:
+                progress: bool = False, quiet: bool = False) -> dict:
     from ulbcodec.bitstream import MEDIA_VIDEO, read_file
     from ulbcodec.io import (IMAGE_EXTENSIONS, check_input, check_output, image_format, input_error, video_output_kind,
                              write_image)
@@ -190,18 +197,22 @@ def _decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int 
 
                 budget.check(estimate_decode_file(h, codec.codec_for(h).package, True),
                              f"decoding {h.width}x{h.height} video")
+            _announce_device(codec.codec_for(h), h.width, h.height, True, f"decoding {h.width}x{h.height} video",
+                             quiet, video=True)
             dst, record = _decode_video(codec, container, task, force, video_format, lossless, progress)
             pixels = h.width * h.height * h.frames
             return {"output": str(dst), "width": h.width, "height": h.height, "rate_level": h.rate_level,
                     "bytes": container.total_bytes, "bpp": round(container.total_bytes * 8 / pixels, 6), **record}
         if not is_image_dst:
             raise ValueError(f"{task.src} is an image; write it to .png, .jpg, .webp or .tiff")
+        image_codec = codec.codec_for(h) if hasattr(codec, "codec_for") else codec
+        generative = image_codec.is_generative and not anchor_only
         if budget is not None:  # from the header, before entropy decoding
             from ulbcodec.resources import estimate_decode_file
 
-            image_codec = codec.codec_for(h) if hasattr(codec, "codec_for") else codec
-            budget.check(estimate_decode_file(h, image_codec.package, image_codec.is_generative and not anchor_only),
-                         f"decoding {h.width}x{h.height}")
+            budget.check(estimate_decode_file(h, image_codec.package, generative), f"decoding {h.width}x{h.height}")
+        _announce_device(image_codec, h.width, h.height, generative, f"decoding {h.width}x{h.height}", quiet,
+                         h.params.get("downscale", 1))
         rgb = codec.decode_container(container, anchor_only=anchor_only, steps=steps, seed=seed)
         write_image(task.dst, rgb, force=force)
     return {"width": h.width, "height": h.height, "rate_level": h.rate_level,
@@ -211,7 +222,7 @@ def _decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int 
 
 
 @functools.lru_cache(maxsize=2)
-def _load_codec(model: str, device: str):
+def _load_codec(model: str, device):
     from ulbcodec.image import ImageCodec
 
     return ImageCodec.from_pretrained(model, device=device)
@@ -221,8 +232,8 @@ class _Encoders:
     """The image and video encoders of one encode command, each loaded on first use:
     ``--model`` for both, else the default image model and the default video model."""
 
-    def __init__(self, model: Optional[str], device: str):
-        self.model, self.device = model, device
+    def __init__(self, model: Optional[str], device):
+        self.model, self.device = model, device  # a device name or a Placement
         self._image = self._video = None
 
     @property
@@ -242,7 +253,7 @@ class _Encoders:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_encoders(need_image: bool, need_video: bool, model: Optional[str], device: str) -> _Encoders:
+def _load_encoders(need_image: bool, need_video: bool, model: Optional[str], device) -> _Encoders:
     encoders = _Encoders(model, device)
     if need_image:  # load now: a bad --model fails once, before any work
         encoders.image
@@ -252,7 +263,7 @@ def _load_encoders(need_image: bool, need_video: bool, model: Optional[str], dev
 
 
 @functools.lru_cache(maxsize=2)
-def _load_decoders(model: Optional[str], device: str):
+def _load_decoders(model: Optional[str], device):
     from ulbcodec.image import DecoderSet
 
     return DecoderSet(model, device=device)
@@ -262,7 +273,7 @@ def _load_decoders(model: Optional[str], device: str):
 
 
 def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosity: int,
-               skip_existing: bool = False) -> None:
+               skip_existing: bool = False, engine: str = "local") -> None:
     from tqdm import tqdm
 
     from ulbcodec import batch
@@ -273,7 +284,7 @@ def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosi
     # themselves to the error lines.
     show_bar = verbosity >= 0 and len(tasks) > 1 and not as_json and sys.stderr.isatty()
     bar = tqdm(total=len(tasks), unit="file", disable=not show_bar, file=sys.stderr, leave=False)
-    records = batch.run(tasks, factory, job, jobs, skip_existing=skip_existing)
+    records = batch.run(tasks, factory, job, jobs, skip_existing=skip_existing, engine=engine)
     try:
         for record in records:
             bar.update(1)
@@ -357,6 +368,23 @@ class _Size(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class _Device(click.ParamType):
+    """A torch device this build can use (cpu, cuda, cuda:1, mps)."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        from ulbcodec.placement import DeviceError, resolve_device
+
+        if not isinstance(value, str):
+            return value
+        try:
+            resolve_device(value)
+        except DeviceError as exc:
+            self.fail(str(exc), param, ctx)
+        return value
+
+
 class _Shard(click.ParamType):
     """``I/N``: shard I (1-based) of N."""
 
@@ -372,6 +400,53 @@ class _Shard(click.ParamType):
         if not 1 <= index <= count <= 1_000_000:
             self.fail(f"{value!r}: need 1 <= I <= N", param, ctx)
         return index, count
+
+
+def _with_listed(inputs, from_list: Optional[str]):
+    """The command-line inputs followed by those of --from-list (one path per line)."""
+    if from_list is None:
+        return inputs
+    try:
+        if from_list == "-":
+            text = sys.stdin.read()
+        else:
+            with open(from_list, encoding="utf-8", errors="surrogateescape") as fh:
+                text = fh.read()
+    except OSError as exc:
+        _fail(f"{from_list}: cannot read the input list ({exc.strerror or exc})")
+    except UnicodeDecodeError:
+        _fail(f"{from_list}: the input list is not text")
+    return tuple(inputs) + tuple(line for line in text.splitlines() if line.strip())
+
+
+def _check_engine(engine: str) -> None:
+    """--engine ray without Ray installed: one line, before any model is loaded."""
+    if engine == "ray":
+        from ulbcodec.ray_batch import RayUnavailable, import_ray
+
+        try:
+            import_ray()
+        except RayUnavailable as exc:
+            _fail(str(exc))
+
+
+def _placement(device: str, offload: str):
+    import torch
+
+    from ulbcodec.placement import Placement
+
+    return Placement(torch.device(device), offload)
+
+
+def _announce_device(codec, width: int, height: int, generative: bool, what: str, quiet: bool,
+                     downscale: int = 1, video: bool = False) -> None:
+    """On a GPU, before the job: its device-memory estimate (one line, unless -q), or a
+    one-line refusal when it cannot fit the free memory."""
+    from ulbcodec.placement import device_report
+
+    line = device_report(codec.package, codec.placement, width, height, generative, what, downscale, video)
+    if line and not quiet:
+        click.echo(f"ulbc: {line}", err=True)
 
 
 def _sharded(tasks, shard):
@@ -391,7 +466,7 @@ def _plan(inputs, output, out_dir, recursive, in_exts, suffix):
         raise click.UsageError(str(exc)) from None
 
 
-def _factory(loader, model: Optional[str], device: str):
+def _factory(loader, model: Optional[str], device):
     """Load the model once up front so that a bad --model fails once, clearly; return a
     picklable factory for the batch workers."""
     from ulbcodec.models.package import ModelError
@@ -409,9 +484,19 @@ common_batch = [
     click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file (one input)."),
     click.option("--out-dir", type=click.Path(file_okay=False), help="Output folder (several inputs, folders)."),
     click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders (mirrored under --out-dir)."),
-    click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda, ...)."),
-    click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
-                 help="Parallel worker processes (one model load each)."),
+    click.option("--device", type=_Device(), default="cpu", show_default=True,
+                 help="torch device (cpu, cuda, cuda:1, ...): on a GPU the diffusion models run in bfloat16."),
+    click.option("--offload", type=click.Choice(["auto", "none", "model"]), default="auto", show_default=True,
+                 help="GPU: keep the diffusion models in host memory and move each to the device for its own "
+                      "step (model); auto: when the whole model does not fit the free GPU memory."),
+    click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 4096),
+                 help="Parallel workers (one model load each): local processes, or Ray actors with --engine ray."),
+    click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                 help="Where the workers run: local processes, or Ray actors (pip install 'ulbc[ray]'; "
+                      "RAY_ADDRESS=auto joins a running cluster, else a local one is started)."),
+    click.option("--from-list", "from_list", type=click.Path(dir_okay=False, allow_dash=True),
+                 help="Also take the input paths in FILE, one per line ('-': standard input), for batches "
+                      "too large for a command line."),
     click.option("--json", "as_json", is_flag=True, help="Print one JSON record per file to stdout."),
     click.option("-f", "--force", is_flag=True, help="Overwrite existing outputs."),
     click.option("--skip-existing", is_flag=True,
@@ -476,9 +561,9 @@ def cli() -> None:
 @click.option("--keyframe-group", type=click.IntRange(1, 64),
               help="Video: keyframes coded when a prediction fails, 1..K [default: K, the model's conditioning "
                    "frames]; the first group is always K.")
-def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, skip_existing, max_memory, shard,
-           quiet, verbose, quality, bpp, downscale, threshold, metric, max_gop, video_seed, generative_keyframes,
-           anchored, anchor_level, guide_timestep, pred_steps, keyframe_group):
+def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, engine, from_list, as_json, force,
+           skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, threshold, metric, max_gop,
+           video_seed, generative_keyframes, anchored, anchor_level, guide_timestep, pred_steps, keyframe_group):
     """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files."""
     from ulbcodec.batch import Task
     from ulbcodec.io import READ_EXTENSIONS, VIDEO_EXTENSIONS
@@ -488,6 +573,8 @@ def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
         raise click.UsageError("use either --quality or --bpp, not both")
     if bpp is not None and downscale != "1":
         raise click.UsageError("--bpp chooses the downscale factor itself; drop --downscale")
+    inputs = _with_listed(inputs, from_list)
+    _check_engine(engine)
     if len(inputs) == 1 and Path(inputs[0]).is_dir() and output and not out_dir:
         tasks = [Task(Path(inputs[0]), Path(output))]  # one folder to one file: a sequence of frames
     else:
@@ -496,7 +583,7 @@ def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
     need_video = any(_is_video_input(t.src) for t in tasks)
     need_image = not all(_is_video_input(t.src) for t in tasks)
     budget = _batch_limits("encode", tasks, jobs, force, skip_existing, max_memory)
-    factory = _factory(functools.partial(_load_encoders, need_image, need_video), model, device)
+    factory = _factory(functools.partial(_load_encoders, need_image, need_video), model, _placement(device, offload))
     if need_video and metric == "lpips":
         from ulbcodec.metrics import available_metrics
 
@@ -514,9 +601,9 @@ def encode(inputs, output, out_dir, recursive, model, device, jobs, as_json, for
                              guide_timestep=guide_timestep, steps=pred_steps, keyframe_group=keyframe_group)
     verbosity = _verbosity(quiet, verbose)
     job = functools.partial(_encode_job, quality=quality, bpp=bpp, downscale=int(downscale), force=force,
-                            skip_existing=skip_existing, budget=budget, video=settings,
+                            skip_existing=skip_existing, budget=budget, video=settings, quiet=verbosity < 0,
                             progress=_frame_progress(tasks, jobs, as_json, verbosity))
-    _run_batch("encoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing)
+    _run_batch("encoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing, engine)
 
 
 def _frame_progress(tasks, jobs: int, as_json: bool, verbosity: int) -> bool:
@@ -541,25 +628,28 @@ def _frame_progress(tasks, jobs: int, as_json: bool, verbosity: int) -> bool:
               help="Output format of videos under --out-dir (frames: a folder of PNGs).")
 @click.option("--lossless", is_flag=True,
               help="Videos to mp4/mkv: lossless RGB H.264 (qp 0) instead of high-quality 4:2:0 (crf 12).")
-def decode(inputs, output, out_dir, recursive, model, device, jobs, as_json, force, skip_existing, max_memory, shard,
-           quiet, verbose, fmt, anchor_only, steps, seed, video_format, lossless):
+def decode(inputs, output, out_dir, recursive, model, device, offload, jobs, engine, from_list, as_json, force,
+           skip_existing, max_memory, shard, quiet, verbose, fmt, anchor_only, steps, seed, video_format, lossless):
     """Decode .ulb files: images to png, jpg, webp or tiff; videos to mp4, mkv, y4m or a folder
     of frames (from the -o extension; a name without one is a folder)."""
     from ulbcodec.io import IMAGE_EXTENSIONS, VIDEO_WRITE_EXTENSIONS
 
+    _check_engine(engine)
+    inputs = _with_listed(inputs, from_list)
     tasks = _sharded(_plan(inputs, output, out_dir, recursive, [".ulb"], "." + fmt), shard)
     if output and Path(output).suffix.lower() not in IMAGE_EXTENSIONS.keys() | VIDEO_WRITE_EXTENSIONS | {""}:
         raise click.UsageError(f"{output}: unsupported output format {Path(output).suffix}; use .png, .jpg, .webp, "
                                ".tiff (images), .mp4, .mkv, .y4m or a folder name (videos)")
     budget = _batch_limits("decode", tasks, jobs, force, skip_existing, max_memory)
-    factory = _factory(_load_decoders, model, device)
+    factory = _factory(_load_decoders, model, _placement(device, offload))
     if anchor_only and steps > 1:
         raise click.UsageError("--steps applies to the generative decoder; drop --anchor-only")
     verbosity = _verbosity(quiet, verbose)
     job = functools.partial(_decode_job, force=force, anchor_only=anchor_only, steps=steps, seed=seed,
+                            quiet=verbosity < 0,
                             skip_existing=skip_existing, budget=budget, video_format=video_format, lossless=lossless,
                             progress=_frame_progress(tasks, jobs, as_json, verbosity))
-    _run_batch("decoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing)
+    _run_batch("decoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing, engine)
 
 
 @cli.command()
