@@ -142,24 +142,57 @@ def run_baselines(image_paths, codecs, downscales, quick: bool, max_bpp: float, 
         return [row for rows in pool.imap_unordered(_run_variant_task, tasks) for row in rows]
 
 
-def run_ulbc(model: str, image_paths: list[str], downscales=(1, 2, 4)) -> list[dict]:
+_worker: dict = {}
+
+
+def _load_codec_in_worker(model: str) -> None:
+    import torch
+
+    from ulbcodec.image import ImageCodec
+
+    torch.set_num_threads(1)  # the processes are the parallelism
+    _worker["codec"] = ImageCodec.from_pretrained(model)
+
+
+def _with_worker_codec(task: tuple) -> list[dict]:
+    fn, *args = task
+    return fn(_worker["codec"], *args)
+
+
+def map_images(model: str, fn, tasks: list[tuple], jobs: int) -> list[list[dict]]:
+    """``[fn(codec, *task) for task in tasks]`` with the ulbc model ``model`` loaded once
+    per process: in this process for ``jobs=1``, else in ``jobs`` worker processes of
+    one torch thread each (results in task order). ``fn`` must be a module-level function."""
+    if jobs <= 1:
+        from ulbcodec.image import ImageCodec
+
+        codec = ImageCodec.from_pretrained(model)
+        return [fn(codec, *task) for task in tasks]
+    with multiprocessing.get_context("spawn").Pool(jobs, _load_codec_in_worker, (model,)) as pool:
+        return pool.map(_with_worker_codec, [(fn, *task) for task in tasks], chunksize=1)
+
+
+def _ulbc_rows(codec, path: str, downscale: int) -> list[dict]:
+    # like the baselines: ulbc@1/f codes a 1/f-size image (the .ulb header records f)
+    curve = ULBC if downscale == 1 else f"{ULBC}@1/{downscale}"
+    return [_coded_row(path, curve, ULBC, downscale, level,
+                       lambda ref, lv=level: codec.encode(ref, rate_level=lv, downscale=downscale).data, codec.decode)
+            for level in codec.rate_levels]
+
+
+def run_ulbc(model: str, image_paths: list[str], downscales=(1, 2, 4), jobs: int = 1) -> list[dict]:
     try:
         from ulbcodec.image import ImageCodec
-    except ImportError as e:
-        sys.exit(f"ulbc's image codec is not importable ({e}).\n"
-                 "ulbcodec.image.ImageCodec may not be built yet; run with --no-ulbc for the baselines.")
-    try:
-        codec = ImageCodec.from_pretrained(model)
-    except Exception as e:
+
+        ImageCodec.from_pretrained(model)
+    except Exception as e:  # noqa: BLE001 - say why, and how to run without it
         sys.exit(f"cannot load ulbc model {model!r}: {e}\nRun with --no-ulbc for the baselines alone.")
-    rows = []
-    for downscale in downscales:
-        # like the baselines: ulbc@1/f codes a 1/f-size image (the .ulb header records f)
-        curve = ULBC if downscale == 1 else f"{ULBC}@1/{downscale}"
-        for level in codec.rate_levels:
-            rows += [_coded_row(path, curve, ULBC, downscale, level,
-                                lambda ref, lv=level, f=downscale: codec.encode(ref, rate_level=lv, downscale=f).data,
-                                codec.decode) for path in image_paths]
+    tasks = [(path, f) for f in downscales for path in image_paths]
+    rows = [row for rows in map_images(model, _ulbc_rows, tasks, jobs) for row in rows]
+    rows.sort(key=lambda r: (r["downscale"], r["setting"], r["image"]))  # the order of a serial run
+    for f in downscales:
+        curve = ULBC if f == 1 else f"{ULBC}@1/{f}"
+        for level in sorted({r["setting"] for r in rows if r["curve"] == curve}):
             mean_bpp = np.mean([r["bpp"] for r in rows if r["setting"] == level and r["curve"] == curve])
             print(f"  {curve:10s} level={level:<3d} mean {mean_bpp:.4f} bpp", file=sys.stderr, flush=True)
     return rows
@@ -254,7 +287,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--codecs", default=",".join(baselines.CODECS), help="comma-separated baseline codecs")
     parser.add_argument("--downscales", default=",".join(map(str, baselines.DOWNSCALES)),
                         help="comma-separated downscale factors")
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes for the baselines (one per variant)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes: ulbc (one per image and downscale) and the baselines (one per variant)")
     args = parser.parse_args(argv)
     args.codecs = [c for c in args.codecs.split(",") if c]
     args.downscales = [int(f) for f in args.downscales.split(",") if f]
@@ -273,7 +307,7 @@ def main(argv=None) -> None:
         print(f"note: MS-SSIM is undefined (NaN) for images under {metrics.MS_SSIM_MIN_SIDE} px: {small}",
               file=sys.stderr)
     have_ulbc = not args.no_ulbc
-    rows = run_ulbc(args.ulbc_model, image_paths) if have_ulbc else []
+    rows = run_ulbc(args.ulbc_model, image_paths, jobs=args.jobs) if have_ulbc else []
     rows += run_baselines(image_paths, args.codecs, args.downscales, args.quick, args.max_bpp, args.jobs)
     summary = write_outputs(rows, average_curves(rows), args, have_ulbc)
     print(summary)

@@ -229,7 +229,9 @@ def main(argv=None) -> None:
     p.add_argument("--plots", type=Path, default=None, help="copy the RD plots here (docs/benchmarks)")
     p.add_argument("--speed", action="store_true")
     p.add_argument("--anchored-levels", type=int, nargs="*", default=[1],
-                   help="also run ulbc with anchored rounds at these keyframe levels (same thresholds)")
+                   help="also run ulbc with anchored rounds at these keyframe levels")
+    p.add_argument("--anchored-thresholds", type=float, nargs="*", default=[0.5],
+                   help="... and these thresholds (the high one: where predictions fail and anchors can help)")
     args = p.parse_args(argv)
     from ulbcodec.video import VideoCodec
 
@@ -242,7 +244,8 @@ def main(argv=None) -> None:
         print(f"{name}: {frames.shape[2]}x{frames.shape[1]}, {len(frames)} frames", file=sys.stderr, flush=True)
         rows += run_ulbc(codec, name, frames, fps, args.levels, args.thresholds, args.out)
         if args.anchored_levels:
-            rows += run_ulbc(codec, name, frames, fps, args.anchored_levels, args.thresholds, args.out, anchored=True)
+            rows += run_ulbc(codec, name, frames, fps, args.anchored_levels, args.anchored_thresholds, args.out,
+                             anchored=True)
         rows += run_baselines(name, frames, fps, args.codecs, args.max_bpp)
     keys = sorted({k for r in rows for k in r})
     with open(args.out / "points.csv", "w", newline="") as f:
@@ -286,7 +289,7 @@ At most 0.03 bpp (plus the nearest point above):
 
 {bd_table(rows, args.codecs, 0.03)}
 
-### Anchored rounds: ulbc-anchored against plain ulbc at the same settings
+### Anchored rounds: ulbc-anchored against plain ulbc at the same settings (levels {args.anchored_levels}, thresholds {args.anchored_thresholds})
 
 {anchored_table(rows) if args.anchored_levels else "not run"}
 
