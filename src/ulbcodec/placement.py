@@ -193,8 +193,9 @@ def device_estimate(package, width: int, height: int, generative: bool, placemen
     ``package`` under ``placement``; see the module docstring for the terms."""
     run_bytes = torch.finfo(placement.diffusers_dtype).bits // 8
     anchor = 4 * parameter_count(package, "anchor_codec")  # float32 on every device
-    large = [n for n, c in package.components.items() if c["class"] not in ("AnchorCodec",)
-             and (c.get("diffusers") or c.get("external"))] if (generative or video) else []
+    # the diffusers components (VAE, transformer, predictor): in a sub-directory or referenced
+    large = [n for n, c in package.components.items()
+             if c.get("diffusers") or c.get("external")] if (generative or video) else []
     sizes = [run_bytes * parameter_count(package, n) for n in large]
     resident = anchor + (max(sizes, default=0) if placement.offloading else sum(sizes))
     coded = padded_pixels(width, height, downscale)

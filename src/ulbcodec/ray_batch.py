@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from ulbcodec.batch import Task, guard
@@ -60,14 +61,8 @@ class _Coder:
         self.codec, self.job = factory(), job
 
     def __call__(self, row: dict) -> dict:
-        task = Task(_path(row["src"]), _path(row["dst"]), bool(row["planned"]))
+        task = Task(Path(row["src"]), Path(row["dst"]), bool(row["planned"]))
         return {"record": json.dumps(guard(self.job, self.codec, task))}
-
-
-def _path(text: str):
-    from pathlib import Path
-
-    return Path(os.fsdecode(os.fsencode(text)))
 
 
 def run(tasks: Sequence[Task], factory: Callable[[], object], job: Callable[[object, Task], dict],
