@@ -140,9 +140,9 @@ def _on(module, device: torch.device) -> bool:
 
 
 def _tensor_elements(path: Path) -> int:
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+    from ulbcodec.models.package import _safetensors_header  # the packages' own checked header reader
+
+    header = json.loads(_safetensors_header(path)[8:])
     total = 0
     for name, info in header.items():
         if name != "__metadata__":
