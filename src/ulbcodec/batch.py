@@ -115,12 +115,23 @@ def _shard_of(src: Path, count: int) -> int:
 _worker_state: dict = {"busy": False}
 
 
+def interrupt_once(signum, frame) -> None:
+    """Signal handler: the first SIGTERM/SIGINT unwinds like Ctrl-C (so that temporary
+    files are removed), and later ones are ignored. A second signal must not land inside
+    that unwinding: a SIGTERM to the whole process group reaches a worker once from the
+    scheduler and once more from the main process stopping its workers, and a second
+    KeyboardInterrupt raised inside a ``finally`` skips the cleanup it was doing."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def _worker_signal(signum, frame) -> None:
     # In a worker, SIGTERM/SIGINT unwind the current file like in the main process (so
     # that its temporary output is removed); between files there is nothing to clean up
     # and the worker leaves at once, without the traceback multiprocessing would print.
     if _worker_state["busy"]:
-        raise KeyboardInterrupt
+        interrupt_once(signum, frame)
     os._exit(EXIT_INTERRUPTED)
 
 

@@ -21,7 +21,8 @@ from typing import List, Optional
 import click
 
 from ulbcodec import __version__
-from ulbcodec.bitstream import DOWNSCALES  # stdlib-only module: keeps `ulbc --help` fast
+from ulbcodec.batch import interrupt_once  # stdlib-only modules: keep `ulbc --help` fast
+from ulbcodec.bitstream import DOWNSCALES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -885,14 +886,11 @@ def demo(out, model):
                    f"{ms_ssim(rgb, decoded):>8.4f}  {ulb} -> {png}")
 
 
-def _terminate(signum, frame):
-    # SIGTERM (a batch scheduler, `kill`) unwinds like Ctrl-C, so that temporary files are
-    # removed and no partial output is left behind.
-    raise KeyboardInterrupt
-
-
 def main(argv: Optional[List[str]] = None) -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM (a batch scheduler, `kill`) unwinds like Ctrl-C, so that temporary files are
+    # removed and no partial output is left behind; a repeated signal does not cut that short.
+    signal.signal(signal.SIGTERM, interrupt_once)
+    signal.signal(signal.SIGINT, interrupt_once)
     try:
         cli.main(args=argv, prog_name="ulbc", standalone_mode=False)
     except click.UsageError as exc:
