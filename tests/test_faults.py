@@ -515,6 +515,34 @@ def test_image_truncated_between_header_and_pixels(tiny_model, images, tmp_path,
 # ------------------------------------------------------------------ signals, concurrency, dead workers
 
 
+_SECOND_SIGNAL_IN_CLEANUP = """
+import os, signal, sys, time
+from ulbcodec.batch import interrupt_once
+signal.signal(signal.SIGTERM, interrupt_once)
+try:
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)  # a second one while cleaning up
+        time.sleep(0.2)
+        open(sys.argv[1], "w").write("cleaned up")
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_a_second_sigterm_does_not_cut_the_cleanup_short(tmp_path):
+    """A SIGTERM to a process group reaches a worker twice (from the scheduler, then from
+    the main process stopping its workers); the second must not interrupt the unwinding
+    that removes temporary files."""
+    marker = tmp_path / "marker"
+    r = subprocess.run([sys.executable, "-c", _SECOND_SIGNAL_IN_CLEANUP, str(marker)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 130, r.stderr
+    assert marker.read_text() == "cleaned up"
+
+
 def _group_alive(pgid: int) -> list:
     """Live (non-zombie) processes of a process group, from /proc."""
     alive = []
