@@ -36,7 +36,8 @@ TINY_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=16, in_channel
                         max_text_seq_length=3, use_rotary_positional_embeddings=True)
 
 
-def make_tiny_generative_package(root: Path, name: str = "tinygen", seed: int = 0, vae_channels: int = 0) -> Path:
+def make_tiny_generative_package(root: Path, name: str = "tinygen", seed: int = 0, vae_channels: int = 0,
+                                 next_frame: dict | None = None) -> Path:
     """An anchor codec + CogVideoX VAE/transformer/scheduler + prompt embeddings, random."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 
@@ -53,7 +54,7 @@ def make_tiny_generative_package(root: Path, name: str = "tinygen", seed: int = 
                "scheduler": CogVideoXDDIMScheduler(**SCHEDULER_CONFIG),
                "prompt_embeds": torch.randn(1, 3, 8)}
     save_package(root / name, name, modules, [RateLevel(i) for i in range(3)],
-                 description="tiny random generative model for tests")
+                 description="tiny random generative model for tests", next_frame=next_frame)
     return root / name
 
 

@@ -177,3 +177,67 @@ def test_cli_generative_and_anchor_only_decode(tiny_model, small, tmp_path):
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     generative = {row["name"]: row["generative"] for row in rows}
     assert generative["tiny"] is False and generative["tinygen"] is True
+
+
+def test_one_frame_convolutions_match_the_diffusers_vae():
+    """The 2-D fast path of the VAE's causal convolutions gives the diffusers outputs (to
+    float rounding) for one frame, and leaves multi-frame clips on the diffusers path."""
+    import copy
+
+    from diffusers import AutoencoderKLCogVideoX
+    from diffusers.models.autoencoders.autoencoder_kl_cogvideox import CogVideoXCausalConv3d
+
+    from conftest import TINY_VAE
+    from ulbcodec.models.single_frame import use_one_frame_convolutions
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(**TINY_VAE).eval()
+    fast = use_one_frame_convolutions(copy.deepcopy(vae))
+    use_one_frame_convolutions(fast)  # idempotent
+    convs = [m for m in fast.modules() if isinstance(m, CogVideoXCausalConv3d)]
+    assert convs and all(type(m).__name__.startswith("OneFrame") for m in convs)
+    assert all(type(m).__mro__[1] is CogVideoXCausalConv3d for m in convs)  # wrapped once
+    x = torch.rand(1, 3, 1, 64, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    clip = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        for inputs in (x, clip):
+            z, z_fast = (m.encode(inputs).latent_dist.mode() for m in (vae, fast))
+            torch.testing.assert_close(z_fast, z, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(fast.decode(z).sample, vae.decode(z).sample, atol=1e-5, rtol=1e-5)
+    assert fast.state_dict().keys() == vae.state_dict().keys()
+    # one frame, no cache: the 2-D path ran (its cache is a view of the frame, not a copy)
+    frame = torch.rand(1, convs[0].conv.in_channels, 1, 8, 8)
+    _, cache = convs[0](frame)
+    assert cache.shape[2] == convs[0].time_kernel_size - 1 and cache.stride(2) == 0
+
+
+def test_anchor_residual_output_is_in_the_manifest_and_the_digest(tmp_path, small, monkeypatch):
+    """``"next_frame": {"output": "anchor_residual"}``: a version-3 manifest whose digest
+    differs from the same weights without it; a prediction that changes nothing (x0 = the
+    anchor's own latent) then decodes to exactly the anchor frame."""
+    plain = ModelPackage.load_manifest(make_tiny_generative_package(tmp_path, "plain"))
+    root = make_tiny_generative_package(tmp_path, "resid", next_frame={"output": "anchor_residual"})
+    resid = ModelPackage.load_manifest(root)
+    manifest = json.loads((root / "ulbc_model.json").read_text())
+    assert manifest["format_version"] == 3 and manifest["next_frame"] == {"output": "anchor_residual"}
+    assert resid.digest != plain.digest and resid.next_frame_setting("output") == "anchor_residual"
+    assert plain.next_frame_setting("output") == "latent"
+    codec = ImageCodec.from_pretrained(str(root))
+    assert codec.next_frame.output == "anchor_residual"
+    data = codec.encode(small, 1).data
+    generated = codec.decode(data)
+    assert np.array_equal(generated, codec.decode(data))
+    monkeypatch.setattr(next_frame.NextFramePipeline, "predict_clean", lambda self, a, z, t=500: a)
+    assert np.array_equal(codec.decode(data), codec.decode(data, anchor_only=True))
+    assert not np.array_equal(generated, codec.decode(data))
+
+
+@pytest.mark.parametrize("setting, message", [({"output": "pixels"}, "must be one of"),
+                                              ({"steps": 4}, "unknown next_frame setting")])
+def test_bad_next_frame_settings_are_refused(tmp_path, setting, message):
+    root = make_tiny_generative_package(tmp_path, "g")
+    manifest = json.loads((root / "ulbc_model.json").read_text())
+    manifest["next_frame"] = setting
+    (root / "ulbc_model.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=message):
+        ModelPackage.load_manifest(root)

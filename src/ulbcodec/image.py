@@ -143,7 +143,8 @@ class ImageCodec:
                 return self.package.build(name, device=str(place.home), dtype=place.diffusers_dtype)
 
             self._next_frame = NextFramePipeline(build("vae"), build("transformer"), build("scheduler"),
-                                                 build("prompt_embeds").to(self.device), placement=place)
+                                                 build("prompt_embeds").to(self.device), placement=place,
+                                                 output=self.package.next_frame_setting("output"))
         return self._next_frame
 
     def next_frame_for(self, rate_level: Optional[int] = None):

@@ -37,6 +37,8 @@ from typing import Iterator, Optional
 
 import torch
 
+# the packages' own file layout and checked safetensors header reader
+from ulbcodec.models.package import component_folder, safetensors_header, weight_file_sets
 from ulbcodec.resources import MiB, format_size, padded_pixels
 
 OFFLOAD_MODES = ("auto", "none", "model")
@@ -140,9 +142,7 @@ def _on(module, device: torch.device) -> bool:
 
 
 def _tensor_elements(path: Path) -> int:
-    from ulbcodec.models.package import _safetensors_header  # the packages' own checked header reader
-
-    header = json.loads(_safetensors_header(path)[8:])
+    header = json.loads(safetensors_header(path)[8:])
     total = 0
     for name, info in header.items():
         if name != "__metadata__":
@@ -155,16 +155,8 @@ def _tensor_elements(path: Path) -> int:
 
 def parameter_count(package, component: str) -> int:
     """Elements of a component's weights, read from its safetensors headers (no load)."""
-    comp = package.components[component]
-    root = Path(package.root)
-    if comp.get("weights"):
-        files = [root / comp["weights"]]
-    elif comp.get("levels"):  # one level's file is loaded at a time
-        return max(_tensor_elements(root / f) for f in comp["levels"].values())
-    else:
-        folder = Path(comp["external"]["path"]) if comp.get("external") else root / comp.get("diffusers", "")
-        files = sorted(folder.rglob("*.safetensors")) if folder.is_dir() else []
-    return sum(_tensor_elements(f) for f in files)
+    sets = weight_file_sets(package.root, package.components[component])
+    return max(sum(_tensor_elements(f) for f in files if f.is_file()) for files in sets)
 
 
 @dataclass(frozen=True)
@@ -218,7 +210,7 @@ def device_estimate(package, width: int, height: int, generative: bool, placemen
 def _diffusers_config(package, comp: Optional[dict]) -> dict:
     if comp is None:
         return {}
-    folder = Path(comp["external"]["path"]) if comp.get("external") else Path(package.root) / comp.get("diffusers", "")
+    folder = component_folder(package.root, comp)
     with contextlib.suppress(OSError, ValueError):
         return json.loads((folder / "config.json").read_text())
     return {}

@@ -126,13 +126,9 @@ def padded_pixels(width: int, height: int, downscale: int = 1) -> int:
 
 
 def _component_bytes(root: Path, comp: dict) -> int:
-    if comp.get("weights"):
-        path = root / comp["weights"]
-        return path.stat().st_size if path.is_file() else 0
-    if comp.get("levels"):  # one rate level's file is loaded at a time
-        return max(_component_bytes(root, {"weights": f}) for f in comp["levels"].values())
-    folder = Path(comp["external"]["path"]) if comp.get("external") else root / comp.get("diffusers", "")
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+    from ulbcodec.models.package import weight_file_sets
+
+    return max(sum(f.stat().st_size for f in files if f.is_file()) for files in weight_file_sets(root, comp))
 
 
 DEFAULT_LIMIT_FRACTION = 0.75

@@ -290,7 +290,7 @@ def import_i2v_predictor(base_dir, image_model: str, out_dir, pred_frames: int =
         levels = [RateLevel(**lv) for lv in manifest["rate_levels"]]
         write_manifest(package_dir, out.name, {**manifest["components"], **components}, levels,
                        description=f"{image.name} + image-to-video predictor {base}",
-                       extra={**manifest.get("extra", {}), "video": video})
+                       extra={**manifest.get("extra", {}), "video": video}, next_frame=manifest.get("next_frame"))
         # Check that it loads and the predictor fits, before it gets its name.
         from ulbcodec.video import VideoCodec
 

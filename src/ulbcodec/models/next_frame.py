@@ -19,6 +19,18 @@ latent frame and the transformer packs 2 latent frames into one temporal token: 
 and [Z, Z] are then two tokens in time. ᾱ_t comes from the scheduler, so the pipeline
 owns no diffusion maths of its own. Nothing random is drawn in one-step decoding.
 
+Output ``"anchor_residual"`` (a ulbc option a package can choose; the published decoder
+is ``"latent"``, the default): the image is the anchor frame plus what the prediction
+changes in the VAE's pixels, ``anchor + VAE.decode(x0) − VAE.decode(A)``. A small VAE
+trained in-project loses more on reconstruction than the anchor codec does; its error
+on the anchor is known to the decoder and cancels, so the VAE ceiling no longer caps the
+fidelity the anchor already carries, and the prediction only has to add detail (one
+more VAE decode)::
+
+    anchor frame ───────────────────────────────────────────┐
+    x0 ─► VAE.decode ─┐                                     ├─► + ─► clamp ─► image
+    A  ─► VAE.decode ─┴─► − ────────────────────────────────┘
+
 Multi-step decoding (``steps > 1``, the "stage I" model of the paper) starts the target
 frames from seeded Gaussian noise and runs the scheduler's sampler conditioned on [A, A].
 
@@ -41,6 +53,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from ulbcodec.models.single_frame import use_one_frame_convolutions
 
 
 # Tiles, in latent pixels (x8 for image pixels). 64 latents = 512 px per transformer
@@ -139,15 +153,19 @@ class NextFramePipeline:
     methods); callers choose ``torch.no_grad()``."""
 
     def __init__(self, vae, transformer, scheduler, prompt_embeds: Tensor,
-                 dtype: Optional[torch.dtype] = torch.bfloat16, placement=None):
+                 dtype: Optional[torch.dtype] = torch.bfloat16, placement=None, output: str = "latent"):
         from ulbcodec.placement import Placement
 
         self.placement = placement or Placement(next(transformer.parameters()).device)
-        self.vae = vae
+        # Every VAE call here is on one frame: its causal 3-D convolutions become 2-D ones.
+        self.vae = use_one_frame_convolutions(vae)
         self.transformer = transformer
         self.scheduler = scheduler
         self.prompt_embeds = prompt_embeds
         self.dtype = dtype
+        if output not in ("latent", "anchor_residual"):
+            raise ValueError(f"unknown next-frame output {output!r}")
+        self.output = output
         cfg = transformer.config
         self.patch_size = cfg.patch_size
         self.head_dim = cfg.attention_head_dim
@@ -205,6 +223,13 @@ class NextFramePipeline:
             x = self.scheduler.step(v, t, x, return_dict=False)[0]
         return x
 
+    def to_image(self, latent: Tensor, anchor_frame: Tensor, anchor_latent: Tensor, clamp: bool = True) -> Tensor:
+        """The decoded image of the predicted latent, by the pipeline's ``output`` rule."""
+        if self.output == "latent":
+            return self.decode_latent(latent, clamp)
+        image = anchor_frame + self.decode_latent(latent, clamp=False) - self.decode_latent(anchor_latent, clamp=False)
+        return image.clamp(0, 1) if clamp else image
+
     # ---------------------------------------------------------------- whole images
 
     def decode_image(self, anchor_frame: Tensor, bypass_latent: Optional[Tensor], steps: int = 1, seed: int = 0) -> Tensor:
@@ -231,5 +256,9 @@ class NextFramePipeline:
                 latent = blended_tiles(lambda a, n: self.sample(a, n, steps), anchor_latent, noise, tile=LATENT_TILE,
                                        overlap=LATENT_OVERLAP)
         with use(self.vae):
-            return blended_tiles(self.decode_latent, latent, tile=VAE_TILE // 8, overlap=VAE_OVERLAP // 8,
-                                 scale=Fraction(8))
+            if self.output == "latent":
+                return blended_tiles(self.decode_latent, latent, tile=VAE_TILE // 8, overlap=VAE_OVERLAP // 8,
+                                     scale=Fraction(8))
+            change = blended_tiles(lambda x0, a: self.decode_latent(x0, clamp=False) - self.decode_latent(a, clamp=False),
+                                   latent, anchor_latent, tile=VAE_TILE // 8, overlap=VAE_OVERLAP // 8, scale=Fraction(8))
+            return (anchor_frame + change).clamp(0, 1)

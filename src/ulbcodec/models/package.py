@@ -34,6 +34,10 @@ garbage. Loading verifies the recorded digest against the files on disk. An exte
 directory enters the digest through its recorded fingerprint, which loading checks
 against the directory (its path does not enter the digest: a moved base model only
 needs the path edited).
+
+A manifest may also hold ``"next_frame"``, settings of the next-frame decoder that are
+not weights (:data:`NEXT_FRAME_SETTINGS`); they change decoded pixels, so they enter the
+digest too.
 """
 
 from __future__ import annotations
@@ -51,8 +55,12 @@ from safetensors.torch import load_file, save_file
 
 MANIFEST = "ulbc_model.json"
 FORMAT = "ulbc-model"
-FORMAT_VERSION = 2  # 2: components with "levels" or "external" (others are still written as 1)
+FORMAT_VERSION = 3  # 2: components with "levels" or "external"; 3: "next_frame" settings (others: 1)
 DIGEST_BYTES = 8
+# Next-frame decoder settings a manifest may give, with their allowed values (the first
+# is the default): "output" is what the VAE-decoded prediction becomes, see
+# ulbcodec/models/next_frame.py.
+NEXT_FRAME_SETTINGS = {"output": ("latent", "anchor_residual")}
 
 
 class ModelError(ValueError):
@@ -99,6 +107,24 @@ def _component_files(root: Path, comp: dict) -> List[Path]:
     return []
 
 
+def weight_file_sets(root: Path, comp: dict) -> List[List[Path]]:
+    """The safetensors files a component loads, as alternatives: one set, or one per
+    rate level for a per-level component (one level's file is loaded at a time). An
+    external directory counts; a missing file or folder is left out (for estimates)."""
+    root = Path(root)
+    if comp.get("weights"):
+        return [[root / comp["weights"]]]
+    if comp.get("levels"):
+        return [[root / f] for f in comp["levels"].values()]
+    folder = component_folder(root, comp)
+    return [sorted(folder.rglob("*.safetensors")) if folder.is_dir() else []]
+
+
+def component_folder(root: Path, comp: dict) -> Path:
+    """The diffusers directory of a component: its sub-directory, or the external one."""
+    return Path(comp["external"]["path"]) if comp.get("external") else Path(root) / comp.get("diffusers", "")
+
+
 def sha256_file(path) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
@@ -108,7 +134,7 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def _safetensors_header(path: Path) -> bytes:
+def safetensors_header(path: Path) -> bytes:
     """The 8-byte length and the JSON header (names, dtypes, shapes, offsets) of a file."""
     with open(path, "rb") as f:
         head = f.read(8)
@@ -137,13 +163,16 @@ def external_digest(folder) -> str:
     h = hashlib.sha256()
     for path in files:
         h.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0".encode())
-        h.update(path.read_bytes() if path.suffix == ".json" else _safetensors_header(path))
+        h.update(path.read_bytes() if path.suffix == ".json" else safetensors_header(path))
     return h.hexdigest()
 
 
-def compute_digest(components: Dict[str, dict], root: Path) -> str:
-    """SHA-256 over canonical component descriptions and the hashes of their weights."""
+def compute_digest(components: Dict[str, dict], root: Path, next_frame: Optional[dict] = None) -> str:
+    """SHA-256 over canonical component descriptions and the hashes of their weights
+    (and the next-frame settings, when there are any: older digests are unchanged)."""
     h = hashlib.sha256()
+    if next_frame:
+        h.update(json.dumps({"next_frame": next_frame}, sort_keys=True, separators=(",", ":")).encode())
     for name in sorted(components):
         comp = components[name]
         desc = {"name": name, "class": comp["class"], "config": comp.get("config", {})}
@@ -177,6 +206,7 @@ class ModelPackage:
     digest: str
     description: str = ""
     extra: dict = field(default_factory=dict)
+    next_frame: dict = field(default_factory=dict)  # next-frame decoder settings (NEXT_FRAME_SETTINGS)
 
     @property
     def short_digest(self) -> bytes:
@@ -213,19 +243,24 @@ class ModelPackage:
         levels = [RateLevel(**lv) for lv in manifest.get("rate_levels", [])]
         for name, comp in components.items():
             _check_component(root, name, comp, {str(lv.level) for lv in levels})
+        next_frame = manifest.get("next_frame") or {}
+        _check_next_frame(path, next_frame)
         digest = manifest.get("digest", "")
         if verify:
             for comp in components.values():
                 if comp.get("external"):
                     _verify_external(root, comp["external"])
-            actual = compute_digest(components, root)
+            actual = compute_digest(components, root, next_frame)
             if actual != digest:
                 raise ModelError(
                     f"{root}: files do not match the recorded digest (recorded {digest[:16]}, "
                     f"found {actual[:16]}); the package was modified or is incomplete"
                 )
         return cls(root, manifest.get("name", root.name), components, levels, digest,
-                   manifest.get("description", ""), manifest.get("extra", {}))
+                   manifest.get("description", ""), manifest.get("extra", {}), next_frame)
+
+    def next_frame_setting(self, key: str) -> str:
+        return self.next_frame.get(key, NEXT_FRAME_SETTINGS[key][0])
 
     def build(self, component: str, device: str = "cpu", level: Optional[int] = None,
               dtype: torch.dtype = torch.float32):
@@ -263,6 +298,17 @@ class ModelPackage:
         state = load_file(str(weights), device="cpu")
         module.load_state_dict(state, strict=True)
         return module.to(device).eval()
+
+
+def _check_next_frame(path: Path, settings) -> None:
+    if not isinstance(settings, dict):
+        raise ModelError(f"{path}: \"next_frame\" must be an object")
+    for key, value in settings.items():
+        if key not in NEXT_FRAME_SETTINGS:
+            raise ModelError(f"{path}: unknown next_frame setting {key!r}")
+        if value not in NEXT_FRAME_SETTINGS[key]:
+            raise ModelError(f"{path}: next_frame {key} must be one of {', '.join(NEXT_FRAME_SETTINGS[key])}, "
+                             f"got {value!r}")
 
 
 def _check_weights_name(root: Path, name: str, weights) -> None:
@@ -343,6 +389,7 @@ def save_package(
     extra: Optional[dict] = None,
     half_parameters: bool = False,
     diffusers_dtype: torch.dtype = torch.float32,
+    next_frame: Optional[dict] = None,
 ) -> ModelPackage:
     """Write a package: one safetensors file (or diffusers directory) per component plus
     the manifest. ``modules`` maps component names to ulbc modules, diffusers models or
@@ -353,7 +400,8 @@ def save_package(
     the CDF tables: see ``ulbcodec.train.anchor.export``); buffers such as CDF and scale
     tables stay in their own dtype. Loading casts them back to float32 exactly.
     ``diffusers_dtype`` (e.g. bfloat16, the dtype they run in) stores diffusers models
-    rounded to it; they are loaded back as float32.
+    rounded to it; they are loaded back as float32. ``next_frame``: the next-frame
+    decoder's settings (:data:`NEXT_FRAME_SETTINGS`), if not the defaults.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -377,25 +425,30 @@ def save_package(
                 state[pname] = half
         save_file(state, str(root / weights))
         components[cname] = {"class": type(module).__name__, "config": module.config, "weights": weights}
-    write_manifest(root, name, components, rate_levels, description, extra)
+    write_manifest(root, name, components, rate_levels, description, extra, next_frame)
     return ModelPackage.load_manifest(root)
 
 
 def write_manifest(root, name: str, components: Dict[str, dict], rate_levels: List[RateLevel], description: str = "",
-                   extra: Optional[dict] = None) -> str:
+                   extra: Optional[dict] = None, next_frame: Optional[dict] = None) -> str:
     """Write ``ulbc_model.json`` for components whose files are already in ``root``
     (atomically: a temporary file renamed into place). Returns the digest."""
     root = Path(root)
+    next_frame = next_frame or {}
+    _check_next_frame(root / MANIFEST, next_frame)
+    version = 3 if next_frame else 2 if any(c.get("levels") or c.get("external") for c in components.values()) else 1
     manifest = {
         "format": FORMAT,
-        "format_version": 2 if any(c.get("levels") or c.get("external") for c in components.values()) else 1,
+        "format_version": version,
         "name": name,
         "description": description,
         "components": components,
         "rate_levels": [vars(lv) for lv in rate_levels],
-        "digest": compute_digest(components, root),
+        "digest": compute_digest(components, root, next_frame),
         "extra": extra or {},
     }
+    if next_frame:
+        manifest["next_frame"] = next_frame
     tmp = root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, root / MANIFEST)

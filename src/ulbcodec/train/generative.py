@@ -21,6 +21,12 @@ Three stages, each a checkpoint directory under ``--run`` that the same command 
           of the paper's stage II is a constant here and is left out; files coded with
           models/default and models/generative differ only in the model digest).
 
+``--output anchor_residual`` trains (and exports) the decoder whose image is
+``anchor + VAE.decode(x0) − VAE.decode(A)`` (models/next_frame.py), the losses taken on
+that image. ``--init-from PACKAGE`` starts stage II from a package's VAE, transformer,
+prompt and bypass head instead of from this run's earlier stages (which it skips): how
+the shipped model continued a finished run in a new output mode (docs/training.md).
+
 Then ``export`` writes the package: anchor_codec.safetensors (default codec + trained
 bypass head), vae/ and transformer/ and scheduler/ in diffusers' layout, prompt_embeds.
 
@@ -168,7 +174,23 @@ class Trainer:
         rt.decorrelate_global_rng(args.seed)
 
     def pipeline(self) -> NextFramePipeline:
-        return NextFramePipeline(self.vae, self.transformer, self.scheduler, self.prompt, dtype=self.rt.autocast_dtype)
+        return NextFramePipeline(self.vae, self.transformer, self.scheduler, self.prompt, dtype=self.rt.autocast_dtype,
+                                 output=self.args.output)
+
+    def init_from(self, name_or_path: str):
+        """Take the VAE, transformer, prompt embeddings and anchor codec (with its bypass
+        head) of a generative package: the earlier stages are that package's."""
+        pkg = packages.ModelPackage.load_manifest(packages.resolve(name_or_path))
+        if not pkg.is_generative:
+            raise SystemExit(f"--init-from {name_or_path}: not a generative package")
+        device = self.rt.device
+        self.vae.load_state_dict(pkg.build("vae").state_dict(), strict=True)
+        self._set_scaling(1.0 / pkg.build("vae").config.scaling_factor)
+        self.transformer.load_state_dict(pkg.build("transformer").state_dict(), strict=True)
+        with torch.no_grad():
+            self.prompt.copy_(pkg.build("prompt_embeds").to(device))
+        self.codec = pkg.build("anchor_codec", device=str(device))
+        self.init_package = pkg
 
     def _batch(self) -> torch.Tensor:
         return self.data.batch(self.args.batch).to(self.rt.device)
@@ -347,7 +369,7 @@ class Trainer:
                 target_latent = pipe.encode_latent(x)
             z = out["bypass_latent"][:, 0]
             x0 = pipe.predict_clean(a, z, ONE_STEP_TIMESTEP)
-            x_hat = pipe.decode_latent(x0, clamp=False)
+            x_hat = pipe.to_image(x0, anchor, a, clamp=False)
             mse = F.mse_loss(x_hat, x)
             ms = ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0)
             lat = F.mse_loss(x0, target_latent)
@@ -381,7 +403,9 @@ class Trainer:
     def export(self, out: Path):
         from ulbcodec.train.anchor import round_parameters_to_half
 
-        meta = {s: json.loads((self.run / s / "state.json").read_text()) for s in STAGES}
+        init = getattr(self, "init_package", None)
+        stages = ("stage2",) if init is not None else STAGES
+        meta = {s: json.loads((self.run / s / "state.json").read_text()) for s in stages}
         for m in (self.codec, self.vae, self.transformer):
             m.cpu()  # the package is built and used on the CPU
         self.codec.eval()
@@ -392,13 +416,18 @@ class Trainer:
                         **training_runtime(m, self.args.batch), "log_tail": m["log"][-5:]}
                     for s, m in meta.items()}
         training.update(command="make generative-model", batch=self.args.batch, crop=self.args.crop,
-                        lr=self.args.lr, seed=self.args.seed, adv_weight=self.args.adv_weight,
+                        lr=self.args.lr, seed=self.args.seed, adv_weight=self.args.adv_weight, output=self.args.output,
                         anchor_model=self.base.name, anchor_model_digest=self.base.digest)
+        if init is not None:  # a continuation: what it continued, then this run's stage II
+            training = {"continued": {"package": init.name, "digest": init.digest,
+                                      "training": init.extra.get("training", {})},
+                        "continuation": training}
         modules = {"anchor_codec": self.codec, "vae": self.vae.eval(), "transformer": self.transformer.eval(),
                    "scheduler": self.scheduler, "prompt_embeds": self.prompt.detach().cpu()}
         pkg = packages.save_package(
             out, "generative", modules, self.base.rate_levels, half_parameters=True,
             diffusers_dtype=torch.bfloat16,
+            next_frame={"output": self.args.output} if self.args.output != "latent" else None,
             description="ulbc default generative image model: the default anchor codec plus a next-frame "
             "decoder (CogVideoX classes, small config) trained in-project by ulbcodec.train.generative",
             extra={"training": training, "default_level": self.base.extra.get("default_level")},
@@ -417,6 +446,9 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--adv-weight", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", choices=("latent", "anchor_residual"), default="latent",
+                   help="what the VAE-decoded prediction becomes (models/next_frame.py)")
+    p.add_argument("--init-from", default=None, help="start stage II from this generative package (skips vae, stage1)")
     for stage in STAGES:
         p.add_argument(f"--{stage}-steps", type=int, default=DEFAULT_STEPS[stage])
     p.add_argument("--log-every", type=int, default=50)
@@ -428,14 +460,17 @@ def main(argv=None) -> None:
     rt = TrainRuntime(args.mixed_precision)
     trainer = Trainer(args, rt)
     run = Path(args.run)
-    if stage_done(run, "vae"):
-        trainer.load_vae()
+    if args.init_from:
+        trainer.init_from(args.init_from)
     else:
-        trainer.train_vae()
-    if stage_done(run, "stage1"):
-        trainer.load_stage1()
-    else:
-        trainer.train_stage1()
+        if stage_done(run, "vae"):
+            trainer.load_vae()
+        else:
+            trainer.train_vae()
+        if stage_done(run, "stage1"):
+            trainer.load_stage1()
+        else:
+            trainer.train_stage1()
     if stage_done(run, "stage2"):
         trainer.load_stage2()
     else:
