@@ -47,10 +47,14 @@ data: $(STAMP)
 models: $(STAMP)
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default --export models/default
 
-# Train (or resume) the generative decoder on top of models/default, export models/generative.
+# Train (or resume) the generative decoder on top of models/default, export models/generative:
+# the three stages with the published output (VAE decode of the prediction), then stage II
+# continued with the anchor_residual output (docs/training.md).
 generative-model: $(STAMP)
 	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative --anchor-model default \
-		--export models/generative
+		--export runs/generative/package
+	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-residual --anchor-model default \
+		--init-from runs/generative/package --output anchor_residual --stage2-steps 2400 --export models/generative
 
 # Train (or resume) the video frame predictor on top of models/generative, export models/video.
 video-model: $(STAMP)
