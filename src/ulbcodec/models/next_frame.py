@@ -54,6 +54,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ulbcodec.models.package import NEXT_FRAME_SETTINGS
 from ulbcodec.models.single_frame import use_one_frame_convolutions
 
 
@@ -163,7 +164,7 @@ class NextFramePipeline:
         self.scheduler = scheduler
         self.prompt_embeds = prompt_embeds
         self.dtype = dtype
-        if output not in ("latent", "anchor_residual"):
+        if output not in NEXT_FRAME_SETTINGS["output"]:
             raise ValueError(f"unknown next-frame output {output!r}")
         self.output = output
         cfg = transformer.config
@@ -227,8 +228,12 @@ class NextFramePipeline:
         """The decoded image of the predicted latent, by the pipeline's ``output`` rule."""
         if self.output == "latent":
             return self.decode_latent(latent, clamp)
-        image = anchor_frame + self.decode_latent(latent, clamp=False) - self.decode_latent(anchor_latent, clamp=False)
+        image = anchor_frame + self.pixel_change(latent, anchor_latent)
         return image.clamp(0, 1) if clamp else image
+
+    def pixel_change(self, latent: Tensor, anchor_latent: Tensor) -> Tensor:
+        """``VAE.decode(x0) − VAE.decode(A)``: what the prediction adds to the anchor frame."""
+        return self.decode_latent(latent, clamp=False) - self.decode_latent(anchor_latent, clamp=False)
 
     # ---------------------------------------------------------------- whole images
 
@@ -259,6 +264,6 @@ class NextFramePipeline:
             if self.output == "latent":
                 return blended_tiles(self.decode_latent, latent, tile=VAE_TILE // 8, overlap=VAE_OVERLAP // 8,
                                      scale=Fraction(8))
-            change = blended_tiles(lambda x0, a: self.decode_latent(x0, clamp=False) - self.decode_latent(a, clamp=False),
-                                   latent, anchor_latent, tile=VAE_TILE // 8, overlap=VAE_OVERLAP // 8, scale=Fraction(8))
+            change = blended_tiles(self.pixel_change, latent, anchor_latent, tile=VAE_TILE // 8,
+                                   overlap=VAE_OVERLAP // 8, scale=Fraction(8))
             return (anchor_frame + change).clamp(0, 1)

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ulbcodec.models import package as packages
+from ulbcodec.models.package import NEXT_FRAME_SETTINGS
 from ulbcodec.models.next_frame import ONE_STEP_TIMESTEP, NextFramePipeline
 from ulbcodec.train.anchor import PhotoCrops, _flatten_optimizer, _restore_optimizer
 from ulbcodec.train.distributed import TrainRuntime, add_runtime_arguments, training_runtime
@@ -184,8 +185,9 @@ class Trainer:
         if not pkg.is_generative:
             raise SystemExit(f"--init-from {name_or_path}: not a generative package")
         device = self.rt.device
-        self.vae.load_state_dict(pkg.build("vae").state_dict(), strict=True)
-        self._set_scaling(1.0 / pkg.build("vae").config.scaling_factor)
+        vae = pkg.build("vae")
+        self.vae.load_state_dict(vae.state_dict(), strict=True)
+        self._set_scaling(1.0 / vae.config.scaling_factor)
         self.transformer.load_state_dict(pkg.build("transformer").state_dict(), strict=True)
         with torch.no_grad():
             self.prompt.copy_(pkg.build("prompt_embeds").to(device))
@@ -446,7 +448,7 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--adv-weight", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", choices=("latent", "anchor_residual"), default="latent",
+    p.add_argument("--output", choices=NEXT_FRAME_SETTINGS["output"], default="latent",
                    help="what the VAE-decoded prediction becomes (models/next_frame.py)")
     p.add_argument("--init-from", default=None, help="start stage II from this generative package (skips vae, stage1)")
     for stage in STAGES:
