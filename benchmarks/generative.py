@@ -202,10 +202,14 @@ def main(argv=None) -> None:
                                                               ("log_spectrum_error", 2))]
         lines.append(f"| {level} | {a['bpp']:.4f} | " + " | ".join(cells) +
                      f" | {np.mean(secs[(ANCHOR, level)]):.2f} / {np.mean(secs[(GEN, level)]):.2f} |")
-    wins = {m: all((by[(GEN, lv)][m] > by[(ANCHOR, lv)][m]) == image_rd.HIGHER_IS_BETTER[m]
-                   for lv in {s for (_, s) in by}) for m in ("vmaf", "log_spectrum_error")}
-    lines += ["", f"Generative beats anchor-only at every level: VMAF {wins['vmaf']}, "
-              f"detail measure {wins['log_spectrum_error']}."]
+    # the target's range: the levels whose mean rate lies in [lo, hi]
+    in_range = sorted(lv for lv in {s for (_, s) in by} if lo <= by[(ANCHOR, lv)]["bpp"] <= hi)
+    wins = {m: [lv for lv in in_range if (by[(GEN, lv)][m] > by[(ANCHOR, lv)][m]) == image_rd.HIGHER_IS_BETTER[m]]
+            for m in ("vmaf", "log_spectrum_error")}
+    lines += ["", f"Generative beats anchor-only at every level in {lo:g}-{hi:g} bpp (levels "
+              f"{', '.join(map(str, in_range))}): VMAF {wins['vmaf'] == in_range} (at levels "
+              f"{', '.join(map(str, wins['vmaf'])) or 'none'}), detail measure {wins['log_spectrum_error'] == in_range} "
+              f"(at levels {', '.join(map(str, wins['log_spectrum_error'])) or 'none'})."]
     if args.sheet:
         middle = paths[len(paths) // 2]
         lines += ["", f"Crop sheet `{args.sheet}`: " + crop_sheet(args.model, middle, 0.02, Path(args.sheet))]
