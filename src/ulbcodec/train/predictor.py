@@ -209,7 +209,7 @@ def export(image, unet, scheduler, meta: Dict, args) -> None:
                                    **training_runtime(meta, args.batch),
                                    "log_tail": meta["log"][-5:]}
     pkg = packages.save_package(args.export, "video", modules, base.rate_levels, half_parameters=True,
-                                diffusers_dtype=torch.bfloat16, extra=extra,
+                                diffusers_dtype=torch.bfloat16, extra=extra, next_frame=base.next_frame,
                                 description="ulbc default video model: the generative image model plus a "
                                 "latent frame predictor trained by ulbcodec.train.predictor")
     print(json.dumps({"exported": str(pkg.root), "digest": pkg.digest[:16], "MB": pkg.size_bytes / 1e6}))
