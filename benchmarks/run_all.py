@@ -6,7 +6,8 @@ Runs, on the held-out photographs fetched by ``ulbcodec.train.data``:
   2. the speed / memory benchmark (benchmarks/speed.py) on the 4000x3000 photograph and
      on one 768 px photograph, with 2 threads;
   3. when models/generative is installed: generative vs anchor-only decoding vs AVIF/WebP
-     (benchmarks/generative.py, 0.005-0.06 bpp) with its crop sheet, and its speed;
+     (benchmarks/generative.py, 0.005-0.06 bpp) with its crop sheet, the latent-space
+     diagnostic of its prediction (benchmarks/latent_gap.py), and its speed;
   4. when models/video is installed: the video benchmark (benchmarks/video_rd.py) on the
      validation clips against x264/x265/SVT-AV1/VVenC, with speed and memory;
 and writes BENCHMARKS.md with the machine, date, commands and tables. RD plots go to
@@ -94,6 +95,9 @@ def main(argv=None) -> None:
                                         "--sheet", str(ROOT / "docs" / "generative_crops.png")])
         for png in (Path(args.out) / "generative").glob("rd_*.png"):
             shutil.copyfile(png, plots / f"generative_{png.name}")
+        import latent_gap
+
+        gap = capture(latent_gap.main, ["--images", str(photos / "val-768"), "--model", args.generative_model])
         m = ["--model", args.generative_model]
         gen_speed = "\n\n".join(capture(speed.main, argv) for argv in (
             [str(garden), *m, "--anchor-only"], [str(garden), *m], [str(twelve), *m, "--repeat", "1"]))
@@ -101,6 +105,12 @@ def main(argv=None) -> None:
 Plots: docs/benchmarks/generative_rd_*.png; crops: docs/generative_crops.png
 
 {gen}
+
+### The one-step prediction in the latent space
+
+Command: `python benchmarks/latent_gap.py --images {photos / "val-768"} --model {args.generative_model}`
+
+{gap}
 
 ### Speed and memory of generative decoding (2 threads)
 
