@@ -35,9 +35,9 @@ def _one_frame_forward(self, inputs: Tensor, conv_cache=None):
     frame = inputs[:, :, 0]
     y = F.conv2d(frame, conv.weight.sum(dim=2), conv.bias, stride=conv.stride[1:], padding=conv.padding[1:],
                  dilation=conv.dilation[1:])
-    # The cache the module would hand to the next chunk: the last k−1 padded frames, which
-    # are all this frame (a view; the original returns a copy of the same values).
-    cache = inputs.expand(-1, -1, self.time_kernel_size - 1, -1, -1) if self.time_kernel_size > 1 else inputs[:, :, :0]
+    # The cache the module would hand to the next chunk: its last k−1 padded frames (the
+    # whole one-frame input when k = 1), all this frame (a view; the original copies them).
+    cache = inputs.expand(-1, -1, max(self.time_kernel_size - 1, 1), -1, -1)
     return y.unsqueeze(2), cache
 
 
@@ -56,4 +56,3 @@ def use_one_frame_convolutions(vae: nn.Module) -> nn.Module:
             _FAST_CLASSES[cls] = type(f"OneFrame{cls.__name__}", (cls,), {"forward": _one_frame_forward})
         module.__class__ = _FAST_CLASSES[cls]
     return vae
-
