@@ -16,7 +16,9 @@ Three stages, each a checkpoint directory under ``--run`` that the same command 
           gives Z; frames [A, A, Z, Z] at t = 500; x0 from v; VAE-decode;
           loss = 255²·MSE·w + 1300·(1 − MS-SSIM) + latent MSE + adversarial (hinge, a
           patch discriminator trained from scratch: no pretrained perceptual network can
-          be loaded here, so no LPIPS term). The anchor codec's encoder and entropy
+          be loaded here, so no LPIPS term) + ``--detail-weight``·detail loss (the share
+          of the original's wavelet detail the image fails to restore,
+          :mod:`ulbcodec.train.detail_loss`; 0 by default). The anchor codec's encoder and entropy
           model stay frozen (they are the shipped default image model, so the rate term
           of the paper's stage II is a constant here and is left out; files coded with
           models/default and models/generative differ only in the model digest).
@@ -54,6 +56,7 @@ from ulbcodec.models import package as packages
 from ulbcodec.models.package import NEXT_FRAME_SETTINGS
 from ulbcodec.models.next_frame import ONE_STEP_TIMESTEP, NextFramePipeline
 from ulbcodec.train.anchor import PhotoCrops, _flatten_optimizer, _restore_optimizer
+from ulbcodec.train.detail_loss import detail_loss
 from ulbcodec.train.distributed import TrainRuntime, add_runtime_arguments, training_runtime
 
 VAE_CONFIG = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=16,
@@ -377,6 +380,10 @@ class Trainer:
             lat = F.mse_loss(x0, target_latent)
             loss = 255**2 * mse * 0.3 / 50 + 1300 * (1 - ms) / 50 + lat
             logs = {"psnr": (-10 * torch.log10(mse.detach())).item(), "ms_ssim": ms.item(), "lat": lat.item()}
+            if self.args.detail_weight:
+                detail = detail_loss(x_hat, x)
+                loss = loss + self.args.detail_weight * detail
+                logs["detail"] = detail.item()
             if i >= gan_start:
                 g_adv = -self.disc(x_hat).mean()
                 loss = loss + self.args.adv_weight * g_adv
@@ -418,7 +425,8 @@ class Trainer:
                         **training_runtime(m, self.args.batch), "log_tail": m["log"][-5:]}
                     for s, m in meta.items()}
         training.update(command="make generative-model", batch=self.args.batch, crop=self.args.crop,
-                        lr=self.args.lr, seed=self.args.seed, adv_weight=self.args.adv_weight, output=self.args.output,
+                        lr=self.args.lr, seed=self.args.seed, adv_weight=self.args.adv_weight,
+                        detail_weight=self.args.detail_weight, output=self.args.output,
                         anchor_model=self.base.name, anchor_model_digest=self.base.digest)
         if init is not None:  # a continuation: what it continued, then this run's stage II
             training = {"continued": {"package": init.name, "digest": init.digest,
@@ -447,6 +455,8 @@ def main(argv=None) -> None:
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--adv-weight", type=float, default=0.05)
+    p.add_argument("--detail-weight", type=float, default=0.0,
+                   help="weight of the detail loss in stage II (ulbcodec.train.detail_loss)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", choices=NEXT_FRAME_SETTINGS["output"], default="latent",
                    help="what the VAE-decoded prediction becomes (models/next_frame.py)")
