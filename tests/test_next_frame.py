@@ -157,6 +157,17 @@ def test_tile_starts_cover_and_overlap():
         assert all(b - a <= 12 for a, b in zip(starts, starts[1:]))
 
 
+def test_even_tiles_are_as_few_and_as_small_as_the_overlap_allows():
+    for length in (8, 64, 200, 512, 513, 768, 1000, 4000):
+        side = next_frame.even_tile(length, 512, 128)
+        starts = list(next_frame.tile_starts(length, side, 128))
+        fixed = list(next_frame.tile_starts(length, 512, 128))
+        assert side <= min(512, length) and (side % 8 == 0 or side == length)
+        assert len(starts) == len(fixed) and starts[-1] + side == length  # as many tiles, covering
+        assert all(0 < b - a <= side - 128 for a, b in zip(starts, starts[1:]))  # each overlap >= 128
+    assert next_frame.even_tile(4000, 512, 128) == 480  # 11 tiles either way
+
+
 def test_cli_generative_and_anchor_only_decode(tiny_model, small, tmp_path):
     from click.testing import CliRunner
     from PIL import Image
