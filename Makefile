@@ -49,12 +49,17 @@ models: $(STAMP)
 
 # Train (or resume) the generative decoder on top of models/default, export models/generative:
 # the three stages with the published output (VAE decode of the prediction), then stage II
-# continued with the anchor_residual output (docs/training.md).
+# continued with the anchor_residual output, then continued again with the detail loss
+# (docs/training.md).
 generative-model: $(STAMP)
 	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative --anchor-model default \
 		--export runs/generative/package
 	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-residual --anchor-model default \
-		--init-from runs/generative/package --output anchor_residual --stage2-steps 2400 --export models/generative
+		--init-from runs/generative/package --output anchor_residual --stage2-steps 2400 \
+		--export runs/generative-residual/package
+	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-detail --anchor-model default \
+		--init-from runs/generative-residual/package --output anchor_residual --stage2-steps 2600 \
+		--detail-weight 10 --adv-weight 0.02 --export models/generative
 
 # Train (or resume) the video frame predictor on top of models/generative, export models/video.
 video-model: $(STAMP)

@@ -1,5 +1,6 @@
 """Record the conformance pins of the shipped default models (tests/data/default_model_pins.json):
-the image model on a crop of the sample photograph, the video model on a slow pan over it.
+the image model and the generative image model on a crop of the sample photograph, the
+video model on a slow pan over it.
 
 Run after (re)training or after an intentional change to the coding path, and say so in
 the commit message: the pins are what tests/test_image_codec.py and tests/test_video_codec.py compare against.
@@ -31,6 +32,15 @@ pins[codec.package.digest[:16]] = {
     "bytes": len(data),
 }
 
+generative = ImageCodec.from_pretrained("generative")
+data = generative.encode(rgb, 2).data
+pins[generative.package.digest[:16]] = {
+    "bitstream": hashlib.sha256(data).hexdigest()[:16],
+    "pixels": hashlib.sha256(generative.decode(data).tobytes()).hexdigest()[:16],
+    "anchor_pixels": hashlib.sha256(generative.decode(data, anchor_only=True).tobytes()).hexdigest()[:16],
+    "bytes": len(data),
+}
+
 video = VideoCodec.from_pretrained("video")
 clip = [np.ascontiguousarray(photo[:128, 2 * t : 2 * t + 192]) for t in range(8)]  # the pan the test uses
 data, gops = video.encode(iter(clip), Fraction(25), VideoSettings(threshold=0.5, rate_level=2))
@@ -42,4 +52,4 @@ pins[video.package.digest[:16]] = {
     "frame_types": gops.frame_types(),
 }
 PINS.write_text(json.dumps(pins, indent=1) + "\n")
-print(PINS, pins[codec.package.digest[:16]], pins[video.package.digest[:16]])
+print(PINS, *(pins[c.package.digest[:16]] for c in (codec, generative, video)))

@@ -122,6 +122,28 @@ def test_pinned_digests_of_the_shipped_default_model(photo):
     assert hashlib.sha256(pixels.tobytes()).hexdigest()[:16] == pins["pixels"]
 
 
+def test_pinned_digests_of_the_shipped_generative_model(photo):
+    """The same pin for models/generative (scripts/pin_default_model.py records it): the
+    file, its generative decode and its anchor-only decode, which must be the default
+    model's pixels (the two packages share the anchor codec)."""
+    from ulbcodec.models.package import ModelError
+
+    try:
+        codec = ImageCodec.from_pretrained("generative")
+        default = ImageCodec.from_pretrained("default")
+    except ModelError:
+        pytest.skip("no generative model package in models/")
+    rgb = np.ascontiguousarray(photo[:128, :192])
+    data = codec.encode(rgb, 2).data
+    pins = json.loads((DATA / "default_model_pins.json").read_text()).get(codec.package.digest[:16])
+    assert pins is not None, f"no pins recorded for generative model {codec.package.digest[:16]}"
+    assert len(data) == pins["bytes"] and hashlib.sha256(data).hexdigest()[:16] == pins["bitstream"]
+    anchor = codec.decode(data, anchor_only=True)
+    assert hashlib.sha256(anchor.tobytes()).hexdigest()[:16] == pins["anchor_pixels"]
+    assert np.array_equal(anchor, default.decode(default.encode(rgb, 2).data))
+    assert hashlib.sha256(codec.decode(data).tobytes()).hexdigest()[:16] == pins["pixels"]
+
+
 @pytest.mark.parametrize("downscale", [2, 4])
 def test_downscale_mode_round_trip(tiny_codec, photo, downscale):
     rgb = np.ascontiguousarray(photo[:150, :201])
