@@ -121,6 +121,8 @@ def test_blended_tiles_reproduce_a_pointwise_function():
     up = lambda t: t.repeat_interleave(8, -1).repeat_interleave(8, -2)  # noqa: E731
     out = next_frame.blended_tiles(up, x, tile=16, overlap=4, scale=8)
     assert torch.allclose(out, up(x), atol=1e-6)
+    for even in (False, True):
+        assert torch.allclose(next_frame.blended_tiles(fn, x, tile=16, overlap=6, even=even), fn(x), atol=1e-6)
 
 
 def test_tiled_decode_agrees_with_whole_decode_away_from_seams(gen_codec, monkeypatch):

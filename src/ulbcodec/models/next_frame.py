@@ -36,7 +36,11 @@ frames from seeded Gaussian noise and runs the scheduler's sampler conditioned o
 
 Large images are decoded in overlapping tiles blended with linear ramps over their
 overlap: the transformer's attention and the VAE's GroupNorms are global within a tile,
-so a hard stitch would show seams.
+so a hard stitch would show seams. The VAE's tiles are spread evenly (the least
+overlapping work); the transformer's keep their full size, so that on images a little
+over one tile they overlap by more than the minimum: its tiles disagree more (a 768x480
+photograph: blended over 16 latents the seam check of benchmarks/generative.py gave a
+largest column-step ratio of 1.31, over 32 latents 1.09).
 
 Floating point: the VAE and transformer run in bfloat16 (as the published models do) on
 the CPU too; this path is NOT bit-exact across machines, unlike entropy decoding. Where
@@ -132,20 +136,20 @@ def even_tile(length: int, tile: int, overlap: int, align: int = 8) -> int:
 
 
 def blended_tiles(fn, *inputs: Tensor, tile: int, overlap: int, scale: Fraction = Fraction(1),
-                  align: int = 8) -> Tensor:
+                  even: bool = False) -> Tensor:
     """Apply ``fn(*tiles)`` on overlapping tiles of the inputs, blending the overlaps.
 
-    ``tile`` and ``overlap`` are in pixels of the inputs (which share one size): tiles are
-    at most ``tile`` on a side, as even as a multiple of ``align`` allows (8: whole
-    latents for pixel inputs, whole transformer patches for latent ones); ``fn`` returns
-    [B, C, side·scale, side·scale]. Weights ramp linearly across each overlap and sum to
-    one everywhere, so a function that commutes with cropping is reproduced exactly, and
-    one that does not (attention, GroupNorm statistics) changes smoothly from one tile to
-    the next instead of showing a seam.
+    ``tile`` and ``overlap`` are in pixels of the inputs (which share one size): tiles of
+    side ``tile``, or with ``even`` the fewest tiles of at most ``tile`` spread evenly
+    (:func:`even_tile`, sides multiples of 8: whole latents for pixel inputs); ``fn``
+    returns [B, C, side·scale, side·scale]. Weights ramp linearly across each overlap and
+    sum to one everywhere, so a function that commutes with cropping is reproduced
+    exactly, and one that does not (attention, GroupNorm statistics) changes smoothly
+    from one tile to the next instead of showing a seam.
     """
     scale = Fraction(scale)
     _, _, h, w = inputs[0].shape
-    th, tw = even_tile(h, tile, overlap, align), even_tile(w, tile, overlap, align)
+    th, tw = (even_tile(n, tile, overlap) if even else min(tile, n) for n in (h, w))
     if any((n * scale).denominator != 1 for n in (th, tw, overlap)):
         raise ValueError(f"tile {th}x{tw} / overlap {overlap} are not whole output pixels at scale {scale}")
     oh, ow = int(h * scale), int(w * scale)
@@ -264,7 +268,7 @@ class NextFramePipeline:
         use = self.placement.use  # with offloading: each module on the device for its whole stage
         with use(self.vae):
             anchor_latent = blended_tiles(self.encode_latent, anchor_frame, tile=VAE_TILE, overlap=VAE_OVERLAP,
-                                          scale=Fraction(1, 8))
+                                          scale=Fraction(1, 8), even=True)
         with use(self.transformer):
             if steps <= 1:
                 if bypass_latent is None:
@@ -281,7 +285,7 @@ class NextFramePipeline:
         with use(self.vae):
             if self.output == "latent":
                 return blended_tiles(self.decode_latent, latent, tile=VAE_TILE // 8, overlap=VAE_OVERLAP // 8,
-                                     scale=Fraction(8))
+                                     scale=Fraction(8), even=True)
             change = blended_tiles(self.pixel_change, latent, anchor_latent, tile=VAE_TILE // 8,
-                                   overlap=VAE_OVERLAP // 8, scale=Fraction(8))
+                                   overlap=VAE_OVERLAP // 8, scale=Fraction(8), even=True)
             return (anchor_frame + change).clamp(0, 1)

@@ -14,8 +14,8 @@ here from the paper's definitions (no VMAF code), simplified where noted::
     per scale:        q_s = ∛Σ r'³ / ∛Σ |o|³        (Minkowski pooling over the three bands)
     loss = 1 − mean_s q_s                           0: every detail restored, nothing added
 
-Why: MSE, MS-SSIM and a patch discriminator left the shipped one-step decoder adding
-texture that *lowers* VMAF against the anchor frame (BENCHMARKS.md); MSE alone pulls
+Why: trained on MSE, MS-SSIM and a patch discriminator alone, the one-step decoder added
+texture that *lowered* VMAF against the anchor frame (docs/training.md, stage II); MSE pulls
 every uncertain coefficient toward zero (blur), while this term pays for detail of the
 right sign up to the original's magnitude and charges anything else as impairment that
 masks it. Simplifications against the paper/VMAF: no contrast-sensitivity weights (each
