@@ -20,6 +20,12 @@ from ulbcodec.video import VideoCodec, VideoSettings
 ROOT = Path(__file__).resolve().parents[1]
 PINS = ROOT / "tests" / "data" / "default_model_pins.json"
 
+
+def short_digest(data: bytes) -> str:
+    """The pinned form of a digest: the first 16 hex digits of SHA-256."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 codec = ImageCodec.from_pretrained("default")
 photo = np.asarray(Image.open(ROOT / "src" / "ulbcodec" / "data" / "coffee.png").convert("RGB"))
 rgb = np.ascontiguousarray(photo[:128, :192])  # the crop the test uses
@@ -27,17 +33,17 @@ data = codec.encode(rgb, 2).data
 pixels = codec.decode(data)
 pins = json.loads(PINS.read_text()) if PINS.exists() else {}
 pins[codec.package.digest[:16]] = {
-    "bitstream": hashlib.sha256(data).hexdigest()[:16],
-    "pixels": hashlib.sha256(pixels.tobytes()).hexdigest()[:16],
+    "bitstream": short_digest(data),
+    "pixels": short_digest(pixels.tobytes()),
     "bytes": len(data),
 }
 
 generative = ImageCodec.from_pretrained("generative")
 data = generative.encode(rgb, 2).data
 pins[generative.package.digest[:16]] = {
-    "bitstream": hashlib.sha256(data).hexdigest()[:16],
-    "pixels": hashlib.sha256(generative.decode(data).tobytes()).hexdigest()[:16],
-    "anchor_pixels": hashlib.sha256(generative.decode(data, anchor_only=True).tobytes()).hexdigest()[:16],
+    "bitstream": short_digest(data),
+    "pixels": short_digest(generative.decode(data).tobytes()),
+    "anchor_pixels": short_digest(generative.decode(data, anchor_only=True).tobytes()),
     "bytes": len(data),
 }
 
@@ -46,8 +52,8 @@ clip = [np.ascontiguousarray(photo[:128, 2 * t : 2 * t + 192]) for t in range(8)
 data, gops = video.encode(iter(clip), Fraction(25), VideoSettings(threshold=0.5, rate_level=2))
 frames = np.stack(list(video.decode(data)))
 pins[video.package.digest[:16]] = {
-    "bitstream": hashlib.sha256(data).hexdigest()[:16],
-    "pixels": hashlib.sha256(frames.tobytes()).hexdigest()[:16],
+    "bitstream": short_digest(data),
+    "pixels": short_digest(frames.tobytes()),
     "bytes": len(data),
     "frame_types": gops.frame_types(),
 }
