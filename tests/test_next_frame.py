@@ -224,6 +224,61 @@ def test_one_frame_convolutions_match_the_diffusers_vae():
     assert cache.shape[2] == convs[0].time_kernel_size - 1 and cache.stride(2) == 0
 
 
+@pytest.mark.parametrize("config", [{}, dict(block_out_channels=(8, 16, 16, 8))], ids=["tiny", "shortcuts"])
+def test_one_frame_graph_matches_the_diffusers_vae(config):
+    """The 2-D channels-last inference graph of the whole VAE gives diffusers' one-frame
+    encode (mode) and decode to float rounding, with plain resnets and with resnets whose
+    channel counts change (1x1 shortcuts); in bf16 it errs no more than twice as much as
+    diffusers' graph under bf16 autocast."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    from conftest import TINY_VAE
+    from ulbcodec.models.single_frame import decode_one_frame, encode_one_frame, one_frame_graph_supported
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(**{**TINY_VAE, **config}).eval()
+    assert one_frame_graph_supported(vae)
+    x = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x.unsqueeze(2)).latent_dist.mode()[:, :, 0]
+        torch.testing.assert_close(encode_one_frame(vae, x), z, atol=1e-5, rtol=1e-5)
+        y = vae.decode(z.unsqueeze(2)).sample[:, :, 0]
+        torch.testing.assert_close(decode_one_frame(vae, z), y, atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # diffusers' own bf16 error, the yardstick
+            y_autocast = vae.decode(z.unsqueeze(2)).sample[:, :, 0].float()
+            z_autocast = vae.encode(x.unsqueeze(2)).latent_dist.mode()[:, :, 0].float()
+        for got, want, autocast in ((decode_one_frame(vae, z, torch.bfloat16), y, y_autocast),
+                                    (encode_one_frame(vae, x, torch.bfloat16), z, z_autocast)):
+            assert got.dtype == torch.bfloat16
+            assert torch.norm(got.float() - want) < 2 * torch.norm(autocast - want)
+
+
+def test_one_frame_graph_serves_inference_only(gen_codec):
+    """The pipeline decodes through the 2-D graph without gradients and through diffusers'
+    graph (differentiable) with them; the two agree to bf16 rounding (both run in bf16). A VAE the graph
+    does not reproduce (replicate padding) keeps diffusers' graph."""
+    import copy
+
+    from ulbcodec.models.single_frame import one_frame_graph_supported
+
+    pipe = gen_codec.next_frame
+    assert pipe.one_frame_graph
+    latent = torch.randn(1, pipe.latent_channels, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fast = pipe.decode_latent(latent, clamp=False)
+    trained = latent.clone().requires_grad_()
+    slow = pipe.decode_latent(trained, clamp=False)
+    slow.sum().backward()
+    assert trained.grad is not None and trained.grad.abs().sum() > 0
+    assert torch.norm(fast - slow.detach()) < 0.02 * torch.norm(slow.detach())
+    vae = copy.deepcopy(pipe.vae)
+    vae.decoder.conv_in.pad_mode = "replicate"
+    assert not one_frame_graph_supported(vae)
+    vae = copy.deepcopy(pipe.vae)
+    vae.post_quant_conv = torch.nn.Conv3d(pipe.latent_channels, pipe.latent_channels, 1)
+    assert not one_frame_graph_supported(vae)
+
+
 def test_anchor_residual_output_is_in_the_manifest_and_the_digest(tmp_path, small, monkeypatch):
     """``"next_frame": {"output": "anchor_residual"}``: a version-3 manifest whose digest
     differs from the same weights without it; a prediction that changes nothing (x0 = the

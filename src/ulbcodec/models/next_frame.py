@@ -43,7 +43,10 @@ photograph: blended over 16 latents the seam check of benchmarks/generative.py g
 largest column-step ratio of 1.31, over 32 latents 1.09).
 
 Floating point: the VAE and transformer run in bfloat16 (as the published models do) on
-the CPU too; this path is NOT bit-exact across machines, unlike entropy decoding. Where
+the CPU too; this path is NOT bit-exact across machines, unlike entropy decoding. For
+inference the VAE runs as a 2-D channels-last graph in that dtype throughout, GroupNorms
+included (models/single_frame.py: three times faster on the CPU); training, which needs
+gradients, runs diffusers' own graph under autocast. Where
 the modules run and whether they are offloaded to host memory between stages is the
 ``placement``'s business (ulbcodec/placement.py); the pipeline only says when each
 module is in use.
@@ -59,7 +62,8 @@ import torch
 from torch import Tensor
 
 from ulbcodec.models.package import NEXT_FRAME_SETTINGS
-from ulbcodec.models.single_frame import use_one_frame_convolutions
+from ulbcodec.models.single_frame import (decode_one_frame, encode_one_frame, one_frame_graph_supported,
+                                          use_one_frame_convolutions)
 
 
 # Tiles, in latent pixels (x8 for image pixels). 64 latents = 512 px per transformer
@@ -180,8 +184,10 @@ class NextFramePipeline:
         from ulbcodec.placement import Placement
 
         self.placement = placement or Placement(next(transformer.parameters()).device)
-        # Every VAE call here is on one frame: its causal 3-D convolutions become 2-D ones.
+        # Every VAE call here is on one frame: its causal 3-D convolutions become 2-D ones,
+        # and without gradients the whole VAE runs as a 2-D channels-last graph.
         self.vae = use_one_frame_convolutions(vae)
+        self.one_frame_graph = one_frame_graph_supported(vae)
         self.transformer = transformer
         self.scheduler = scheduler
         self.prompt_embeds = prompt_embeds
@@ -199,17 +205,29 @@ class NextFramePipeline:
 
     # ---------------------------------------------------------------- VAE
 
+    def _fast_vae(self) -> bool:
+        """The 2-D graph (models/single_frame.py) serves inference; training keeps diffusers'."""
+        return self.one_frame_graph and not torch.is_grad_enabled()
+
     def encode_latent(self, image: Tensor) -> Tensor:
         """[B,3,H,W] in [0,1] (H, W multiples of 8) → scaled latent [B,16,H/8,W/8] (the mode)."""
-        with self.placement.use(self.vae), _autocast(self.dtype, image.device):
-            dist = self.vae.encode((image * 2 - 1).unsqueeze(2)).latent_dist
-        return dist.mode()[:, :, 0].float() * self.scaling_factor
+        with self.placement.use(self.vae):
+            if self._fast_vae():
+                mode = encode_one_frame(self.vae, image * 2 - 1, self.dtype or torch.float32)
+            else:
+                with _autocast(self.dtype, image.device):
+                    mode = self.vae.encode((image * 2 - 1).unsqueeze(2)).latent_dist.mode()[:, :, 0]
+        return mode.float().contiguous() * self.scaling_factor
 
     def decode_latent(self, latent: Tensor, clamp: bool = True) -> Tensor:
         """Scaled latent [B,16,h,w] → image [B,3,8h,8w] in [0,1] (unclamped for training losses)."""
-        with self.placement.use(self.vae), _autocast(self.dtype, latent.device):
-            frames = self.vae.decode((latent / self.scaling_factor).unsqueeze(2)).sample
-        image = frames[:, :, 0].float() * 0.5 + 0.5
+        with self.placement.use(self.vae):
+            if self._fast_vae():
+                frame = decode_one_frame(self.vae, latent / self.scaling_factor, self.dtype or torch.float32)
+            else:
+                with _autocast(self.dtype, latent.device):
+                    frame = self.vae.decode((latent / self.scaling_factor).unsqueeze(2)).sample[:, :, 0]
+        image = frame.float().contiguous() * 0.5 + 0.5
         return image.clamp(0, 1) if clamp else image
 
     # ---------------------------------------------------------------- transformer

@@ -17,6 +17,9 @@ padding) take the module's own forward, unchanged.
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -56,3 +59,133 @@ def use_one_frame_convolutions(vae: nn.Module) -> nn.Module:
             _FAST_CLASSES[cls] = type(f"OneFrame{cls.__name__}", (cls,), {"forward": _one_frame_forward})
         module.__class__ = _FAST_CLASSES[cls]
     return vae
+
+
+# --------------------------------------------------------------------------------------
+# One-frame inference graph of the whole VAE
+#
+# The patched convolutions above still run inside diffusers' 5-D graph, whose tensors on
+# the CPU are channels-first and, under autocast, change dtype around every GroupNorm.
+# For inference on one frame the whole VAE is a 2-D network, and run as one it is about
+# twice as fast (a 768x512 decode: 0.27 s -> 0.13 s on 2 cores, bf16):
+#
+#   * channels-last activations, which oneDNN's convolutions take without reordering
+#     (2x the multiply-adds per second of channels-first at 16-32 channels);
+#   * one dtype throughout (the pipeline's), no casts between layers;
+#   * the decoder's spatial norms modulate with 1x1 convolutions of the latent ``zq``.
+#     diffusers upsamples ``zq`` to every layer's size and convolves there; nearest
+#     upsampling commutes with a 1x1 convolution, so the convolutions run at latent size
+#     and the modulation reads them through broadcast views, never upsampled in memory.
+#
+# It reads the VAE's weights at every call (no cache to go stale while training) and has
+# no gradients of its own to offer: callers use it under ``torch.no_grad()`` only.
+
+
+def _folded_conv(module: nn.Module, x: Tensor) -> Tensor:
+    """A causal 3-D convolution, a 1-frame ``Conv3d`` or a ``Conv2d`` on a 2-D frame."""
+    conv = module.conv if isinstance(module, _causal_conv_class()) else module
+    w = conv.weight.sum(dim=2) if conv.weight.dim() == 5 else conv.weight
+    w = w.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    b = None if conv.bias is None else conv.bias.to(x.dtype)
+    return F.conv2d(x, w, b, stride=conv.stride[-2:], padding=conv.padding[-2:])
+
+
+def _group_norm(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    return F.group_norm(x, norm.num_groups, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
+
+
+def _spatial_norm(norm: nn.Module, f: Tensor, zq: Tensor) -> Tensor:
+    """``GroupNorm(f) · up(conv_y(zq)) + up(conv_b(zq))`` with ``up`` nearest upsampling
+    to f's size, as ``CogVideoXSpatialNorm3D`` computes ``conv(up(zq))`` for one frame."""
+    y, b = _folded_conv(norm.conv_y, zq), _folded_conv(norm.conv_b, zq)
+    h = _group_norm(norm.norm_layer, f)
+    n, c, height, width = h.shape
+    sh, sw = height // zq.shape[2], width // zq.shape[3]
+    if (sh * zq.shape[2], sw * zq.shape[3]) != (height, width):
+        raise ValueError(f"feature size {height}x{width} is not a multiple of the latent size")
+    out = torch.empty_like(h)
+
+    def blocks(t: Tensor, s: Tuple[int, int]) -> Tensor:  # [N,C,H,W] as [N,C,H/sh,sh,W/sw,sw]
+        return t.view(n, c, t.shape[2] // s[0], s[0], t.shape[3] // s[1], s[1])
+
+    torch.addcmul(blocks(b, (1, 1)), blocks(h, (sh, sw)), blocks(y, (1, 1)), out=blocks(out, (sh, sw)))
+    return out
+
+
+def _resnet(block: nn.Module, x: Tensor, zq: Optional[Tensor]) -> Tensor:
+    """``CogVideoXResnetBlock3D`` without ``temb`` (the VAE passes none)."""
+    def norm(layer, t):
+        return _group_norm(layer, t) if zq is None else _spatial_norm(layer, t, zq)
+
+    h = _folded_conv(block.conv1, F.silu(norm(block.norm1, x)))
+    h = _folded_conv(block.conv2, F.silu(norm(block.norm2, h)))
+    if block.in_channels != block.out_channels:
+        x = _folded_conv(block.conv_shortcut, x)
+    return h + x
+
+
+def one_frame_graph_supported(vae: nn.Module) -> bool:
+    """Whether :func:`encode_one_frame` / :func:`decode_one_frame` reproduce ``vae``: the
+    CogVideoX configuration (SiLU, first-frame causal padding, temporal stride 1, plain
+    1-frame ``Conv3d`` elsewhere, 2-D up/downsamplers, no quant convolutions: diffusers'
+    own fail for configurations other than the published one); anything else keeps
+    diffusers' graph."""
+    from diffusers.models.downsampling import CogVideoXDownsample3D
+    from diffusers.models.upsampling import CogVideoXUpsample3D
+
+    if vae.quant_conv is not None or vae.post_quant_conv is not None:
+        return False
+    causal = _causal_conv_class()
+    inner = {id(m.conv) for m in vae.modules() if isinstance(m, causal)}
+    for m in vae.modules():
+        if isinstance(m, causal):
+            c = m.conv
+            if m.pad_mode == "replicate" or c.stride[0] != 1 or c.dilation[0] != 1 or c.groups != 1:
+                return False
+        elif isinstance(m, nn.Conv3d) and id(m) not in inner:
+            if m.kernel_size[0] != 1 or m.padding[0] != 0 or m.groups != 1:
+                return False
+        elif isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
+            return False
+    blocks = [vae.encoder.mid_block, vae.decoder.mid_block, *vae.encoder.down_blocks, *vae.decoder.up_blocks]
+    for block in blocks:
+        for r in block.resnets:
+            if not isinstance(r.nonlinearity, nn.SiLU) or getattr(r, "temb_proj", None) is not None:
+                return False
+        for s in getattr(block, "downsamplers", None) or []:
+            if not isinstance(s, CogVideoXDownsample3D):
+                return False
+        for s in getattr(block, "upsamplers", None) or []:
+            if not isinstance(s, CogVideoXUpsample3D):
+                return False
+    return all(isinstance(a, nn.SiLU) for a in (vae.encoder.conv_act, vae.decoder.conv_act))
+
+
+def encode_one_frame(vae: nn.Module, image: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``vae.encode(image[:, :, None]).latent_dist.mode()[:, :, 0]`` for [B,3,H,W] in [-1, 1]."""
+    enc = vae.encoder
+    h = _folded_conv(enc.conv_in, image.to(dtype).contiguous(memory_format=torch.channels_last))
+    for block in enc.down_blocks:
+        for r in block.resnets:
+            h = _resnet(r, h, None)
+        for down in block.downsamplers or []:
+            h = _folded_conv(down.conv, F.pad(h, (0, 1, 0, 1)))
+    for r in enc.mid_block.resnets:
+        h = _resnet(r, h, None)
+    h = _folded_conv(enc.conv_out, F.silu(_group_norm(enc.norm_out, h)))
+    return h[:, : h.shape[1] // 2]  # the mode of the diagonal Gaussian is its mean
+
+
+def decode_one_frame(vae: nn.Module, latent: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``vae.decode(latent[:, :, None]).sample[:, :, 0]`` for an unscaled latent [B,C,h,w]."""
+    dec = vae.decoder
+    zq = latent.to(dtype).contiguous(memory_format=torch.channels_last)
+    h = _folded_conv(dec.conv_in, zq)
+    for r in dec.mid_block.resnets:
+        h = _resnet(r, h, zq)
+    for block in dec.up_blocks:
+        for r in block.resnets:
+            h = _resnet(r, h, zq)
+        for up in block.upsamplers or []:
+            h = _folded_conv(up.conv, F.interpolate(h, scale_factor=2.0))
+    return _folded_conv(dec.conv_out, F.silu(_spatial_norm(dec.norm_out, h, zq)))
