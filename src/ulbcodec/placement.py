@@ -16,9 +16,9 @@ the working set at a time: CogVideoX-5B's transformer is ~11 GB in bfloat16, its
 0.4 GB, so a 24 GB card runs NeFIC with room for 2K images. ``auto`` (the default)
 offloads when a 1-megapixel job with every component on the device would not fit its
 free memory; a job that does not fit even so is refused before it starts, in one line.
-Large images are already bounded by the tiled VAE and transformer (models/tiling.py,
-512 px VAE tiles, 64-latent transformer tiles), which is what diffusers' VAE tiling and
-slicing would give.
+Large images are already bounded by the tiled VAE and transformer (models/next_frame.py:
+VAE tiles of 512 or 1024 px by the VAE's width, 64-latent transformer tiles), which is
+what diffusers' VAE tiling and slicing would give.
 
 :func:`device_estimate` is printed before a job on an accelerator (one line, the first
 file and any larger one): weights resident on the device in their run dtype (exact, from
@@ -38,6 +38,7 @@ from typing import Iterator, Optional
 import torch
 
 # the packages' own file layout and checked safetensors header reader
+from ulbcodec.models.next_frame import vae_tile
 from ulbcodec.models.package import component_folder, safetensors_header, weight_file_sets
 from ulbcodec.resources import MiB, format_size, padded_pixels
 
@@ -46,7 +47,6 @@ OFFLOAD_MODES = ("auto", "none", "model")
 CUDA_CONTEXT_BYTES = 512 * MiB  # kernels and the allocator's own pages, outside torch's count
 WHOLE_IMAGE_BYTES_PER_PIXEL = 64  # padded input/anchor/output frames in fp32 + latents at 1/8
 LIVE_TILE_TENSORS = 8  # activations alive at once at the VAE's widest full-resolution layer
-VAE_TILE_PX = 512 * 512
 TRANSFORMER_TILE_TOKENS = 2 * 32 * 32  # 64x64 latents, patch 2, two temporal tokens
 
 
@@ -195,8 +195,9 @@ def device_estimate(package, width: int, height: int, generative: bool, placemen
     if generative or video:
         vae = _diffusers_config(package, next((package.components[n] for n in large if "vae" in n), None))
         full_res_channels = vae.get("block_out_channels", [128])[0]  # its widest full-resolution layer
-        # GroupNorm upcasts to float32, hence at least 4 bytes per value
-        working += LIVE_TILE_TENSORS * VAE_TILE_PX * full_res_channels * max(run_bytes, 4)
+        # GroupNorm upcasts to float32 on diffusers' graph, hence at least 4 bytes per value
+        tile_px = vae_tile(full_res_channels) ** 2
+        working += LIVE_TILE_TENSORS * tile_px * full_res_channels * max(run_bytes, 4)
         tf = next((package.components[n] for n in large if n in ("transformer", "predictor")), None)
         tf_config = _diffusers_config(package, tf)
         width_model = tf_config.get("num_attention_heads", 0) * tf_config.get("attention_head_dim", 0)
