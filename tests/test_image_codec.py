@@ -168,6 +168,17 @@ def test_tile_workers_do_not_change_results():
         one = tiled_apply(conv, x, Fraction(1), core=64, margin=8, workers=1)
         two = tiled_apply(conv, x, Fraction(1), core=64, margin=8, workers=2)
     assert torch.equal(one, two)
+    # the pool's threads run under the caller's grad mode (no autograd graph under no_grad)
+    seen = []
+
+    def record(t):
+        seen.append(torch.is_grad_enabled())
+        return conv(t)
+
+    with torch.no_grad():
+        assert not tiled_apply(record, x, Fraction(1), core=64, margin=8, workers=2).requires_grad
+    assert len(seen) > 2 and not any(seen)
+    assert tiled_apply(record, x, Fraction(1), core=64, margin=8, workers=2).requires_grad
 
 
 def test_anchor_is_padded_to_the_format_minimum_and_a_short_one_refused(tiny_codec, monkeypatch):
