@@ -19,24 +19,25 @@ coder's symbols) and the 8-bit pixel buffers.
 Calibration (anchor path, ``models/default``, 19.4 MB of weights): BENCHMARKS.md's speed
 table, peak RSS of the whole ``ulbc`` command (start-up and model load included) on
 2 threads. benchmarks/speed.py records ``ru_maxrss / 1024``, i.e. MiB, though the column
-says MB (the "2.02 GB" of the targets table is 2019 MiB):
+says MB:
 
     ========  ===========================  ==========  ==========
     verb      image (padded coded size)     peak RSS    estimate
     ========  ===========================  ==========  ==========
-    encode    768x480   (768x512)              574 MiB     573 MiB
-    encode    4000x3000 (4032x3008)           2156 MiB    2150 MiB
-    decode    768x480   (768x512)              605 MiB     605 MiB
-    decode    4000x3000 (4032x3008)           2019 MiB    2014 MiB
+    encode    768x480   (768x512)              659 MiB     659 MiB
+    encode    4000x3000 (4032x3008)           2526 MiB    2527 MiB
+    decode    768x480   (768x512)              623 MiB     623 MiB
+    decode    4000x3000 (4032x3008)           2218 MiB    2223 MiB
     ========  ===========================  ==========  ==========
 
-A check off the calibration points (2000x1500 crop of the same photograph, 1 thread,
-default and level-3 files): encode 944-1070 MiB measured for 942 estimated, decode
-932-982 MiB for 935; at 768x480, 571 / 581 MiB for 573 / 605. Peaks move by ~10 % with
-the rate level and the allocator, so the estimate is good to about +-15 %: a limit meant
-to avoid the out-of-memory killer should sit that much under the memory really free.
+(Recalibrated when the transforms' tiles went to a pool of 2 threads: +85 to +370 MiB
+over the one-thread figures of 574 / 2156 / 605 / 2019 MiB.) A check off the earlier
+calibration points (2000x1500 crop of the same photograph, 1 thread, default and level-3
+files) found peaks moving by ~10 % with the rate level and the allocator, so the
+estimate is good to about +-15 %: a limit meant to avoid the out-of-memory killer should
+sit that much under the memory really free.
 
-The slopes through the two points are 141 B/px (encode) and 126 B/px (decode); of that,
+The slopes through the two points are 167 B/px (encode) and 143 B/px (decode); of that,
 the 8-bit buffers are taken as 9 B/px on input (Pillow's decoded image, its RGB copy, the
 numpy array) and 6 B/px on output (the RGB array and Pillow's copy for saving), the rest
 is per coded pixel. The intercepts less the weights give the runtime bases.
@@ -78,11 +79,11 @@ PAD_MULTIPLE = 64  # image.PAD_MULTIPLE (kept here so that this module stays tor
 ENV_VAR = "ULBC_MAX_MEMORY"
 
 # Anchor path, fitted on BENCHMARKS.md (see the table above).
-ENCODE_BASE_BYTES = 502 * MiB  # torch + CompressAI + tile working set, without weights
-ENCODE_BYTES_PER_CODED_PIXEL = 132
+ENCODE_BASE_BYTES = 578 * MiB  # torch + CompressAI + tile working sets, without weights
+ENCODE_BYTES_PER_CODED_PIXEL = 158
 ENCODE_BYTES_PER_IMAGE_PIXEL = 9
-DECODE_BASE_BYTES = 539 * MiB
-DECODE_BYTES_PER_CODED_PIXEL = 120
+DECODE_BASE_BYTES = 551 * MiB
+DECODE_BYTES_PER_CODED_PIXEL = 137
 DECODE_BYTES_PER_IMAGE_PIXEL = 6
 # Generative decoder (provisional, derived, not measured: see the docstring).
 GENERATIVE_DECODE_BYTES_PER_CODED_PIXEL = 48
