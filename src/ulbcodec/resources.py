@@ -42,14 +42,16 @@ the 8-bit buffers are taken as 9 B/px on input (Pillow's decoded image, its RGB 
 numpy array) and 6 B/px on output (the RGB array and Pillow's copy for saving), the rest
 is per coded pixel. The intercepts less the weights give the runtime bases.
 
-The generative (next-frame) decoder has no measured figure yet (BENCHMARKS.md has no
-generative row); its terms are derived from the tensors it holds for the whole image
-and are provisional: +48 B per coded pixel (the clamped anchor frame, 12 B/px; the
-blended VAE output, its weight map and the normalised result, 28 B/px; latents and
-bypass at 1/8 size, ~8 B/px) and a fixed working set of one 512 px VAE tile / 64-latent
-transformer tile, taken as 768 MiB. Encoding with a VAE-conditioned anchor codec runs
-the VAE encoder on tiles: the same fixed working set, +4 B/px. Recalibrate these when
-``make bench`` records the generative speed/memory rows.
+The generative (next-frame) decoder runs after the anchor path has freed its entropy
+coder's tensors, so its peak is the larger of the two stages'. Its own stage holds
+48 B per coded pixel (the clamped anchor frame, 12 B/px; the blended VAE output, its
+weight map and the normalised result, 28 B/px; latents and bypass at 1/8 size, ~8 B/px)
+and one tile's working set, taken as 256 MiB (a 1024 px tile of the shipped VAE: 8 live
+full-resolution tensors of 16 bf16 channels). Against BENCHMARKS.md (models/generative,
+32.4 MiB of weights): 768x480, 779 MiB measured for 859 estimated (the tile is smaller
+than 1024 px there); 4000x3000, 2232 MiB for 2237 (the anchor stage's peak). Encoding
+with a VAE-conditioned anchor codec runs the VAE encoder on tiles: the same working set,
++4 B/px.
 
 The estimate is for one process. With ``--jobs N`` the limit is shared: the main process
 keeps one runtime base, each of the N workers gets an equal part of the rest.
@@ -85,10 +87,10 @@ ENCODE_BYTES_PER_IMAGE_PIXEL = 9
 DECODE_BASE_BYTES = 551 * MiB
 DECODE_BYTES_PER_CODED_PIXEL = 137
 DECODE_BYTES_PER_IMAGE_PIXEL = 6
-# Generative decoder (provisional, derived, not measured: see the docstring).
+# Generative decoder: derived terms, checked against BENCHMARKS.md (see the docstring).
 GENERATIVE_DECODE_BYTES_PER_CODED_PIXEL = 48
 GENERATIVE_ENCODE_BYTES_PER_CODED_PIXEL = 4
-GENERATIVE_TILE_BYTES = 768 * MiB
+GENERATIVE_TILE_BYTES = 256 * MiB
 
 _UNITS = {"": 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -155,9 +157,10 @@ def estimate_decode(width: int, height: int, downscale: int = 1, generative: boo
                     weights: int = 0) -> int:
     """Peak bytes of ``ulbc decode`` of one width x height image (header figures)."""
     coded = padded_pixels(width, height, downscale)
-    per_pixel = DECODE_BYTES_PER_CODED_PIXEL * coded + DECODE_BYTES_PER_IMAGE_PIXEL * width * height
-    if generative:
-        per_pixel += GENERATIVE_DECODE_BYTES_PER_CODED_PIXEL * coded + GENERATIVE_TILE_BYTES
+    output = DECODE_BYTES_PER_IMAGE_PIXEL * width * height
+    per_pixel = DECODE_BYTES_PER_CODED_PIXEL * coded + output
+    if generative:  # the next-frame stage follows the anchor path's: the larger peak counts
+        per_pixel = max(per_pixel, GENERATIVE_DECODE_BYTES_PER_CODED_PIXEL * coded + output + GENERATIVE_TILE_BYTES)
     return DECODE_BASE_BYTES + weights + max(weights, per_pixel)
 
 
