@@ -58,12 +58,12 @@ PAD_MULTIPLE = 64
 # 2.28 GB (each worker holds one tile's working set, hence no more than 2). (The pool's
 # threads once ran without the caller's no_grad, and kept every activation: 12 GB.)
 TILE_WORKERS = 2
+DOWNSCALES = bitstream.DOWNSCALES
 
 
 def tile_workers() -> int:
     """Tile workers for this process: TILE_WORKERS, or fewer threads if torch has fewer."""
     return max(1, min(TILE_WORKERS, torch.get_num_threads()))
-DOWNSCALES = bitstream.DOWNSCALES
 
 
 class DecodeError(ValueError):

@@ -45,7 +45,7 @@ largest column-step ratio of 1.31, over 32 latents 1.09).
 Floating point: the VAE and transformer run in bfloat16 (as the published models do) on
 the CPU too; this path is NOT bit-exact across machines, unlike entropy decoding. For
 inference the VAE runs as a 2-D channels-last graph in that dtype throughout, GroupNorms
-included (models/single_frame.py: three times faster on the CPU); training, which needs
+included (models/single_frame.py: 2-3x faster on the CPU); training, which needs
 gradients, runs diffusers' own graph under autocast. Where
 the modules run and whether they are offloaded to host memory between stages is the
 ``placement``'s business (ulbcodec/placement.py); the pipeline only says when each
@@ -79,12 +79,12 @@ VAE_OVERLAP = 128
 # work instead of 1.74x (its VAE stage: 30 s -> 18 s on 2 cores) for 0.3 GB more memory.
 # A wide VAE (CogVideoX's own: 128 channels) keeps 512 px, 1 GB of activations a tile.
 NARROW_VAE_CHANNELS = 32
+ONE_STEP_TIMESTEP = 500
 
 
 def vae_tile(full_resolution_channels: int) -> int:
     """Side in pixels of the VAE's tiles for a VAE this wide at full resolution."""
     return 2 * VAE_TILE if full_resolution_channels <= NARROW_VAE_CHANNELS else VAE_TILE
-ONE_STEP_TIMESTEP = 500
 
 
 def rotary_embedding(height: int, width: int, head_dim: int, patch_size: int, device=None) -> Tuple[Tensor, Tensor]:
