@@ -24,20 +24,20 @@ says MB:
     ========  ===========================  ==========  ==========
     verb      image (padded coded size)     peak RSS    estimate
     ========  ===========================  ==========  ==========
-    encode    768x480   (768x512)              659 MiB     659 MiB
-    encode    4000x3000 (4032x3008)           2526 MiB    2527 MiB
-    decode    768x480   (768x512)              623 MiB     623 MiB
-    decode    4000x3000 (4032x3008)           2218 MiB    2223 MiB
+    encode    768x480   (768x512)              654 MiB     654 MiB
+    encode    4000x3000 (4032x3008)           2510 MiB    2510 MiB
+    decode    768x480   (768x512)              618 MiB     618 MiB
+    decode    4000x3000 (4032x3008)           2236 MiB    2240 MiB
     ========  ===========================  ==========  ==========
 
-(Recalibrated when the transforms' tiles went to a pool of 2 threads: +85 to +370 MiB
+(Recalibrated when the transforms' tiles went to a pool of 2 threads: +13 to +354 MiB
 over the one-thread figures of 574 / 2156 / 605 / 2019 MiB.) A check off the earlier
 calibration points (2000x1500 crop of the same photograph, 1 thread, default and level-3
 files) found peaks moving by ~10 % with the rate level and the allocator, so the
 estimate is good to about +-15 %: a limit meant to avoid the out-of-memory killer should
 sit that much under the memory really free.
 
-The slopes through the two points are 167 B/px (encode) and 143 B/px (decode); of that,
+The slopes through the two points are 166 B/px (encode) and 145 B/px (decode); of that,
 the 8-bit buffers are taken as 9 B/px on input (Pillow's decoded image, its RGB copy, the
 numpy array) and 6 B/px on output (the RGB array and Pillow's copy for saving), the rest
 is per coded pixel. The intercepts less the weights give the runtime bases.
@@ -48,8 +48,9 @@ coder's tensors, so its peak is the larger of the two stages'. Its own stage hol
 weight map and the normalised result, 28 B/px; latents and bypass at 1/8 size, ~8 B/px)
 and one tile's working set, taken as 256 MiB (a 1024 px tile of the shipped VAE: 8 live
 full-resolution tensors of 16 bf16 channels). Against BENCHMARKS.md (models/generative,
-32.4 MiB of weights): 768x480, 779 MiB measured for 859 estimated (the tile is smaller
-than 1024 px there); 4000x3000, 2232 MiB for 2237 (the anchor stage's peak). Encoding
+32.4 MiB of weights): 768x480, 885 MiB measured for 854 estimated; 4000x3000, 2387 MiB
+for 2254 (the anchor stage's peak; another run of the same decode peaked at 2232 MiB).
+Encoding
 with a VAE-conditioned anchor codec runs the VAE encoder on tiles: the same working set,
 +4 B/px.
 
@@ -81,11 +82,11 @@ PAD_MULTIPLE = 64  # image.PAD_MULTIPLE (kept here so that this module stays tor
 ENV_VAR = "ULBC_MAX_MEMORY"
 
 # Anchor path, fitted on BENCHMARKS.md (see the table above).
-ENCODE_BASE_BYTES = 578 * MiB  # torch + CompressAI + tile working sets, without weights
-ENCODE_BYTES_PER_CODED_PIXEL = 158
+ENCODE_BASE_BYTES = 573 * MiB  # torch + CompressAI + tile working sets, without weights
+ENCODE_BYTES_PER_CODED_PIXEL = 157
 ENCODE_BYTES_PER_IMAGE_PIXEL = 9
-DECODE_BASE_BYTES = 551 * MiB
-DECODE_BYTES_PER_CODED_PIXEL = 137
+DECODE_BASE_BYTES = 545 * MiB
+DECODE_BYTES_PER_CODED_PIXEL = 139
 DECODE_BYTES_PER_IMAGE_PIXEL = 6
 # Generative decoder: derived terms, checked against BENCHMARKS.md (see the docstring).
 GENERATIVE_DECODE_BYTES_PER_CODED_PIXEL = 48
