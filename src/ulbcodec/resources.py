@@ -50,9 +50,8 @@ and one tile's working set, taken as 256 MiB (a 1024 px tile of the shipped VAE:
 full-resolution tensors of 16 bf16 channels). Against BENCHMARKS.md (models/generative,
 32.4 MiB of weights): 768x480, 885 MiB measured for 854 estimated; 4000x3000, 2387 MiB
 for 2254 (the anchor stage's peak; another run of the same decode peaked at 2232 MiB).
-Encoding
-with a VAE-conditioned anchor codec runs the VAE encoder on tiles: the same working set,
-+4 B/px.
+Encoding with a VAE-conditioned anchor codec runs the VAE encoder on tiles: the same
+working set, +4 B/px.
 
 The estimate is for one process. With ``--jobs N`` the limit is shared: the main process
 keeps one runtime base, each of the N workers gets an equal part of the rest.

@@ -87,7 +87,7 @@ def _folded_conv(module: nn.Module, x: Tensor) -> Tensor:
     w = conv.weight.sum(dim=2) if conv.weight.dim() == 5 else conv.weight
     w = w.to(x.dtype).contiguous(memory_format=torch.channels_last)
     b = None if conv.bias is None else conv.bias.to(x.dtype)
-    return F.conv2d(x, w, b, stride=conv.stride[-2:], padding=conv.padding[-2:])
+    return F.conv2d(x, w, b, stride=conv.stride[-2:], padding=conv.padding[-2:], dilation=conv.dilation[-2:])
 
 
 def _group_norm(norm: nn.GroupNorm, x: Tensor) -> Tensor:
