@@ -4,6 +4,8 @@ video model on a slow pan over it.
 
 Run after (re)training or after an intentional change to the coding path, and say so in
 the commit message: the pins are what tests/test_image_codec.py and tests/test_video_codec.py compare against.
+Besides the digests it writes the decoded pixels as reference PNGs (tests/data/pins/): on
+another CPU the last bits of synthesis may differ, and the tests then compare with those.
 """
 
 import hashlib
@@ -19,6 +21,13 @@ from ulbcodec.video import VideoCodec, VideoSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 PINS = ROOT / "tests" / "data" / "default_model_pins.json"
+REFERENCES = ROOT / "tests" / "data" / "pins"
+
+
+def save_reference(pixels: np.ndarray, name: str) -> None:
+    """The decoded pixels as a PNG (video frames stacked top to bottom)."""
+    REFERENCES.mkdir(exist_ok=True)
+    Image.fromarray(pixels.reshape(-1, *pixels.shape[-2:])).save(REFERENCES / name)
 
 
 def short_digest(data: bytes) -> str:
@@ -37,15 +46,18 @@ pins[codec.package.digest[:16]] = {
     "pixels": short_digest(pixels.tobytes()),
     "bytes": len(data),
 }
+save_reference(pixels, "default.png")
 
 generative = ImageCodec.from_pretrained("generative")
 data = generative.encode(rgb, 2).data
+generated = generative.decode(data)
 pins[generative.package.digest[:16]] = {
     "bitstream": short_digest(data),
-    "pixels": short_digest(generative.decode(data).tobytes()),
+    "pixels": short_digest(generated.tobytes()),
     "anchor_pixels": short_digest(generative.decode(data, anchor_only=True).tobytes()),
     "bytes": len(data),
 }
+save_reference(generated, "generative.png")
 
 video = VideoCodec.from_pretrained("video")
 clip = [np.ascontiguousarray(photo[:128, 2 * t : 2 * t + 192]) for t in range(8)]  # the pan the test uses
@@ -57,5 +69,6 @@ pins[video.package.digest[:16]] = {
     "bytes": len(data),
     "frame_types": gops.frame_types(),
 }
+save_reference(frames, "video.png")
 PINS.write_text(json.dumps(pins, indent=1) + "\n")
 print(PINS, *(pins[c.package.digest[:16]] for c in (codec, generative, video)))

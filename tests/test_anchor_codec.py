@@ -230,6 +230,26 @@ def test_entropy_path_is_independent_of_thread_count(rated):
     torch.testing.assert_close(a1, a2, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("band_pixels", [1, 40, 10**9])
+def test_local_context_bands_do_not_change_a_bit(tiny, monkeypatch, band_pixels):
+    """The windowed local context attends band by band (for speed); every band size must
+    give exactly the unbanded values, or files would decode differently by image size."""
+    from ulbcodec.models import anchor_codec
+    from ulbcodec.models.anchor_codec import _keep, _local_attention_mask
+
+    torch.manual_seed(1)
+    context = tiny.local_context[1]
+    anchors = _keep(torch.randn(1, context.dim, 12, 20) * 3, anchor=True)
+    mask = _local_attention_mask(12, 20, context.window, anchors.device)
+    with torch.no_grad():
+        monkeypatch.setattr(anchor_codec, "BAND_PIXELS", 10**9)
+        whole = context(anchors, mask)
+        monkeypatch.setattr(anchor_codec, "BAND_PIXELS", band_pixels)
+        banded = context(anchors, mask)
+        threaded = context(anchors, mask, workers=2)  # bands shared by two threads
+    assert torch.equal(whole, banded) and torch.equal(whole, threaded)
+
+
 def test_forward_training_mode_uses_noise_free_ste(rated):
     x = _smooth_image(64, 64)
     rated.train()

@@ -125,6 +125,36 @@ def test_blended_tiles_reproduce_a_pointwise_function():
         assert torch.allclose(next_frame.blended_tiles(fn, x, tile=16, overlap=6, even=even), fn(x), atol=1e-6)
 
 
+def test_blended_tiles_in_batches_match_one_at_a_time():
+    x = torch.randn(2, 3, 40, 29)  # two images: each batch of tiles holds 2 samples per tile
+    weights = torch.randn(3, 1, 1)
+    fn = lambda t: (t * weights).cumsum(-1)  # noqa: E731  (not pointwise: tiles blend)
+    one = next_frame.blended_tiles(fn, x, tile=16, overlap=6)
+    for batch in (2, 5, 100):
+        assert torch.allclose(next_frame.blended_tiles(fn, x, tile=16, overlap=6, batch=batch), one, atol=1e-6)
+
+
+def test_transformer_tiles_are_the_training_size_within_bounds():
+    from types import SimpleNamespace
+
+    assert next_frame.transformer_tile(SimpleNamespace(sample_height=32, sample_width=32)) == (32, 8)
+    assert next_frame.transformer_tile(SimpleNamespace(sample_height=60, sample_width=90)) == (60, 15)
+    assert next_frame.transformer_tile(SimpleNamespace(sample_height=300, sample_width=300)) == (64, 16)
+    assert next_frame.transformer_tile(SimpleNamespace(sample_height=8, sample_width=8)) == (32, 8)
+
+
+def test_batched_transformer_tiles_match_single_tiles(gen_codec, monkeypatch):
+    pipe = gen_codec.next_frame
+    torch.manual_seed(0)
+    anchor = torch.rand(1, 3, 8 * 40, 8 * 72)
+    bypass = torch.randn(1, 1, 4, 40, 72)
+    with torch.no_grad():
+        batched = pipe.decode_image(anchor, bypass)  # 2x3 tiles of 32 latents
+        monkeypatch.setattr(next_frame, "TILE_BATCH_LATENTS", 1)
+        single = pipe.decode_image(anchor, bypass)
+    assert (batched - single).abs().max() < 0.02  # bf16: batched GEMMs may round differently
+
+
 def test_tiled_decode_agrees_with_whole_decode_away_from_seams(gen_codec, monkeypatch):
     pipe = gen_codec.next_frame
     torch.manual_seed(0)

@@ -219,7 +219,11 @@ def _stop_workers(pool: ProcessPoolExecutor, futures) -> None:
         if process.is_alive():
             process.kill()
             process.join(timeout=1.0)
-    pool.shutdown(wait=False)
+    # Wait for the pool's manager thread, which sees its workers gone and ends: left
+    # running, it races Python's exit hook for the pool (CPython 3.11 wakes it through a
+    # pipe the thread may be closing), which now and then printed "Bad file descriptor"
+    # with a traceback after the one-line "interrupted" message.
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _guarded_in_worker(job, task: Task) -> dict:

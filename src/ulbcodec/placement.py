@@ -17,12 +17,12 @@ the working set at a time: CogVideoX-5B's transformer is ~11 GB in bfloat16, its
 offloads when a 1-megapixel job with every component on the device would not fit its
 free memory; a job that does not fit even so is refused before it starts, in one line.
 Large images are already bounded by the tiled VAE and transformer (models/next_frame.py:
-VAE tiles of 512 or 1024 px by the VAE's width, 64-latent transformer tiles), which is
-what diffusers' VAE tiling and slicing would give.
+VAE tiles of 512 or 1024 px by the VAE's width; transformer tiles of its training size,
+32 to 64 latents, in batches), which is what diffusers' VAE tiling and slicing would give.
 
 :func:`device_estimate` is printed before a job on an accelerator (one line, the first
 file and any larger one): weights resident on the device in their run dtype (exact, from
-the safetensors headers), the whole-image tensors, one tile's working set and the CUDA
+the safetensors headers), the whole-image tensors, one tile's (one batch of transformer tiles') working set and the CUDA
 context. The working-set figures are derived from the tensor shapes, not measured: no GPU
 has been lent to this project yet (README, "GPU").
 """
@@ -33,12 +33,13 @@ import contextlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator, Optional
 
 import torch
 
 # the packages' own file layout and checked safetensors header reader
-from ulbcodec.models.next_frame import vae_tile
+from ulbcodec.models.next_frame import tile_batch, transformer_tile, vae_tile
 from ulbcodec.models.package import component_folder, safetensors_header, weight_file_sets
 from ulbcodec.resources import MiB, format_size, padded_pixels
 
@@ -47,7 +48,6 @@ OFFLOAD_MODES = ("auto", "none", "model")
 CUDA_CONTEXT_BYTES = 512 * MiB  # kernels and the allocator's own pages, outside torch's count
 WHOLE_IMAGE_BYTES_PER_PIXEL = 64  # padded input/anchor/output frames in fp32 + latents at 1/8
 LIVE_TILE_TENSORS = 8  # activations alive at once at the VAE's widest full-resolution layer
-TRANSFORMER_TILE_TOKENS = 2 * 32 * 32  # 64x64 latents, patch 2, two temporal tokens
 
 
 class DeviceError(ValueError):
@@ -201,9 +201,12 @@ def device_estimate(package, width: int, height: int, generative: bool, placemen
         tf = next((package.components[n] for n in large if n in ("transformer", "predictor")), None)
         tf_config = _diffusers_config(package, tf)
         width_model = tf_config.get("num_attention_heads", 0) * tf_config.get("attention_head_dim", 0)
-        tokens = TRANSFORMER_TILE_TOKENS + tf_config.get("max_text_seq_length", 0)
+        # one batch of tiles (models/next_frame.py): two temporal tokens per patch of 2x2 latents
+        side, _ = transformer_tile(SimpleNamespace(**tf_config))
+        tokens = 2 * (side // 2) ** 2 + tf_config.get("max_text_seq_length", 0)
         # attention scores when the kernel materialises them (heads x tokens^2), or the MLP
-        working += run_bytes * max(tf_config.get("num_attention_heads", 0) * tokens ** 2, 12 * tokens * width_model)
+        working += run_bytes * tile_batch(side) * max(tf_config.get("num_attention_heads", 0) * tokens ** 2,
+                                                12 * tokens * width_model)
     context = CUDA_CONTEXT_BYTES if placement.device.type == "cuda" else 0
     return DeviceEstimate(resident, working, context, placement.offloading, placement.diffusers_dtype)
 

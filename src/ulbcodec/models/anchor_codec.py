@@ -56,7 +56,9 @@ state_dict is identical to the official one):
 Determinism: everything between ``y`` and the bitstream (hyper transforms, context models,
 mean/scale prediction, rANS) runs in float32 with autocast disabled and with
 ``torch.set_num_threads(1)`` temporarily in force, so encoder and decoder produce the same
-means/scales whatever thread count either side uses. ``g_a``/``g_s`` run unrestricted and
+means/scales whatever thread count either side uses (the local context's attention runs
+in bands of rows, each computed whole by one thread, which may share them out: the values
+are the same for any band size or thread count). ``g_a``/``g_s`` run unrestricted and
 may be tiled by the caller (see :meth:`AnchorCodec.analyze` / :meth:`AnchorCodec.synthesize`).
 """
 
@@ -64,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 import zlib
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -109,6 +112,11 @@ _PARAM_NET_WIDTHS = (320, 256, 128)  # entropy-parameter 1x1 convs
 _CHANNEL_CTX_WIDTHS = (192, 128)  # channel-context 3x3 convs
 _LOCAL_HEADS = 2  # heads of the windowed local context
 _INTRA_HEADS = 2  # heads of the linear intra-slice context
+# The local context attends in bands of about this many latent pixels. Its attention maps
+# (w⁴·heads values a pixel) of a whole 12 MP latent take ~240 MB a pass; a band's stay in
+# cache, which makes it 3x faster. Each pixel's arithmetic is the same in any band, so
+# the band size does not touch the bitstream (tests/test_anchor_codec.py checks it).
+BAND_PIXELS = 1024
 
 # CDF buffers whose shapes are data dependent (set by update() or by a loaded file).
 _CDF_BUFFERS = {
@@ -153,7 +161,7 @@ def _ste_round(x: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def _deterministic_entropy_path(device: torch.device, single_thread: bool = True) -> Iterator[None]:
+def _deterministic_entropy_path(device: torch.device, single_thread: bool = True) -> Iterator[int]:
     """Run the entropy-parameter path single-threaded, in fp32, without autocast.
 
     ``single_thread=False`` (training) keeps fp32 but leaves the thread count alone:
@@ -163,14 +171,16 @@ def _deterministic_entropy_path(device: torch.device, single_thread: bool = True
     means. Multi-threaded CPU kernels may split reductions differently for different
     thread counts, so we pin intra-op parallelism to one thread for the duration and
     restore the caller's setting afterwards. (Process-global: not safe to interleave with
-    other Python threads that rely on the thread count at the same moment.)
+    other Python threads that rely on the thread count at the same moment.) Yields the
+    caller's thread count: work split into independent pieces, each computed whole by one
+    thread (the local context's bands), may still use that many threads.
     """
     previous = torch.get_num_threads()
     if single_thread:
         torch.set_num_threads(1)
     try:
         with torch.autocast(device_type=device.type, enabled=False):
-            yield
+            yield previous
     finally:
         torch.set_num_threads(previous)
 
@@ -534,16 +544,44 @@ class CheckerboardWindowAttention(nn.Module):
         self.norm2 = nn.LayerNorm(dim * 2)
         self.fusion = nn.Conv2d(dim, dim * 2, kernel_size=window)
 
-    def forward(self, anchors: Tensor, attn_mask: Tensor) -> Tensor:
+    def forward(self, anchors: Tensor, attn_mask: Tensor, workers: int = 1) -> Tensor:
         # The reshapes/permutes below reproduce the published memory layout exactly (the
         # 5x5 fusion conv receives a channels-last view, which selects its CPU kernel);
         # note the head split (channel = d·heads + h) differs from the merge (h·hd + d).
         b, c, h, w = anchors.shape
-        n_pix, ws, ww = h * w, self.window, self.window * self.window
-        tokens = self.norm1(anchors.reshape(b, c, n_pix).permute(0, 2, 1))
+        pad = (self.window - 1) // 2
+        tokens = self.norm1(anchors.reshape(b, c, h * w).permute(0, 2, 1))
         qkv = self.qkv_proj(tokens).reshape(b, h, w, 3, c).permute(3, 0, 4, 1, 2)
-        qkv = torch.cat([qkv[0], qkv[1], qkv[2]], dim=1)  # [B, 3C, H, W]
-        windows = F.unfold(qkv, ws, padding=(ws - 1) // 2).permute(0, 2, 1)
+        qkv = F.pad(torch.cat([qkv[0], qkv[1], qkv[2]], dim=1), (pad, pad, pad, pad))  # [B, 3C, H+2p, W+2p]
+        rows = max(1, BAND_PIXELS // w)
+        bands = [(qkv[:, :, top:min(h, top + rows) + 2 * pad], attn_mask[top * w:min(h, top + rows) * w])
+                 for top in range(0, h, rows)]
+        if workers > 1 and len(bands) > 1 and not torch.is_grad_enabled():
+            # Each band is computed whole by one thread, so its values do not depend on
+            # how many threads share the bands (grad mode is per thread: off in each).
+            def attend(band: Tuple[Tensor, Tensor]) -> Tensor:
+                with torch.no_grad():
+                    return self._attend_band(*band)
+
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                fused = torch.cat(list(pool.map(attend, bands)), dim=1)
+        else:
+            fused = torch.cat([self._attend_band(*band) for band in bands], dim=1)
+        out = self.proj(fused)
+        out = out + self.mlp(self.norm2(out))
+        return out.permute(0, 2, 1).reshape(b, c * 2, h, w)
+
+    def _attend_band(self, qkv: Tensor, attn_mask: Tensor) -> Tensor:
+        """Attention + fusion conv for the latent rows of one band.
+
+        ``qkv`` [B, 3C, rows+2p, W+2p] holds the band's rows with p = (window−1)/2 rows and
+        columns of (zero-padded) neighbours around them, ``attn_mask`` the band's rows of
+        the mask. Returns the fused windows [B, rows·W, 2C].
+        """
+        b, c3, rows_padded, w_padded = qkv.shape
+        c, ws, ww = c3 // 3, self.window, self.window * self.window
+        n_pix = (rows_padded - ws + 1) * (w_padded - ws + 1)
+        windows = F.unfold(qkv, ws).permute(0, 2, 1)
         windows = windows.view(b, n_pix, 3, c, ws, ws).permute(2, 0, 1, 3, 4, 5)
 
         def heads(t: Tensor) -> Tensor:  # [B, L, C, ws, ws] → [B, L, heads, w², head_dim]
@@ -558,9 +596,7 @@ class CheckerboardWindowAttention(nn.Module):
 
         out = (attn @ v).reshape(b, n_pix, self.num_heads, ws, ws, self.head_dim)
         out = out.permute(0, 1, 3, 4, 2, 5).reshape(b * n_pix, ws, ws, c).permute(0, 3, 1, 2)
-        out = self.proj(self.fusion(out).reshape(b, n_pix, c * 2))
-        out = out + self.mlp(self.norm2(out))
-        return out.permute(0, 2, 1).reshape(b, c * 2, h, w)
+        return self.fusion(out).reshape(b, n_pix, c * 2)
 
 
 class ChannelContextNet(nn.Module):
@@ -1026,7 +1062,7 @@ class AnchorCodec(CompressionModel):
             self._mask_cache[key] = mask
         return mask
 
-    def _run_slices(self, hyper: Tensor, quantize: PartQuantizer) -> Tuple[Tensor, Tensor, Tensor]:
+    def _run_slices(self, hyper: Tensor, quantize: PartQuantizer, workers: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
         """The checkerboard × channel-slice autoregression shared by forward/compress/decompress.
 
         ``quantize(slice_index, anchor, scales, means)`` receives full-grid scale/mean maps
@@ -1053,7 +1089,7 @@ class AnchorCodec(CompressionModel):
             correction = self.lrp_anchor[i](torch.cat([hyper_means, *decoded, anchors], dim=1))
             anchors = anchors + _keep(correction, anchor=True)
 
-            local_ctx = self.local_context[i](anchors, mask)
+            local_ctx = self.local_context[i](anchors, mask, workers=workers)
             if i == 0:
                 nonanchor_ctx = torch.cat([local_ctx, hyper], dim=1)
             else:
@@ -1098,7 +1134,7 @@ class AnchorCodec(CompressionModel):
         symbols: List[int] = []
         indexes: List[int] = []
         gc = self.gaussian_conditional
-        with _deterministic_entropy_path(y.device):
+        with _deterministic_entropy_path(y.device) as threads:
             y = y.float()
             z = self.h_a(y)
             z_strings = self.entropy_bottleneck.compress(z)
@@ -1113,7 +1149,7 @@ class AnchorCodec(CompressionModel):
                 indexes.extend(gc.build_indexes(_squeeze(scales, anchor)).reshape(-1).tolist())
                 return _unsqueeze(part_symbols + means_sq, anchor)
 
-            y_hat, _, _ = self._run_slices(hyper, quantize)
+            y_hat, _, _ = self._run_slices(hyper, quantize, workers=threads)
             cdf, cdf_lengths, offsets = self._cdf_tables()
             encoder = BufferedRansEncoder()
             encoder.encode_with_indexes(symbols, indexes, cdf, cdf_lengths, offsets)
@@ -1148,7 +1184,7 @@ class AnchorCodec(CompressionModel):
         device = self.h_s.increase[0].weight.device
         gc = self.gaussian_conditional
         symbols: List[int] = []
-        with _deterministic_entropy_path(device):
+        with _deterministic_entropy_path(device) as threads:
             z_hat = self.entropy_bottleneck.decompress([z_string], shape)
             hyper = self.h_s(z_hat)
             cdf, cdf_lengths, offsets = self._cdf_tables()
@@ -1163,7 +1199,7 @@ class AnchorCodec(CompressionModel):
                 means_sq = _squeeze(means, anchor)
                 return _unsqueeze(values.reshape(means_sq.shape) + means_sq, anchor)
 
-            y_hat, _, _ = self._run_slices(hyper, quantize)
+            y_hat, _, _ = self._run_slices(hyper, quantize, workers=threads)
         return {"y_hat": y_hat, "symbols_crc32": _symbols_crc32(symbols)}
 
     @staticmethod
