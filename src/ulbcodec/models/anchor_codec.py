@@ -66,9 +66,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -545,9 +545,8 @@ class CheckerboardWindowAttention(nn.Module):
         self.fusion = nn.Conv2d(dim, dim * 2, kernel_size=window)
 
     def forward(self, anchors: Tensor, attn_mask: Tensor, workers: int = 1) -> Tensor:
-        # The reshapes/permutes below reproduce the published memory layout exactly (the
-        # 5x5 fusion conv receives a channels-last view, which selects its CPU kernel);
-        # note the head split (channel = d·heads + h) differs from the merge (h·hd + d).
+        """Local context [B, 2C, H, W] of the decoded anchors [B, C, H, W]; ``workers``
+        threads may share the bands (on the CPU, without gradients)."""
         b, c, h, w = anchors.shape
         pad = (self.window - 1) // 2
         tokens = self.norm1(anchors.reshape(b, c, h * w).permute(0, 2, 1))
@@ -556,7 +555,7 @@ class CheckerboardWindowAttention(nn.Module):
         rows = max(1, BAND_PIXELS // w)
         bands = [(qkv[:, :, top:min(h, top + rows) + 2 * pad], attn_mask[top * w:min(h, top + rows) * w])
                  for top in range(0, h, rows)]
-        if workers > 1 and len(bands) > 1 and not torch.is_grad_enabled():
+        if workers > 1 and len(bands) > 1 and anchors.device.type == "cpu" and not torch.is_grad_enabled():
             # Each band is computed whole by one thread, so its values do not depend on
             # how many threads share the bands (grad mode is per thread: off in each).
             def attend(band: Tuple[Tensor, Tensor]) -> Tensor:
@@ -578,6 +577,9 @@ class CheckerboardWindowAttention(nn.Module):
         columns of (zero-padded) neighbours around them, ``attn_mask`` the band's rows of
         the mask. Returns the fused windows [B, rows·W, 2C].
         """
+        # The reshapes/permutes below reproduce the published memory layout exactly (the
+        # 5x5 fusion conv receives a channels-last view, which selects its CPU kernel);
+        # note the head split (channel = d·heads + h) differs from the merge (h·hd + d).
         b, c3, rows_padded, w_padded = qkv.shape
         c, ws, ww = c3 // 3, self.window, self.window * self.window
         n_pix = (rows_padded - ws + 1) * (w_padded - ws + 1)
