@@ -185,6 +185,28 @@ def _deterministic_entropy_path(device: torch.device, single_thread: bool = True
         torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def _side_thread(enabled: bool) -> Iterator[Callable[[Callable[[], Tensor], Callable[[], Tensor]], Tuple[Tensor, Tensor]]]:
+    """Yields ``both(f, g)`` → (f(), g()): with ``enabled``, g runs on a second thread
+    meanwhile, without gradients (grad mode is per thread). Each network still runs whole
+    on one thread, so its values are those of a serial run: the entropy path uses this
+    for context networks that do not depend on each other."""
+    if not enabled:
+        yield lambda f, g: (f(), g())
+        return
+
+    def no_grad(g: Callable[[], Tensor]) -> Tensor:
+        with torch.no_grad():
+            return g()
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        def both(f: Callable[[], Tensor], g: Callable[[], Tensor]) -> Tuple[Tensor, Tensor]:
+            side = pool.submit(no_grad, g)
+            return f(), side.result()
+
+        yield both
+
+
 # Checkerboard helpers. "Anchor" positions are those with (row + col) odd; they are coded
 # first, the remaining ("non-anchor") positions second, with the anchors as context.
 
@@ -552,7 +574,10 @@ class CheckerboardWindowAttention(nn.Module):
         tokens = self.norm1(anchors.reshape(b, c, h * w).permute(0, 2, 1))
         qkv = self.qkv_proj(tokens).reshape(b, h, w, 3, c).permute(3, 0, 4, 1, 2)
         qkv = F.pad(torch.cat([qkv[0], qkv[1], qkv[2]], dim=1), (pad, pad, pad, pad))  # [B, 3C, H+2p, W+2p]
-        rows = max(1, BAND_PIXELS // w)
+        # Bands of equal height, as many as a whole number of rounds of the threads needs.
+        count = -(-h * w // BAND_PIXELS)
+        count = min(h, -(-count // workers) * workers)
+        rows = -(-h // count)
         bands = [(qkv[:, :, top:min(h, top + rows) + 2 * pad], attn_mask[top * w:min(h, top + rows) * w])
                  for top in range(0, h, rows)]
         if workers > 1 and len(bands) > 1 and anchors.device.type == "cpu" and not torch.is_grad_enabled():
@@ -1072,6 +1097,11 @@ class AnchorCodec(CompressionModel):
         the full grid, zeros at the other part's positions (from y, with STE, or from the
         bitstream). Returns (ŷ, scales, means), each [B, M, h, w].
         """
+        with _side_thread(workers > 1 and hyper.device.type == "cpu" and not torch.is_grad_enabled()) as both:
+            return self._slices(hyper, quantize, workers, both)
+
+    def _slices(self, hyper: Tensor, quantize: PartQuantizer, workers: int,
+                both: Callable[[Callable[[], Tensor], Callable[[], Tensor]], Tuple[Tensor, Tensor]]):
         hyper_means = hyper.chunk(2, dim=1)[1]
         mask = self._attention_mask(hyper.shape[-2], hyper.shape[-1], hyper.device)
         is_anchor = _checkerboard_mask(hyper.shape[-2], hyper.shape[-1], True, hyper.device)
@@ -1083,19 +1113,20 @@ class AnchorCodec(CompressionModel):
                 anchor_ctx = hyper
             else:
                 previous = torch.cat(decoded, dim=1)
-                inter_ctx = self.global_inter_context[i](previous)
-                channel_ctx = self.channel_context[i](previous)
+                inter_ctx, channel_ctx = both(lambda: self.global_inter_context[i](previous),
+                                              lambda: self.channel_context[i](previous))
                 anchor_ctx = torch.cat([inter_ctx, channel_ctx, hyper], dim=1)
             scales_a, means_a = self.entropy_parameters_anchor[i](anchor_ctx).chunk(2, dim=1)
             anchors = quantize(i, True, scales_a, means_a)
             correction = self.lrp_anchor[i](torch.cat([hyper_means, *decoded, anchors], dim=1))
             anchors = anchors + _keep(correction, anchor=True)
 
-            local_ctx = self.local_context[i](anchors, mask, workers=workers)
             if i == 0:
+                local_ctx = self.local_context[i](anchors, mask, workers=workers)
                 nonanchor_ctx = torch.cat([local_ctx, hyper], dim=1)
             else:
-                intra_ctx = self.global_intra_context[i](decoded[-1], anchors)
+                local_ctx, intra_ctx = both(lambda: self.local_context[i](anchors, mask, workers=workers),
+                                            lambda: self.global_intra_context[i](decoded[-1], anchors))
                 nonanchor_ctx = torch.cat([local_ctx, intra_ctx, inter_ctx, channel_ctx, hyper], dim=1)
             scales_n, means_n = self.entropy_parameters_nonanchor[i](nonanchor_ctx).chunk(2, dim=1)
             y_hat_slice = anchors + quantize(i, False, scales_n, means_n)

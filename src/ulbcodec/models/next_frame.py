@@ -196,9 +196,15 @@ def blended_tiles(fn, *inputs: Tensor, tile: int, overlap: int, scale: Fraction 
     ys, xs = list(tile_starts(h, th, overlap)), list(tile_starts(w, tw, overlap))
     starts = [(y, x) for y in ys for x in xs]
     sh, sw, ov = int(th * scale), int(tw * scale), int(overlap * scale)
-    for first in range(0, len(starts), max(1, batch)):
-        group = starts[first:first + max(1, batch)]
-        tiles = (torch.cat([t[:, :, y:y + th, x:x + tw] for y, x in group]) for t in inputs)
+    # Batches of one size (12 tiles in at most 8: 6 + 6, not 8 + 4), the last padded with
+    # copies of its last tile where the tiles do not divide evenly: every call then has
+    # the same shape, and a new process compiles its CPU kernels for one shape only.
+    calls = -(-len(starts) // max(1, batch))
+    size = -(-len(starts) // calls)
+    for first in range(0, len(starts), size):
+        group = starts[first:first + size]
+        padded = group + group[-1:] * (size - len(group)) if calls > 1 else group
+        tiles = (torch.cat([t[:, :, y:y + th, x:x + tw] for y, x in padded]) for t in inputs)
         results = fn(*tiles).float().split(b)
         for (y, x), res in zip(group, results):
             if out is None:

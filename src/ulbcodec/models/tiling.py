@@ -27,6 +27,7 @@ thread count of the machine (tests/test_image_codec.py checks 1 vs 2 threads).
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import Callable, Optional, Sequence, Tuple, Union
@@ -79,6 +80,7 @@ def tiled_apply(
         return t[:, :, int(a * sc) : int(b * sc), int(c * sc) : int(d * sc)]
 
     grad = torch.is_grad_enabled()
+    allocation = threading.Lock()
 
     def run(box) -> None:
         # OpenMP's thread count is per calling thread: a pool thread must set its own, or
@@ -90,8 +92,9 @@ def tiled_apply(
         with torch.set_grad_enabled(grad):
             tiles = fn(x[:, :, t0:t1, l0:l1], *(crop(t, Fraction(r), t0, t1, l0, l1) for t, r in side))
         for i, (tile, sc) in enumerate(zip(tiles if multi else [tiles], scales)):
-            if out[i] is None:  # first finished tile allocates (same shape from any tile)
-                out[i] = tile.new_empty(tile.shape[:-2] + (int(h * sc), int(w * sc)))
+            with allocation:
+                if out[i] is None:  # first finished tile allocates (same shape from any tile)
+                    out[i] = tile.new_empty(tile.shape[:-2] + (int(h * sc), int(w * sc)))
             out[i][..., int(top * sc) : int(bottom * sc), int(left * sc) : int(right * sc)] = tile[
                 ..., int((top - t0) * sc) : int((bottom - t0) * sc), int((left - l0) * sc) : int((right - l0) * sc)
             ]
@@ -103,9 +106,8 @@ def tiled_apply(
             for box in boxes:
                 run(box)
         else:
-            run(boxes[0])  # allocate the output before threads race for it
-            with ThreadPoolExecutor(max_workers=min(workers, len(boxes) - 1)) as pool:
-                list(pool.map(run, boxes[1:]))
+            with ThreadPoolExecutor(max_workers=min(workers, len(boxes))) as pool:
+                list(pool.map(run, boxes))
     finally:
         torch.set_num_threads(previous)
     return tuple(out) if multi else out[0]
