@@ -58,7 +58,8 @@ mean/scale prediction, rANS) runs in float32 with autocast disabled and with
 ``torch.set_num_threads(1)`` temporarily in force, so encoder and decoder produce the same
 means/scales whatever thread count either side uses (the local context's attention runs
 in bands of rows, each computed whole by one thread, which may share them out: the values
-are the same for any band size or thread count). ``g_a``/``g_s`` run unrestricted and
+are the same for any band size or thread count; context networks that do not depend on
+each other run side by side, each on one thread). ``g_a``/``g_s`` run unrestricted and
 may be tiled by the caller (see :meth:`AnchorCodec.analyze` / :meth:`AnchorCodec.synthesize`).
 """
 
@@ -93,6 +94,8 @@ __all__ = [
 RateLevel = Union[int, float]
 # quantize(slice_index, anchor_part, scales, means) -> quantised part on the full grid
 PartQuantizer = Callable[[int, bool, Tensor, Tensor], Tensor]
+# both(f, g) -> (f(), g()) for two networks that do not depend on each other (_side_thread)
+Both = Callable[[Callable[[], Tensor], Callable[[], Tensor]], Tuple[Tensor, Tensor]]
 
 #: Configuration of the released NeFIC checkpoints (``checkpoints/nefic_lambda*/anchor_codec.bin``).
 RELEASED_CONFIG: Dict[str, int] = {
@@ -186,7 +189,7 @@ def _deterministic_entropy_path(device: torch.device, single_thread: bool = True
 
 
 @contextlib.contextmanager
-def _side_thread(enabled: bool) -> Iterator[Callable[[Callable[[], Tensor], Callable[[], Tensor]], Tuple[Tensor, Tensor]]]:
+def _side_thread(enabled: bool) -> Iterator[Both]:
     """Yields ``both(f, g)`` → (f(), g()): with ``enabled``, g runs on a second thread
     meanwhile, without gradients (grad mode is per thread). Each network still runs whole
     on one thread, so its values are those of a serial run: the entropy path uses this
@@ -1101,7 +1104,8 @@ class AnchorCodec(CompressionModel):
             return self._slices(hyper, quantize, workers, both)
 
     def _slices(self, hyper: Tensor, quantize: PartQuantizer, workers: int,
-                both: Callable[[Callable[[], Tensor], Callable[[], Tensor]], Tuple[Tensor, Tensor]]):
+                both: Both) -> Tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_run_slices` with ``both`` running pairs of independent context networks."""
         hyper_means = hyper.chunk(2, dim=1)[1]
         mask = self._attention_mask(hyper.shape[-2], hyper.shape[-1], hyper.device)
         is_anchor = _checkerboard_mask(hyper.shape[-2], hyper.shape[-1], True, hyper.device)

@@ -65,6 +65,14 @@ from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional
 
 import torch
 
+# PyTorch 2.13's oneDNN corrupts the heap in bfloat16 convolution backward passes when it
+# uses AMX tiles (seen on a Xeon with amx_bf16: "double free or corruption" in the first
+# VAE step; fine with AMX off). Every trainer imports this module before it runs a model,
+# so it caps oneDNN at AVX-512 with bf16 here; oneDNN reads the cap once, at its first
+# primitive. Only trainers: inference keeps AMX (the cap doubled the bf16 decode's time).
+# A user who sets ONEDNN_MAX_CPU_ISA keeps their value.
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+
 MIXED_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
 DEFAULT_MIXED_PRECISION = "bf16"
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "no": None}
