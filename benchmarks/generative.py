@@ -135,7 +135,8 @@ def edge_score(decoded: np.ndarray, original: np.ndarray, edges_px, axis: int) -
     Per column (or row) the decode's step size is divided by the original's (content
     cancels); at each edge that ratio is divided by its median over the 64 columns around
     it. Returns the largest such ratio at the edges and, as the noise floor, at columns
-    16 px (one transformer patch) beside every edge. A seam shows as an edge score well above the floor.
+    16 px (one transformer patch) beside every edge. A seam shows as an edge score well
+    above the floor.
     """
     ratio = _steps(decoded, axis) / np.maximum(_steps(original, axis), 1e-6)
     n = len(ratio)

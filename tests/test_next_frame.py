@@ -135,12 +135,10 @@ def test_blended_tiles_in_batches_match_one_at_a_time():
 
 
 def test_transformer_tiles_are_the_training_size_within_bounds():
-    from types import SimpleNamespace
-
-    assert next_frame.transformer_tile(SimpleNamespace(sample_height=32, sample_width=32)) == (32, 8)
-    assert next_frame.transformer_tile(SimpleNamespace(sample_height=60, sample_width=90)) == (60, 15)
-    assert next_frame.transformer_tile(SimpleNamespace(sample_height=300, sample_width=300)) == (64, 16)
-    assert next_frame.transformer_tile(SimpleNamespace(sample_height=8, sample_width=8)) == (32, 8)
+    assert next_frame.transformer_tile({"sample_height": 32, "sample_width": 32}) == (32, 8)
+    assert next_frame.transformer_tile({"sample_height": 60, "sample_width": 90}) == (60, 15)
+    assert next_frame.transformer_tile({"sample_height": 300, "sample_width": 300}) == (64, 16)
+    assert next_frame.transformer_tile({"sample_height": 8, "sample_width": 8}) == (32, 8)
 
 
 def test_batched_transformer_tiles_match_single_tiles(gen_codec, monkeypatch):

@@ -22,8 +22,8 @@ VAE tiles of 512 or 1024 px by the VAE's width; transformer tiles of its trainin
 
 :func:`device_estimate` is printed before a job on an accelerator (one line, the first
 file and any larger one): weights resident on the device in their run dtype (exact, from
-the safetensors headers), the whole-image tensors, one tile's (one batch of transformer tiles') working set and the CUDA
-context. The working-set figures are derived from the tensor shapes, not measured: no GPU
+the safetensors headers), the whole-image tensors, one tile's (one batch of transformer
+tiles') working set and the CUDA context. The working-set figures are derived from the tensor shapes, not measured: no GPU
 has been lent to this project yet (README, "GPU").
 """
 
@@ -33,7 +33,6 @@ import contextlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterator, Optional
 
 import torch
@@ -202,7 +201,7 @@ def device_estimate(package, width: int, height: int, generative: bool, placemen
         tf_config = _diffusers_config(package, tf)
         width_model = tf_config.get("num_attention_heads", 0) * tf_config.get("attention_head_dim", 0)
         # one batch of tiles (models/next_frame.py): two temporal tokens per patch of 2x2 latents
-        side, _ = transformer_tile(SimpleNamespace(**tf_config))
+        side, _ = transformer_tile(tf_config)
         tokens = 2 * (side // 2) ** 2 + tf_config.get("max_text_seq_length", 0)
         # attention scores when the kernel materialises them (heads x tokens^2), or the MLP
         working += run_bytes * tile_batch(side) * max(tf_config.get("num_attention_heads", 0) * tokens ** 2,

@@ -188,6 +188,12 @@ def _deterministic_entropy_path(device: torch.device, single_thread: bool = True
         torch.set_num_threads(previous)
 
 
+def _without_grad(fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
+    """``fn(*args)`` with gradients off: for pool threads, whose grad mode is their own."""
+    with torch.no_grad():
+        return fn(*args)
+
+
 @contextlib.contextmanager
 def _side_thread(enabled: bool) -> Iterator[Both]:
     """Yields ``both(f, g)`` → (f(), g()): with ``enabled``, g runs on a second thread
@@ -198,13 +204,9 @@ def _side_thread(enabled: bool) -> Iterator[Both]:
         yield lambda f, g: (f(), g())
         return
 
-    def no_grad(g: Callable[[], Tensor]) -> Tensor:
-        with torch.no_grad():
-            return g()
-
     with ThreadPoolExecutor(max_workers=1) as pool:
         def both(f: Callable[[], Tensor], g: Callable[[], Tensor]) -> Tuple[Tensor, Tensor]:
-            side = pool.submit(no_grad, g)
+            side = pool.submit(_without_grad, g)
             return f(), side.result()
 
         yield both
@@ -585,13 +587,10 @@ class CheckerboardWindowAttention(nn.Module):
                  for top in range(0, h, rows)]
         if workers > 1 and len(bands) > 1 and anchors.device.type == "cpu" and not torch.is_grad_enabled():
             # Each band is computed whole by one thread, so its values do not depend on
-            # how many threads share the bands (grad mode is per thread: off in each).
-            def attend(band: Tuple[Tensor, Tensor]) -> Tensor:
-                with torch.no_grad():
-                    return self._attend_band(*band)
-
+            # how many threads share the bands.
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                fused = torch.cat(list(pool.map(attend, bands)), dim=1)
+                fused = torch.cat(list(pool.map(lambda band: _without_grad(self._attend_band, *band), bands)),
+                                  dim=1)
         else:
             fused = torch.cat([self._attend_band(*band) for band in bands], dim=1)
         out = self.proj(fused)

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import contextlib
 from fractions import Fraction
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -93,9 +93,9 @@ NARROW_VAE_CHANNELS = 32
 ONE_STEP_TIMESTEP = 500
 
 
-def transformer_tile(config) -> Tuple[int, int]:
+def transformer_tile(config: Mapping) -> Tuple[int, int]:
     """(side, overlap) in latents of the transformer's tiles, from its diffusers config."""
-    trained = min(getattr(config, "sample_height", MAX_LATENT_TILE), getattr(config, "sample_width", MAX_LATENT_TILE))
+    trained = min(config.get("sample_height", MAX_LATENT_TILE), config.get("sample_width", MAX_LATENT_TILE))
     side = max(MIN_LATENT_TILE, min(MAX_LATENT_TILE, int(trained)))
     return side, side // 4
 
@@ -203,7 +203,7 @@ def blended_tiles(fn, *inputs: Tensor, tile: int, overlap: int, scale: Fraction 
     size = -(-len(starts) // calls)
     for first in range(0, len(starts), size):
         group = starts[first:first + size]
-        padded = group + group[-1:] * (size - len(group)) if calls > 1 else group
+        padded = group + group[-1:] * (size - len(group))
         tiles = (torch.cat([t[:, :, y:y + th, x:x + tw] for y, x in padded]) for t in inputs)
         results = fn(*tiles).float().split(b)
         for (y, x), res in zip(group, results):
