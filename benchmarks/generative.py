@@ -207,6 +207,9 @@ def main(argv=None) -> None:
                    help="take the WebP/AVIF points from image_rd.py's points.json over the same images "
                         "instead of coding them again")
     args = p.parse_args(argv)
+    from ulbcodec.resources import keep_freed_memory
+
+    keep_freed_memory()  # decode timings under the allocator settings of the `ulbc` command
     paths = sorted(str(q) for q in Path(args.images).iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

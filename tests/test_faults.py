@@ -215,6 +215,36 @@ def test_memory_model_matches_the_benchmark_figures():
     assert resources.estimate_decode(64, 64, weights=8 * resources.GiB) >= 16 * resources.GiB
 
 
+KEEP_FREED_PROBE = """
+import ctypes, sys
+from ulbcodec import resources
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+tuned = resources.keep_freed_memory() if sys.argv[1] == "tuned" else None
+block = bytearray(64 << 20)  # a tile's activations
+mapped = libc.mallinfo2().hblkhd
+del block
+print(tuned, mapped, libc.mallinfo2().fordblks)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_keep_freed_memory_serves_large_blocks_from_the_heap():
+    """Without it, glibc maps a 64 MiB block on its own and unmaps it on free (the next
+    tile faults in fresh pages); with it the block comes from the heap and stays there."""
+    def probe(mode):
+        out = subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE, mode], capture_output=True, text=True, check=True)
+        return out.stdout.split()
+
+    tuned, mapped, free = probe("tuned")
+    assert tuned == "True" and int(mapped) < (1 << 20) and int(free) >= (64 << 20)
+    _, mapped, _ = probe("plain")
+    assert int(mapped) >= (64 << 20)
+
+
 @pytest.mark.parametrize("text, value", [("2G", 2 << 30), ("500M", 500 << 20), ("1.5GiB", 3 << 29), ("64kb", 65536),
                                          ("123456", 123456), (" 2 g ", 2 << 30), ("none", None), ("Unlimited", None)])
 def test_parse_size(text, value):

@@ -20,7 +20,7 @@ from typing import List, Optional
 
 import click
 
-from ulbcodec import __version__
+from ulbcodec import __version__, resources
 from ulbcodec.batch import interrupt_once  # stdlib-only modules: keep `ulbc --help` fast
 from ulbcodec.bitstream import DOWNSCALES
 
@@ -73,8 +73,6 @@ def _encode_job(encoders, task, quality: Optional[int], bpp: Optional[float], do
         check_output(task.dst, force)  # fail before spending time on the image
         check_input(task.src)
         if budget is not None:  # from the image header, before any pixel is decoded
-            from ulbcodec import resources
-
             width, height = image_size(task.src)
             factor = 1 if bpp is not None else downscale  # --bpp tries full size first
             uses_vae = getattr(codec.model, "vae_channels", 0) > 0
@@ -113,8 +111,6 @@ def _encode_video_job(codec, task, quality: Optional[int], bpp: Optional[float],
         reader = VideoReader(task.src)  # size and rate from the header; frames are streamed
         (width, height), notes = reader.size, []
         if budget is not None:  # a window of K + P frames: the image decoder's peak per frame
-            from ulbcodec import resources
-
             budget.check(resources.estimate_decode(width, height, 1, True, resources.weights_bytes(codec.package)),
                          f"encoding {width}x{height} video")
         _announce_device(codec.image, width, height, True, f"encoding {width}x{height} video", quiet, video=True)
@@ -891,6 +887,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     # removed and no partial output is left behind; a repeated signal does not cut that short.
     signal.signal(signal.SIGTERM, interrupt_once)
     signal.signal(signal.SIGINT, interrupt_once)
+    resources.keep_freed_memory()  # one job at a time to the end: reuse freed tiles' memory
     try:
         cli.main(args=argv, prog_name="ulbc", standalone_mode=False)
     except click.UsageError as exc:

@@ -488,7 +488,10 @@ def run_task(task: Task) -> dict:
 def _init_worker() -> None:
     import torch
 
+    from ulbcodec.resources import keep_freed_memory
+
     torch.set_num_threads(1)  # the pool is the parallelism
+    keep_freed_memory()
 
 
 # ----------------------------------------------------------------------------- curves

@@ -57,7 +57,10 @@ class _Coder:
     def __init__(self, factory: Callable[[], object], job: Callable[[object, Task], dict]):
         import torch
 
+        from ulbcodec.resources import keep_freed_memory
+
         torch.set_num_threads(1)  # the actors are the parallelism, as with local workers
+        keep_freed_memory()
         self.codec, self.job = factory(), job
 
     def __call__(self, row: dict) -> dict:

@@ -65,7 +65,9 @@ decoding (which reads like a corrupted file) or the out-of-memory killer ending 
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +97,36 @@ GENERATIVE_TILE_BYTES = 256 * MiB
 _UNITS = {"": 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 UNLIMITED = ("none", "off", "unlimited")
+
+
+# glibc's malloc serves every block over its mmap threshold (at most 32 MiB) with a fresh
+# mmap and unmaps it on free, so each tile's activations (a 1024 px tile of 32 bf16
+# channels: 64 MiB) arrive as new pages the kernel must fault in and zero, tile after
+# tile. Served from the heap and kept there once freed, the same memory is reused. One
+# arena for all threads, or else the tile pool's threads would each keep their own heap
+# of freed tiles. On 2 cores: a VAE decode of an 896 px tile 0.60 -> 0.32 s (a third of
+# its time had been in the kernel); a 12 MP generative decode 33.7 -> 29.7 s, its peak
+# RSS 2.40 -> 2.13 GB; a 12 MP anchor encode's peak 1.97 -> 1.60 GB. mallopt's parameters:
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_INT_MAX = 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the
+    kernel: large blocks from the heap (no mmap), no trimming, one arena shared by all
+    threads. The process's RSS then stays at its peak until it exits: meant for commands
+    and worker processes, which run one job at a time to the end, not for a library to
+    call behind its host's back. A no-op returning False on other C libraries."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
+    return all(libc.mallopt(param, value) for param, value in settings)
 
 
 class MemoryLimitError(ValueError):

@@ -103,13 +103,16 @@ def _spatial_norm(norm: nn.Module, f: Tensor, zq: Tensor) -> Tensor:
     sh, sw = height // zq.shape[2], width // zq.shape[3]
     if (sh * zq.shape[2], sw * zq.shape[3]) != (height, width):
         raise ValueError(f"feature size {height}x{width} is not a multiple of the latent size")
-    out = torch.empty_like(h)
+    # Channels-last, h is [n, H, W, c] in memory: seen as [n, H/sh, sh, W·c], the sh rows
+    # of each latent row share one row of the modulation, which is widened along W only
+    # (1/sh of h's size). Broadcast over both sh and sw instead, the innermost loop would
+    # run over the c channels alone: at 16 channels that is 2x slower. Same values.
+    def rows(t: Tensor) -> Tensor:  # [n,c,hz,wz] -> [n, hz, 1, wz·sw·c], each latent pixel sw times
+        t = t.permute(0, 2, 3, 1).unsqueeze(3).expand(n, t.shape[2], t.shape[3], sw, c)
+        return t.reshape(n, -1, 1, width * c)
 
-    def blocks(t: Tensor, s: Tuple[int, int]) -> Tensor:  # [N,C,H,W] as [N,C,H/sh,sh,W/sw,sw]
-        return t.view(n, c, t.shape[2] // s[0], s[0], t.shape[3] // s[1], s[1])
-
-    torch.addcmul(blocks(b, (1, 1)), blocks(h, (sh, sw)), blocks(y, (1, 1)), out=blocks(out, (sh, sw)))
-    return out
+    out = torch.addcmul(rows(b), h.permute(0, 2, 3, 1).reshape(n, height // sh, sh, width * c), rows(y))
+    return out.view(n, height, width, c).permute(0, 3, 1, 2)
 
 
 def _resnet(block: nn.Module, x: Tensor, zq: Optional[Tensor]) -> Tensor:
@@ -117,11 +120,12 @@ def _resnet(block: nn.Module, x: Tensor, zq: Optional[Tensor]) -> Tensor:
     def norm(layer, t):
         return _group_norm(layer, t) if zq is None else _spatial_norm(layer, t, zq)
 
-    h = _folded_conv(block.conv1, F.silu(norm(block.norm1, x)))
-    h = _folded_conv(block.conv2, F.silu(norm(block.norm2, h)))
+    # In place where the tensor is a fresh intermediate: one pass less over memory each.
+    h = _folded_conv(block.conv1, F.silu(norm(block.norm1, x), inplace=True))
+    h = _folded_conv(block.conv2, F.silu(norm(block.norm2, h), inplace=True))
     if block.in_channels != block.out_channels:
         x = _folded_conv(block.conv_shortcut, x)
-    return h + x
+    return h.add_(x)
 
 
 def one_frame_graph_supported(vae: nn.Module) -> bool:
@@ -172,7 +176,7 @@ def encode_one_frame(vae: nn.Module, image: Tensor, dtype: torch.dtype = torch.f
             h = _folded_conv(down.conv, F.pad(h, (0, 1, 0, 1)))
     for r in enc.mid_block.resnets:
         h = _resnet(r, h, None)
-    h = _folded_conv(enc.conv_out, F.silu(_group_norm(enc.norm_out, h)))
+    h = _folded_conv(enc.conv_out, F.silu(_group_norm(enc.norm_out, h), inplace=True))
     return h[:, : h.shape[1] // 2]  # the mode of the diagonal Gaussian is its mean
 
 
@@ -188,4 +192,4 @@ def decode_one_frame(vae: nn.Module, latent: Tensor, dtype: torch.dtype = torch.
             h = _resnet(r, h, zq)
         for up in block.upsamplers or []:
             h = _folded_conv(up.conv, F.interpolate(h, scale_factor=2.0))
-    return _folded_conv(dec.conv_out, F.silu(_spatial_norm(dec.norm_out, h, zq)))
+    return _folded_conv(dec.conv_out, F.silu(_spatial_norm(dec.norm_out, h, zq), inplace=True))
