@@ -16,42 +16,45 @@ tiles (image.py), so their working set is a constant inside ``base``; what grows
 the image is the whole-image tensors (padded float input/output, latents, the entropy
 coder's symbols) and the 8-bit pixel buffers.
 
-Calibration (anchor path, ``models/default``, 19.4 MB of weights): BENCHMARKS.md's speed
-table, peak RSS of the whole ``ulbc`` command (start-up and model load included) on
-2 threads. benchmarks/speed.py records ``ru_maxrss / 1024``, i.e. MiB, though the column
-says MB:
+Calibration: peak RSS of the whole ``ulbc`` command (start-up and model load included)
+on 2 threads, by benchmarks/speed.py (level 3, the photographs of BENCHMARKS.md's speed
+table), under the allocator settings of the command (:func:`keep_freed_memory`: freed
+memory is kept for reuse, in one arena). speed.py records ``ru_maxrss / 1024``, i.e.
+MiB, though its column says MB:
 
-    ========  ===========================  ==========  ==========
-    verb      image (padded coded size)     peak RSS    estimate
-    ========  ===========================  ==========  ==========
-    encode    768x480   (768x512)              654 MiB     654 MiB
-    encode    4000x3000 (4032x3008)           2510 MiB    2510 MiB
-    decode    768x480   (768x512)              618 MiB     618 MiB
-    decode    4000x3000 (4032x3008)           2236 MiB    2240 MiB
-    ========  ===========================  ==========  ==========
+    ========================  ===========================  ==========  ==========
+    verb (model, weights)     image (padded coded size)     peak RSS    estimate
+    ========================  ===========================  ==========  ==========
+    encode (default, 18.5)    768x480   (768x512)              636 MiB     636 MiB
+    encode                    4000x3000 (4032x3008)           1599 MiB    1597 MiB
+    decode                    768x480   (768x512)              673 MiB     673 MiB
+    decode                    4000x3000 (4032x3008)           1921 MiB    1926 MiB
+    decode (generative, 32.4) 768x480   (768x512)              779 MiB     780 MiB
+    decode                    4000x3000 (4032x3008)           2127 MiB    2133 MiB
+    ========================  ===========================  ==========  ==========
 
-(Recalibrated when the transforms' tiles went to a pool of 2 threads: +13 to +354 MiB
-over the one-thread figures of 574 / 2156 / 605 / 2019 MiB.) A check off the earlier
-calibration points (2000x1500 crop of the same photograph, 1 thread, default and level-3
-files) found peaks moving by ~10 % with the rate level and the allocator, so the
+With glibc's default allocator settings the same 4000x3000 encode peaked at 1971 MiB
+(each thread's arena kept its own freed tiles). A
+check off the calibration points (a 2000x1500 crop of the same photograph, other rate
+levels) found peaks moving by ~10 % with the rate level and the allocator, so the
 estimate is good to about +-15 %: a limit meant to avoid the out-of-memory killer should
 sit that much under the memory really free.
 
-The slopes through the two points are 166 B/px (encode) and 145 B/px (decode); of that,
-the 8-bit buffers are taken as 9 B/px on input (Pillow's decoded image, its RGB copy, the
-numpy array) and 6 B/px on output (the RGB array and Pillow's copy for saving), the rest
+The slopes through the two points: of each, the 8-bit buffers are taken as 9 B/px on
+input (Pillow's decoded image, its RGB copy, the numpy array) and 6 B/px on output (the
+RGB array and Pillow's copy for saving), the rest (77 B/px encoding, 106 B/px decoding)
 is per coded pixel. The intercepts less the weights give the runtime bases.
 
 The generative (next-frame) decoder runs after the anchor path has freed its entropy
-coder's tensors, so its peak is the larger of the two stages'. Its own stage holds
-48 B per coded pixel (the clamped anchor frame, 12 B/px; the blended VAE output, its
-weight map and the normalised result, 28 B/px; latents and bypass at 1/8 size, ~8 B/px)
-and one tile's working set, taken as 256 MiB (a 1024 px tile of the shipped VAE: 8 live
-full-resolution tensors of 16 bf16 channels). Against BENCHMARKS.md (models/generative,
-32.4 MiB of weights): 768x480, 885 MiB measured for 854 estimated; 4000x3000, 2387 MiB
-for 2254 (the anchor stage's peak; another run of the same decode peaked at 2232 MiB).
-Encoding with a VAE-conditioned anchor codec runs the VAE encoder on tiles: the same
-working set, +4 B/px.
+coder's tensors, so its peak is the larger of the two stages'. Its own stage is fitted
+the same way on models/generative: 115 B per coded pixel (the anchor frame and its
+clamped copy, the blended VAE output, its weight map and the normalised result, the
+anchor plus the change, latents and bypass at 1/8 size, and the heap they leave behind)
+plus 89 MiB over the anchor path's base (the tile working set at 768 px, where one
+768x512 tile covers the image). Encoding with a VAE-conditioned anchor codec (no
+shipped model is one) runs the VAE encoder on tiles: a working set taken as 256 MiB (a
+1024 px tile of the shipped VAE: 8 live full-resolution tensors of 16 bf16 channels),
++4 B/px.
 
 The estimate is for one process. With ``--jobs N`` the limit is shared: the main process
 keeps one runtime base, each of the N workers gets an equal part of the rest.
@@ -83,16 +86,18 @@ PAD_MULTIPLE = 64  # image.PAD_MULTIPLE (kept here so that this module stays tor
 ENV_VAR = "ULBC_MAX_MEMORY"
 
 # Anchor path, fitted on BENCHMARKS.md (see the table above).
-ENCODE_BASE_BYTES = 573 * MiB  # torch + CompressAI + tile working sets, without weights
-ENCODE_BYTES_PER_CODED_PIXEL = 157
+ENCODE_BASE_BYTES = 585 * MiB  # torch + CompressAI + tile working sets, without weights
+ENCODE_BYTES_PER_CODED_PIXEL = 77
 ENCODE_BYTES_PER_IMAGE_PIXEL = 9
-DECODE_BASE_BYTES = 545 * MiB
-DECODE_BYTES_PER_CODED_PIXEL = 139
+DECODE_BASE_BYTES = 613 * MiB
+DECODE_BYTES_PER_CODED_PIXEL = 106
 DECODE_BYTES_PER_IMAGE_PIXEL = 6
-# Generative decoder: derived terms, checked against BENCHMARKS.md (see the docstring).
-GENERATIVE_DECODE_BYTES_PER_CODED_PIXEL = 48
+# Generative decoder: fitted the same way on models/generative (see the docstring).
+GENERATIVE_DECODE_BYTES_PER_CODED_PIXEL = 115
+GENERATIVE_DECODE_TILE_BYTES = 89 * MiB
+# A VAE-conditioned anchor encoder: derived terms (the VAE encoder's tiles).
 GENERATIVE_ENCODE_BYTES_PER_CODED_PIXEL = 4
-GENERATIVE_TILE_BYTES = 256 * MiB
+VAE_ENCODER_TILE_BYTES = 256 * MiB
 
 _UNITS = {"": 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -192,7 +197,8 @@ def estimate_decode(width: int, height: int, downscale: int = 1, generative: boo
     output = DECODE_BYTES_PER_IMAGE_PIXEL * width * height
     per_pixel = DECODE_BYTES_PER_CODED_PIXEL * coded + output
     if generative:  # the next-frame stage follows the anchor path's: the larger peak counts
-        per_pixel = max(per_pixel, GENERATIVE_DECODE_BYTES_PER_CODED_PIXEL * coded + output + GENERATIVE_TILE_BYTES)
+        per_pixel = max(per_pixel, GENERATIVE_DECODE_BYTES_PER_CODED_PIXEL * coded + output
+                        + GENERATIVE_DECODE_TILE_BYTES)
     return DECODE_BASE_BYTES + weights + max(weights, per_pixel)
 
 
@@ -202,7 +208,7 @@ def estimate_encode(width: int, height: int, downscale: int = 1, uses_vae: bool 
     coded = padded_pixels(width, height, downscale)
     per_pixel = ENCODE_BYTES_PER_CODED_PIXEL * coded + ENCODE_BYTES_PER_IMAGE_PIXEL * width * height
     if uses_vae:
-        per_pixel += GENERATIVE_ENCODE_BYTES_PER_CODED_PIXEL * coded + GENERATIVE_TILE_BYTES
+        per_pixel += GENERATIVE_ENCODE_BYTES_PER_CODED_PIXEL * coded + VAE_ENCODER_TILE_BYTES
     return ENCODE_BASE_BYTES + weights + max(weights, per_pixel)
 
 
