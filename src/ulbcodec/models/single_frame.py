@@ -17,7 +17,7 @@ padding) take the module's own forward, unchanged.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -70,6 +70,7 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0
                         prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
                         clip_sample=False, set_alpha_to_one=True, snr_shift_scale=1.0)
 PROMPT_SHAPE = (1, 8, 64)
+VAE_SCALE = 8  # pixels per latent
 STAGES = ("vae", "stage1", "stage2")
 DEFAULT_STEPS = {"vae": 2400, "stage1": 1000, "stage2": 1400}
 
@@ -80,10 +81,13 @@ def build_vae():
     return AutoencoderKLCogVideoX(**VAE_CONFIG)
 
 
-def build_transformer():
+def build_transformer(crop: int = 256):
+    """The transformer for ``crop`` px training crops: its config's sample size (in
+    latents, 1/8) is what the decoder sizes its tiles by (next_frame.transformer_tile)."""
     from diffusers import CogVideoXTransformer3DModel
 
-    return CogVideoXTransformer3DModel(**TRANSFORMER_CONFIG)
+    side = crop // VAE_SCALE
+    return CogVideoXTransformer3DModel(**{**TRANSFORMER_CONFIG, "sample_height": side, "sample_width": side})
 
 
 def build_scheduler():
@@ -166,7 +170,7 @@ class Trainer:
         self.data = PhotoCrops(files, args.crop, rt.process_seed(args.seed))
         torch.manual_seed(args.seed)
         self.vae = build_vae().to(rt.device)
-        self.transformer = build_transformer().to(rt.device)
+        self.transformer = build_transformer(args.crop).to(rt.device)
         self.scheduler = build_scheduler()
         g = torch.Generator().manual_seed(args.seed)
         self.prompt = nn.Parameter((torch.randn(PROMPT_SHAPE, generator=g) * 0.5).to(rt.device))
