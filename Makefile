@@ -49,8 +49,8 @@ models: $(STAMP)
 
 # Train (or resume) the generative decoder on top of models/default, export models/generative:
 # the three stages with the published output (VAE decode of the prediction), then stage II
-# continued with the anchor_residual output, then continued again with the detail loss
-# (docs/training.md).
+# continued with the anchor_residual output, again with the detail loss, and once more on
+# 384 px crops (docs/training.md).
 generative-model: $(STAMP)
 	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative --anchor-model default \
 		--export runs/generative/package
@@ -59,7 +59,10 @@ generative-model: $(STAMP)
 		--export runs/generative-residual/package
 	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-detail --anchor-model default \
 		--init-from runs/generative-residual/package --output anchor_residual --stage2-steps 2600 \
-		--detail-weight 10 --adv-weight 0.02 --export models/generative
+		--detail-weight 10 --adv-weight 0.02 --export runs/generative-detail/package
+	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-crop384 --anchor-model default \
+		--init-from runs/generative-detail/package --output anchor_residual --stage2-steps 1100 \
+		--detail-weight 10 --adv-weight 0.02 --crop 384 --batch 2 --export models/generative
 
 # Train (or resume) the video frame predictor on top of models/generative, export models/video.
 video-model: $(STAMP)
