@@ -53,8 +53,8 @@ anchor plus the change, latents and bypass at 1/8 size, and the heap they leave 
 plus 89 MiB over the anchor path's base (the tile working set at 768 px, where one
 768x512 tile covers the image). The calibration used the models/generative of stage 5
 (docs/training.md); the next one (48-latent transformer tiles) peaked at 2341 MiB in
-BENCHMARKS.md's 4000x3000 decode, 9 % over its estimate. Encoding with a VAE-conditioned anchor codec (no
-shipped model is one) runs the VAE encoder on tiles: a working set taken as 256 MiB (a
+BENCHMARKS.md's 4000x3000 decode, 9 % over its estimate. Encoding with a
+VAE-conditioned anchor codec (no shipped model is one) runs the VAE encoder on tiles: a working set taken as 256 MiB (a
 1024 px tile of the shipped VAE: 8 live full-resolution tensors of 16 bf16 channels),
 +4 B/px.
 
