@@ -34,11 +34,11 @@ MiB, though its column says MB:
     ========================  ===========================  ==========  ==========
 
 With glibc's default allocator settings the same 4000x3000 encode peaked at 1971 MiB
-(each thread's arena kept its own freed tiles). A
-check off the calibration points (a 2000x1500 crop of the same photograph, other rate
-levels) found peaks moving by ~10 % with the rate level and the allocator, so the
-estimate is good to about +-15 %: a limit meant to avoid the out-of-memory killer should
-sit that much under the memory really free.
+(each thread's arena kept its own freed tiles). A check off the calibration points (a
+2000x1500 crop of the same photograph, other rate levels) found peaks moving by ~10 %
+with the rate level and the allocator, so the estimate is good to about +-15 %: a limit
+meant to avoid the out-of-memory killer should sit that much under the memory really
+free.
 
 The slopes through the two points: of each, the 8-bit buffers are taken as 9 B/px on
 input (Pillow's decoded image, its RGB copy, the numpy array) and 6 B/px on output (the
@@ -54,9 +54,9 @@ plus 89 MiB over the anchor path's base (the tile working set at 768 px, where o
 768x512 tile covers the image). The calibration used the models/generative of stage 5
 (docs/training.md); the next one (48-latent transformer tiles) peaked at 2341 MiB in
 BENCHMARKS.md's 4000x3000 decode, 9 % over its estimate. Encoding with a
-VAE-conditioned anchor codec (no shipped model is one) runs the VAE encoder on tiles: a working set taken as 256 MiB (a
-1024 px tile of the shipped VAE: 8 live full-resolution tensors of 16 bf16 channels),
-+4 B/px.
+VAE-conditioned anchor codec (no shipped model is one) runs the VAE encoder on tiles: a
+working set taken as 256 MiB (a 1024 px tile of the shipped VAE: 8 live full-resolution
+tensors of 16 bf16 channels), +4 B/px.
 
 The estimate is for one process. With ``--jobs N`` the limit is shared: the main process
 keeps one runtime base, each of the N workers gets an equal part of the rest.
@@ -87,7 +87,7 @@ PAD_MULTIPLE = 64  # image.PAD_MULTIPLE (kept here so that this module stays tor
 
 ENV_VAR = "ULBC_MAX_MEMORY"
 
-# Anchor path, fitted on BENCHMARKS.md (see the table above).
+# Anchor path, fitted on benchmarks/speed.py's peaks (see the table above).
 ENCODE_BASE_BYTES = 585 * MiB  # torch + CompressAI + tile working sets, without weights
 ENCODE_BYTES_PER_CODED_PIXEL = 77
 ENCODE_BYTES_PER_IMAGE_PIXEL = 9

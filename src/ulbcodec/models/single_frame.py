@@ -75,7 +75,8 @@ def use_one_frame_convolutions(vae: nn.Module) -> nn.Module:
 #   * the decoder's spatial norms modulate with 1x1 convolutions of the latent ``zq``.
 #     diffusers upsamples ``zq`` to every layer's size and convolves there; nearest
 #     upsampling commutes with a 1x1 convolution, so the convolutions run at latent size
-#     and the modulation reads them through broadcast views, never upsampled in memory.
+#     and the modulation reads them widened along W only (1/sh of the layer's size),
+#     broadcast over the rows they share, never upsampled to the full size in memory.
 #
 # It reads the VAE's weights at every call (no cache to go stale while training) and has
 # no gradients of its own to offer: callers use it under ``torch.no_grad()`` only.

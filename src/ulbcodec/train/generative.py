@@ -61,10 +61,11 @@ from ulbcodec.train.distributed import TrainRuntime, add_runtime_arguments, trai
 
 VAE_CONFIG = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=16,
                   temporal_compression_ratio=4, sample_height=256, sample_width=256)
+# sample_height/width: from the training crop (build_transformer)
 TRANSFORMER_CONFIG = dict(num_attention_heads=4, attention_head_dim=48, in_channels=16, out_channels=16,
-                          time_embed_dim=128, text_embed_dim=64, num_layers=6, sample_width=32, sample_height=32,
-                          sample_frames=5, patch_size=2, patch_size_t=2, temporal_compression_ratio=4,
-                          max_text_seq_length=8, use_rotary_positional_embeddings=True)
+                          time_embed_dim=128, text_embed_dim=64, num_layers=6, sample_frames=5, patch_size=2,
+                          patch_size_t=2, temporal_compression_ratio=4, max_text_seq_length=8,
+                          use_rotary_positional_embeddings=True)
 # The base model's schedule (CogVideoX): scaled-linear betas, zero terminal SNR, v-prediction.
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
