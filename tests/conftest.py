@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random anchor-codec package (fast, real classes) and images."""
+"""Shared fixtures: a tiny random anchor-codec package (fast, real classes), images, and a
+training-data directory of small textures."""
 
 from __future__ import annotations
 
@@ -147,3 +148,20 @@ def photo() -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(SAMPLE).convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    """A data dir with three small random-texture photographs in photos/train (train/data.py's layout)."""
+    from PIL import Image
+
+    data = tmp_path_factory.mktemp("data")
+    train = data / "photos" / "train"
+    train.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(96, 80), (80, 96), (128, 72)]):
+        coarse = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.int16)
+        noise = rng.integers(-20, 21, (h, w, 3))
+        Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8)).save(train / f"test__texture{i}.png")
+    return data

@@ -12,6 +12,9 @@ Recipe (docs/training.md has the reasoning and the measured cost):
 - the entropy bottleneck's quantiles are fitted by CompressAI's auxiliary loss;
 - a checkpoint (safetensors + JSON, no pickles) every ``--save-every`` seconds; running
   the same command again resumes from it;
+- ``--init-from PACKAGE`` starts a new run from a package's anchor codec (its weights and
+  rate-level gains; the optimiser and learning-rate schedule start afresh): how a
+  finished run is trained further (docs/training.md, "Training further");
 - one process or many: ``accelerate launch -m ulbcodec.train.anchor ...`` trains data
   parallel (:mod:`ulbcodec.train.distributed`; global batch = processes x ``--batch``).
 
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ulbcodec.models import package as packages
 from ulbcodec.models.anchor_codec import AnchorCodec
 from ulbcodec.models.package import RateLevel, save_package
 from ulbcodec.train.distributed import TrainRuntime, add_runtime_arguments, training_runtime
@@ -167,6 +171,21 @@ def widen_gain_spread(model: AnchorCodec, low: float = -2.6) -> None:
         model.inverse_gain.div_(scale[:, None])
 
 
+def init_from_package(model: AnchorCodec, name_or_path: str) -> dict:
+    """Load a package's anchor codec into ``model`` (same config); returns what to record.
+
+    Its gains are taken as they are (already widened), and its training history is kept
+    so the exported manifest accounts for every step the weights have seen."""
+    pkg = packages.ModelPackage.load_manifest(packages.resolve(name_or_path))
+    codec = pkg.build("anchor_codec")
+    if codec.config != model.config:
+        raise SystemExit(f"--init-from {name_or_path}: anchor codec config {codec.config} is not {model.config}")
+    model.load_state_dict(codec.state_dict(), strict=True)
+    previous = pkg.extra.get("training", {})
+    return {"package": str(name_or_path), "digest": pkg.digest,
+            "steps": previous.get("steps"), "minutes": previous.get("minutes")}
+
+
 def make_optimizers(model: AnchorCodec, lr: float):
     """Adam for the network; a separate Adam for the entropy bottleneck's quantiles."""
     params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
@@ -186,8 +205,11 @@ def train(args, rt: TrainRuntime) -> None:
     model = AnchorCodec(**config).to(rt.device)
     params, opt, aux_opt = make_optimizers(model, args.lr)
     aux_params = aux_opt.param_groups[0]["params"]
-    widen_gain_spread(model)
     meta = {"step": 0, "seconds": 0.0, "config": config, "lambdas": args.lambdas, "log": []}
+    if args.init_from:
+        meta["init_from"] = init_from_package(model, args.init_from)
+    else:
+        widen_gain_spread(model)
     if (run / "state.json").exists():
         meta = {**meta, **load_checkpoint(run, model, opt, aux_opt)}
         rt.print(f"resumed {run} at step {meta['step']} ({meta['seconds'] / 60:.1f} min trained)")
@@ -258,6 +280,7 @@ def export(model: AnchorCodec, args, meta: dict) -> None:
                             "lambdas": args.lambdas, "command": "make models",
                             **training_runtime(meta, args.batch),
                             "interventions": meta.get("interventions", []),
+                            **({"init_from": meta["init_from"]} if meta.get("init_from") else {}),
                             "log_tail": meta["log"][-10:]}},
         half_parameters=True,
     )
@@ -269,6 +292,8 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=os.path.expanduser("~/.cache/ulbc"))
     p.add_argument("--run", default="runs/default")
     p.add_argument("--export", default=None, help="write a model package here when training ends")
+    p.add_argument("--init-from", default=None,
+                   help="start a new run from this package's anchor codec (name or path)")
     p.add_argument("--steps", type=int, default=8500)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--crop", type=int, default=256)

@@ -187,8 +187,10 @@ class Trainer:
                                  output=self.args.output)
 
     def init_from(self, name_or_path: str):
-        """Take the VAE, transformer, prompt embeddings and anchor codec (with its bypass
-        head) of a generative package: the earlier stages are that package's."""
+        """Take the VAE, transformer, prompt embeddings and bypass head of a generative
+        package: the earlier stages are that package's. The rest of the anchor codec
+        (encoder, entropy model, synthesis) stays ``--anchor-model``'s, so a decoder can be
+        moved onto a retrained anchor codec (with the package's own codec, nothing changes)."""
         pkg = packages.ModelPackage.load_manifest(packages.resolve(name_or_path))
         if not pkg.is_generative:
             raise SystemExit(f"--init-from {name_or_path}: not a generative package")
@@ -199,7 +201,12 @@ class Trainer:
         self.transformer.load_state_dict(pkg.build("transformer").state_dict(), strict=True)
         with torch.no_grad():
             self.prompt.copy_(pkg.build("prompt_embeds").to(device))
-        self.codec = pkg.build("anchor_codec", device=str(device))
+        trained = pkg.build("anchor_codec")
+        if trained.config != self.codec.config:
+            raise SystemExit(f"--init-from {name_or_path}: its anchor codec's config differs from "
+                             f"--anchor-model {self.args.anchor_model}'s")
+        for name, module in self.bypass_modules().items():
+            module.load_state_dict(self.bypass_modules(trained)[name].state_dict(), strict=True)
         self.init_package = pkg
 
     def _batch(self) -> torch.Tensor:
@@ -347,8 +354,9 @@ class Trainer:
         load_stage(self.run / "stage1", {"transformer": self.transformer}, {"prompt": self.prompt}, {})
 
     # ---- stage II: one-step bypass decoding
-    def bypass_modules(self) -> Dict[str, nn.Module]:
-        c = self.codec
+    def bypass_modules(self, codec=None) -> Dict[str, nn.Module]:
+        """The anchor codec's bypass head (of ``self.codec`` unless given): what stage II trains in it."""
+        c = self.codec if codec is None else codec
         return {"project_in": c.project_in, "tokens": c.information_transformer_layes, "project_out": c.spatial_ch_projs}
 
     def train_stage2(self):
