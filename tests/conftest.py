@@ -1,16 +1,19 @@
-"""Shared fixtures: a tiny random anchor-codec package (fast, real classes), images, and a
-training-data directory of small textures."""
+"""Shared fixtures: a tiny random anchor-codec package (fast, real classes), images, a
+training-data directory of small textures, and the runner the trainer tests share."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+ROOT_DIR = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
-SAMPLE = Path(__file__).resolve().parents[1] / "src" / "ulbcodec" / "data" / "coffee.png"
+SAMPLE = ROOT_DIR / "src" / "ulbcodec" / "data" / "coffee.png"
 TINY_CONFIG = dict(N=16, M=32, num_slices=2, context_window=3, vae_channels=0, bypass_channels=4,
                    num_rate_levels=3, token_channels=16, num_token_blocks=1)
 
@@ -165,3 +168,19 @@ def photos(tmp_path_factory) -> Path:
         noise = rng.integers(-20, 21, (h, w, 3))
         Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8)).save(train / f"test__texture{i}.png")
     return data
+
+
+def _trainer_env(tmp_path: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ACCELERATE_USE_CPU="1",
+               HF_HOME=str(tmp_path / "hf"))  # no user accelerate config in the way
+    env.pop("ACCELERATE_MIXED_PRECISION", None)
+    return env
+
+
+def run_trainer(cmd, tmp_path: Path, timeout: float = 240) -> str:
+    """Run a training command (plain or under `accelerate launch`) from the repository root
+    on one thread per process; assert it succeeded and return its stdout."""
+    proc = subprocess.run(cmd, cwd=ROOT_DIR, env=_trainer_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    return proc.stdout

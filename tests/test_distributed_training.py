@@ -5,8 +5,6 @@ another process count, and the runtime's cross-process operations themselves."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_trainer as run
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_CONFIG = ROOT / "configs" / "accelerate" / "cpu.yaml"
@@ -23,19 +22,6 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 TWO_CPU_PROCESSES = ["--config_file", str(CPU_CONFIG), "--multi_gpu", "--num_processes", "2",
                      "--main_process_port", "0"]
 TINY_ANCHOR = ["--steps", "2", "--batch", "1", "--crop", "64", "--log-every", "1", "--save-every", "0"]
-
-
-def _env(tmp_path: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", ACCELERATE_USE_CPU="1",
-               HF_HOME=str(tmp_path / "hf"))  # no user accelerate config in the way
-    env.pop("ACCELERATE_MIXED_PRECISION", None)
-    return env
-
-
-def run(cmd, tmp_path: Path, timeout: float = 240) -> str:
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-    return proc.stdout
 
 
 def state(run_dir: Path) -> dict:

@@ -5,25 +5,30 @@ different ``--anchor-model`` (the decoder moves onto that anchor codec, bypass h
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import ROOT_DIR, run_trainer
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--batch", "1", "--log-every", "1", "--save-every", "0"]
 BYPASS_PREFIXES = ("project_in.", "information_transformer_layes.", "spatial_ch_projs.")
 
 
 def run(args, tmp_path: Path) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=240)
-    assert proc.returncode == 0, f"{args}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-    return proc.stdout
+    return run_trainer([sys.executable, "-m", *map(str, args)], tmp_path)
+
+
+@pytest.fixture(scope="module")
+def one_step_anchor(photos, tmp_path_factory) -> Path:
+    """An anchor-codec package of the default config after one training step from scratch
+    (so its weights differ from the shipped ones)."""
+    root = tmp_path_factory.mktemp("anchor")
+    run(["ulbcodec.train.anchor", "--data", photos, "--run", root / "run", "--steps", "1", "--crop", "64",
+         *TINY_RUN, "--export", root / "package"], root)
+    return root / "package"
 
 
 def weights(package: Path) -> dict:
@@ -41,10 +46,8 @@ def trained(state: dict) -> dict:
             and not k.startswith("gaussian_conditional.")}
 
 
-def test_anchor_trainer_continues_from_a_package(photos, tmp_path):
-    first, second = tmp_path / "first", tmp_path / "second"
-    run(["ulbcodec.train.anchor", "--data", photos, "--run", tmp_path / "run1", "--steps", "1", "--crop", "64",
-         *TINY_RUN, "--export", first], tmp_path)
+def test_anchor_trainer_continues_from_a_package(photos, one_step_anchor, tmp_path):
+    first, second = one_step_anchor, tmp_path / "second"
     # lr 0: a continuation that changes nothing must export the same weights, gains included
     # (no second widening of the gain spread)
     out = run(["ulbcodec.train.anchor", "--data", photos, "--run", tmp_path / "run2", "--init-from", first,
@@ -59,16 +62,14 @@ def test_anchor_trainer_continues_from_a_package(photos, tmp_path):
     assert record["init_from"]["steps"] == 1 and record["steps"] == 1
 
 
-def test_generative_continuation_moves_the_decoder_onto_another_anchor_codec(photos, tmp_path):
-    anchor, out = tmp_path / "anchor", tmp_path / "generative"
-    run(["ulbcodec.train.anchor", "--data", photos, "--run", tmp_path / "run1", "--steps", "1", "--crop", "64",
-         *TINY_RUN, "--export", anchor], tmp_path)
+def test_generative_continuation_moves_the_decoder_onto_another_anchor_codec(photos, one_step_anchor, tmp_path):
+    anchor, out = one_step_anchor, tmp_path / "generative"
     # --crop 192: MS-SSIM in the stage II loss needs more than 160 pixels a side
     run(["ulbcodec.train.generative", "--data", photos, "--run", tmp_path / "run2", "--anchor-model", anchor,
          "--init-from", "generative", "--output", "anchor_residual", "--stage2-steps", "1", "--lr", "0",
          "--crop", "192", *TINY_RUN, "--export", out], tmp_path)
     new, base = weights(out), weights(anchor)
-    shipped = weights(ROOT / "models" / "generative")
+    shipped = weights(ROOT_DIR / "models" / "generative")
     bypass = {k for k in new if k.startswith(BYPASS_PREFIXES)}
     assert bypass and all(torch.equal(new[k], shipped[k]) for k in bypass)  # lr 0: the package's head
     rest = set(new) - bypass
