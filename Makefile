@@ -43,25 +43,34 @@ fuzz: $(STAMP)
 data: $(STAMP)
 	PYTHON=$(PY) scripts/get-data $(DATA)
 
-# Train (or resume training) the shipped default model; see docs/training.md.
+# Train (or resume training) the shipped default model; see docs/training.md: the first
+# run, then two continuations from its package (fresh optimiser and schedule each time).
 models: $(STAMP)
-	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default --export models/default
+	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default --export runs/default/package
+	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default-continued --init-from runs/default/package \
+		--steps 3000 --mse-warmup 0 --export runs/default-continued/package
+	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default-continued2 --init-from runs/default-continued/package \
+		--steps 3000 --mse-warmup 0 --export models/default
 
-# Train (or resume) the generative decoder on top of models/default, export models/generative:
-# the three stages with the published output (VAE decode of the prediction), then stage II
-# continued with the anchor_residual output, again with the detail loss, and once more on
-# 384 px crops (docs/training.md).
+# Train (or resume) the generative decoder, export models/generative: on the first anchor
+# codec (runs/default/package), the three stages with the published output (VAE decode of the
+# prediction), then stage II continued with the anchor_residual output, again with the detail
+# loss, and once more on 384 px crops; last, stage II once more on the final anchor codec
+# (models/default), which the exported package then carries (docs/training.md).
 generative-model: $(STAMP)
-	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative --anchor-model default \
+	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative --anchor-model runs/default/package \
 		--export runs/generative/package
-	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-residual --anchor-model default \
+	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-residual --anchor-model runs/default/package \
 		--init-from runs/generative/package --output anchor_residual --stage2-steps 2400 \
 		--export runs/generative-residual/package
-	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-detail --anchor-model default \
+	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-detail --anchor-model runs/default/package \
 		--init-from runs/generative-residual/package --output anchor_residual --stage2-steps 2600 \
 		--detail-weight 10 --adv-weight 0.02 --export runs/generative-detail/package
-	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-crop384 --anchor-model default \
+	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-crop384 --anchor-model runs/default/package \
 		--init-from runs/generative-detail/package --output anchor_residual --stage2-steps 1100 \
+		--detail-weight 10 --adv-weight 0.02 --crop 384 --batch 2 --export runs/generative-crop384/package
+	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-anchor3 --anchor-model default \
+		--init-from runs/generative-crop384/package --output anchor_residual --stage2-steps 600 \
 		--detail-weight 10 --adv-weight 0.02 --crop 384 --batch 2 --export models/generative
 
 # Train (or resume) the video frame predictor on top of models/generative, export models/video.

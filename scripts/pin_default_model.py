@@ -40,7 +40,7 @@ photo = np.asarray(Image.open(ROOT / "src" / "ulbcodec" / "data" / "coffee.png")
 rgb = np.ascontiguousarray(photo[:128, :192])  # the crop the test uses
 data = codec.encode(rgb, 2).data
 pixels = codec.decode(data)
-pins = json.loads(PINS.read_text()) if PINS.exists() else {}
+pins = {}  # only the shipped models: the reference PNGs below are their pixels
 pins[codec.package.digest[:16]] = {
     "bitstream": short_digest(data),
     "pixels": short_digest(pixels.tobytes()),

@@ -59,7 +59,7 @@ def test_anchor_trainer_continues_from_a_package(photos, one_step_anchor, tmp_pa
     assert all(torch.equal(before[k], after[k]) for k in before)
     record = manifest(second)["extra"]["training"]
     assert record["init_from"]["digest"] == manifest(first)["digest"]
-    assert record["init_from"]["steps"] == 1 and record["steps"] == 1
+    assert record["init_from"]["training"] == manifest(first)["extra"]["training"] and record["steps"] == 1
 
 
 def test_generative_continuation_moves_the_decoder_onto_another_anchor_codec(photos, one_step_anchor, tmp_path):

@@ -181,9 +181,7 @@ def init_from_package(model: AnchorCodec, name_or_path: str) -> dict:
     if codec.config != model.config:
         raise SystemExit(f"--init-from {name_or_path}: anchor codec config {codec.config} is not {model.config}")
     model.load_state_dict(codec.state_dict(), strict=True)
-    previous = pkg.extra.get("training", {})
-    return {"package": str(name_or_path), "digest": pkg.digest,
-            "steps": previous.get("steps"), "minutes": previous.get("minutes")}
+    return {"package": str(name_or_path), "digest": pkg.digest, "training": pkg.extra.get("training", {})}
 
 
 def make_optimizers(model: AnchorCodec, lr: float):
