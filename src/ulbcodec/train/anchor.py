@@ -204,13 +204,13 @@ def train(args, rt: TrainRuntime) -> None:
     params, opt, aux_opt = make_optimizers(model, args.lr)
     aux_params = aux_opt.param_groups[0]["params"]
     meta = {"step": 0, "seconds": 0.0, "config": config, "lambdas": args.lambdas, "log": []}
-    if args.init_from:
+    if (run / "state.json").exists():  # the checkpoint holds the weights, gains and init_from record
+        meta = {**meta, **load_checkpoint(run, model, opt, aux_opt)}
+        rt.print(f"resumed {run} at step {meta['step']} ({meta['seconds'] / 60:.1f} min trained)")
+    elif args.init_from:
         meta["init_from"] = init_from_package(model, args.init_from)
     else:
         widen_gain_spread(model)
-    if (run / "state.json").exists():
-        meta = {**meta, **load_checkpoint(run, model, opt, aux_opt)}
-        rt.print(f"resumed {run} at step {meta['step']} ({meta['seconds'] / 60:.1f} min trained)")
     rt.record(meta, args.batch)
     rt.sync_replicas(model.parameters())
     rt.decorrelate_global_rng(args.seed)

@@ -205,8 +205,9 @@ class Trainer:
         if trained.config != self.codec.config:
             raise SystemExit(f"--init-from {name_or_path}: its anchor codec's config differs from "
                              f"--anchor-model {self.args.anchor_model}'s")
+        source = self.bypass_modules(trained)
         for name, module in self.bypass_modules().items():
-            module.load_state_dict(self.bypass_modules(trained)[name].state_dict(), strict=True)
+            module.load_state_dict(source[name].state_dict(), strict=True)
         self.init_package = pkg
 
     def _batch(self) -> torch.Tensor:
