@@ -178,27 +178,8 @@ def _libvmaf_problem() -> str | None:
     return None
 
 
-def vmaf_video(
-    ref_frames: Iterable[np.ndarray], dist_frames: Iterable[np.ndarray], *, threads: int = 1
-) -> float:
-    """VMAF (model vmaf_v0.6.1, built into libvmaf) of a frame sequence, mean-pooled.
-
-    Protocol: every RGB frame of both sequences goes through the same conversion,
-    :func:`rgb_to_yuv420p_bt709` (BT.709 matrix, limited range, 4:2:0, 8 bit, done
-    here in numpy so that ffmpeg performs no colour conversion or scaling of its own).
-    The raw yuv420p files are scored by the ffmpeg binary bundled with imageio-ffmpeg:
-    ``[dist][ref]libvmaf=model=version=vmaf_v0.6.1:log_fmt=json`` (libvmaf's first input
-    is the distorted one), and the result is the ``pooled_metrics.vmaf.mean`` of its JSON
-    log, i.e. the arithmetic mean of the per-frame scores. vmaf_v0.6.1 only reads the luma
-    plane, so the chroma conversion details do not influence the score.
-
-    Note that VMAF is not 100 for identical inputs in general: its motion features are 0
-    on the first frame (and on still content), which caps the score of an identical
-    frame at about 97.43 (see Netflix/vmaf issue #1229).
-
-    ``threads`` is libvmaf's ``n_threads``. Raises ``RuntimeError`` if the bundled ffmpeg
-    has no libvmaf or fails, ``ValueError`` on mismatched or empty inputs.
-    """
+def _libvmaf_log(ref_frames: Iterable[np.ndarray], dist_frames: Iterable[np.ndarray], threads: int) -> dict:
+    """libvmaf's JSON log of a frame sequence, scored as :func:`vmaf_video` describes."""
     problem = _libvmaf_problem()
     if problem is not None:
         raise RuntimeError(f"VMAF unavailable: {problem}")
@@ -232,7 +213,31 @@ def vmaf_video(
         log = json.loads(Path(tmp, "vmaf.json").read_text())
     if len(log["frames"]) != n_frames:
         raise RuntimeError(f"libvmaf scored {len(log['frames'])} frames, expected {n_frames}")
-    return float(log["pooled_metrics"]["vmaf"]["mean"])
+    return log
+
+
+def vmaf_video(
+    ref_frames: Iterable[np.ndarray], dist_frames: Iterable[np.ndarray], *, threads: int = 1
+) -> float:
+    """VMAF (model vmaf_v0.6.1, built into libvmaf) of a frame sequence, mean-pooled.
+
+    Protocol: every RGB frame of both sequences goes through the same conversion,
+    :func:`rgb_to_yuv420p_bt709` (BT.709 matrix, limited range, 4:2:0, 8 bit, done
+    here in numpy so that ffmpeg performs no colour conversion or scaling of its own).
+    The raw yuv420p files are scored by the ffmpeg binary bundled with imageio-ffmpeg:
+    ``[dist][ref]libvmaf=model=version=vmaf_v0.6.1:log_fmt=json`` (libvmaf's first input
+    is the distorted one), and the result is the ``pooled_metrics.vmaf.mean`` of its JSON
+    log, i.e. the arithmetic mean of the per-frame scores. vmaf_v0.6.1 only reads the luma
+    plane, so the chroma conversion details do not influence the score.
+
+    Note that VMAF is not 100 for identical inputs in general: its motion features are 0
+    on the first frame (and on still content), which caps the score of an identical
+    frame at about 97.43 (see Netflix/vmaf issue #1229).
+
+    ``threads`` is libvmaf's ``n_threads``. Raises ``RuntimeError`` if the bundled ffmpeg
+    has no libvmaf or fails, ``ValueError`` on mismatched or empty inputs.
+    """
+    return float(_libvmaf_log(ref_frames, dist_frames, threads)["pooled_metrics"]["vmaf"]["mean"])
 
 
 def vmaf(ref: np.ndarray, dist: np.ndarray, *, threads: int = 1) -> float:
@@ -244,6 +249,14 @@ def vmaf(ref: np.ndarray, dist: np.ndarray, *, threads: int = 1) -> float:
     images only with other still-image VMAF numbers.
     """
     return vmaf_video([ref], [dist], threads=threads)
+
+
+def vmaf_features(ref: np.ndarray, dist: np.ndarray, *, threads: int = 1) -> dict[str, float]:
+    """The elementary features behind :func:`vmaf` of one image, as libvmaf logs them
+    (``integer_vif_scale0..3``, ``integer_adm2``, per-scale ADM, ``vmaf`` itself; the motion
+    features, 0 on a still image, left out): to see which of them a decoder wins or loses."""
+    frame = _libvmaf_log([ref], [dist], threads)["frames"][0]["metrics"]
+    return {k: float(v) for k, v in frame.items() if "motion" not in k}
 
 
 # --------------------------------------------------------------------------- spectrum
