@@ -7,7 +7,8 @@ Runs, on the held-out photographs fetched by ``ulbcodec.train.data``:
      on one 768 px photograph, with 2 threads;
   3. when models/generative is installed: generative vs anchor-only decoding vs AVIF/WebP
      (benchmarks/generative.py, 0.005-0.06 bpp) with its crop sheet, the latent-space
-     diagnostic of its prediction (benchmarks/latent_gap.py), and its speed;
+     diagnostic of its prediction (benchmarks/latent_gap.py), VMAF's elementary features
+     against the best AVIF at matched bpp (benchmarks/vmaf_features.py), and its speed;
   4. when models/video is installed: the video benchmark (benchmarks/video_rd.py) on the
      validation clips against x264/x265/SVT-AV1/VVenC, with speed and memory;
 and writes BENCHMARKS.md with the machine, date, commands and tables. RD plots go to
@@ -98,6 +99,11 @@ def main(argv=None) -> None:
         import latent_gap
 
         gap = capture(latent_gap.main, ["--images", str(photos / "val-768"), "--model", args.generative_model])
+        import vmaf_features
+
+        gen_points = Path(args.out) / "generative" / "points.json"
+        feats = capture(vmaf_features.main, ["--images", str(photos / "val-768"), "--model", args.generative_model,
+                                             "--points", str(gen_points)])
         m = ["--model", args.generative_model]
         gen_speed = "\n\n".join(capture(speed.main, argv) for argv in (
             [str(garden), *m, "--anchor-only"], [str(garden), *m], [str(twelve), *m, "--repeat", "1"]))
@@ -111,6 +117,12 @@ Plots: docs/benchmarks/generative_rd_*.png; crops: docs/generative_crops.png
 Command: `python benchmarks/latent_gap.py --images {photos / "val-768"} --model {args.generative_model}`
 
 {gap}
+
+### VMAF's features: generative, anchor-only and the best AVIF at matched bpp
+
+Command: `python benchmarks/vmaf_features.py --images {photos / "val-768"} --model {args.generative_model} --points {gen_points}`
+
+{feats}
 
 ### Speed and memory of generative decoding (2 threads)
 
