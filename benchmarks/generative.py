@@ -31,16 +31,18 @@ import image_rd  # noqa: E402
 from image_rd import IMAGE_SUFFIXES, LABELS, METRICS, average_curves, load_image, measure  # noqa: E402
 
 from ulbcodec.evaluate import bd_cell as bd, family_envelopes as envelopes  # noqa: E402  (same rules as image_rd)
+from ulbcodec.refinement import RefineSettings  # noqa: E402
 
 GEN, ANCHOR = "ulbc-generative", "ulbc-anchor-only"
 BD_METRICS = ("psnr", "ms_ssim", "vmaf", "log_spectrum_error")
 
 
-def _both_decoders(codec, path: str, downscale: int) -> list[dict]:
+def _both_decoders(codec, path: str, downscale: int, refine_steps: int = 0, levels=None) -> list[dict]:
     """Each rate level of one image: encoded once, decoded by both decoders."""
     rows, ref = [], load_image(path)
-    for level in codec.rate_levels:
-        stream = codec.encode(ref, rate_level=level, downscale=downscale).data
+    for level in levels or codec.rate_levels:
+        refine = RefineSettings(steps=refine_steps) if refine_steps else None
+        stream = codec.encode(ref, rate_level=level, downscale=downscale, refine=refine).data
         for curve, anchor_only in ((GEN, False), (ANCHOR, True)):
             t0 = time.perf_counter()
             decoded = codec.decode(stream, anchor_only=anchor_only)
@@ -51,12 +53,13 @@ def _both_decoders(codec, path: str, downscale: int) -> list[dict]:
     return rows
 
 
-def run_ulbc(model: str, image_paths, downscales=(1, 2), jobs: int = 1) -> list[dict]:
+def run_ulbc(model: str, image_paths, downscales=(1, 2), jobs: int = 1, refine_steps: int = 0,
+             levels=None) -> list[dict]:
     from ulbcodec.image import ImageCodec
 
     if not ImageCodec.from_pretrained(model).is_generative:
         sys.exit(f"model {model!r} has no generative decoder")
-    tasks = [(path, f) for f in downscales for path in image_paths]
+    tasks = [(path, f, refine_steps, levels) for f in downscales for path in image_paths]
     rows = [row for rows in image_rd.map_images(model, _both_decoders, tasks, jobs) for row in rows]
     rows.sort(key=lambda r: (r["downscale"], r["setting"], r["image"], r["codec"] != GEN))  # a serial run's order
     for f in downscales:
@@ -203,6 +206,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-bpp", type=float, default=0.06)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--sheet", default=None, help="write the crop sheet PNG here")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="encode with latent refinement (ulbcodec.refinement), this many steps")
+    p.add_argument("--levels", default=None, help="comma list of rate levels [default: all]")
     p.add_argument("--baselines-from", default=None, metavar="POINTS_JSON",
                    help="take the WebP/AVIF points from image_rd.py's points.json over the same images "
                         "instead of coding them again")
@@ -213,7 +219,8 @@ def main(argv=None) -> None:
     paths = sorted(str(q) for q in Path(args.images).iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = run_ulbc(args.model, paths, jobs=args.jobs)
+    levels = [int(v) for v in args.levels.split(",")] if args.levels else None
+    rows = run_ulbc(args.model, paths, jobs=args.jobs, refine_steps=args.refine_steps, levels=levels)
     if args.baselines_from:
         rows += image_rd.rows_from_sweep(args.baselines_from, paths, ["webp", "avif"], [1, 2, 4], args.max_bpp)
     else:
@@ -229,7 +236,8 @@ def main(argv=None) -> None:
         plot(curves, metric, args.min_bpp, args.max_bpp, out / f"rd_{metric}.png")
     lo, hi = args.min_bpp, args.max_bpp
     env = {m: envelopes(curves, m, lo, hi) for m in BD_METRICS}
-    lines = [f"{len(paths)} held-out photographs from `{args.images}`, model `{args.model}`; rates "
+    lines = [f"{len(paths)} held-out photographs from `{args.images}`, model `{args.model}`"
+             + (f", encoded with {args.refine_steps} refinement steps" if args.refine_steps else "") + "; rates "
              f"{lo:g}-{hi:g} bpp (plus the nearest point outside each end). BD-rate: PCHIP over log rate on "
              "monotone envelopes (the detail measure is negated, lower is better). Negative: fewer bits "
              "for the same quality.", "",

@@ -8,7 +8,8 @@ Runs, on the held-out photographs fetched by ``ulbcodec.train.data``:
   3. when models/generative is installed: generative vs anchor-only decoding vs AVIF/WebP
      (benchmarks/generative.py, 0.005-0.06 bpp) with its crop sheet, the latent-space
      diagnostic of its prediction (benchmarks/latent_gap.py), VMAF's elementary features
-     against the best AVIF at matched bpp (benchmarks/vmaf_features.py), and its speed;
+     against the best AVIF at matched bpp (benchmarks/vmaf_features.py), its speed, and the
+     same with encoder-side latent refinement (generative.py --refine-steps, refine_objectives.py);
   4. when models/video is installed: the video benchmark (benchmarks/video_rd.py) on the
      validation clips against x264/x265/SVT-AV1/VVenC, with speed and memory;
 and writes BENCHMARKS.md with the machine, date, commands and tables. RD plots go to
@@ -63,6 +64,7 @@ def main(argv=None) -> None:
     p.add_argument("--generative-model", default="generative")
     p.add_argument("--video-model", default="video")
     p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--refine-steps", type=int, default=30, help="the refined-encoding runs of the generative section")
     p.add_argument("--out", default=str(ROOT / "out" / "bench"))
     args = p.parse_args(argv)
 
@@ -107,6 +109,16 @@ def main(argv=None) -> None:
         m = ["--model", args.generative_model]
         gen_speed = "\n\n".join(capture(speed.main, argv) for argv in (
             [str(garden), *m, "--anchor-only"], [str(garden), *m], [str(twelve), *m, "--repeat", "1"]))
+        import refine_objectives
+
+        steps = str(args.refine_steps)
+        refined_argv = ["--images", str(photos / "val-768"), "--model", args.generative_model,
+                        "--jobs", str(args.jobs), "--refine-steps", steps, "--levels", "0,1,2,3,4",
+                        "--baselines-from", str(rd_out / "points.json")]
+        refined = capture(generative.main, [*refined_argv, "--out", str(Path(args.out) / "generative-refined")])
+        ablation = capture(refine_objectives.main, ["--images", str(photos / "val-768"),
+                                                    "--model", args.generative_model, "--steps", steps])
+        refined_speed = capture(speed.main, [str(garden), *m, "--refine-steps", steps, "--repeat", "1"])
         gen_section = f"""Command: `python benchmarks/generative.py --images {photos / "val-768"} --model {args.generative_model}`
 Plots: docs/benchmarks/generative_rd_*.png; crops: docs/generative_crops.png
 
@@ -126,7 +138,20 @@ Command: `python benchmarks/vmaf_features.py --images {photos / "val-768"} --mod
 
 ### Speed and memory of generative decoding (2 threads)
 
-{gen_speed}"""
+{gen_speed}
+
+### Encoder-side latent refinement (`ulbc encode --refine-steps {steps}`)
+
+The same decoders; the encoder refines each latent ({steps} steps, `ulbcodec/refinement.py`).
+Command: `python benchmarks/generative.py {" ".join(refined_argv)} --out OUT`
+
+{refined}
+
+What each refinement objective buys (command: `python benchmarks/refine_objectives.py --images {photos / "val-768"} --model {args.generative_model} --steps {steps}`):
+
+{ablation}
+
+{refined_speed}"""
     video_section = "Not run: no video model installed."
     try:
         packages.resolve(args.video_model)

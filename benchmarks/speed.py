@@ -1,7 +1,7 @@
 """Encode/decode speed and peak memory of ulbc on one image, each run in a fresh process.
 
     PYTHONPATH=src python benchmarks/speed.py IMAGE [--model default] [--threads 2] [--level L] [--repeat 2]
-                                                    [--anchor-only]
+                                                    [--anchor-only] [--refine-steps N]
 
 Each measurement runs ``ulbc encode`` / ``ulbc decode`` in a child process (so peak RSS is
 that of the command a user runs, model load included) and reports wall seconds of the
@@ -45,6 +45,7 @@ def main(argv=None) -> None:
     p.add_argument("--level", type=int, default=None)
     p.add_argument("--repeat", type=int, default=2, help="best of N runs")
     p.add_argument("--anchor-only", action="store_true", help="decode with --anchor-only (generative models)")
+    p.add_argument("--refine-steps", type=int, default=0, help="encode with --refine-steps N")
     args = p.parse_args(argv)
     decode_flags = ["--anchor-only"] if args.anchor_only else []
     w, h = Image.open(args.image).size
@@ -52,11 +53,12 @@ def main(argv=None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ulb, png = Path(tmp) / "x.ulb", Path(tmp) / "x.png"
-        level = [] if args.level is None else ["--quality", args.level]
+        encode_flags = [] if args.level is None else ["--quality", args.level]
+        encode_flags += ["--refine-steps", args.refine_steps] if args.refine_steps else []
+        encode = ["encode", args.image, "-o", ulb, "--model", args.model, "--json", "-f", *encode_flags]
         best = {}
         for _ in range(args.repeat):
-            rec, wall = run_child(["encode", args.image, "-o", ulb, "--model", args.model, "--json", "-f", *level],
-                                     args.threads)
+            rec, wall = run_child(encode, args.threads)
             coding = sum(rec["timings"].values())
             best["encode"] = min(best.get("encode", (1e9,)), (coding, wall, rec))
             rec, wall = run_child(["decode", ulb, "-o", png, "--model", args.model, "--json", "-f", *decode_flags],
@@ -64,12 +66,13 @@ def main(argv=None) -> None:
             coding = sum(rec["timings"].values())
             best["decode"] = min(best.get("decode", (1e9,)), (coding, wall, rec))
         # Peak RSS per command: measure each once more in isolation (RUSAGE_CHILDREN is a max).
-        for verb, cmd in (("encode", ["encode", args.image, "-o", ulb, "--model", args.model, "--json", "-f", *level]),
+        for verb, cmd in (("encode", encode),
                           ("decode", ["decode", ulb, "-o", png, "--model", args.model, "--json", "-f", *decode_flags])):
             peak = _isolated_peak(cmd, args.threads)
             coding, wall, rec = best[verb]
             rows.append((verb, coding, coding / mp, wall, peak, rec))
-    mode = ", decode --anchor-only" if args.anchor_only else ""
+    mode = (f", encode --refine-steps {args.refine_steps}" if args.refine_steps else "") + \
+        (", decode --anchor-only" if args.anchor_only else "")
     print(f"image {args.image} ({w}x{h}, {mp:.2f} MP), model {args.model}{mode}, {args.threads} threads, "
           f"level {rows[0][5]['rate_level']}, {rows[0][5]['bytes']} bytes ({rows[0][5]['bpp']:.4f} bpp)\n")
     print("| step | coding s | s/MP | command wall s (incl. start-up, model load) | peak RSS MB | stages |")

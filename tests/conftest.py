@@ -18,14 +18,14 @@ TINY_CONFIG = dict(N=16, M=32, num_slices=2, context_window=3, vae_channels=0, b
                    num_rate_levels=3, token_channels=16, num_token_blocks=1)
 
 
-def make_tiny_package(root: Path, name: str = "tiny", seed: int = 0) -> Path:
+def make_tiny_package(root: Path, name: str = "tiny", seed: int = 0, lambdas=(0.0, 0.0, 0.0)) -> Path:
     from ulbcodec.models.anchor_codec import AnchorCodec
     from ulbcodec.models.package import RateLevel, save_package
 
     torch.manual_seed(seed)
     model = AnchorCodec(**TINY_CONFIG)
     model.update(force=True)
-    save_package(root / name, name, {"anchor_codec": model.eval()}, [RateLevel(i) for i in range(3)],
+    save_package(root / name, name, {"anchor_codec": model.eval()}, [RateLevel(i, l) for i, l in enumerate(lambdas)],
                  description="tiny random model for tests")
     return root / name
 

@@ -1,4 +1,4 @@
-"""The detail loss of stage II training (ulbcodec.train.detail_loss) on a real photograph."""
+"""The detail loss of stage II training (ulbcodec.losses.detail_loss) on a real photograph."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ulbcodec.train.detail_loss import detail_loss, detail_restoration, wavelet_details
+from ulbcodec.losses.detail_loss import detail_loss, detail_restoration, wavelet_details
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The information-fidelity (VIF) loss of stage II training (ulbcodec.train.vif_loss) on a
+"""The information-fidelity (VIF) loss of stage II training (ulbcodec.losses.vif_loss) on a
 real photograph, and its agreement with libvmaf's own VIF features."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ulbcodec import metrics
-from ulbcodec.train.vif_loss import vif_loss, vif_per_scale
+from ulbcodec.losses.vif_loss import vif_loss, vif_per_scale
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:

@@ -47,6 +47,8 @@ from ulbcodec.bitstream import AnchorPayload, BitstreamError, Container, Header
 from ulbcodec.models import package as packages
 from ulbcodec.models.tiling import tiled_apply
 from ulbcodec.placement import Placement
+from ulbcodec.refinement import MAX_PIXELS as REFINE_MAX_PIXELS
+from ulbcodec.refinement import RefineSettings, refine_latent
 
 # Tile cores for the transforms, in pixels. 512 px tiles keep peak memory of a 12 MP
 # image well under 2 GB; the 64 px margin is 4 latent rows of context.
@@ -221,8 +223,10 @@ class ImageCodec:
                            Fraction(1, 16), TILE_CORE, TILE_MARGIN, tile_workers(), side=[(vae_latent, Fraction(1, 8))])
 
     @torch.no_grad()
-    def encode(self, rgb: np.ndarray, rate_level: int, downscale: int = 1) -> EncodeResult:
-        """Code one image at one operating point into complete .ulb file bytes."""
+    def encode(self, rgb: np.ndarray, rate_level: int, downscale: int = 1,
+               refine: Optional[RefineSettings] = None) -> EncodeResult:
+        """Code one image at one operating point into complete .ulb file bytes; with
+        ``refine`` the latent is refined first (:mod:`ulbcodec.refinement`)."""
         rate_level = self._check_level(rate_level)
         if downscale not in DOWNSCALES:
             raise ValueError(f"downscale must be one of {DOWNSCALES}, got {downscale}")
@@ -232,26 +236,43 @@ class ImageCodec:
         header.validate()  # refuse oversized inputs before any work
         if downscale > 1:
             rgb = resize(rgb, *coded_size(width, height, downscale))
-        payload = self.encode_anchor(rgb, rate_level)
+        payload = self.encode_anchor(rgb, rate_level, refine)
         data = Container(header, [bitstream.Chunk(bitstream.CHUNK_ANCHOR, payload.to_bytes())]).to_bytes()
-        timings = {"analysis_s": self.last_timings["analysis_s"],
-                   "entropy_encode_s": self.last_timings["entropy_encode_s"]}
-        return EncodeResult(data, rate_level, width, height, downscale, timings)
+        return EncodeResult(data, rate_level, width, height, downscale, dict(self.last_timings))
 
     @torch.no_grad()
-    def encode_anchor(self, rgb: np.ndarray, rate_level: int) -> AnchorPayload:
+    def encode_anchor(self, rgb: np.ndarray, rate_level: int, refine: Optional[RefineSettings] = None) -> AnchorPayload:
         """The entropy-coded anchor of one image (or video keyframe), at its own size."""
+        refine = refine if refine is not None and refine.steps > 0 else None
+        lmbda = self._refinement_lambda(rgb, rate_level) if refine else None
         t0 = time.perf_counter()
         y = self.analyze(rgb, rate_level)
         t1 = time.perf_counter()
-        coded = self._anchor_codec(rate_level)[0].encode_latent(y)
-        self.last_timings = {"analysis_s": t1 - t0, "entropy_encode_s": time.perf_counter() - t1}
+        model, level = self._anchor_codec(rate_level)
+        if refine:
+            y = refine_latent(model, to_tensor(rgb).to(self.device), y, level, lmbda, refine)
+        t2 = time.perf_counter()
+        coded = model.encode_latent(y)
+        self.last_timings = {"analysis_s": t1 - t0, **({"refine_s": t2 - t1} if refine else {}),
+                             "entropy_encode_s": time.perf_counter() - t2}
         (y_string,), (z_string,) = coded["strings"]
         payload = AnchorPayload(tuple(coded["shape"]), z_string, y_string, coded["symbols_crc32"] & 0xFFFF)
         return payload.padded_for(rgb.shape[1], rgb.shape[0])
 
+    def _refinement_lambda(self, rgb: np.ndarray, rate_level: int) -> float:
+        """The level's λ for :func:`refine_latent`, after checking that refinement can run."""
+        lmbda = next((lv.lmbda for lv in self.package.rate_levels if lv.level == rate_level), 0.0)
+        if not lmbda:
+            raise ValueError(f"model {self.package.name!r} records no λ for rate level {rate_level}: "
+                             "latent refinement needs the level's rate-distortion trade-off")
+        if rgb.shape[0] * rgb.shape[1] > REFINE_MAX_PIXELS:
+            raise ValueError(f"latent refinement handles images up to {REFINE_MAX_PIXELS / 1e6:.1f} MP (1080p), got "
+                             f"{rgb.shape[1]}x{rgb.shape[0]}: drop --refine-steps or use --downscale")
+        return lmbda
+
     def encode_to_bpp(
-        self, rgb: np.ndarray, target_bpp: float, downscales: Sequence[int] = (1, 2, 4)
+        self, rgb: np.ndarray, target_bpp: float, downscales: Sequence[int] = (1, 2, 4),
+        refine: Optional[RefineSettings] = None,
     ) -> Tuple[EncodeResult, bool]:
         """The largest file at or under ``target_bpp`` over the operating points.
 
@@ -259,14 +280,15 @@ class ImageCodec:
         target wins: at equal rate the full-size image keeps more detail. Within a factor
         the file size grows with the level, so a binary search needs log2(levels) encodes.
         Returns (result, met); when nothing lands under the target, the smallest file
-        found is returned with ``met=False``.
+        found is returned with ``met=False``. ``refine`` refines every candidate
+        (each search step pays for a refinement).
         """
         levels, smallest = self.rate_levels, None
         for downscale in downscales:
             lo, hi, best = 0, len(levels) - 1, None
             while lo <= hi:
                 mid = (lo + hi) // 2
-                result = self.encode(rgb, levels[mid], downscale)
+                result = self.encode(rgb, levels[mid], downscale, refine)
                 if smallest is None or len(result.data) < len(smallest.data):
                     smallest = result
                 if result.bpp <= target_bpp:

@@ -100,6 +100,9 @@ GENERATIVE_DECODE_TILE_BYTES = 89 * MiB
 # A VAE-conditioned anchor encoder: derived terms (the VAE encoder's tiles).
 GENERATIVE_ENCODE_BYTES_PER_CODED_PIXEL = 4
 VAE_ENCODER_TILE_BYTES = 256 * MiB
+# Latent refinement (--refine-steps): the backward pass over the whole image; a 768x480
+# photograph (768x512 coded) peaked ~1.2 GB above a plain encode (BENCHMARKS.md, refinement).
+REFINE_BYTES_PER_CODED_PIXEL = 3500
 
 _UNITS = {"": 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -205,12 +208,15 @@ def estimate_decode(width: int, height: int, downscale: int = 1, generative: boo
 
 
 def estimate_encode(width: int, height: int, downscale: int = 1, uses_vae: bool = False,
-                    weights: int = 0) -> int:
-    """Peak bytes of ``ulbc encode`` of one width x height image (``--bpp``: downscale 1)."""
+                    weights: int = 0, refine: bool = False) -> int:
+    """Peak bytes of ``ulbc encode`` of one width x height image (``--bpp``: downscale 1;
+    ``refine``: with ``--refine-steps``)."""
     coded = padded_pixels(width, height, downscale)
     per_pixel = ENCODE_BYTES_PER_CODED_PIXEL * coded + ENCODE_BYTES_PER_IMAGE_PIXEL * width * height
     if uses_vae:
         per_pixel += GENERATIVE_ENCODE_BYTES_PER_CODED_PIXEL * coded + VAE_ENCODER_TILE_BYTES
+    if refine:
+        per_pixel += REFINE_BYTES_PER_CODED_PIXEL * coded
     return ENCODE_BASE_BYTES + weights + max(weights, per_pixel)
 
 

@@ -1266,10 +1266,20 @@ class AnchorCodec(CompressionModel):
         [B, 1, bypass_channels, H/8, W/8], "likelihoods": {"y": ..., "z": ...}}``.
         """
         self._check_image(x, self.required_multiple)
-        y = self.analyze(x, vae_latent, rate_level)
+        return self.forward_latent(self.analyze(x, vae_latent, rate_level), rate_level, with_bypass)
+
+    def forward_latent(
+        self, y: Tensor, rate_level: RateLevel = 0, with_bypass: bool = True, noisy_likelihoods: Optional[bool] = None
+    ) -> Dict[str, Any]:
+        """:meth:`forward` from an analysed (gained) latent ``y`` onwards, differentiable in
+        ``y``: how the encoder refines a latent (:mod:`ulbcodec.refinement`).
+        ``noisy_likelihoods`` overrides the entropy models' training flag for the
+        likelihoods (``True``: uniform-noise proxies, whose gradient in ``y`` is useful
+        where rounded values have none)."""
+        self._check_y(y)
         with _deterministic_entropy_path(y.device, single_thread=not self.training):
             z = self.h_a(y)
-            _, z_likelihoods = self.entropy_bottleneck(z)
+            _, z_likelihoods = self.entropy_bottleneck(z, training=noisy_likelihoods)
             medians = self.entropy_bottleneck._get_medians()
             z_hat = _ste_round(z - medians) + medians
             hyper = self.h_s(z_hat)
@@ -1279,7 +1289,7 @@ class AnchorCodec(CompressionModel):
                 return _keep(_ste_round(y_parts[i] - means) + means, anchor)
 
             y_hat, scales, means = self._run_slices(hyper, quantize)
-            _, y_likelihoods = self.gaussian_conditional(y, scales, means)
+            _, y_likelihoods = self.gaussian_conditional(y, scales, means, training=noisy_likelihoods)
         anchor_frame, bypass_latent = self.synthesize(y_hat, rate_level, with_bypass)
         return {
             "anchor_frame": anchor_frame,

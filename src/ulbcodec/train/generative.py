@@ -18,9 +18,9 @@ Three stages, each a checkpoint directory under ``--run`` that the same command 
           patch discriminator trained from scratch: no pretrained perceptual network can
           be loaded here, so no LPIPS term) + ``--detail-weight``·detail loss (the share
           of the original's wavelet detail the image fails to restore,
-          :mod:`ulbcodec.train.detail_loss`; 0 by default) + ``--vif-weight``·VIF loss (the
+          :mod:`ulbcodec.losses.detail_loss`; 0 by default) + ``--vif-weight``·VIF loss (the
           share of the original's visual information lost at four scales, contrast gains
-          capped at 1, :mod:`ulbcodec.train.vif_loss`; 0 by default). The anchor codec's encoder and entropy
+          capped at 1, :mod:`ulbcodec.losses.vif_loss`; 0 by default). The anchor codec's encoder and entropy
           model stay frozen (they are the shipped default image model, so the rate term
           of the paper's stage II is a constant here and is left out; files coded with
           models/default and models/generative differ only in the model digest).
@@ -54,13 +54,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ulbcodec.losses.detail_loss import detail_loss
+from ulbcodec.losses.vif_loss import vif_loss
 from ulbcodec.models import package as packages
 from ulbcodec.models.package import NEXT_FRAME_SETTINGS
 from ulbcodec.models.next_frame import ONE_STEP_TIMESTEP, NextFramePipeline
 from ulbcodec.train.anchor import PhotoCrops, _flatten_optimizer, _restore_optimizer
-from ulbcodec.train.detail_loss import detail_loss
 from ulbcodec.train.distributed import TrainRuntime, add_runtime_arguments, training_runtime
-from ulbcodec.train.vif_loss import vif_loss
 
 VAE_CONFIG = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=16,
                   temporal_compression_ratio=4, sample_height=256, sample_width=256)
@@ -477,9 +477,9 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--adv-weight", type=float, default=0.05)
     p.add_argument("--detail-weight", type=float, default=0.0,
-                   help="weight of the detail loss in stage II (ulbcodec.train.detail_loss)")
+                   help="weight of the detail loss in stage II (ulbcodec.losses.detail_loss)")
     p.add_argument("--vif-weight", type=float, default=0.0,
-                   help="weight of the information-fidelity loss in stage II (ulbcodec.train.vif_loss)")
+                   help="weight of the information-fidelity loss in stage II (ulbcodec.losses.vif_loss)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", choices=NEXT_FRAME_SETTINGS["output"], default="latent",
                    help="what the VAE-decoded prediction becomes (models/next_frame.py)")
