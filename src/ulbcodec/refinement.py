@@ -65,7 +65,7 @@ MSE_WEIGHT = 0.3 * 255**2  # train/anchor.py: the distortion of the anchor codec
 MSSSIM_WEIGHT = 1300.0
 PERCEPTUAL_WEIGHT = 500.0  # per unit of the detail and VIF losses (stage II: 10 against D/50)
 LEARNING_RATE = 0.01
-MAX_PIXELS = 1920 * 1088  # 1080p: the backward pass holds every activation (about 3.5 GB per MP)
+MAX_PIXELS = 1920 * 1088  # 1080p: the backward pass holds every activation (about 2.5 GB per MP)
 MSSSIM_MIN_SIDE = 161  # five scales of an 11-tap window
 PERCEPTUAL_MIN_SIDE = 64  # VIF's four scales (losses/vif_loss.py)
 

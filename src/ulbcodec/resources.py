@@ -101,8 +101,9 @@ GENERATIVE_DECODE_TILE_BYTES = 89 * MiB
 GENERATIVE_ENCODE_BYTES_PER_CODED_PIXEL = 4
 VAE_ENCODER_TILE_BYTES = 256 * MiB
 # Latent refinement (--refine-steps): the backward pass over the whole image; a 768x480
-# photograph (768x512 coded) peaked ~1.2 GB above a plain encode (BENCHMARKS.md, refinement).
-REFINE_BYTES_PER_CODED_PIXEL = 3500
+# photograph (768x512 coded) peaked at 1539 MB against 650 MB for a plain encode, ~2300
+# bytes per coded pixel more (BENCHMARKS.md, refinement), rounded up.
+REFINE_BYTES_PER_CODED_PIXEL = 2600
 
 _UNITS = {"": 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
