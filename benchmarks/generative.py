@@ -28,7 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import image_rd  # noqa: E402
-from image_rd import IMAGE_SUFFIXES, LABELS, METRICS, average_curves, load_image, measure  # noqa: E402
+from image_rd import LABELS, METRICS, average_curves, list_images, load_image, measure  # noqa: E402
 
 from ulbcodec.evaluate import bd_cell as bd, family_envelopes as envelopes  # noqa: E402  (same rules as image_rd)
 from ulbcodec.refinement import RefineSettings  # noqa: E402
@@ -40,8 +40,8 @@ BD_METRICS = ("psnr", "ms_ssim", "vmaf", "log_spectrum_error")
 def _both_decoders(codec, path: str, downscale: int, refine_steps: int = 0, levels=None) -> list[dict]:
     """Each rate level of one image: encoded once, decoded by both decoders."""
     rows, ref = [], load_image(path)
+    refine = RefineSettings(steps=refine_steps) if refine_steps else None
     for level in levels or codec.rate_levels:
-        refine = RefineSettings(steps=refine_steps) if refine_steps else None
         stream = codec.encode(ref, rate_level=level, downscale=downscale, refine=refine).data
         for curve, anchor_only in ((GEN, False), (ANCHOR, True)):
             t0 = time.perf_counter()
@@ -216,7 +216,7 @@ def main(argv=None) -> None:
     from ulbcodec.resources import keep_freed_memory
 
     keep_freed_memory()  # decode timings under the allocator settings of the `ulbc` command
-    paths = sorted(str(q) for q in Path(args.images).iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+    paths = list_images(args.images)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     levels = [int(v) for v in args.levels.split(",")] if args.levels else None

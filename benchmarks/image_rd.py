@@ -64,6 +64,12 @@ BD_METRICS = ("psnr", "ms_ssim", "vmaf")
 # ----------------------------------------------------------------------------- measuring
 
 
+def list_images(folder: str, count: int = 0) -> list[str]:
+    """The images in ``folder`` (by suffix), sorted by name; the first ``count`` when it is > 0."""
+    paths = sorted(str(p) for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return paths[:count] if count else paths
+
+
 @functools.lru_cache(maxsize=None)
 def load_image(path: str) -> np.ndarray:
     with Image.open(path) as img:
@@ -299,16 +305,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    image_paths = sorted(str(p) for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not image_paths:
+    paths = list_images(args.images)
+    if not paths:
         sys.exit(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {args.images}")
-    small = [Path(p).name for p in image_paths if min(load_image(p).shape[:2]) < metrics.MS_SSIM_MIN_SIDE]
+    small = [Path(p).name for p in paths if min(load_image(p).shape[:2]) < metrics.MS_SSIM_MIN_SIDE]
     if small:
         print(f"note: MS-SSIM is undefined (NaN) for images under {metrics.MS_SSIM_MIN_SIDE} px: {small}",
               file=sys.stderr)
     have_ulbc = not args.no_ulbc
-    rows = run_ulbc(args.ulbc_model, image_paths, jobs=args.jobs) if have_ulbc else []
-    rows += run_baselines(image_paths, args.codecs, args.downscales, args.quick, args.max_bpp, args.jobs)
+    rows = run_ulbc(args.ulbc_model, paths, jobs=args.jobs) if have_ulbc else []
+    rows += run_baselines(paths, args.codecs, args.downscales, args.quick, args.max_bpp, args.jobs)
     summary = write_outputs(rows, average_curves(rows), args, have_ulbc)
     print(summary)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from image_rd import IMAGE_SUFFIXES, load_image  # noqa: E402
+from image_rd import list_images, load_image  # noqa: E402
 
 
 @torch.no_grad()
@@ -63,8 +63,7 @@ def main(argv=None) -> None:
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--count", type=int, default=0, help="use the first N images (0: all)")
     args = p.parse_args(argv)
-    paths = sorted(str(q) for q in Path(args.images).iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
-    paths = paths[: args.count] if args.count else paths
+    paths = list_images(args.images, args.count)
     torch.set_num_threads(2)
     rows = latent_gap(args.model, paths, [int(v) for v in args.levels.split(",")], args.crop)
     print(f"model `{args.model}`, {len(paths)} images, centre crops of {args.crop}²; scaled-latent MSE")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from image_rd import IMAGE_SUFFIXES, load_image  # noqa: E402
+from image_rd import list_images, load_image  # noqa: E402
 
 OBJECTIVES = ("none (g_a alone)", "training loss only", "+ detail and VIF (ulbc's)")
 
@@ -72,8 +72,7 @@ def main(argv=None) -> None:
     p.add_argument("--count", type=int, default=3, help="use the first N images (0: all)")
     p.add_argument("--steps", type=int, default=30)
     args = p.parse_args(argv)
-    paths = sorted(str(f) for f in Path(args.images).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    paths = paths[: args.count] if args.count else paths
+    paths = list_images(args.images, args.count)
     levels = [int(v) for v in args.levels.split(",")]
     rows = measure(args.model, paths, levels, args.steps)
     print(f"model `{args.model}`, {len(paths)} images ({', '.join(Path(q).name for q in paths)}), "

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from image_rd import IMAGE_SUFFIXES, load_image  # noqa: E402
+from image_rd import list_images, load_image  # noqa: E402
 
 FEATURES = ("integer_vif_scale0", "integer_vif_scale1", "integer_vif_scale2", "integer_vif_scale3",
             "integer_adm2", "vmaf")
@@ -79,8 +79,7 @@ def main(argv=None) -> None:
     p.add_argument("--levels", default="0,1,2,3")
     p.add_argument("--count", type=int, default=0, help="use the first N images (0: all)")
     args = p.parse_args(argv)
-    paths = sorted(str(f) for f in Path(args.images).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-    paths = paths[: args.count] if args.count else paths
+    paths = list_images(args.images, args.count)
     levels = [int(v) for v in args.levels.split(",")]
     points = json.loads(Path(args.points).read_text())["points"]
     rows = features(args.model, paths, levels, points)

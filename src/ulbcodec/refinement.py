@@ -17,7 +17,7 @@ file, decoded by the unchanged decoder::
     y ─► AnchorCodec.encode_latent ─► bitstream (coded exactly as an unrefined latent)
 
 The objective is the anchor codec's own training loss at the level's λ
-(:func:`ulbcodec.train.anchor.rd_loss`) plus the detail (ADM) and information-fidelity
+(:mod:`ulbcodec.losses.rate_distortion`, as :func:`ulbcodec.train.anchor.rd_loss` uses it) plus the detail (ADM) and information-fidelity
 (VIF) losses of :mod:`ulbcodec.losses`, weighted against the distortion as in stage II of
 the generative decoder's training (10 against distortion/50). Both credit a decoded image
 with at most the original's own detail and contrast, so the latent cannot win them by
@@ -59,10 +59,9 @@ from torch import Tensor
 
 from ulbcodec.losses.detail_loss import SCALES as DETAIL_SCALES
 from ulbcodec.losses.detail_loss import detail_loss
+from ulbcodec.losses.rate_distortion import MSE_WEIGHT, anchor_distortion, bits_per_pixel
 from ulbcodec.losses.vif_loss import vif_loss
 
-MSE_WEIGHT = 0.3 * 255**2  # train/anchor.py: the distortion of the anchor codec's training
-MSSSIM_WEIGHT = 1300.0
 PERCEPTUAL_WEIGHT = 500.0  # per unit of the detail and VIF losses (stage II: 10 against D/50)
 LEARNING_RATE = 0.01
 MAX_PIXELS = 1920 * 1088  # 1080p: the backward pass holds every activation (about 2.5 GB per MP)
@@ -85,17 +84,16 @@ def refinement_loss(out: dict, x: Tensor, lmbda: float,
     """The refinement objective of one :meth:`AnchorCodec.forward_latent` output against the
     original ``x`` [1, 3, H, W] (the decoded frame is cropped to H×W first). Terms the
     image is too small for (MS-SSIM under 161 px, detail and VIF under 64 px) are left out."""
-    from pytorch_msssim import ms_ssim
-
     height, width = x.shape[-2:]
     x_hat = out["anchor_frame"][..., :height, :width].float()
-    rate = sum(-torch.log2(l.float()).sum() for l in out["likelihoods"].values()) / (height * width)
-    mse = F.mse_loss(x_hat, x)
-    distortion = MSE_WEIGHT * mse
-    terms = {"bpp_proxy": rate.item(), "psnr": -10 * math.log10(max(mse.item(), 1e-12))}
+    rate = bits_per_pixel(out["likelihoods"], height * width)
     if min(height, width) >= MSSSIM_MIN_SIDE:
-        msssim = ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0)
-        distortion = distortion + MSSSIM_WEIGHT * (1 - msssim)
+        distortion, mse, msssim = anchor_distortion(x_hat, x)
+    else:
+        mse = F.mse_loss(x_hat, x)
+        distortion, msssim = MSE_WEIGHT * mse, None
+    terms = {"bpp_proxy": rate.item(), "psnr": -10 * math.log10(max(mse.item(), 1e-12))}
+    if msssim is not None:
         terms["ms_ssim"] = msssim.item()
     if perceptual_weight and min(height, width) >= PERCEPTUAL_MIN_SIDE:
         whole = 2**DETAIL_SCALES  # the detail loss's wavelet needs sides divisible by 16

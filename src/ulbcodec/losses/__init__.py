@@ -1,3 +1,3 @@
-"""Differentiable image-quality losses after VMAF's elementary features (detail loss / ADM,
-information fidelity / VIF): used by stage II training and by the encoder's latent
-refinement (:mod:`ulbcodec.refinement`)."""
+"""Differentiable losses: the anchor codec's rate and distortion (rate_distortion), and image
+quality after VMAF's elementary features (detail loss / ADM, information fidelity / VIF);
+used by the trainers and by the encoder's latent refinement (:mod:`ulbcodec.refinement`)."""

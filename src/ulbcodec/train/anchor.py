@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import time
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ulbcodec.losses.rate_distortion import MSSSIM_WEIGHT, anchor_distortion, bits_per_pixel
 from ulbcodec.models import package as packages
 from ulbcodec.models.anchor_codec import AnchorCodec
 from ulbcodec.models.package import RateLevel, save_package
@@ -49,7 +49,6 @@ DEFAULT_CONFIG = dict(N=48, M=96, num_slices=4, context_window=5, vae_channels=0
 # lambda per rate level, level 0 = lowest rate. Chosen so the levels span ~0.005-0.15 bpp
 # on 768 px photographs; measured values are in BENCHMARKS.md.
 DEFAULT_LAMBDAS = [0.00004, 0.0001, 0.00025, 0.0006, 0.0015, 0.0036]
-MSSSIM_WEIGHT = 1300.0  # puts 1-MS-SSIM on the scale of 255^2*MSE at these rates
 
 
 # --------------------------------------------------------------------------- data
@@ -139,21 +138,15 @@ def load_checkpoint(run: Path, model, opt, aux_opt) -> dict:
 
 
 def rd_loss(model, x: torch.Tensor, level: int, lmbda: float, use_msssim: bool, autocast: ContextManager):
-    from pytorch_msssim import ms_ssim
-
     with autocast:
         out = model(x, rate_level=level, with_bypass=False)
     x_hat = out["anchor_frame"].float()
-    num_pixels = x.shape[0] * x.shape[2] * x.shape[3]
-    bpp = sum(torch.log(l.float().clamp_min(1e-9)).sum() for l in out["likelihoods"].values()) / (
-        -math.log(2) * num_pixels
-    )
-    mse = F.mse_loss(x_hat, x)
-    distortion = 255**2 * mse
-    msssim = torch.tensor(float("nan"))
+    bpp = bits_per_pixel(out["likelihoods"], x.shape[0] * x.shape[2] * x.shape[3])
     if use_msssim:
-        msssim = ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0)
-        distortion = 0.3 * distortion + MSSSIM_WEIGHT * (1 - msssim)
+        distortion, mse, msssim = anchor_distortion(x_hat, x)
+    else:  # the MSE warm-up
+        mse = F.mse_loss(x_hat, x)
+        distortion, msssim = 255**2 * mse, torch.tensor(float("nan"))
     return bpp + lmbda * distortion, bpp, mse, msssim
 
 

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ulbcodec.losses.detail_loss import detail_loss
+from ulbcodec.losses.rate_distortion import anchor_distortion
 from ulbcodec.losses.vif_loss import vif_loss
 from ulbcodec.models import package as packages
 from ulbcodec.models.package import NEXT_FRAME_SETTINGS
@@ -364,8 +365,6 @@ class Trainer:
         return {"project_in": c.project_in, "tokens": c.information_transformer_layes, "project_out": c.spatial_ch_projs}
 
     def train_stage2(self):
-        from pytorch_msssim import ms_ssim
-
         pipe = self.pipeline()
         self.codec.requires_grad_(False)
         bypass = self.bypass_modules()
@@ -392,10 +391,9 @@ class Trainer:
             z = out["bypass_latent"][:, 0]
             x0 = pipe.predict_clean(a, z, ONE_STEP_TIMESTEP)
             x_hat = pipe.to_image(x0, anchor, a, clamp=False)
-            mse = F.mse_loss(x_hat, x)
-            ms = ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0)
+            distortion, mse, ms = anchor_distortion(x_hat, x)
             lat = F.mse_loss(x0, target_latent)
-            loss = 255**2 * mse * 0.3 / 50 + 1300 * (1 - ms) / 50 + lat
+            loss = distortion / 50 + lat
             logs = {"psnr": (-10 * torch.log10(mse.detach())).item(), "ms_ssim": ms.item(), "lat": lat.item()}
             if self.args.detail_weight:
                 detail = detail_loss(x_hat, x)

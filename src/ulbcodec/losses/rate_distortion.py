@@ -1,0 +1,37 @@
+"""The anchor codec's rate-distortion terms, shared by everything that optimises against
+them: its training (:func:`ulbcodec.train.anchor.rd_loss`), stage II of the generative
+decoder (:mod:`ulbcodec.train.generative`, the same distortion / 50) and the encoder's
+latent refinement (:mod:`ulbcodec.refinement`)::
+
+    rate        R = Σ −log₂ p  over every likelihood tensor, per pixel
+    distortion  D = 0.3·255²·MSE + 1300·(1 − MS-SSIM)
+
+Why both terms of D: MS-SSIM from scratch does not learn and MS-SSIM alone shifts colours;
+1300 puts 1 − MS-SSIM on the scale of 255²·MSE at these rates (docs/training.md).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MSE_WEIGHT = 0.3 * 255**2
+MSSSIM_WEIGHT = 1300.0
+
+
+def bits_per_pixel(likelihoods: Mapping[str, Tensor], num_pixels: int) -> Tensor:
+    """R: the bits the likelihoods stand for (CompressAI's bound keeps each ≥ 1e-9), per pixel."""
+    return sum(-torch.log2(l.float().clamp_min(1e-9)).sum() for l in likelihoods.values()) / num_pixels
+
+
+def anchor_distortion(x_hat: Tensor, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """(D, MSE, MS-SSIM) of a decoded batch against the originals (both [B, 3, H, W] in [0, 1],
+    at least 161 px on each side for MS-SSIM's five scales); MS-SSIM on the clamped image."""
+    from pytorch_msssim import ms_ssim
+
+    mse = F.mse_loss(x_hat, x)
+    msssim = ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0)
+    return MSE_WEIGHT * mse + MSSSIM_WEIGHT * (1 - msssim), mse, msssim
