@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT_DIR, run_trainer
@@ -78,3 +79,76 @@ def test_generative_continuation_moves_the_decoder_onto_another_anchor_codec(pho
     assert not torch.equal(new[first_conv], shipped[first_conv])  # so the two codecs did differ
     training = manifest(out)["extra"]["training"]
     assert training["continuation"]["anchor_model_digest"] == manifest(anchor)["digest"]
+
+
+def test_anchor_rd_loss_adds_the_perceptual_terms_at_their_weight(photos):
+    """``--perceptual-weight w``: the loss is R + λ·(D + w·(detail + VIF losses)), the
+    refinement objective, and its gradient reaches the codec's synthesis."""
+    from contextlib import nullcontext
+
+    from PIL import Image
+
+    from ulbcodec.losses.rate_distortion import perceptual_terms
+    from ulbcodec.models import package as packages
+    from ulbcodec.train.anchor import rd_loss
+
+    codec = packages.ModelPackage.load_manifest(packages.resolve("default")).build("anchor_codec").train()
+    path = sorted((Path(photos) / "photos" / "train").iterdir())[0]
+    image = Image.open(path).convert("RGB").resize((192, 192))
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
+    lmbda = 0.00025
+    torch.manual_seed(0)
+    plain, bpp, *_ = rd_loss(codec, x, 2, lmbda, True, nullcontext())
+    torch.manual_seed(0)  # the same uniform noise in the rate proxy
+    weighted, bpp_w, *_ = rd_loss(codec, x, 2, lmbda, True, nullcontext(), perceptual_weight=500.0)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        x_hat = codec(x, rate_level=2, with_bypass=False)["anchor_frame"].float()
+        detail, vif = perceptual_terms(x_hat, x)
+    assert torch.allclose(bpp, bpp_w)
+    assert 0 < detail < 1 and 0 < vif < 1
+    assert (weighted - plain).item() == pytest.approx(lmbda * 500.0 * (detail + vif).item(), rel=1e-4)
+    codec.zero_grad()
+    (weighted - plain).backward()
+    synthesis = [p.grad for n, p in codec.named_parameters() if n.startswith("g_s.")]
+    assert any(g is not None and g.abs().sum() > 0 for g in synthesis)
+
+
+def test_anchor_trainer_records_its_perceptual_weight(photos, one_step_anchor, tmp_path):
+    out = tmp_path / "perceptual"
+    run(["ulbcodec.train.anchor", "--data", photos, "--run", tmp_path / "run", "--init-from", one_step_anchor,
+         "--steps", "1", "--crop", "64", "--perceptual-weight", "500", *TINY_RUN, "--export", out], tmp_path)
+    assert manifest(out)["extra"]["training"]["perceptual_weight"] == 500.0
+    assert any(not torch.equal(a, b) for a, b in zip(trained(weights(out)).values(),
+                                                     trained(weights(one_step_anchor)).values()))
+
+
+def test_remapped_rate_levels_take_the_gains_at_their_lambda():
+    """A continuation with other λs starts each level at the gains the model has for its λ:
+    the same λs change nothing, λs one level lower shift the gains by one level, and a λ
+    below the lowest extrapolates geometrically."""
+    from ulbcodec.models import package as packages
+    from ulbcodec.train.anchor import remap_rate_levels
+
+    package = packages.ModelPackage.load_manifest(packages.resolve("default"))
+    lambdas = [lv.lmbda for lv in package.rate_levels]
+    codec = package.build("anchor_codec")
+    before = {name: getattr(codec, name).detach().abs().clone() for name in ("gain", "inverse_gain")}
+    remap_rate_levels(codec, lambdas, lambdas)
+    assert all(torch.allclose(getattr(codec, n), before[n], rtol=1e-5) for n in before)
+    remap_rate_levels(codec, lambdas, [lambdas[0] ** 2 / lambdas[1], *lambdas[:-1]])
+    for name, old in before.items():
+        new = getattr(codec, name)
+        assert torch.allclose(new[1:], old[:-1], rtol=1e-5)
+        assert torch.allclose(new[0], old[0] ** 2 / old[1], rtol=1e-4)
+
+
+def test_anchor_trainer_records_remapped_lambdas(photos, one_step_anchor, tmp_path):
+    out = tmp_path / "lower"
+    old = [lv["lmbda"] for lv in manifest(one_step_anchor)["rate_levels"]]
+    new = [v / 2 for v in old]
+    run(["ulbcodec.train.anchor", "--data", photos, "--run", tmp_path / "run", "--init-from", one_step_anchor,
+         "--steps", "1", "--crop", "64", "--lr", "0", "--lambdas", *new, *TINY_RUN, "--export", out], tmp_path)
+    assert [lv["lmbda"] for lv in manifest(out)["rate_levels"]] == new
+    assert manifest(out)["extra"]["training"]["init_from"]["remapped_lambdas"] == old
+    assert not torch.equal(weights(out)["gain"], weights(one_step_anchor)["gain"])

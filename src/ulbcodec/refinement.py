@@ -57,16 +57,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ulbcodec.losses.detail_loss import SCALES as DETAIL_SCALES
-from ulbcodec.losses.detail_loss import detail_loss
-from ulbcodec.losses.rate_distortion import MSE_WEIGHT, anchor_distortion, bits_per_pixel
-from ulbcodec.losses.vif_loss import vif_loss
+from ulbcodec.losses.rate_distortion import (MSE_WEIGHT, PERCEPTUAL_MIN_SIDE, anchor_distortion, bits_per_pixel,
+                                             perceptual_terms)
 
 PERCEPTUAL_WEIGHT = 500.0  # per unit of the detail and VIF losses (stage II: 10 against D/50)
 LEARNING_RATE = 0.01
 MAX_PIXELS = 1920 * 1088  # 1080p: the backward pass holds every activation (about 2.5 GB per MP)
 MSSSIM_MIN_SIDE = 161  # five scales of an 11-tap window
-PERCEPTUAL_MIN_SIDE = 64  # VIF's four scales (losses/vif_loss.py)
 
 
 @dataclass(frozen=True)
@@ -96,10 +93,7 @@ def refinement_loss(out: dict, x: Tensor, lmbda: float,
     if msssim is not None:
         terms["ms_ssim"] = msssim.item()
     if perceptual_weight and min(height, width) >= PERCEPTUAL_MIN_SIDE:
-        whole = 2**DETAIL_SCALES  # the detail loss's wavelet needs sides divisible by 16
-        h16, w16 = height // whole * whole, width // whole * whole
-        detail = detail_loss(x_hat[..., :h16, :w16], x[..., :h16, :w16])
-        vif = vif_loss(x_hat, x)
+        detail, vif = perceptual_terms(x_hat, x)
         distortion = distortion + perceptual_weight * (detail + vif)
         terms.update(detail=detail.item(), vif=vif.item())
     return rate + lmbda * distortion, terms

@@ -5,9 +5,14 @@ latent refinement (:mod:`ulbcodec.refinement`)::
 
     rate        R = Σ −log₂ p  over every likelihood tensor, per pixel
     distortion  D = 0.3·255²·MSE + 1300·(1 − MS-SSIM)
+    perceptual  P = detail loss (ADM) + VIF loss   (optional, weighted: D + w·P)
 
 Why both terms of D: MS-SSIM from scratch does not learn and MS-SSIM alone shifts colours;
 1300 puts 1 − MS-SSIM on the scale of 255²·MSE at these rates (docs/training.md).
+Why P: D alone spends every bit on smoothness, which VMAF marks down; the detail and VIF
+losses credit a decoded image with at most the original's own detail and contrast
+(:mod:`ulbcodec.losses.detail_loss`, :mod:`ulbcodec.losses.vif_loss`), so nothing is won
+by sharpening beyond it.
 """
 
 from __future__ import annotations
@@ -18,8 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ulbcodec.losses.detail_loss import SCALES as DETAIL_SCALES
+from ulbcodec.losses.detail_loss import detail_loss
+from ulbcodec.losses.vif_loss import vif_loss
+
 MSE_WEIGHT = 0.3 * 255**2
 MSSSIM_WEIGHT = 1300.0
+PERCEPTUAL_MIN_SIDE = 64  # VIF's four scales (losses/vif_loss.py)
 
 
 def bits_per_pixel(likelihoods: Mapping[str, Tensor], num_pixels: int) -> Tensor:
@@ -35,3 +45,12 @@ def anchor_distortion(x_hat: Tensor, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]
     mse = F.mse_loss(x_hat, x)
     msssim = ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0)
     return MSE_WEIGHT * mse + MSSSIM_WEIGHT * (1 - msssim), mse, msssim
+
+
+def perceptual_terms(x_hat: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(detail loss, VIF loss) of a decoded batch against the originals ([B, 3, H, W] in
+    [0, 1], at least :data:`PERCEPTUAL_MIN_SIDE` px each side). The detail loss's wavelet
+    takes the top-left crop whose sides divide by 16; VIF takes the whole image."""
+    whole = 2**DETAIL_SCALES
+    h16, w16 = x.shape[-2] // whole * whole, x.shape[-1] // whole * whole
+    return detail_loss(x_hat[..., :h16, :w16], x[..., :h16, :w16]), vif_loss(x_hat, x)

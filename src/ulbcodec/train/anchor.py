@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ulbcodec.losses.rate_distortion import MSSSIM_WEIGHT, anchor_distortion, bits_per_pixel
+from ulbcodec.losses.rate_distortion import MSSSIM_WEIGHT, anchor_distortion, bits_per_pixel, perceptual_terms
 from ulbcodec.models import package as packages
 from ulbcodec.models.anchor_codec import AnchorCodec
 from ulbcodec.models.package import RateLevel, save_package
@@ -137,7 +137,10 @@ def load_checkpoint(run: Path, model, opt, aux_opt) -> dict:
 # --------------------------------------------------------------------------- training
 
 
-def rd_loss(model, x: torch.Tensor, level: int, lmbda: float, use_msssim: bool, autocast: ContextManager):
+def rd_loss(model, x: torch.Tensor, level: int, lmbda: float, use_msssim: bool, autocast: ContextManager,
+            perceptual_weight: float = 0.0):
+    """R + λ·D, plus λ·w·(detail + VIF losses) when ``perceptual_weight`` w is set (the
+    encoder's refinement objective, :mod:`ulbcodec.refinement`, learnt by the whole codec)."""
     with autocast:
         out = model(x, rate_level=level, with_bypass=False)
     x_hat = out["anchor_frame"].float()
@@ -147,6 +150,9 @@ def rd_loss(model, x: torch.Tensor, level: int, lmbda: float, use_msssim: bool, 
     else:  # the MSE warm-up
         mse = F.mse_loss(x_hat, x)
         distortion, msssim = 255**2 * mse, torch.tensor(float("nan"))
+    if perceptual_weight:
+        detail, vif = perceptual_terms(x_hat, x)
+        distortion = distortion + perceptual_weight * (detail + vif)
     return bpp + lmbda * distortion, bpp, mse, msssim
 
 
@@ -164,17 +170,52 @@ def widen_gain_spread(model: AnchorCodec, low: float = -2.6) -> None:
         model.inverse_gain.div_(scale[:, None])
 
 
-def init_from_package(model: AnchorCodec, name_or_path: str) -> dict:
+def remap_rate_levels(model: AnchorCodec, old_lambdas: List[float], new_lambdas: List[float]) -> None:
+    """Give each rate level the gains the model already has for its new λ.
+
+    Log-gains are linear in the level (fractional levels, Cui et al. 2021) and the levels
+    are about evenly spaced in log λ, so a new λ maps to the fractional old level at the
+    same place in log λ (linearly extrapolated past either end), and its gains are the
+    geometric interpolation there. A continuation with other λs then starts at about the
+    rates it is asked for instead of walking its gains there, which Adam does slowly
+    (see :func:`widen_gain_spread`)."""
+    old = np.log(np.asarray(old_lambdas, dtype=np.float64))
+    positions = []
+    for lmbda in np.log(np.asarray(new_lambdas, dtype=np.float64)):
+        i = int(np.clip(np.searchsorted(old, lmbda) - 1, 0, len(old) - 2))
+        positions.append(i + (lmbda - old[i]) / (old[i + 1] - old[i]))
+    with torch.no_grad():
+        for name in ("gain", "inverse_gain"):
+            table = getattr(model, name)
+            logs = table.abs().log()
+            rows = []
+            for pos in positions:
+                i = int(min(max(np.floor(pos), 0), len(old) - 2))
+                frac = float(pos - i)
+                rows.append(logs[i] + frac * (logs[i + 1] - logs[i]))
+            table.copy_(torch.stack(rows).exp())
+
+
+def init_from_package(model: AnchorCodec, name_or_path: str, lambdas: List[float]) -> dict:
     """Load a package's anchor codec into ``model`` (same config); returns what to record.
 
-    Its gains are taken as they are (already widened), and its training history is kept
-    so the exported manifest accounts for every step the weights have seen."""
+    Its gains are taken as they are (already widened), remapped when ``lambdas`` differ
+    from the package's (:func:`remap_rate_levels`), and its training history is kept so
+    the exported manifest accounts for every step the weights have seen."""
     pkg = packages.ModelPackage.load_manifest(packages.resolve(name_or_path))
     codec = pkg.build("anchor_codec")
     if codec.config != model.config:
         raise SystemExit(f"--init-from {name_or_path}: anchor codec config {codec.config} is not {model.config}")
     model.load_state_dict(codec.state_dict(), strict=True)
-    return {"package": str(name_or_path), "digest": pkg.digest, "training": pkg.extra.get("training", {})}
+    record = {"package": str(name_or_path), "digest": pkg.digest, "training": pkg.extra.get("training", {})}
+    old_lambdas = [lv.lmbda for lv in pkg.rate_levels]
+    if list(lambdas) != old_lambdas:
+        if len(old_lambdas) < 2 or len(lambdas) != len(old_lambdas) or min(old_lambdas) <= 0:
+            raise SystemExit(f"--init-from {name_or_path}: its rate levels {old_lambdas} cannot be remapped "
+                             f"onto --lambdas {list(lambdas)} (same number of levels, each with its λ)")
+        remap_rate_levels(model, old_lambdas, lambdas)
+        record["remapped_lambdas"] = old_lambdas
+    return record
 
 
 def make_optimizers(model: AnchorCodec, lr: float):
@@ -201,7 +242,7 @@ def train(args, rt: TrainRuntime) -> None:
         meta = {**meta, **load_checkpoint(run, model, opt, aux_opt)}
         rt.print(f"resumed {run} at step {meta['step']} ({meta['seconds'] / 60:.1f} min trained)")
     elif args.init_from:
-        meta["init_from"] = init_from_package(model, args.init_from)
+        meta["init_from"] = init_from_package(model, args.init_from, args.lambdas)
     else:
         widen_gain_spread(model)
     rt.record(meta, args.batch)
@@ -217,7 +258,8 @@ def train(args, rt: TrainRuntime) -> None:
                 g["lr"] = args.lr * 0.1
         level = random.Random(seed * 1000003 + step).randrange(len(args.lambdas))
         x = data.batch(args.batch).to(rt.device)
-        loss, bpp, mse, msssim = rd_loss(model, x, level, args.lambdas[level], step >= args.mse_warmup, rt.autocast())
+        loss, bpp, mse, msssim = rd_loss(model, x, level, args.lambdas[level], step >= args.mse_warmup, rt.autocast(),
+                                         args.perceptual_weight)
         opt.zero_grad(set_to_none=True)
         rt.backward(loss, params)
         rt.clip_grad_norm_(params, 1.0)
@@ -268,6 +310,7 @@ def export(model: AnchorCodec, args, meta: dict) -> None:
         extra={"training": {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
                             "batch": args.batch, "crop": args.crop, "lr": args.lr, "seed": args.seed,
                             "mse_warmup": args.mse_warmup, "msssim_weight": MSSSIM_WEIGHT,
+                            "perceptual_weight": args.perceptual_weight,
                             "lambdas": args.lambdas, "command": "make models",
                             **training_runtime(meta, args.batch),
                             "interventions": meta.get("interventions", []),
@@ -290,6 +333,9 @@ def main(argv=None) -> None:
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--lr", type=float, default=1.5e-4)
     p.add_argument("--mse-warmup", type=int, default=1200)
+    p.add_argument("--perceptual-weight", type=float, default=0.0,
+                   help="weight of the detail and VIF losses in the distortion (0: D alone; "
+                   "ulbc encode --refine-steps uses 500)")
     p.add_argument("--lambdas", type=float, nargs="+", default=DEFAULT_LAMBDAS)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="older spelling of --mixed-precision bf16 (--no-bf16: no)")
