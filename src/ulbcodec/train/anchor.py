@@ -9,12 +9,16 @@ Recipe (docs/training.md has the reasoning and the measured cost):
 - D = 255^2 * MSE  (first ``--mse-warmup`` steps alone: MS-SSIM from scratch does not
   learn) then  255^2 * MSE * w_mse + MSSSIM_WEIGHT * (1 - MS-SSIM);
   keeping an MSE term avoids the colour shifts of MS-SSIM alone;
+- ``--perceptual-weight w`` adds ``w · (detail loss + VIF loss)`` to D (0 by default; the
+  anchor codec of models/generative is models/default continued at w = 500 with λs one
+  level lower, docs/training.md);
 - the entropy bottleneck's quantiles are fitted by CompressAI's auxiliary loss;
 - a checkpoint (safetensors + JSON, no pickles) every ``--save-every`` seconds; running
   the same command again resumes from it;
 - ``--init-from PACKAGE`` starts a new run from a package's anchor codec (its weights and
   rate-level gains; the optimiser and learning-rate schedule start afresh): how a
-  finished run is trained further (docs/training.md, "Training further");
+  finished run is trained further (docs/training.md, "Training further"); with other
+  ``--lambdas`` each level starts from the gains the package has at its λ;
 - one process or many: ``accelerate launch -m ulbcodec.train.anchor ...`` trains data
   parallel (:mod:`ulbcodec.train.distributed`; global batch = processes x ``--batch``).
 

@@ -21,9 +21,9 @@ Three stages, each a checkpoint directory under ``--run`` that the same command 
           :mod:`ulbcodec.losses.detail_loss`; 0 by default) + ``--vif-weight``·VIF loss (the
           share of the original's visual information lost at four scales, contrast gains
           capped at 1, :mod:`ulbcodec.losses.vif_loss`; 0 by default). The anchor codec's encoder and entropy
-          model stay frozen (they are the shipped default image model, so the rate term
-          of the paper's stage II is a constant here and is left out; files coded with
-          models/default and models/generative differ only in the model digest).
+          model stay frozen (they are ``--anchor-model``'s, trained by
+          :mod:`ulbcodec.train.anchor`), so the rate term of the paper's stage II is a
+          constant here and is left out.
 
 ``--output anchor_residual`` trains (and exports) the decoder whose image is
 ``anchor + VAE.decode(x0) − VAE.decode(A)`` (models/next_frame.py), the losses taken on
@@ -31,8 +31,8 @@ that image. ``--init-from PACKAGE`` starts stage II from a package's VAE, transf
 prompt and bypass head instead of from this run's earlier stages (which it skips): how
 the shipped model continued a finished run in a new output mode (docs/training.md).
 
-Then ``export`` writes the package: anchor_codec.safetensors (default codec + trained
-bypass head), vae/ and transformer/ and scheduler/ in diffusers' layout, prompt_embeds.
+Then ``export`` writes the package: anchor_codec.safetensors (``--anchor-model``'s codec +
+trained bypass head), vae/ and transformer/ and scheduler/ in diffusers' layout, prompt_embeds.
 
 Every stage runs on one process or data parallel under ``accelerate launch``
 (:mod:`ulbcodec.train.distributed`: gradients averaged explicitly, main process
@@ -457,7 +457,7 @@ class Trainer:
             out, "generative", modules, self.base.rate_levels, half_parameters=True,
             diffusers_dtype=torch.bfloat16,
             next_frame={"output": self.args.output} if self.args.output != "latent" else None,
-            description="ulbc default generative image model: the default anchor codec plus a next-frame "
+            description="ulbc default generative image model: an anchor codec of ulbcodec.train.anchor plus a next-frame "
             "decoder (CogVideoX classes, small config) trained in-project by ulbcodec.train.generative",
             extra={"training": training, "default_level": self.base.extra.get("default_level")},
         )
