@@ -22,8 +22,9 @@ The objective is the anchor codec's own training loss at the level's λ
 the generative decoder's training (10 against distortion/50). Both credit a decoded image
 with at most the original's own detail and contrast, so the latent cannot win them by
 sharpening beyond the original. Measured on a held-out 768x480 photograph (Garden.png,
-level 2, 30 steps, models/generative; benchmarks/refine_objectives.py measures the same
-over several photographs and levels, BENCHMARKS.md):
+level 2, 30 steps, models/generative of stage 7, whose anchor codec had not yet learnt
+these terms itself (docs/training.md, stage 8); benchmarks/refine_objectives.py measures
+the same over several photographs and levels with the shipped model, BENCHMARKS.md):
 
   ============================  ======  ==================  ===================
   objective                      bits    anchor PSNR / VMAF  generative PSNR / VMAF
