@@ -184,20 +184,15 @@ def remap_rate_levels(model: AnchorCodec, old_lambdas: List[float], new_lambdas:
     rates it is asked for instead of walking its gains there, which Adam does slowly
     (see :func:`widen_gain_spread`)."""
     old = np.log(np.asarray(old_lambdas, dtype=np.float64))
-    positions = []
+    segments = []  # (i, t): between old levels i and i + 1, t outside [0, 1] past either end
     for lmbda in np.log(np.asarray(new_lambdas, dtype=np.float64)):
         i = int(np.clip(np.searchsorted(old, lmbda) - 1, 0, len(old) - 2))
-        positions.append(i + (lmbda - old[i]) / (old[i + 1] - old[i]))
+        segments.append((i, float((lmbda - old[i]) / (old[i + 1] - old[i]))))
     with torch.no_grad():
         for name in ("gain", "inverse_gain"):
             table = getattr(model, name)
             logs = table.abs().log()
-            rows = []
-            for pos in positions:
-                i = int(min(max(np.floor(pos), 0), len(old) - 2))
-                frac = float(pos - i)
-                rows.append(logs[i] + frac * (logs[i + 1] - logs[i]))
-            table.copy_(torch.stack(rows).exp())
+            table.copy_(torch.stack([logs[i] + t * (logs[i + 1] - logs[i]) for i, t in segments]).exp())
 
 
 def init_from_package(model: AnchorCodec, name_or_path: str, lambdas: List[float]) -> dict:
