@@ -16,10 +16,11 @@ information fidelity (VIF) of Sheikh and Bovik, "Image information and visual qu
 Why: at 0.02-0.06 bpp the generative decode already scores above the best AVIF variant on
 VMAF's detail feature (ADM, which :mod:`ulbcodec.losses.detail_loss` trains) but well under
 it on the coarse VIF scales (benchmarks/vmaf_features.py; docs/training.md, after stage 7),
-and nothing in the stage II loss asked for them. Used by stage II (``--vif-weight``) and by
-the encoder's latent refinement (:mod:`ulbcodec.refinement`). The gain is clamped to at most 1 (as VMAF's "NEG" mode limits it): in the
-paper's channel a contrast boost (g > 1) *raises* VIF above 1, a way to win the metric
-without restoring anything, which a trained decoder would find.
+and nothing in the stage II loss asked for them. Used by stage II (``--vif-weight``), by
+the encoder's latent refinement (:mod:`ulbcodec.refinement`) and by the anchor trainer
+(``--perceptual-weight``). The gain is clamped to at most 1 (as VMAF's "NEG" mode limits
+it): in the paper's channel a contrast boost (g > 1) *raises* VIF above 1, a way to win
+the metric without restoring anything, which a trained decoder would find.
 """
 
 from __future__ import annotations
