@@ -57,9 +57,10 @@ models: $(STAMP)
 # prediction), then stage II continued with the anchor_residual output, again with the detail
 # loss, and once more on 384 px crops; then stage II once more on the final anchor codec
 # (models/default); last, that anchor codec continued with the detail and VIF losses at
-# lambdas one level lower, and the decoder moved onto it unchanged (one stage II step at
-# lr 0; 400 trained steps traded VMAF for PSNR), which the exported package carries
-# (docs/training.md; models/default itself is unchanged).
+# lambdas one level lower (1200 steps, then 1500 more with a fresh optimiser), and the
+# decoder moved onto it unchanged (one stage II step at lr 0; 400 trained steps traded
+# VMAF for PSNR), which the exported package carries (docs/training.md; models/default
+# itself is unchanged).
 generative-model: $(STAMP)
 	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative --anchor-model runs/default/package \
 		--export runs/generative/package
@@ -78,8 +79,11 @@ generative-model: $(STAMP)
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/anchor-perceptual --init-from default \
 		--steps 1200 --mse-warmup 0 --perceptual-weight 500 --lr 1e-4 \
 		--lambdas 0.000016 0.00004 0.0001 0.00024 0.0006 0.00144 --export runs/anchor-perceptual/package
-	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-moved \
-		--anchor-model runs/anchor-perceptual/package --init-from runs/generative-anchor3/package \
+	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/anchor-perceptual2 --init-from runs/anchor-perceptual/package \
+		--steps 1500 --mse-warmup 0 --perceptual-weight 500 --lr 1e-4 \
+		--lambdas 0.000016 0.00004 0.0001 0.00024 0.0006 0.00144 --export runs/anchor-perceptual2/package
+	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-moved2 \
+		--anchor-model runs/anchor-perceptual2/package --init-from runs/generative-anchor3/package \
 		--output anchor_residual --stage2-steps 1 --lr 0 --detail-weight 10 --adv-weight 0.02 --crop 384 --batch 2 \
 		--export models/generative
 
