@@ -52,6 +52,11 @@ models: $(STAMP)
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default-continued2 --init-from runs/default-continued/package \
 		--steps 3000 --mse-warmup 0 --export models/default
 
+# The settings of both perceptual anchor runs below, written once: the second continues the
+# first at the same lambdas, so its rate-level gains carry over unchanged (no remapping).
+ANCHOR_PERCEPTUAL := --mse-warmup 0 --perceptual-weight 500 --lr 1e-4 \
+	--lambdas 0.000016 0.00004 0.0001 0.00024 0.0006 0.00144
+
 # Train (or resume) the generative decoder, export models/generative: on the first anchor
 # codec (runs/default/package), the three stages with the published output (VAE decode of the
 # prediction), then stage II continued with the anchor_residual output, again with the detail
@@ -77,11 +82,9 @@ generative-model: $(STAMP)
 		--init-from runs/generative-crop384/package --output anchor_residual --stage2-steps 600 \
 		--detail-weight 10 --adv-weight 0.02 --crop 384 --batch 2 --export runs/generative-anchor3/package
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/anchor-perceptual --init-from default \
-		--steps 1200 --mse-warmup 0 --perceptual-weight 500 --lr 1e-4 \
-		--lambdas 0.000016 0.00004 0.0001 0.00024 0.0006 0.00144 --export runs/anchor-perceptual/package
+		--steps 1200 $(ANCHOR_PERCEPTUAL) --export runs/anchor-perceptual/package
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/anchor-perceptual2 --init-from runs/anchor-perceptual/package \
-		--steps 1500 --mse-warmup 0 --perceptual-weight 500 --lr 1e-4 \
-		--lambdas 0.000016 0.00004 0.0001 0.00024 0.0006 0.00144 --export runs/anchor-perceptual2/package
+		--steps 1500 $(ANCHOR_PERCEPTUAL) --export runs/anchor-perceptual2/package
 	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-moved2 \
 		--anchor-model runs/anchor-perceptual2/package --init-from runs/generative-anchor3/package \
 		--output anchor_residual --stage2-steps 1 --lr 0 --detail-weight 10 --adv-weight 0.02 --crop 384 --batch 2 \
