@@ -65,8 +65,9 @@ def make_tiny_generative_package(root: Path, name: str = "tinygen", seed: int = 
 TINY_VIDEO = {"cond_frames": 2, "pred_frames": 3, "steps": 2, "residual_scale": 0.5}
 
 
-def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0) -> Path:
-    """The tiny generative image model plus a tiny UNet2DModel frame predictor."""
+def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, pframe: bool = False) -> Path:
+    """The tiny generative image model plus a tiny UNet2DModel frame predictor (and with
+    ``pframe`` a tiny random P-frame codec)."""
     from diffusers import CogVideoXDDIMScheduler, UNet2DModel
 
     from ulbcodec.models.package import ModelPackage, save_package
@@ -81,6 +82,11 @@ def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0) 
                                        up_block_types=("UpBlock2D", "UpBlock2D"), block_out_channels=(8, 8),
                                        layers_per_block=1, add_attention=False, norm_num_groups=4).eval()
     modules["predictor_scheduler"] = CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
+    if pframe:
+        from ulbcodec.models.pframe_codec import PFrameCodec
+
+        modules["pframe"] = PFrameCodec(N=8, M=16, context_widths=[8, 8, 8], num_rate_levels=len(image.rate_levels))
+        modules["pframe"].update(force=True)
     save_package(root / name, name, modules, image.rate_levels, extra={"video": TINY_VIDEO},
                  description="tiny random video model for tests")
     return root / name

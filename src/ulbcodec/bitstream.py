@@ -25,7 +25,7 @@ from fractions import Fraction
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 MAGIC = b"ULB"
 VERSION = 1
@@ -135,6 +135,8 @@ PARAM_IDS: Dict[str, int] = {
     "keyframe_decoder": 22,  # video: 0 anchor frames as keyframes, 1 generative decoding
     "anchor_level": 23,  # video: rate level of the anchors of anchored rounds
     "guide_timestep": 24,  # video: anchored rounds start denoising the anchor at this timestep
+    "pframe_level": 25,  # video: rate level of the P frames (PFRM chunks)
+    "gop_syntax": 26,  # video: 2 = GOPS units may be P frames (absent = 1: rounds only)
 }
 PARAM_NAMES = {v: k for k, v in PARAM_IDS.items()}
 
@@ -250,7 +252,8 @@ class Header:
 CHUNK_HEADER = b"HEAD"
 CHUNK_ANCHOR = b"ANCH"  # one entropy-coded anchor latent (image, or one video keyframe)
 CHUNK_GOPS = b"GOPS"  # video: which frames are keyframes, which predicted, round by round
-KNOWN_CRITICAL = {CHUNK_HEADER, CHUNK_ANCHOR, CHUNK_GOPS}
+CHUNK_PFRAME = b"PFRM"  # video: one conditionally coded P frame (same layout as ANCH)
+KNOWN_CRITICAL = {CHUNK_HEADER, CHUNK_ANCHOR, CHUNK_GOPS, CHUNK_PFRAME}
 
 
 @dataclass
@@ -377,25 +380,28 @@ class AnchorPayload:
     y_string: bytes
     symbols_check: int
 
-    @staticmethod
-    def min_string_bytes(width: int, height: int) -> int:
-        """The fewest z + y bytes an anchor of a width x height coded image may have."""
-        return -(-width * height // MAX_CODED_PIXELS_PER_ANCHOR_BYTE)
+    pixels_per_byte = MAX_CODED_PIXELS_PER_ANCHOR_BYTE
+    what = "anchor"
+
+    @classmethod
+    def min_string_bytes(cls, width: int, height: int) -> int:
+        """The fewest z + y bytes a payload of a width x height coded image may have."""
+        return -(-width * height // cls.pixels_per_byte)
 
     def padded_for(self, width: int, height: int) -> "AnchorPayload":
         """This payload with y padded by zero bytes up to ``min_string_bytes`` (the rANS
         decoder stops after the last symbol and never reads them)."""
         short = self.min_string_bytes(width, height) - len(self.z_string) - len(self.y_string)
-        return self if short <= 0 else AnchorPayload(self.z_shape, self.z_string, self.y_string + bytes(short),
-                                                      self.symbols_check)
+        return self if short <= 0 else type(self)(self.z_shape, self.z_string, self.y_string + bytes(short),
+                                                  self.symbols_check)
 
     def check_size(self, width: int, height: int) -> None:
         """Refuse a payload too small for the coded size it is decoded at, before any work."""
         have, need = len(self.z_string) + len(self.y_string), self.min_string_bytes(width, height)
         if have < need:
             raise BitstreamError(
-                f"anchor strings of {have} bytes cannot describe a {width}x{height} coded image "
-                f"(at least {need}: one byte per {MAX_CODED_PIXELS_PER_ANCHOR_BYTE} coded pixels)"
+                f"{self.what} strings of {have} bytes cannot describe a {width}x{height} coded image "
+                f"(at least {need}: one byte per {self.pixels_per_byte} coded pixels)"
             )
 
     def to_bytes(self) -> bytes:
@@ -410,7 +416,7 @@ class AnchorPayload:
 
     @classmethod
     def from_bytes(cls, payload: bytes, max_side: int = MAX_SIDE) -> "AnchorPayload":
-        r = Reader(payload, "anchor chunk")
+        r = Reader(payload, f"{cls.what} chunk")
         zh, zw = r.uvarint(), r.uvarint()
         if not (1 <= zh <= max_side and 1 <= zw <= max_side):
             raise BitstreamError(f"hyper-latent shape {zh}x{zw} is out of range")
@@ -418,6 +424,16 @@ class AnchorPayload:
         (check,) = struct.unpack(">H", r.take(2))
         y_string = r.take(r.remaining)
         return cls((zh, zw), z_string, y_string, check)
+
+
+class PFramePayload(AnchorPayload):
+    """One conditionally coded P frame (:mod:`ulbcodec.models.pframe_codec`): the same
+    fields as an anchor. A P frame of a static scene codes to a few bytes, so its floor is
+    one byte per 65536 coded pixels (an anchor's is one per 4096); the decoder's work per
+    P frame is one frame, which the header's size already bounds."""
+
+    pixels_per_byte = 1 << 16
+    what = "P-frame"
 
 
 class Round(NamedTuple):
@@ -428,23 +444,39 @@ class Round(NamedTuple):
     anchored: bool = False
 
 
+class PFrame(NamedTuple):
+    """One conditionally coded frame (one PFRM chunk). Its reference is the previous
+    decoded frame, or with ``forecast`` the predictor's forecast of this frame (the first
+    frame of a prediction round started at it, which the decoder runs)."""
+
+    forecast: bool = False
+
+
+Unit = Union[Round, PFrame]
+GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES = 1, 2
+_UNIT_ROUND, _UNIT_ANCHORED, _UNIT_PFRAME, _UNIT_FORECAST = range(4)
+
+
 @dataclass
 class GopStructure:
     """The frame types of a video, as segments: ``k`` keyframes (coded, one ANCH chunk
-    each, in frame order) followed by prediction rounds (:class:`Round`). A round starting
-    at frame i draws its noise from (stream seed, i) alone, so the decoder replays exactly
-    the accepted rounds. An anchored round's ANCH chunk stands, in frame order, among the
-    keyframes' chunks.
+    each, in frame order) followed by units: prediction rounds (:class:`Round`) and
+    P frames (:class:`PFrame`, one PFRM chunk each). A round starting at frame i draws its
+    noise from (stream seed, i) alone, so the decoder replays exactly the accepted rounds.
+    An anchored round's ANCH chunk stands, in frame order, among the keyframes' chunks.
 
-    Payload: uvarint segment count, then per segment uvarint k, uvarint round count,
-    and one uvarint per round: accepted << 1 | anchored.
+    Payload: uvarint segment count, then per segment uvarint k, uvarint unit count, and one
+    uvarint per unit. Syntax 1 (files before P frames; header without ``gop_syntax``):
+    ``accepted << 1 | anchored``. Syntax 2: ``value << 2 | kind`` with kind 0 a round and
+    1 an anchored round (value = accepted), 2 a P frame and 3 a forecast-conditioned
+    P frame (value = 0).
     """
 
-    segments: List[Tuple[int, List[Round]]]
+    segments: List[Tuple[int, List[Unit]]]
 
     @property
     def frames(self) -> int:
-        return sum(k + sum(r.accepted for r in rounds) for k, rounds in self.segments)
+        return sum(k + sum(_unit_frames(u) for u in units) for k, units in self.segments)
 
     @property
     def keyframes(self) -> int:
@@ -452,28 +484,56 @@ class GopStructure:
 
     @property
     def anchored_rounds(self) -> int:
-        return sum(r.anchored for _, rounds in self.segments for r in rounds)
+        return sum(isinstance(u, Round) and u.anchored for _, units in self.segments for u in units)
+
+    @property
+    def pframes(self) -> int:
+        return sum(isinstance(u, PFrame) for _, units in self.segments for u in units)
+
+    @property
+    def predicted_frames(self) -> int:
+        return sum(u.accepted for _, units in self.segments for u in units if isinstance(u, Round))
+
+    @property
+    def syntax(self) -> int:
+        return GOP_SYNTAX_PFRAMES if self.pframes else GOP_SYNTAX_ROUNDS
 
     def frame_types(self) -> str:
-        """One letter per frame: K keyframe, P predicted; the first frame of a round is p,
-        or A when the round was guided by an anchor of that frame."""
+        """One letter per frame, capitals for frames that cost bits: K keyframe, P P frame,
+        F P frame conditioned on the predictor's forecast, p predicted (zero bits), A the
+        first frame of an anchored round (predicted, guided by a small anchor)."""
         out = []
-        for k, rounds in self.segments:
+        for k, units in self.segments:
             out.append("K" * k)
-            out += [("A" if r.anchored else "p") + "P" * (r.accepted - 1) for r in rounds]
+            for u in units:
+                if isinstance(u, PFrame):
+                    out.append("F" if u.forecast else "P")
+                else:
+                    out.append(("A" if u.anchored else "p") + "p" * (u.accepted - 1))
         return "".join(out)
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, syntax: Optional[int] = None) -> bytes:
+        syntax = self.syntax if syntax is None else syntax
+        if syntax == GOP_SYNTAX_ROUNDS and self.pframes:
+            raise ValueError("GOP syntax 1 cannot hold P frames")
         out = bytearray(write_uvarint(len(self.segments)))
-        for k, rounds in self.segments:
-            out += write_uvarint(k) + write_uvarint(len(rounds))
-            for r in rounds:
-                out += write_uvarint(r.accepted << 1 | int(r.anchored))
+        for k, units in self.segments:
+            out += write_uvarint(k) + write_uvarint(len(units))
+            for u in units:
+                if syntax == GOP_SYNTAX_ROUNDS:
+                    out += write_uvarint(u.accepted << 1 | int(u.anchored))
+                elif isinstance(u, PFrame):
+                    out += write_uvarint(_UNIT_FORECAST if u.forecast else _UNIT_PFRAME)
+                else:
+                    out += write_uvarint(u.accepted << 2 | (_UNIT_ANCHORED if u.anchored else _UNIT_ROUND))
         return bytes(out)
 
     @classmethod
-    def from_bytes(cls, payload: bytes, frames: int, cond_frames: int, pred_frames: int) -> "GopStructure":
+    def from_bytes(cls, payload: bytes, frames: int, cond_frames: int, pred_frames: int,
+                   syntax: int = GOP_SYNTAX_ROUNDS) -> "GopStructure":
         """Parse and check against the header: every count bounded by the frame count."""
+        if syntax not in (GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES):
+            raise BitstreamError(f"unknown GOP syntax {syntax}")
         r = Reader(payload, "GOP chunk")
         count = r.uvarint()
         if not 1 <= count <= frames:
@@ -482,19 +542,34 @@ class GopStructure:
         for _ in range(count):
             k, n = r.uvarint(), r.uvarint()
             if not 1 <= k <= cond_frames or n > frames:
-                raise BitstreamError(f"GOP segment with {k} keyframes and {n} rounds is out of range")
-            rounds = [Round(v >> 1, bool(v & 1)) for v in (r.uvarint() for _ in range(n))]
-            if any(not 1 <= x.accepted <= pred_frames for x in rounds):
-                raise BitstreamError(f"a prediction round accepts 1..{pred_frames} frames, "
-                                     f"found {[x.accepted for x in rounds]}")
-            total += k + sum(x.accepted for x in rounds)
+                raise BitstreamError(f"GOP segment with {k} keyframes and {n} units is out of range")
+            units = [_read_unit(r.uvarint(), syntax) for _ in range(n)]
+            rounds = [u.accepted for u in units if isinstance(u, Round)]
+            if any(not 1 <= a <= pred_frames for a in rounds):
+                raise BitstreamError(f"a prediction round accepts 1..{pred_frames} frames, found {rounds}")
+            total += k + sum(_unit_frames(u) for u in units)
             if total > frames:
                 raise BitstreamError(f"GOP chunk describes more than the {frames} frames of the header")
-            segments.append((k, rounds))
+            segments.append((k, units))
         r.expect_end()
         if total != frames:
             raise BitstreamError(f"GOP chunk describes {total} frames, the header {frames}")
         return cls(segments)
+
+
+def _unit_frames(unit: Unit) -> int:
+    return 1 if isinstance(unit, PFrame) else unit.accepted
+
+
+def _read_unit(value: int, syntax: int) -> Unit:
+    if syntax == GOP_SYNTAX_ROUNDS:
+        return Round(value >> 1, bool(value & 1))
+    kind, rest = value & 3, value >> 2
+    if kind in (_UNIT_PFRAME, _UNIT_FORECAST):
+        if rest:
+            raise BitstreamError(f"P-frame unit with a non-zero value {rest}")
+        return PFrame(kind == _UNIT_FORECAST)
+    return Round(rest, kind == _UNIT_ANCHORED)
 
 
 MAX_FILE_BYTES = MAX_CHUNKS * 16 + MAX_CHUNK_BYTES

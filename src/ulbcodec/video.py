@@ -41,9 +41,12 @@ import numpy as np
 import torch
 
 from ulbcodec import bitstream
-from ulbcodec.bitstream import AnchorPayload, BitstreamError, Chunk, Container, GopStructure, Header, Round
+from ulbcodec.bitstream import (AnchorPayload, BitstreamError, Chunk, Container, GopStructure, Header, PFrame,
+                                PFramePayload, Round)
 from ulbcodec.image import DecodeError, ImageCodec, pad_replicate, to_tensor, to_uint8
+from ulbcodec.losses.rate_distortion import MSE_WEIGHT
 from ulbcodec.models import package as packages
+from ulbcodec.models.frame_predictor import fixed_threads
 
 METRICS = {"ms-ssim": 1, "lpips": 2}
 MAX_STEPS = 100  # sampler steps a file may ask for: bounds the decoder's work per round
@@ -86,6 +89,33 @@ class VideoSettings:
     guide_timestep: int = 600
     steps: Optional[int] = None  # sampler steps of every prediction (default: the model's); in the file
     keyframe_group: Optional[int] = None  # keyframes coded when a prediction fails, 1..K (default K)
+    # Conditional P frames (a package with a ``pframe`` component): a frame the predictor
+    # cannot carry is coded given the previous decoded frame instead of restarting with
+    # keyframes; keyframes come at the start, at scene cuts and after max_gop frames.
+    pframes: bool = True
+    pframe_level: Optional[float] = None  # default: the keyframe level (one λ scale)
+    predictor: bool = True  # False: never run the diffusion predictor (P frames only)
+
+
+@dataclass
+class FrameRecord:
+    """One coded frame, as ``ulbc encode -v`` reports it: its type letter
+    (:meth:`GopStructure.frame_types`), the bytes of its chunk (0 for a predicted frame),
+    and the predictor's distance to the original that decided it (None where the
+    predictor did not run)."""
+
+    index: int
+    type: str
+    bytes: int
+    distance: Optional[float] = None
+
+
+@dataclass
+class _Decoded:
+    """A decoded frame of the history and its predictor latent, computed on first use."""
+
+    frame: np.ndarray
+    latent: Optional[torch.Tensor] = None
 
 
 def file_bpp(data: bytes) -> float:
@@ -112,6 +142,10 @@ class VideoCodec:
         self.cond_frames, self.pred_frames, self.steps = video["cond_frames"], video["pred_frames"], video["steps"]
         self.residual_scale = video.get("residual_scale")
         self._predictor = None
+        self.has_pframes = "pframe" in package.components
+        self._pframe = None
+        # λ per P-frame level: the package's rate levels (keyframes and P frames share them)
+        self.pframe_lambdas = {lv.level: lv.lmbda for lv in package.rate_levels} if self.has_pframes else {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "video", device="cpu") -> "VideoCodec":
@@ -144,24 +178,33 @@ class VideoCodec:
 
     # ------------------------------------------------------------------ shared by both sides
 
+    @property
+    def pframe_codec(self):
+        """The conditional P-frame codec (:mod:`ulbcodec.models.pframe_codec`), or None for
+        a package without one (its files use keyframes and predictions only)."""
+        if self._pframe is None and self.has_pframes:
+            self._pframe = self.package.build("pframe", device=str(self.image.placement.home))
+        return self._pframe
+
     def _keyframe_decode(self, payload: AnchorPayload, width: int, height: int, level: int, generative: bool):
         if not generative:  # the anchor path is bit-exact for any thread count (docs/bitstream.md)
             return self.image.decode_anchor(payload, width, height, level, anchor_only=True)
-        from ulbcodec.models.frame_predictor import fixed_threads
-
         with fixed_threads():  # the generative decoder is not; a fixed thread count keeps both sides equal
             return self.image.decode_anchor(payload, width, height, level, anchor_only=False)
 
     def _latent(self, frame: np.ndarray) -> torch.Tensor:
         return self.predictor.encode_frame(pad_replicate(to_tensor(frame), self.predictor.multiple)[0])
 
-    def _predict(self, history: Deque[Tuple[np.ndarray, torch.Tensor]], seed: int, first_frame: int, steps: int,
+    def _predict(self, history: Deque["_Decoded"], seed: int, first_frame: int, steps: int,
                  guide: Optional[torch.Tensor] = None, guide_timestep: int = 0) -> Iterator[np.ndarray]:
-        """The next P frames after ``history`` (the last K decoded frames with their
-        latents), decoded lazily: a caller that stops early saves the rest of the VAE work.
-        ``guide``: the latent of the round's anchor (anchored rounds)."""
-        h, w = history[-1][0].shape[:2]
-        latents = self.predictor.predict_latents(torch.stack([lat for _, lat in history]), seed, first_frame,
+        """The next P frames after ``history`` (the last K decoded frames), decoded lazily:
+        a caller that stops early saves the rest of the VAE work. ``guide``: the latent of
+        the round's anchor (anchored rounds)."""
+        h, w = history[-1].frame.shape[:2]
+        for entry in history:  # latents on first use: a clip coded with P frames alone needs none
+            if entry.latent is None:
+                entry.latent = self._latent(entry.frame)
+        latents = self.predictor.predict_latents(torch.stack([e.latent for e in history]), seed, first_frame,
                                                  steps, guide, guide_timestep)
         return (to_uint8(self.predictor.decode_frame(latent)[None, :, :h, :w]) for latent in latents)
 
@@ -169,17 +212,66 @@ class VideoCodec:
         """The latent of an anchored round's anchor frame (decoded without the generative decoder)."""
         return self._latent(self.image.decode_anchor(payload, width, height, level, anchor_only=True))
 
+    def _padded(self, frame: np.ndarray) -> torch.Tensor:
+        return pad_replicate(to_tensor(frame), self.pframe_codec.required_multiple).to(self.image.placement.home)
+
+    def _code_pframe(self, frame: np.ndarray, ref: np.ndarray, level: int) -> Tuple[PFramePayload, np.ndarray]:
+        """(payload, the frame as the decoder will rebuild it) of ``frame`` coded given ``ref``."""
+        h, w = frame.shape[:2]
+        with fixed_threads():  # g_s is not thread-count invariant; the entropy path is (models/pframe_codec.py)
+            out = self.pframe_codec.compress(self._padded(frame), self._padded(ref), level)
+        y_string, z_string = out["strings"]
+        payload = PFramePayload(tuple(out["shape"]), z_string, y_string, out["symbols_crc32"] & 0xFFFF)
+        return payload.padded_for(w, h), to_uint8(out["x_hat"][..., :h, :w])
+
+    def _decode_pframe(self, payload: PFramePayload, ref: np.ndarray, level: int) -> np.ndarray:
+        h, w = ref.shape[:2]
+        multiple = self.pframe_codec.required_multiple
+        if tuple(payload.z_shape) != (-(-h // multiple), -(-w // multiple)):
+            raise BitstreamError(f"P-frame hyper-latent shape {payload.z_shape} does not match a {w}x{h} frame")
+        payload.check_size(w, h)
+        with fixed_threads():
+            try:
+                out = self.pframe_codec.decompress([payload.y_string, payload.z_string], payload.z_shape,
+                                                   self._padded(ref), level)
+            except (RuntimeError, ValueError, IndexError) as exc:
+                raise DecodeError(f"P-frame entropy decoding failed ({exc})") from None
+        if out["symbols_crc32"] & 0xFFFF != payload.symbols_check:
+            raise DecodeError("P-frame entropy decoding desynchronised (decoded-symbol check failed): "
+                              "a corrupted file, or a machine whose arithmetic differs from the encoder's")
+        return to_uint8(out["x_hat"][..., :h, :w])
+
+    def _best_pframe(self, target: np.ndarray, previous: np.ndarray, forecast: Optional[np.ndarray],
+                     level: int) -> Tuple[PFramePayload, np.ndarray, bool]:
+        """The P frame of ``target`` with the lower rate-distortion cost R + λ·D (the
+        training objective's MSE term) of the two references: the previous decoded frame,
+        and the predictor's forecast of this frame where there is one."""
+        lmbda = self.pframe_lambdas[level]
+        pixels = target.shape[0] * target.shape[1]
+        best = None
+        for ref, is_forecast in ((previous, False), (forecast, True)):
+            if ref is None:
+                continue
+            payload, decoded = self._code_pframe(target, ref, level)
+            mse = float(np.mean((decoded.astype(np.float64) - target) ** 2)) / 255**2
+            cost = len(payload.to_bytes()) * 8 / pixels + lmbda * MSE_WEIGHT * mse
+            if best is None or cost < best[0]:
+                best = (cost, payload, decoded, is_forecast)
+        return best[1], best[2], best[3]
 
     # ------------------------------------------------------------------ encode
 
     def encode(self, frames: Iterable[np.ndarray], fps: Fraction, settings: VideoSettings,
                progress: Optional[Callable[[int], None]] = None,
-               reconstruction: Optional[Callable[[np.ndarray], None]] = None) -> Tuple[bytes, GopStructure]:
+               reconstruction: Optional[Callable[[np.ndarray], None]] = None,
+               frame_log: Optional[Callable[[FrameRecord], None]] = None) -> Tuple[bytes, GopStructure]:
         """Code a stream of HxWx3 uint8 frames; returns (.ulb bytes, GOP structure).
 
         ``reconstruction`` is called with every frame as the decoder will output it
-        (decoded keyframes, accepted predictions), in order."""
+        (decoded keyframes, accepted predictions, P frames), in order; ``frame_log`` with
+        a :class:`FrameRecord` per frame (its type, bytes and the distance that decided it)."""
         emit = reconstruction or (lambda frame: None)
+        note = frame_log or (lambda record: None)
         K, P = self.cond_frames, self.pred_frames
         steps = self.steps if settings.steps is None else settings.steps
         if not 1 <= steps <= MAX_STEPS:
@@ -191,6 +283,12 @@ class VideoCodec:
             raise ValueError(f"unknown metric {settings.metric!r} (choose from {', '.join(METRICS)})")
         if settings.threshold < 0 or settings.max_gop < 0:
             raise ValueError("threshold and max-gop must be non-negative")
+        use_pframes = settings.pframes and self.has_pframes
+        pframe_level = level if settings.pframe_level is None else settings.pframe_level
+        if use_pframes and pframe_level not in self.pframe_lambdas:
+            raise ValueError(f"P-frame rate level {pframe_level} not offered by model {self.package.name!r}")
+        if not settings.predictor and not use_pframes:
+            raise ValueError(f"model {self.package.name!r} has no P-frame codec: it needs the predictor")
         source = iter(frames)
         lookahead: Deque[np.ndarray] = collections.deque()
 
@@ -206,14 +304,16 @@ class VideoCodec:
                 lookahead.append(frame)
             return len(lookahead)
 
-        def accept(targets: List[np.ndarray], predicted: Iterator[np.ndarray]) -> List[np.ndarray]:
-            """The longest prefix of predictions within the threshold of their originals."""
-            out = []
+        def accept(targets: List[np.ndarray], predicted: Iterator[np.ndarray]) -> Tuple[List, List, Optional]:
+            """The longest prefix of predictions within the threshold of their originals, their
+            distances (with the first rejected one's), and the first rejected prediction."""
+            out, distances = [], []
             for frame, pred in zip(targets, predicted):
-                if frame_distance(frame, pred, settings.metric) > settings.threshold:
-                    break
+                distances.append(frame_distance(frame, pred, settings.metric))
+                if distances[-1] > settings.threshold:
+                    return out, distances, pred
                 out.append(pred)
-            return out
+            return out, distances, None
 
         keyframe_group = K if settings.keyframe_group is None else settings.keyframe_group
         if not 1 <= keyframe_group <= K:
@@ -221,46 +321,73 @@ class VideoCodec:
         anchor_level = self.image.rate_levels[0] if settings.anchor_level is None else settings.anchor_level
         if anchor_level not in self.image.rate_levels:
             raise ValueError(f"anchor level {anchor_level} not offered by model {self.package.name!r}")
-        index, segments, anchors, size = 0, [], [], None
-        history: Deque[Tuple[np.ndarray, torch.Tensor]] = collections.deque(maxlen=K)  # (frame, latent)
+        index, segments, payloads, size = 0, [], [], None
+        scene_cut: Optional[AnchorPayload] = None  # the keyframe a scene-cut test already coded
+        keyframe_bytes = 0
+        history: Deque[_Decoded] = collections.deque(maxlen=K)
         while fill(1):
             h, w = lookahead[0].shape[:2]
             size = size or (w, h)
-            # The first group fills the predictor's history (K frames); later ones may be
-            # smaller, since the history keeps the frames decoded before them.
-            group = K if index == 0 else keyframe_group
+            # The first group fills the predictor's history (K frames) unless P frames do;
+            # later ones may be smaller, since the history keeps the frames decoded before them.
+            group = 1 if use_pframes else K if index == 0 else keyframe_group
             k = min(group, fill(group))
             for _ in range(k):  # keyframes
                 frame = lookahead.popleft()
-                payload = self.image.encode_anchor(frame, level)
-                anchors.append(payload)
+                payload = scene_cut or self.image.encode_anchor(frame, level)
+                scene_cut = None
+                payloads.append(Chunk(bitstream.CHUNK_ANCHOR, payload.to_bytes()))
+                keyframe_bytes = len(payloads[-1].payload)
                 decoded = self._keyframe_decode(payload, w, h, level, settings.generative_keyframes)
-                history.append((decoded, self._latent(decoded) if fill(1) else None))
+                history.append(_Decoded(decoded))
                 emit(decoded)
+                note(FrameRecord(index, "K", payloads[-1].size))
                 index += 1
-            rounds, gop = [], 0
+            units, gop = [], 0
             while fill(1) and gop < settings.max_gop:
                 count = min(P, fill(P), settings.max_gop - gop)
                 targets = list(lookahead)[:count]
-                accepted = accept(targets, self._predict(history, settings.seed, index, steps))
-                anchor = None
-                if not accepted and settings.anchored:
-                    anchor = self.image.encode_anchor(targets[0], anchor_level)
-                    guide = self._anchor_guide(anchor, w, h, anchor_level)
-                    accepted = accept(targets, self._predict(history, settings.seed, index, steps, guide,
-                                                             settings.guide_timestep))
-                if not accepted:
+                accepted, distances, forecast, anchor = [], [], None, None
+                if settings.predictor and len(history) == K:
+                    accepted, distances, forecast = accept(targets, self._predict(history, settings.seed, index,
+                                                                                   steps))
+                    if not accepted and settings.anchored:
+                        anchor = self.image.encode_anchor(targets[0], anchor_level)
+                        guide = self._anchor_guide(anchor, w, h, anchor_level)
+                        accepted, distances, _ = accept(targets, self._predict(
+                            history, settings.seed, index, steps, guide, settings.guide_timestep))
+                if accepted:
+                    if anchor is not None:
+                        payloads.append(Chunk(bitstream.CHUNK_ANCHOR, anchor.to_bytes()))
+                    for j, pred in enumerate(accepted):
+                        lookahead.popleft()
+                        history.append(_Decoded(pred))
+                        emit(pred)
+                        cost = payloads[-1].size if anchor is not None and j == 0 else 0
+                        note(FrameRecord(index + j, "A" if anchor is not None and j == 0 else "p", cost, distances[j]))
+                    units.append(Round(len(accepted), anchor is not None))
+                    index += len(accepted)
+                    gop += len(accepted)
+                    continue
+                if not use_pframes:
                     break
-                if anchor is not None:
-                    anchors.append(anchor)
-                for pred in accepted:
-                    lookahead.popleft()
-                    history.append((pred, self._latent(pred)))
-                    emit(pred)
-                rounds.append(Round(len(accepted), anchor is not None))
-                index += len(accepted)
-                gop += len(accepted)
-            segments.append((k, rounds))
+                payload, decoded, used_forecast = self._best_pframe(targets[0], history[-1].frame, forecast,
+                                                                    pframe_level)
+                chunk = Chunk(bitstream.CHUNK_PFRAME, payload.to_bytes())
+                if len(chunk.payload) > keyframe_bytes:  # a scene cut, when a keyframe costs less
+                    keyframe = self.image.encode_anchor(targets[0], level)
+                    if len(keyframe.to_bytes()) <= len(chunk.payload):
+                        scene_cut = keyframe
+                        break
+                lookahead.popleft()
+                payloads.append(chunk)
+                history.append(_Decoded(decoded))
+                emit(decoded)
+                note(FrameRecord(index, "F" if used_forecast else "P", chunk.size, distances[0] if distances else None))
+                units.append(PFrame(used_forecast))
+                index += 1
+                gop += 1
+            segments.append((k, units))
             if progress:
                 progress(index)
         if not index:
@@ -271,10 +398,11 @@ class VideoCodec:
                   "keyframe_decoder": int(settings.generative_keyframes)}
         if settings.anchored:
             params.update(anchor_level=anchor_level, guide_timestep=settings.guide_timestep)
+        if gops.pframes:
+            params.update(pframe_level=pframe_level, gop_syntax=gops.syntax)
         header = Header(bitstream.MEDIA_VIDEO, size[0], size[1], self.package.short_digest, level, index,
                         fps.numerator, fps.denominator, settings.seed, params)
-        chunks = [Chunk(bitstream.CHUNK_GOPS, gops.to_bytes())]
-        chunks += [Chunk(bitstream.CHUNK_ANCHOR, a.to_bytes()) for a in anchors]
+        chunks = [Chunk(bitstream.CHUNK_GOPS, gops.to_bytes())] + payloads
         return Container(header, chunks).to_bytes(), gops
 
     def encode_to_bpp(self, open_frames: Callable[[], Iterable[np.ndarray]], fps: Fraction,
@@ -325,41 +453,65 @@ class VideoCodec:
         gop_chunks = container.find(bitstream.CHUNK_GOPS)
         if len(gop_chunks) != 1:
             raise BitstreamError(f"a video file needs exactly one GOPS chunk, found {len(gop_chunks)}")
-        gops = GopStructure.from_bytes(gop_chunks[0].payload, h.frames, K, P)
+        gops = GopStructure.from_bytes(gop_chunks[0].payload, h.frames, K, P,
+                                       h.params.get("gop_syntax", bitstream.GOP_SYNTAX_ROUNDS))
         anchors = container.find(bitstream.CHUNK_ANCHOR)
         if len(anchors) != gops.keyframes + gops.anchored_rounds:
             raise BitstreamError(f"GOPS announces {gops.keyframes} keyframes and {gops.anchored_rounds} anchored "
                                  f"rounds, the file holds {len(anchors)} anchors")
+        pframes = container.find(bitstream.CHUNK_PFRAME)
+        if len(pframes) != gops.pframes:
+            raise BitstreamError(f"GOPS announces {gops.pframes} P frames, the file holds {len(pframes)}")
+        pframe_level = h.params.get("pframe_level")
+        if gops.pframes:
+            if not self.has_pframes:
+                raise DecodeError(f"file has P frames; model {self.package.name!r} has no P-frame codec")
+            if pframe_level not in self.pframe_lambdas:
+                raise BitstreamError(f"P-frame rate level {pframe_level} not offered by model {self.package.name!r}")
         anchor_level, guide_timestep = h.params.get("anchor_level"), h.params.get("guide_timestep")
         if gops.anchored_rounds and (anchor_level not in self.image.rate_levels or guide_timestep is None):
             raise BitstreamError("anchored rounds need a valid anchor level and guide timestep in the header")
         generative = bool(h.params.get("keyframe_decoder", 0))
-        history: Deque[Tuple[np.ndarray, torch.Tensor]] = collections.deque(maxlen=K)
-        index, next_anchor = 0, 0
-        for k, rounds in gops.segments:
+        history: Deque[_Decoded] = collections.deque(maxlen=K)
+        index, next_anchor, next_pframe = 0, 0, 0
+
+        def needs_history(what: str) -> None:
+            if len(history) < K:
+                raise BitstreamError(f"{what} needs {K} decoded frames before it, the GOP chunk gives {len(history)}")
+
+        for k, units in gops.segments:
             for _ in range(k):
                 payload = AnchorPayload.from_bytes(anchors[next_anchor].payload)
                 next_anchor += 1
                 frame = self._keyframe_decode(payload, h.width, h.height, h.rate_level, generative)
-                history.append((frame, self._latent(frame) if index + 1 < h.frames else None))
+                history.append(_Decoded(frame))
                 index += 1
                 yield frame
-            if rounds and len(history) < K:
-                raise BitstreamError(f"a prediction round needs {K} decoded frames before it, the GOP chunk "
-                                     f"gives {len(history)}")
-            for r in rounds:
+            for unit in units:
+                if isinstance(unit, PFrame):
+                    ref = history[-1].frame
+                    if unit.forecast:
+                        needs_history("a forecast-conditioned P frame")
+                        ref = next(self._predict(history, h.seed, index, steps))
+                    payload = PFramePayload.from_bytes(pframes[next_pframe].payload)
+                    next_pframe += 1
+                    frame = self._decode_pframe(payload, ref, pframe_level)
+                    history.append(_Decoded(frame))
+                    index += 1
+                    yield frame
+                    continue
+                needs_history("a prediction round")
                 guide = None
-                if r.anchored:
+                if unit.anchored:
                     payload = AnchorPayload.from_bytes(anchors[next_anchor].payload)
                     next_anchor += 1
                     guide = self._anchor_guide(payload, h.width, h.height, anchor_level)
                 # A round's frames all come from the latents of the history before it.
                 predicted = self._predict(history, h.seed, index, steps, guide, guide_timestep or 0)
-                for frame in itertools.islice(predicted, r.accepted):
+                for frame in itertools.islice(predicted, unit.accepted):
                     index += 1
                     yield frame
-                    history.append((frame, self._latent(frame)))
+                    history.append(_Decoded(frame))
 
     def decode(self, data: bytes) -> Iterator[np.ndarray]:
         return self.decode_container(Container.from_bytes(data))
-

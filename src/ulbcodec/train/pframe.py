@@ -1,0 +1,221 @@
+"""Train the video codec's conditional P-frame codec (resumable, CPU) and add it to a video package.
+
+Recipe (docs/training.md has the reasoning and the measured cost):
+
+- data: the training clips of :mod:`ulbcodec.train.video_data` (real clips, pans and zooms
+  over training photographs, moving digits), held in memory as uint8; a sample is three
+  frames ``t, t+s, t+2s`` (``s`` = 1..3: more motion than the clips have), a random crop,
+  flips, time reversal, and — for a third of the samples — a darkening
+  ``a·x^γ`` of all three frames, so that low-light scenes are not outside the training
+  distribution (the unseen night clip of issue 23);
+- the first reference stands in for a decoded keyframe: the first frame blurred by a
+  random down/up-scaling (the anchor codec's blur at low rates) and rounded to uint8;
+- cascaded training, as in DCVC-DC: frame 2 is coded from the *decoded* frame 1 (rounded
+  to uint8 with a straight-through gradient), so the model learns to stop its own errors
+  from growing along a GOP;
+- one model for all rate levels: every batch draws a level l and trains on
+  ``R + λ_l·D`` summed over both frames, with the anchor codec's λs and distortion
+  (:mod:`ulbcodec.losses.rate_distortion`; MS-SSIM with a 7 px window so that 128 px crops
+  keep its five scales), so keyframes and P frames share a quality scale;
+- the entropy bottleneck's quantiles are fitted by CompressAI's auxiliary loss;
+- a checkpoint (safetensors + JSON) every ``--save-every`` seconds; the same command resumes.
+
+``--export DIR`` writes ``--video-model``'s package with the P-frame codec added as the
+component ``pframe`` (``PFrameCodec``), every other component unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ulbcodec.losses.rate_distortion import MSE_WEIGHT, MSSSIM_WEIGHT, bits_per_pixel
+from ulbcodec.models.pframe_codec import PFrameCodec
+from ulbcodec.train.anchor import DEFAULT_LAMBDAS
+from ulbcodec.train.generative import load_stage, save_stage
+
+DEFAULT_CONFIG = dict(N=64, M=96, context_widths=[32, 48, 64], num_rate_levels=len(DEFAULT_LAMBDAS))
+MIN_SIDE = 128  # MS-SSIM's five scales with a 7-px window need > 96 px; smaller clips are upscaled to this
+MSSSIM_WINDOW = 7
+
+
+def load_clips(folder: Path, max_frames: int) -> List[np.ndarray]:
+    """Every training clip as a uint8 array [T, H, W, 3], small ones upscaled (nearest) to MIN_SIDE."""
+    from ulbcodec.train.video_data import read_frames
+
+    clips = []
+    for f in sorted(folder.glob("*.mkv")):
+        frames = []
+        for i, frame in enumerate(read_frames(f)):
+            if i >= max_frames:
+                break
+            frames.append(frame)
+        clip = np.stack(frames)
+        factor = -(-MIN_SIDE // min(clip.shape[1:3]))
+        if factor > 1:
+            clip = clip.repeat(factor, axis=1).repeat(factor, axis=2)
+        clips.append(clip)
+    if not clips:
+        raise SystemExit(f"no training clips under {folder}: run `make data` first")
+    return clips
+
+
+def sample_batch(clips: List[np.ndarray], n: int, crop: int, rng: random.Random) -> torch.Tensor:
+    """[n, 3 frames, 3, crop, crop] in [0, 1]."""
+    batch = []
+    for _ in range(n):
+        clip = rng.choice(clips)
+        step = rng.choice((1, 1, 2, 3))
+        step = min(step, (clip.shape[0] - 1) // 2)
+        t = rng.randrange(clip.shape[0] - 2 * step)
+        h, w = clip.shape[1:3]
+        y, x = rng.randrange(h - crop + 1), rng.randrange(w - crop + 1)
+        frames = clip[t : t + 2 * step + 1 : step, y : y + crop, x : x + crop]
+        win = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255
+        if rng.random() < 0.5:
+            win = win.flip(-1)
+        if rng.random() < 0.2:
+            win = win.flip(0)
+        if rng.random() < 1 / 3:
+            win = rng.uniform(0.25, 0.8) * win.pow(rng.uniform(1.2, 2.2))
+        batch.append(win)
+    return torch.stack(batch)
+
+
+def keyframe_like(x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    """A stand-in for a decoded keyframe: blurred by down/up-scaling, on uint8 levels."""
+    if rng.random() < 0.25:
+        return quantize_uint8(x)
+    factor = rng.choice((2, 3, 4, 6))
+    h, w = x.shape[-2:]
+    small = F.interpolate(x, size=(max(1, h // factor), max(1, w // factor)), mode="area")
+    return quantize_uint8(F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1))
+
+
+def quantize_uint8(x: torch.Tensor) -> torch.Tensor:
+    """round(255·x)/255 with a straight-through gradient: what the next frame's reference is."""
+    x = x.clamp(0, 1)
+    return x + (torch.round(x * 255) / 255 - x).detach()
+
+
+def distortion(x_hat: torch.Tensor, x: torch.Tensor):
+    """(D, MSE): the anchor codec's distortion (:mod:`ulbcodec.losses.rate_distortion`) with
+    MS-SSIM's window at 7 px, so that 128 px crops (2.25x cheaper than 192) keep its five scales."""
+    from pytorch_msssim import ms_ssim
+
+    mse = F.mse_loss(x_hat, x)
+    return MSE_WEIGHT * mse + MSSSIM_WEIGHT * (1 - ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0,
+                                                           win_size=MSSSIM_WINDOW)), mse
+
+
+def optimizers(model: PFrameCodec, lr: float):
+    params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
+    return torch.optim.Adam(params, lr=lr), torch.optim.Adam(aux, lr=1e-3), params
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Train the ulbc P-frame codec (resumable).")
+    p.add_argument("--data", default=os.path.expanduser("~/.cache/ulbc"))
+    p.add_argument("--run", default="runs/pframe")
+    p.add_argument("--video-model", default="video", help="package the export adds the P-frame codec to")
+    p.add_argument("--export", default=None)
+    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--crop", type=int, default=MIN_SIDE)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lambdas", type=float, nargs="+", default=DEFAULT_LAMBDAS)
+    p.add_argument("--max-frames", type=int, default=150)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--save-every", type=float, default=300.0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    run = Path(args.run)
+    model = PFrameCodec(**DEFAULT_CONFIG)
+    opt, aux_opt, params = optimizers(model, args.lr)
+    meta = {"step": 0, "seconds": 0.0, "log": [], "done": False, "config": DEFAULT_CONFIG,
+            "lambdas": args.lambdas}
+    if (run / "state.json").exists():
+        meta = {**meta, **load_stage(run, {"model": model}, {}, {"opt": opt, "aux": aux_opt})}
+        print(f"resumed at step {meta['step']}", flush=True)
+    lambdas = meta["lambdas"]
+    if meta["step"] < args.steps:
+        clips = load_clips(Path(args.data) / "videos" / "train", args.max_frames)
+        print(f"{len(clips)} clips, {sum(c.shape[0] for c in clips)} frames", flush=True)
+    started, last_save, window = time.time(), time.time(), []
+    model.train()
+    while meta["step"] < args.steps:
+        i = meta["step"]
+        rng = random.Random(args.seed * 1_000_003 + i)
+        frames = sample_batch(clips, args.batch, args.crop, rng)
+        level = rng.randrange(len(lambdas))
+        ref = keyframe_like(frames[:, 0], rng)
+        loss, bpp, psnr = 0.0, [], []
+        for j in (1, 2):
+            out = model(frames[:, j], ref, level)
+            rate = bits_per_pixel(out["likelihoods"], frames.shape[0] * args.crop**2)
+            dist, mse = distortion(out["x_hat"], frames[:, j])
+            loss = loss + rate + lambdas[level] * dist
+            ref = quantize_uint8(out["x_hat"])
+            bpp.append(rate.item())
+            psnr.append(-10 * np.log10(max(mse.item(), 1e-10)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        aux_opt.zero_grad(set_to_none=True)
+        model.aux_loss().backward()
+        aux_opt.step()
+        window.append((level, bpp[0], bpp[1], psnr[0], psnr[1]))
+        meta["step"] = i + 1
+        if meta["step"] % args.log_every == 0:
+            elapsed = meta["seconds"] + time.time() - started
+            rows = np.array(window)
+            entry = {"step": meta["step"], "minutes": round(elapsed / 60, 2),
+                     "bpp1": round(float(rows[:, 1].mean()), 5), "bpp2": round(float(rows[:, 2].mean()), 5),
+                     "psnr1": round(float(rows[:, 3].mean()), 2), "psnr2": round(float(rows[:, 4].mean()), 2)}
+            meta["log"].append(entry)
+            print(json.dumps(entry), flush=True)
+            window = []
+        if time.time() - last_save > args.save_every or meta["step"] == args.steps:
+            meta["seconds"] += time.time() - started
+            started = last_save = time.time()
+            meta["done"] = meta["step"] >= args.steps
+            save_stage(run, {"model": model}, {}, {"opt": opt, "aux": aux_opt}, meta)
+    if args.export:
+        export(model.eval(), meta, args)
+
+
+def export(model: PFrameCodec, meta: dict, args) -> None:
+    from ulbcodec.models import package as packages
+
+    model.update(force=True)
+    base = packages.ModelPackage.load_manifest(packages.resolve(args.video_model))
+    modules = {name: base.build(name) for name in base.components if name != "pframe"}
+    modules["pframe"] = model
+    extra = dict(base.extra)
+    extra["pframe_training"] = {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
+                                "batch": args.batch, "crop": args.crop, "lr": args.lr, "seed": args.seed,
+                                "lambdas": meta["lambdas"], "log_tail": meta["log"][-5:]}
+    pkg = packages.save_package(args.export, base.name, modules, base.rate_levels, half_parameters=True,
+                                diffusers_dtype=torch.bfloat16, extra=extra, next_frame=base.next_frame,
+                                description=base.description + "; conditional P-frame codec trained by "
+                                "ulbcodec.train.pframe")
+    print(json.dumps({"exported": str(pkg.root), "digest": pkg.digest[:16], "MB": pkg.size_bytes / 1e6}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The conditional P-frame codec and the video files that use it (tiny random models)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from ulbcodec.bitstream import BitstreamError, Chunk, Container, GopStructure, PFrame, PFramePayload, Round
+from ulbcodec.image import DecodeError
+from ulbcodec.models.pframe_codec import PFrameCodec
+from ulbcodec.video import VideoCodec, VideoSettings
+
+from conftest import make_tiny_video_package
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    return str(make_tiny_video_package(tmp_path_factory.mktemp("pvideo"), pframe=True))
+
+
+@pytest.fixture(scope="module")
+def codec(package):
+    return VideoCodec.from_pretrained(package)
+
+
+@pytest.fixture(scope="module")
+def trained_like():
+    """A tiny P-frame codec whose synthesis is not the identity (random last layer)."""
+    torch.manual_seed(3)
+    model = PFrameCodec(N=8, M=16, context_widths=[8, 8, 8], num_rate_levels=2)
+    torch.nn.init.normal_(model.g_s.out[-1].weight, std=0.05)
+    model.update(force=True)
+    return model.eval()
+
+
+def clip(frames: int, h: int = 48, w: int = 72) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    out = [np.stack([128 + 90 * np.sin((x + 2 * t) / 7), 128 + 90 * np.cos((y + t) / 5),
+                     np.full_like(x, 100.0)], -1) for t in range(frames)]
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def encode(codec, frames, **kw):
+    seen, log = [], []
+    data, gops = codec.encode(iter(frames), Fraction(25), VideoSettings(**kw), reconstruction=seen.append,
+                              frame_log=log.append)
+    return data, gops, seen, log
+
+
+def frames_tensor(seed: int, shape=(1, 3, 64, 128)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.round(torch.rand(shape, generator=g) * 255) / 255
+
+
+# ---------------------------------------------------------------------- the model
+
+
+def test_compress_decompress_round_trip(trained_like):
+    x, ref = frames_tensor(0), frames_tensor(1)
+    coded = trained_like.compress(x, ref, 1)
+    out = trained_like.decompress(coded["strings"], coded["shape"], ref, 1)
+    assert out["symbols_crc32"] == coded["symbols_crc32"]
+    assert torch.equal(out["x_hat"], coded["x_hat"])
+    assert not torch.equal(out["x_hat"], ref)  # the synthesis adds something to the reference
+
+
+def test_entropy_path_is_thread_count_invariant(trained_like):
+    x, ref = frames_tensor(2), frames_tensor(3)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = trained_like.compress(x, ref, 0)
+        torch.set_num_threads(2)
+        two = trained_like.compress(x, ref, 0)
+    finally:
+        torch.set_num_threads(previous)
+    assert one["strings"] == two["strings"] and one["symbols_crc32"] == two["symbols_crc32"]
+
+
+def test_forward_matches_the_coded_reconstruction(trained_like):
+    x, ref = frames_tensor(4), frames_tensor(5)
+    with torch.no_grad():
+        forward = trained_like(x, ref, 1)["x_hat"]
+    assert torch.allclose(forward, trained_like.compress(x, ref, 1)["x_hat"], atol=1e-4)
+
+
+def test_bad_shapes_and_levels_are_refused(trained_like):
+    with pytest.raises(ValueError, match="multiples of 64"):
+        trained_like.compress(torch.zeros(1, 3, 60, 64), torch.zeros(1, 3, 60, 64))
+    with pytest.raises(ValueError, match="rate_level"):
+        trained_like.compress(frames_tensor(0), frames_tensor(1), 5)
+    coded = trained_like.compress(frames_tensor(0), frames_tensor(1), 0)
+    with pytest.raises(ValueError, match="does not match"):
+        trained_like.decompress(coded["strings"], (2, 2), frames_tensor(1), 0)
+
+
+def test_config_round_trips_through_a_state_dict(trained_like):
+    copy = PFrameCodec.from_config(trained_like.config)
+    copy.load_state_dict(trained_like.state_dict())
+    x, ref = frames_tensor(6), frames_tensor(7)
+    assert copy.eval().compress(x, ref, 0)["strings"] == trained_like.compress(x, ref, 0)["strings"]
+
+
+# ---------------------------------------------------------------------- the GOP syntax
+
+
+def test_gop_syntax_2_round_trips_p_frames():
+    gops = GopStructure([(1, [PFrame(), Round(2), PFrame(True), Round(1, True)]), (1, [PFrame()])])
+    assert gops.syntax == 2 and gops.frames == 8 and gops.pframes == 3
+    assert gops.frame_types() == "KPppFAKP"
+    assert GopStructure.from_bytes(gops.to_bytes(), 8, 2, 3, syntax=2) == gops
+    with pytest.raises(ValueError, match="syntax 1"):
+        gops.to_bytes(syntax=1)
+    rounds_only = GopStructure([(2, [Round(3)])])
+    assert rounds_only.syntax == 1  # files without P frames keep the old syntax
+    with pytest.raises(BitstreamError, match="non-zero"):
+        GopStructure.from_bytes(bytes([1, 1, 1, 1 << 2 | 2]), 2, 2, 3, syntax=2)
+    with pytest.raises(BitstreamError, match="unknown GOP syntax"):
+        GopStructure.from_bytes(rounds_only.to_bytes(), 5, 2, 3, syntax=3)
+
+
+# ---------------------------------------------------------------------- the video codec
+
+
+def test_failed_predictions_become_p_frames_and_decode_exactly(codec):
+    data, gops, seen, log = encode(codec, clip(7), threshold=0.0)
+    types = gops.frame_types()
+    assert types[0] == "K" and set(types[1:]) <= {"P", "F"} and gops.keyframes == 1
+    assert [r.type for r in log] == list(types)
+    assert all(r.bytes > 0 for r in log) and all(r.distance is not None for r in log[2:])
+    header = Container.from_bytes(data).header
+    assert header.params["gop_syntax"] == 2 and header.params["pframe_level"] == header.rate_level
+    decoded = list(codec.decode(data))
+    assert len(decoded) == 7 and all(np.array_equal(a, b) for a, b in zip(seen, decoded))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        again = list(VideoCodec.from_pretrained(str(codec.package.root)).decode(data))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(np.array_equal(a, b) for a, b in zip(decoded, again))
+
+
+def test_without_the_predictor_nothing_runs_it(codec, package):
+    data, gops, seen, _ = encode(codec, clip(5), predictor=False)
+    assert gops.frame_types() == "KPPPP"
+    fresh = VideoCodec.from_pretrained(package)
+    assert all(np.array_equal(a, b) for a, b in zip(seen, fresh.decode(data)))
+    assert fresh._predictor is None
+
+
+def test_accepted_predictions_still_come_first(codec):
+    _, gops, _, _ = encode(codec, clip(8), threshold=10.0, max_gop=100)
+    assert gops.frame_types() == "KP" + "ppp" + "ppp"  # the history fills with a P frame, then rounds
+
+
+def test_max_gop_and_scene_cuts_start_keyframes(codec, monkeypatch):
+    _, gops, _, _ = encode(codec, clip(8), predictor=False, max_gop=3)
+    assert gops.frame_types() == "KPPPKPPP"
+    code = VideoCodec._code_pframe
+
+    def expensive(self, frame, ref, level):  # every P frame costs more than a keyframe
+        payload, decoded = code(self, frame, ref, level)
+        return type(payload)(payload.z_shape, payload.z_string, payload.y_string + bytes(10**4),
+                             payload.symbols_check), decoded
+
+    monkeypatch.setattr(VideoCodec, "_code_pframe", expensive)
+    assert encode(codec, clip(4), predictor=False)[1].frame_types() == "KKKK"
+
+
+def test_p_frame_chunks_are_checked(codec):
+    data, gops, _, _ = encode(codec, clip(4), predictor=False)
+    container = Container.from_bytes(data)
+    dropped = Container(container.header, container.chunks[:-1])
+    with pytest.raises(BitstreamError, match="P frames"):
+        list(codec.decode(dropped.to_bytes()))
+    last = PFramePayload.from_bytes(container.chunks[-1].payload)
+    wrong = PFramePayload(last.z_shape, last.z_string, last.y_string, last.symbols_check ^ 1)
+    container.chunks[-1] = Chunk(b"PFRM", wrong.to_bytes())
+    with pytest.raises(DecodeError, match="desynchronised"):
+        list(codec.decode(container.to_bytes()))
+
+
+def test_a_package_without_p_frames_refuses_them(tmp_path_factory, codec):
+    data, _, _, _ = encode(codec, clip(3), predictor=False)
+    plain = VideoCodec.from_pretrained(str(make_tiny_video_package(tmp_path_factory.mktemp("plain"))))
+    container = Container.from_bytes(data)
+    container.header.model_digest = plain.package.short_digest
+    with pytest.raises(DecodeError, match="no P-frame codec"):
+        list(plain.decode(container.to_bytes()))
+    with pytest.raises(ValueError, match="needs the predictor"):
+        encode(plain, clip(3), predictor=False)
