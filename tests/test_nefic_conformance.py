@@ -253,3 +253,18 @@ def test_colour_statistics_match_the_published_quantisation():
     assert ColorStats.from_bytes(gt.to_bytes()) == gt and len(gt.to_bytes()) == 12
     fixed = color_fix(torch.from_numpy(vec["x_hat"]), gt)
     assert torch.equal(fixed, torch.from_numpy(vec["x_hat_colorfix"]))
+
+
+def test_nefic_packages_carry_colour_statistics_by_default(packages):
+    """The published outputs include the colour fix, so an imported package's files carry
+    the statistics it needs (12 bytes, in the file size); --no-color-stats drops them."""
+    vec = _vectors()
+    codec = _codec(packages["plain"])
+    rgb = np.ascontiguousarray(vec["x_u8"][0].transpose(1, 2, 0))
+    assert codec.color_stats_default
+    result = codec.encode(rgb, 0)
+    chunks = Container.from_bytes(result.data).find(bitstream.CHUNK_COLOR)
+    assert len(chunks) == 1 and ColorStats.from_bytes(chunks[0].payload) == ColorStats.of_rgb(rgb)
+    without = codec.encode(rgb, 0, color_stats=False)
+    assert len(result.data) - len(without.data) == chunks[0].size
+    assert not Container.from_bytes(without.data).find(bitstream.CHUNK_COLOR)

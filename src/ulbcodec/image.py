@@ -293,7 +293,7 @@ class ImageCodec:
 
     def encode_to_bpp(
         self, rgb: np.ndarray, target_bpp: float, downscales: Sequence[int] = (1, 2, 4),
-        refine: Optional[RefineSettings] = None,
+        refine: Optional[RefineSettings] = None, color_stats: Optional[bool] = None,
     ) -> Tuple[EncodeResult, bool]:
         """The largest file at or under ``target_bpp`` over the operating points.
 
@@ -302,14 +302,15 @@ class ImageCodec:
         the file size grows with the level, so a binary search needs log2(levels) encodes.
         Returns (result, met); when nothing lands under the target, the smallest file
         found is returned with ``met=False``. ``refine`` refines every candidate
-        (each search step pays for a refinement).
+        (each search step pays for a refinement); ``color_stats`` as in :meth:`encode`
+        (its bytes count towards the target).
         """
         levels, smallest = self.rate_levels, None
         for downscale in downscales:
             lo, hi, best = 0, len(levels) - 1, None
             while lo <= hi:
                 mid = (lo + hi) // 2
-                result = self.encode(rgb, levels[mid], downscale, refine)
+                result = self.encode(rgb, levels[mid], downscale, refine, color_stats)
                 if smallest is None or len(result.data) < len(smallest.data):
                     smallest = result
                 if result.bpp <= target_bpp:
