@@ -50,6 +50,24 @@ def enable_published_vae(vae) -> None:
     vae.enable_tiling()
 
 
+def _vae_call(vae, fn, x: Tensor, what: str):
+    """``fn(x)`` with diffusers' tiling as enabled; where its tile arithmetic leaves an edge
+    tile smaller than a kernel (tiny tile sizes only: never with CogVideoX's 240x360 px
+    tiles on 64-px-padded images), the whole image untiled, saying so in one line."""
+    try:
+        return fn(x)
+    except RuntimeError as exc:
+        if not vae.use_tiling or "Kernel size can't be greater" not in str(exc):
+            raise
+    print(f"ulbc: diffusers' VAE tiling cannot {what} {x.shape[-1]}x{x.shape[-2]} with this VAE's tile size: "
+          "running it untiled", file=sys.stderr)
+    vae.disable_tiling()
+    try:
+        return fn(x)
+    finally:
+        vae.enable_tiling()
+
+
 def _put(record: Optional[Dict[str, Tensor]], name: str, value: Tensor) -> None:
     if record is not None:
         record[name] = value.detach().float().cpu().clone()
@@ -65,7 +83,7 @@ def encode_latent(pipe, image: Tensor, record: Optional[Dict[str, Tensor]] = Non
     x = (image.float() * 2 - 1).unsqueeze(2).to(_dtype(vae))
     _put(record, "vae_encode_input", x)
     with pipe.placement.use(vae):
-        dist = vae.encode(x).latent_dist
+        dist = _vae_call(vae, lambda t: vae.encode(t).latent_dist, x, "encode")
     _put(record, "vae_latent_mean", dist.mean)
     _put(record, "vae_latent_logvar", dist.logvar)
     return dist.mode()[:, :, 0] * vae.config.scaling_factor
@@ -77,7 +95,7 @@ def decode_latent(pipe, latent: Tensor, height: int, width: int, record: Optiona
     z = (latent.unsqueeze(2) * (1 / vae.config.scaling_factor)).to(_dtype(vae))
     _put(record, "vae_decode_input", z)
     with pipe.placement.use(vae):
-        sample = vae.decode(z).sample
+        sample = _vae_call(vae, lambda t: vae.decode(t).sample, z, "decode a latent of")
     _put(record, "vae_decode_sample", sample)
     image = (sample * 0.5 + 0.5).clamp(0, 1)[:, :, 0]
     return image[:, :, :height, :width].float()
