@@ -59,7 +59,7 @@ class ColorStats:
     @classmethod
     def of_rgb(cls, rgb: np.ndarray) -> "ColorStats":
         """Statistics of an HxWx3 uint8 image (the encoder's original, at its coded size)."""
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div(255)
+        x = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None].float().div(255)
         return cls.of_tensor(x)
 
     @classmethod
