@@ -272,12 +272,14 @@ def test_imported_package_encodes_and_decodes_generatively(published, imported, 
     assert torch.equal(to_q.lora_A.weight, lora1["transformer.transformer_blocks.0.attn1.to_q.lora_A.weight"])
     assert other.shape == rgb.shape and np.array_equal(codec.decode(low), first)  # ... and back
 
-    # The package's decoder is exactly the base model plus that level's published LoRA.
+    # The package's decoder is exactly the base model plus that level's published LoRA,
+    # decoding as published (models/nefic_decode.py; tests/test_nefic_conformance.py).
     transformer = _load_diffusers(CogVideoXTransformer3DModel, base / "transformer", "cpu")
     nefic.load_lora(lambda5 / "pytorch_lora_weights.safetensors", transformer)
     prompt = load_file(str(lambda5 / "prompt_embeds.safetensors"))["prompt_embeds"]
     manual = NextFramePipeline(_load_diffusers(AutoencoderKLCogVideoX, base / "vae", "cpu"), transformer,
-                               _load_diffusers(CogVideoXDPMScheduler, base / "scheduler", "cpu"), prompt)
+                               _load_diffusers(CogVideoXDPMScheduler, base / "scheduler", "cpu"), prompt,
+                               published=True)
     reference = ImageCodec.from_pretrained(str(imported))
     reference._next_frame, reference._lora_level = manual, 0
     assert np.array_equal(reference.decode(low), first)

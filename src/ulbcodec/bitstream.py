@@ -253,6 +253,7 @@ CHUNK_HEADER = b"HEAD"
 CHUNK_ANCHOR = b"ANCH"  # one entropy-coded anchor latent (image, or one video keyframe)
 CHUNK_GOPS = b"GOPS"  # video: which frames are keyframes, which predicted, round by round
 CHUNK_PFRAME = b"PFRM"  # video: one conditionally coded P frame (same layout as ANCH)
+CHUNK_COLOR = b"colr"  # ancillary: the original's colour statistics, 12 bytes (ulbcodec/color_stats.py)
 KNOWN_CRITICAL = {CHUNK_HEADER, CHUNK_ANCHOR, CHUNK_GOPS, CHUNK_PFRAME}
 
 
@@ -601,6 +602,14 @@ def describe(container: Container) -> dict:
         "bpp": container.total_bytes * 8 / pixels,
         "chunks": chunks,
     }
+    colors = container.find(CHUNK_COLOR)
+    if len(colors) == 1:
+        from ulbcodec.color_stats import ColorStats
+
+        try:
+            desc["color_stats"] = ColorStats.from_bytes(colors[0].payload).as_dict()
+        except BitstreamError as exc:  # describe what is there; decoding refuses it
+            desc["color_stats"] = {"error": str(exc)}
     gops = container.find(CHUNK_GOPS)
     if h.media == MEDIA_VIDEO and len(gops) == 1:
         try:

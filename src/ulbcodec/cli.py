@@ -62,7 +62,7 @@ def _is_video_input(path: Path) -> bool:
 
 def _encode_job(encoders, task, quality: Optional[int], bpp: Optional[float], downscale: int, force: bool,
                 skip_existing: bool = False, budget=None, video=None, progress: bool = False,
-                quiet: bool = False, refine=None) -> dict:
+                quiet: bool = False, refine=None, color_stats=None) -> dict:
     if _is_video_input(task.src):
         return _encode_video_job(encoders.video, task, quality, bpp, force, skip_existing, budget, video, progress,
                                  quiet)
@@ -85,12 +85,13 @@ def _encode_job(encoders, task, quality: Optional[int], bpp: Optional[float], do
                              f"encoding {width}x{height}", quiet, 1 if bpp is not None else downscale)
         rgb, notes = read_image(task.src)
         if bpp is not None:
-            result, met = codec.encode_to_bpp(rgb, bpp, refine=refine)
+            result, met = codec.encode_to_bpp(rgb, bpp, refine=refine, color_stats=color_stats)
             if not met:
                 notes.append(f"target {bpp} bpp is below the smallest file ulbc makes ({result.bpp:.5f} bpp, "
                              f"level {result.rate_level} at 1/{result.downscale} size)")
         else:
-            result = codec.encode(rgb, codec.default_level if quality is None else quality, downscale, refine)
+            result = codec.encode(rgb, codec.default_level if quality is None else quality, downscale, refine,
+                                  color_stats)
         write_bytes(task.dst, result.data, force=force)
     return {"width": result.width, "height": result.height, "rate_level": result.rate_level,
             "downscale": result.downscale, "bytes": len(result.data), "bpp": round(result.bpp, 6), "notes": notes,
@@ -541,6 +542,10 @@ def cli() -> None:
               help="Images: refine the latent with this many gradient steps before coding (slow: about 1.2 s "
                    "per step for 768x480 on 2 cores, ~2.5 GB per MP, up to 1080p; same decoder). BENCHMARKS.md "
                    "measures 30.")
+@click.option("--color-stats/--no-color-stats", "color_stats", default=None,
+              help="Images: store the image's colour statistics (12 bytes, counted in the file size) for the "
+                   "decoder's colour fix (NeFIC's, published) [default: on for imported NeFIC models, off for "
+                   "ulbc's own].")
 @click.option("--threshold", type=click.FloatRange(min=0), default=0.4, show_default=True,
               help="Video: largest perceptual distance of an accepted predicted frame (0: every frame a keyframe).")
 @click.option("--metric", type=click.Choice(["ms-ssim", "lpips"]), default="ms-ssim", show_default=True,
@@ -563,8 +568,8 @@ def cli() -> None:
               help="Video: keyframes coded when a prediction fails, 1..K [default: K, the model's conditioning "
                    "frames]; the first group is always K.")
 def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, engine, from_list, as_json, force,
-           skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps, threshold,
-           metric, max_gop, video_seed, generative_keyframes, anchored, anchor_level, guide_timestep, pred_steps,
+           skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps, color_stats,
+           threshold, metric, max_gop, video_seed, generative_keyframes, anchored, anchor_level, guide_timestep, pred_steps,
            keyframe_group):
     """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files."""
     from ulbcodec.batch import Task
@@ -606,7 +611,8 @@ def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
                              guide_timestep=guide_timestep, steps=pred_steps, keyframe_group=keyframe_group)
     verbosity = _verbosity(quiet, verbose)
     refine = RefineSettings(steps=refine_steps) if refine_steps else None
-    job = functools.partial(_encode_job, quality=quality, bpp=bpp, downscale=int(downscale), refine=refine, force=force,
+    job = functools.partial(_encode_job, quality=quality, bpp=bpp, downscale=int(downscale), refine=refine,
+                            color_stats=color_stats, force=force,
                             skip_existing=skip_existing, budget=budget, video=settings, quiet=verbosity < 0,
                             progress=_frame_progress(tasks, jobs, as_json, verbosity))
     _run_batch("encoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing, engine)
@@ -695,6 +701,10 @@ def info(files, as_json):
                 click.echo(f"  {'anchored':13s} {len(gop['anchored'])} rounds at frames {gop['anchored']}")
             click.echo(f"  {'frame types':13s} {gop['frame_types']}  (K keyframe, p/P predicted, p starts a round, "
                        "A starts an anchored round)")
+        if "color_stats" in desc:  # the colr chunk: the original's colour statistics
+            stats = desc["color_stats"]
+            click.echo(f"  {'color stats':13s} " + (f"unreadable colr chunk: {stats['error']}" if "error" in stats
+                                                    else f"mean RGB {stats['mean']}, std RGB {stats['std']}"))
         for chunk in desc["chunks"]:
             click.echo(f"  chunk {chunk['type']} at byte {chunk['offset']}: {chunk['bytes']} bytes")
     sys.exit(EXIT_FAILED if failed else EXIT_OK)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from ulbcodec import bitstream
 from ulbcodec.bitstream import AnchorPayload, BitstreamError, Container, Header
+from ulbcodec.color_stats import ColorStats, color_fix
 from ulbcodec.models import package as packages
 from ulbcodec.models.tiling import tiled_apply
 from ulbcodec.placement import Placement
@@ -150,9 +151,12 @@ class ImageCodec:
             def build(name):
                 return self.package.build(name, device=str(place.home), dtype=place.diffusers_dtype)
 
+            from ulbcodec.models.nefic_decode import is_published
+
             self._next_frame = NextFramePipeline(build("vae"), build("transformer"), build("scheduler"),
                                                  build("prompt_embeds").to(self.device), placement=place,
-                                                 output=self.package.next_frame_setting("output"))
+                                                 output=self.package.next_frame_setting("output"),
+                                                 published=is_published(self.package))
         return self._next_frame
 
     def next_frame_for(self, rate_level: Optional[int] = None):
@@ -197,6 +201,14 @@ class ImageCodec:
         return [lv.level for lv in self.package.rate_levels] or [0]
 
     @property
+    def color_stats_default(self) -> bool:
+        """Whether files carry colour statistics by default: yes for packages that decode
+        as the published NeFIC (its outputs include the colour fix), no for ulbc's own."""
+        from ulbcodec.models.nefic_decode import is_published
+
+        return is_published(self.package)
+
+    @property
     def default_level(self) -> int:
         """The level used without --quality/--bpp: the package's choice, else the middle one."""
         level = self.package.extra.get("default_level")
@@ -218,15 +230,21 @@ class ImageCodec:
             return tiled_apply(lambda t: model.analyze(t, rate_level=level), x,
                                Fraction(1, 16), TILE_CORE, TILE_MARGIN, tile_workers())
         # NeFIC-style encoder: g_a also sees the VAE latent of the (padded) original.
-        vae_latent = tiled_apply(self._pipeline().encode_latent, x, Fraction(1, 8), TILE_CORE, TILE_MARGIN, 1)
+        pipe = self._pipeline()
+        if pipe.published:  # the whole image through diffusers' VAE (its own tiling), as published
+            vae_latent = pipe.encode_latent(x)
+        else:
+            vae_latent = tiled_apply(pipe.encode_latent, x, Fraction(1, 8), TILE_CORE, TILE_MARGIN, 1)
         return tiled_apply(lambda t, v: model.analyze(t, v, rate_level=level), x,
                            Fraction(1, 16), TILE_CORE, TILE_MARGIN, tile_workers(), side=[(vae_latent, Fraction(1, 8))])
 
     @torch.no_grad()
     def encode(self, rgb: np.ndarray, rate_level: int, downscale: int = 1,
-               refine: Optional[RefineSettings] = None) -> EncodeResult:
+               refine: Optional[RefineSettings] = None, color_stats: Optional[bool] = None) -> EncodeResult:
         """Code one image at one operating point into complete .ulb file bytes; with
-        ``refine`` the latent is refined first (:mod:`ulbcodec.refinement`)."""
+        ``refine`` the latent is refined first (:mod:`ulbcodec.refinement`). ``color_stats``
+        adds the coded image's colour statistics (a 12-byte ``colr`` chunk, applied by the
+        decoder as NeFIC's colour fix; default: :attr:`color_stats_default`)."""
         rate_level = self._check_level(rate_level)
         if downscale not in DOWNSCALES:
             raise ValueError(f"downscale must be one of {DOWNSCALES}, got {downscale}")
@@ -237,7 +255,10 @@ class ImageCodec:
         if downscale > 1:
             rgb = resize(rgb, *coded_size(width, height, downscale))
         payload = self.encode_anchor(rgb, rate_level, refine)
-        data = Container(header, [bitstream.Chunk(bitstream.CHUNK_ANCHOR, payload.to_bytes())]).to_bytes()
+        chunks = [bitstream.Chunk(bitstream.CHUNK_ANCHOR, payload.to_bytes())]
+        if self.color_stats_default if color_stats is None else color_stats:
+            chunks.append(bitstream.Chunk(bitstream.CHUNK_COLOR, ColorStats.of_rgb(rgb).to_bytes()))
+        data = Container(header, chunks).to_bytes()
         return EncodeResult(data, rate_level, width, height, downscale, dict(self.last_timings))
 
     @torch.no_grad()
@@ -272,7 +293,7 @@ class ImageCodec:
 
     def encode_to_bpp(
         self, rgb: np.ndarray, target_bpp: float, downscales: Sequence[int] = (1, 2, 4),
-        refine: Optional[RefineSettings] = None,
+        refine: Optional[RefineSettings] = None, color_stats: Optional[bool] = None,
     ) -> Tuple[EncodeResult, bool]:
         """The largest file at or under ``target_bpp`` over the operating points.
 
@@ -281,14 +302,15 @@ class ImageCodec:
         the file size grows with the level, so a binary search needs log2(levels) encodes.
         Returns (result, met); when nothing lands under the target, the smallest file
         found is returned with ``met=False``. ``refine`` refines every candidate
-        (each search step pays for a refinement).
+        (each search step pays for a refinement); ``color_stats`` as in :meth:`encode`
+        (its bytes count towards the target).
         """
         levels, smallest = self.rate_levels, None
         for downscale in downscales:
             lo, hi, best = 0, len(levels) - 1, None
             while lo <= hi:
                 mid = (lo + hi) // 2
-                result = self.encode(rgb, levels[mid], downscale, refine)
+                result = self.encode(rgb, levels[mid], downscale, refine, color_stats)
                 if smallest is None or len(result.data) < len(smallest.data):
                     smallest = result
                 if result.bpp <= target_bpp:
@@ -312,9 +334,12 @@ class ImageCodec:
 
     @torch.no_grad()
     def decode_container(self, container: Container, anchor_only: bool = False, steps: int = 1,
-                         seed: Optional[int] = None) -> np.ndarray:
+                         seed: Optional[int] = None, color_fix: bool = True,
+                         record: Optional[dict] = None) -> np.ndarray:
         """Decode a parsed file. ``anchor_only`` skips the generative decoder; ``steps > 1``
-        decodes from seeded noise (default seed: the one in the file) instead of one step."""
+        decodes from seeded noise (default seed: the one in the file) instead of one step.
+        A ``colr`` chunk's colour fix is applied unless ``color_fix`` is False; ``record``
+        (a dict) receives the intermediates of a published NeFIC decode."""
         header = container.header
         if header.media != bitstream.MEDIA_IMAGE:
             raise DecodeError(f"file holds a {header.media_name}, not an image")
@@ -327,8 +352,12 @@ class ImageCodec:
         payload = AnchorPayload.from_bytes(chunks[0].payload)
         downscale = header.params.get("downscale", 1)
         width, height = coded_size(header.width, header.height, downscale)
+        colors = container.find(bitstream.CHUNK_COLOR) if color_fix else []
+        if len(colors) > 1:
+            raise BitstreamError(f"an image file holds at most one colr chunk, found {len(colors)}")
         rgb = self.decode_anchor(payload, width, height, header.rate_level, anchor_only, steps,
-                                 header.seed if seed is None else seed)
+                                 header.seed if seed is None else seed,
+                                 ColorStats.from_bytes(colors[0].payload) if colors else None, record)
         t0 = time.perf_counter()
         if downscale > 1:
             rgb = resize(rgb, header.width, header.height)
@@ -337,9 +366,11 @@ class ImageCodec:
 
     @torch.no_grad()
     def decode_anchor(self, payload: AnchorPayload, width: int, height: int, rate_level: int,
-                      anchor_only: bool = False, steps: int = 1, seed: int = 0) -> np.ndarray:
+                      anchor_only: bool = False, steps: int = 1, seed: int = 0,
+                      color_stats: Optional[ColorStats] = None, record: Optional[dict] = None) -> np.ndarray:
         """One anchor payload → HxWx3 uint8 RGB at the coded size (generative unless
-        ``anchor_only`` or the package has no next-frame decoder)."""
+        ``anchor_only`` or the package has no next-frame decoder), colour-fixed to
+        ``color_stats`` if given (ulbcodec/color_stats.py)."""
         if tuple(payload.z_shape) != (-(-height // PAD_MULTIPLE), -(-width // PAD_MULTIPLE)):
             raise BitstreamError(
                 f"hyper-latent shape {payload.z_shape} does not match a {width}x{height} coded image"
@@ -370,10 +401,20 @@ class ImageCodec:
                                 y_hat, Fraction(16), core, margin, tile_workers())
         t2 = time.perf_counter()
         self.last_timings = {"entropy_decode_s": t1 - t0, "synthesis_s": t2 - t1}
+        if record is not None:
+            record.update(anchor_frame_raw=x_hat.float().clone(), bypass_latent=bypass.float().clone()
+                          if generative else None)
         if generative:
-            x_hat = pipe.decode_image(x_hat.clamp(0, 1), bypass, steps=steps, seed=seed)
+            x_hat = pipe.decode_image(x_hat.clamp(0, 1), bypass, steps=steps, seed=seed, record=record)
             self.last_timings["next_frame_s"] = time.perf_counter() - t2
-        return to_uint8(x_hat[:, :, :height, :width])
+        x_hat = x_hat[:, :, :height, :width]
+        if color_stats is not None:
+            if record is not None:
+                record["x_hat"] = x_hat.float().clone()
+            x_hat = color_fix(x_hat, color_stats)
+        if record is not None:
+            record["output"] = x_hat.float().clone()
+        return to_uint8(x_hat)
 
     def decode(self, data: bytes, **options) -> np.ndarray:
         """Decode complete .ulb file bytes to HxWx3 uint8 RGB (options: see decode_container)."""

@@ -42,6 +42,10 @@ costs detail and fidelity. They keep that full size, so that on images a little 
 tile they overlap by more than the minimum, and go through the transformer in batches.
 The VAE's tiles are spread evenly (the least overlapping work).
 
+Packages imported from the published NeFIC checkpoints (``published=True``) decode
+instead exactly as the published code does (models/nefic_decode.py): diffusers' own VAE
+with its tiling, the whole image in one transformer pass, the published casts.
+
 Floating point: the VAE and transformer run in bfloat16 (as the published models do) on
 the CPU too; this path is NOT bit-exact across machines, unlike entropy decoding. For
 inference the VAE runs as a 2-D channels-last graph in that dtype throughout, GroupNorms
@@ -224,14 +228,22 @@ class NextFramePipeline:
     methods); callers choose ``torch.no_grad()``."""
 
     def __init__(self, vae, transformer, scheduler, prompt_embeds: Tensor,
-                 dtype: Optional[torch.dtype] = torch.bfloat16, placement=None, output: str = "latent"):
+                 dtype: Optional[torch.dtype] = torch.bfloat16, placement=None, output: str = "latent",
+                 published: bool = False):
         from ulbcodec.placement import Placement
 
         self.placement = placement or Placement(next(transformer.parameters()).device)
-        # Every VAE call here is on one frame: its causal 3-D convolutions become 2-D ones,
-        # and without gradients the whole VAE runs as a 2-D channels-last graph.
-        self.vae = use_one_frame_convolutions(vae)
-        self.one_frame_graph = one_frame_graph_supported(vae)
+        self.published = published  # decode as the published NeFIC code (models/nefic_decode.py)
+        if published:
+            from ulbcodec.models.nefic_decode import enable_published_vae
+
+            enable_published_vae(vae)
+            self.vae, self.one_frame_graph = vae, False
+        else:
+            # Every VAE call here is on one frame: its causal 3-D convolutions become 2-D ones,
+            # and without gradients the whole VAE runs as a 2-D channels-last graph.
+            self.vae = use_one_frame_convolutions(vae)
+            self.one_frame_graph = one_frame_graph_supported(vae)
         self.transformer = transformer
         self.scheduler = scheduler
         self.prompt_embeds = prompt_embeds
@@ -257,6 +269,10 @@ class NextFramePipeline:
 
     def encode_latent(self, image: Tensor) -> Tensor:
         """[B,3,H,W] in [0,1] (H, W multiples of 8) → scaled latent [B,16,H/8,W/8] (the mode)."""
+        if self.published:
+            from ulbcodec.models import nefic_decode
+
+            return nefic_decode.encode_latent(self, image).float()
         with self.placement.use(self.vae):
             if self._fast_vae():
                 mode = encode_one_frame(self.vae, image * 2 - 1, self.dtype or torch.float32)
@@ -323,12 +339,19 @@ class NextFramePipeline:
 
     # ---------------------------------------------------------------- whole images
 
-    def decode_image(self, anchor_frame: Tensor, bypass_latent: Optional[Tensor], steps: int = 1, seed: int = 0) -> Tensor:
+    def decode_image(self, anchor_frame: Tensor, bypass_latent: Optional[Tensor], steps: int = 1, seed: int = 0,
+                     record: Optional[dict] = None) -> Tensor:
         """Anchor frame [B,3,H,W] (clamped, H, W multiples of 64) + bypass [B,1,16,h,w] → image.
 
         Every network runs on tiles, so the working memory is that of one tile plus the
-        full-size inputs and outputs, whatever the image size.
+        full-size inputs and outputs, whatever the image size. A published NeFIC package
+        decodes one step as published instead; ``record`` (a dict) then receives its
+        intermediates by name (tests/test_nefic_conformance.py).
         """
+        if self.published and steps <= 1 and bypass_latent is not None:
+            from ulbcodec.models import nefic_decode
+
+            return nefic_decode.decode_image(self, anchor_frame, bypass_latent, record)
         use = self.placement.use  # with offloading: each module on the device for its whole stage
         tile = vae_tile(self.full_resolution_channels)
         with use(self.vae):
