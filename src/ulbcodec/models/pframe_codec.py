@@ -148,7 +148,7 @@ class ConditionalAnalysis(nn.Module):
 
 class ConditionalSynthesis(nn.Module):
     """g_s: ŷ → x̂ = x_ref + residual, each scale fused with the context of the same scale.
-    The last layer starts at zero, so an untrained model copies the reference."""
+    The last layer starts small, so an untrained model nearly copies the reference."""
 
     def __init__(self, widths: Tuple[int, int, int], M: int):
         super().__init__()
@@ -161,8 +161,9 @@ class ConditionalSynthesis(nn.Module):
         self.fuse1 = nn.Sequential(conv3x3(2 * c1, c1), _act(), ResBlock(c1))
         self.up0 = nn.Sequential(subpel_conv3x3(c1, 16, 2), _act())
         self.out = nn.Sequential(conv3x3(16 + 3, 16), _act(), conv3x3(16, 3))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
+        with torch.no_grad():  # small, not zero: a zero layer would pass no gradient back to y
+            self.out[-1].weight.mul_(0.1)
+            self.out[-1].bias.zero_()
 
     def forward(self, y_hat: Tensor, ref: Tensor, context: Sequence[Tensor]) -> Tensor:
         c1, c2, c3 = context

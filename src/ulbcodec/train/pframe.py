@@ -8,6 +8,9 @@ Recipe (docs/training.md has the reasoning and the measured cost):
   flips, time reversal, and — for a third of the samples — a darkening
   ``a·x^γ`` of all three frames, so that low-light scenes are not outside the training
   distribution (the unseen night clip of issue 23);
+- the rate term's weight ramps from 0 to 1 over the first ``--rate-warmup`` steps (as
+  DCVC trains its contextual coder on distortion first): with the rate in force from the
+  start, y collapsed to zero bits and the decoder to copying the reference;
 - the first reference stands in for a decoded keyframe: the first frame blurred by a
   random down/up-scaling (the anchor codec's blur at low rates) and rounded to uint8;
 - cascaded training, as in DCVC-DC: frame 2 is coded from the *decoded* frame 1 (rounded
@@ -40,7 +43,7 @@ import torch.nn.functional as F
 
 from ulbcodec.losses.rate_distortion import MSE_WEIGHT, MSSSIM_WEIGHT, bits_per_pixel
 from ulbcodec.models.pframe_codec import PFrameCodec
-from ulbcodec.train.anchor import DEFAULT_LAMBDAS
+from ulbcodec.train.anchor import DEFAULT_LAMBDAS, round_parameters_to_half
 from ulbcodec.train.generative import load_stage, save_stage
 
 DEFAULT_CONFIG = dict(N=64, M=96, context_widths=[32, 48, 64], num_rate_levels=len(DEFAULT_LAMBDAS))
@@ -72,8 +75,10 @@ def load_clips(folder: Path, max_frames: int) -> List[np.ndarray]:
 def sample_batch(clips: List[np.ndarray], n: int, crop: int, rng: random.Random) -> torch.Tensor:
     """[n, 3 frames, 3, crop, crop] in [0, 1]."""
     batch = []
-    for _ in range(n):
-        clip = rng.choice(clips)
+    # Clips drawn in proportion to the square root of their pixel count: the 40 small
+    # digit clips would otherwise make up a third of the draws.
+    weights = [float(np.sqrt(c.shape[0] * c.shape[1] * c.shape[2])) for c in clips]
+    for clip in rng.choices(clips, weights, k=n):
         step = rng.choice((1, 1, 2, 3))
         step = min(step, (clip.shape[0] - 1) // 2)
         t = rng.randrange(clip.shape[0] - 2 * step)
@@ -118,9 +123,15 @@ def distortion(x_hat: torch.Tensor, x: torch.Tensor):
 
 
 def optimizers(model: PFrameCodec, lr: float):
-    params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
+    """Adam for the network, the entropy bottleneck's density at 5x the rate (it is what
+    costs the bits of a static scene, and learns slowest), Adam for its quantiles (aux)."""
+    density = [p for n, p in model.named_parameters() if n.startswith("entropy_bottleneck.")
+               and not n.endswith(".quantiles")]
+    ids = {id(p) for p in density}
+    rest = [p for n, p in model.named_parameters() if id(p) not in ids and not n.endswith(".quantiles")]
     aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
-    return torch.optim.Adam(params, lr=lr), torch.optim.Adam(aux, lr=1e-3), params
+    opt = torch.optim.Adam([{"params": rest, "lr": lr}, {"params": density, "lr": 5 * lr}])
+    return opt, torch.optim.Adam(aux, lr=1e-3), rest + density
 
 
 def main(argv=None) -> None:
@@ -134,6 +145,8 @@ def main(argv=None) -> None:
     p.add_argument("--crop", type=int, default=MIN_SIDE)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lambdas", type=float, nargs="+", default=DEFAULT_LAMBDAS)
+    p.add_argument("--rate-warmup", type=int, default=1000,
+                   help="steps over which the rate term's weight ramps from 0 to 1")
     p.add_argument("--max-frames", type=int, default=150)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -168,7 +181,7 @@ def main(argv=None) -> None:
             out = model(frames[:, j], ref, level)
             rate = bits_per_pixel(out["likelihoods"], frames.shape[0] * args.crop**2)
             dist, mse = distortion(out["x_hat"], frames[:, j])
-            loss = loss + rate + lambdas[level] * dist
+            loss = loss + min(1.0, i / args.rate_warmup) * rate + lambdas[level] * dist
             ref = quantize_uint8(out["x_hat"])
             bpp.append(rate.item())
             psnr.append(-10 * np.log10(max(mse.item(), 1e-10)))
@@ -202,6 +215,7 @@ def main(argv=None) -> None:
 def export(model: PFrameCodec, meta: dict, args) -> None:
     from ulbcodec.models import package as packages
 
+    round_parameters_to_half(model)  # stored as float16: the CDF tables are built from what is stored
     model.update(force=True)
     base = packages.ModelPackage.load_manifest(packages.resolve(args.video_model))
     modules = {name: base.build(name) for name in base.components if name != "pframe"}
