@@ -20,7 +20,7 @@ TINY_CONFIG = dict(N=16, M=32, num_slices=2, context_window=3, vae_channels=0, b
 
 def make_tiny_package(root: Path, name: str = "tiny", seed: int = 0, lambdas=(0.0, 0.0, 0.0)) -> Path:
     from ulbcodec.models.anchor_codec import AnchorCodec
-    from ulbcodec.models.package import RateLevel, save_package
+    from ulbcodec.packages import RateLevel, save_package
 
     torch.manual_seed(seed)
     model = AnchorCodec(**TINY_CONFIG)
@@ -46,7 +46,7 @@ def make_tiny_generative_package(root: Path, name: str = "tinygen", seed: int = 
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 
     from ulbcodec.models.anchor_codec import AnchorCodec
-    from ulbcodec.models.package import RateLevel, save_package
+    from ulbcodec.packages import RateLevel, save_package
     from ulbcodec.train.generative import SCHEDULER_CONFIG
 
     torch.manual_seed(seed)
@@ -69,7 +69,7 @@ def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0) 
     """The tiny generative image model plus a tiny UNet2DModel frame predictor."""
     from diffusers import CogVideoXDDIMScheduler, UNet2DModel
 
-    from ulbcodec.models.package import ModelPackage, save_package
+    from ulbcodec.packages import ModelPackage, save_package
     from ulbcodec.train.generative import SCHEDULER_CONFIG
 
     image = ModelPackage.load_manifest(make_tiny_generative_package(root, name + "-image", seed))

@@ -172,7 +172,7 @@ def padded_pixels(width: int, height: int, downscale: int = 1) -> int:
 
 
 def _component_bytes(root: Path, comp: dict) -> int:
-    from ulbcodec.models.package import weight_file_sets
+    from ulbcodec.packages import weight_file_sets
 
     return max(sum(f.stat().st_size for f in files if f.is_file()) for files in weight_file_sets(root, comp))
 

@@ -43,7 +43,7 @@ import torch
 from ulbcodec import bitstream
 from ulbcodec.bitstream import AnchorPayload, BitstreamError, Chunk, Container, GopStructure, Header, Round
 from ulbcodec.image import DecodeError, ImageCodec, pad_replicate, to_tensor, to_uint8
-from ulbcodec.models import package as packages
+from ulbcodec import packages
 
 METRICS = {"ms-ssim": 1, "lpips": 2}
 MAX_STEPS = 100  # sampler steps a file may ask for: bounds the decoder's work per round

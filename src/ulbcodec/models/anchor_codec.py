@@ -84,6 +84,8 @@ from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import GDN, conv3x3, subpel_conv3x3
 from compressai.models import CompressionModel
 
+from ulbcodec.threads import torch_threads
+
 __all__ = [
     "AnchorCodec",
     "pad_to_multiple",
@@ -178,14 +180,9 @@ def _deterministic_entropy_path(device: torch.device, single_thread: bool = True
     caller's thread count: work split into independent pieces, each computed whole by one
     thread (the local context's bands), may still use that many threads.
     """
-    previous = torch.get_num_threads()
-    if single_thread:
-        torch.set_num_threads(1)
-    try:
-        with torch.autocast(device_type=device.type, enabled=False):
-            yield previous
-    finally:
-        torch.set_num_threads(previous)
+    with torch_threads(1 if single_thread else None) as previous, \
+            torch.autocast(device_type=device.type, enabled=False):
+        yield previous
 
 
 def _without_grad(fn: Callable[..., Tensor], *args: Tensor) -> Tensor:

@@ -27,13 +27,13 @@ still runs two threads, only slower.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import ContextManager, Optional
 
 import torch
 from torch import Tensor
 
 from ulbcodec.models.next_frame import NextFramePipeline
+from ulbcodec.threads import torch_threads
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, round) over 63 bits
 
@@ -60,14 +60,9 @@ def sampling_start(scheduler, steps: int, noise: Tensor, init: Optional[Tensor] 
 PREDICTION_THREADS = 2
 
 
-@contextlib.contextmanager
-def fixed_threads(count: int = PREDICTION_THREADS) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def fixed_threads() -> ContextManager[int]:
+    """The predictions' fixed thread count (:func:`ulbcodec.threads.torch_threads`)."""
+    return torch_threads(PREDICTION_THREADS)
 
 
 class FramePredictionPipeline:

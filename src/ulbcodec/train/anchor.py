@@ -22,7 +22,7 @@ Recipe (docs/training.md has the reasoning and the measured cost):
 - one process or many: ``accelerate launch -m ulbcodec.train.anchor ...`` trains data
   parallel (:mod:`ulbcodec.train.distributed`; global batch = processes x ``--batch``).
 
-Export (``--export DIR``) writes a ulb model package (:mod:`ulbcodec.models.package`).
+Export (``--export DIR``) writes a ulb model package (:mod:`ulbcodec.packages`).
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ulbcodec.losses.rate_distortion import MSSSIM_WEIGHT, anchor_distortion, bits_per_pixel, perceptual_terms
-from ulbcodec.models import package as packages
+from ulbcodec import packages
 from ulbcodec.models.anchor_codec import AnchorCodec
-from ulbcodec.models.package import RateLevel, save_package
+from ulbcodec.packages import RateLevel, save_package
 from ulbcodec.train.distributed import TrainRuntime, add_runtime_arguments, training_runtime
 
 # Small enough to code at <= 1.5 s/MP each way on 2 CPU cores (BENCHMARKS.md); no VAE

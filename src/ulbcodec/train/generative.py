@@ -57,8 +57,8 @@ from safetensors.torch import load_file, save_file
 from ulbcodec.losses.detail_loss import detail_loss
 from ulbcodec.losses.rate_distortion import anchor_distortion
 from ulbcodec.losses.vif_loss import vif_loss
-from ulbcodec.models import package as packages
-from ulbcodec.models.package import NEXT_FRAME_SETTINGS
+from ulbcodec import packages
+from ulbcodec.packages import NEXT_FRAME_SETTINGS
 from ulbcodec.models.next_frame import ONE_STEP_TIMESTEP, NextFramePipeline
 from ulbcodec.train.anchor import PhotoCrops, _flatten_optimizer, _restore_optimizer
 from ulbcodec.train.distributed import TrainRuntime, add_runtime_arguments, training_runtime

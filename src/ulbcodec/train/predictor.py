@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ulbcodec.models import package as packages
+from ulbcodec import packages
 from ulbcodec.train.distributed import TrainRuntime, add_runtime_arguments, training_runtime
 from ulbcodec.train.generative import SCHEDULER_CONFIG, load_stage, save_stage
 
