@@ -119,7 +119,7 @@ def _build_video_package(root: Path) -> Path:
 
     from ulbcodec.models.anchor_codec import AnchorCodec
     from ulbcodec.packages import RateLevel, save_package
-    from ulbcodec.train.generative import SCHEDULER_CONFIG
+    from ulbcodec.models.next_frame import SCHEDULER_CONFIG
 
     with torch.random.fork_rng():
         torch.manual_seed(FUZZ_MODEL_SEED)

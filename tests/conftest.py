@@ -47,7 +47,7 @@ def make_tiny_generative_package(root: Path, name: str = "tinygen", seed: int = 
 
     from ulbcodec.models.anchor_codec import AnchorCodec
     from ulbcodec.packages import RateLevel, save_package
-    from ulbcodec.train.generative import SCHEDULER_CONFIG
+    from ulbcodec.models.next_frame import SCHEDULER_CONFIG
 
     torch.manual_seed(seed)
     config = {**TINY_CONFIG, "bypass_channels": TINY_LATENT, "vae_channels": vae_channels}
@@ -70,7 +70,7 @@ def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0) 
     from diffusers import CogVideoXDDIMScheduler, UNet2DModel
 
     from ulbcodec.packages import ModelPackage, save_package
-    from ulbcodec.train.generative import SCHEDULER_CONFIG
+    from ulbcodec.models.next_frame import SCHEDULER_CONFIG
 
     image = ModelPackage.load_manifest(make_tiny_generative_package(root, name + "-image", seed))
     modules = {c: image.build(c) for c in image.components}

@@ -23,7 +23,7 @@ def save_base(root: Path, in_channels: int = 2 * TINY_LATENT, embeds: bool = Tru
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
     from safetensors.torch import save_file
 
-    from ulbcodec.train.generative import SCHEDULER_CONFIG
+    from ulbcodec.models.next_frame import SCHEDULER_CONFIG
 
     torch.manual_seed(3)
     transformer = CogVideoXTransformer3DModel(**{**TINY_TRANSFORMER, "in_channels": in_channels})

@@ -185,7 +185,7 @@ def test_published_lora_names_match_the_loaders_targets_for_42_layers():
 def _write_base(root: Path) -> Path:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler
 
-    from ulbcodec.train.generative import SCHEDULER_CONFIG
+    from ulbcodec.models.next_frame import SCHEDULER_CONFIG
 
     torch.manual_seed(3)
     AutoencoderKLCogVideoX(**TINY_VAE).save_pretrained(str(root / "vae"))

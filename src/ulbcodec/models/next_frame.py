@@ -45,7 +45,7 @@ The VAE's tiles are spread evenly (the least overlapping work).
 Floating point: the VAE and transformer run in bfloat16 (as the published models do) on
 the CPU too; this path is NOT bit-exact across machines, unlike entropy decoding. For
 inference the VAE runs as a 2-D channels-last graph in that dtype throughout, GroupNorms
-included (models/single_frame.py: 2-3x faster on the CPU); training, which needs
+included (models/single_frame.py: faster on the CPU); training, which needs
 gradients, runs diffusers' own graph under autocast. Where
 the modules run and whether they are offloaded to host memory between stages is the
 ``placement``'s business (ulbcodec/placement.py); the pipeline only says when each
@@ -69,6 +69,11 @@ from ulbcodec.tiling import blended_tiles, tile_batch, transformer_tile, vae_til
 
 
 ONE_STEP_TIMESTEP = 500
+# The diffusion schedule of the models trained here (the next-frame decoder, the frame
+# predictor), that of the CogVideoX base models: scaled-linear betas, zero terminal SNR, v-prediction.
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                        clip_sample=False, set_alpha_to_one=True, snr_shift_scale=1.0)
 
 
 def rotary_embedding(height: int, width: int, head_dim: int, patch_size: int, device=None) -> Tuple[Tensor, Tensor]:
