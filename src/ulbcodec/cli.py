@@ -285,9 +285,8 @@ def cli() -> None:
 @click.option("--downscale", type=click.Choice([str(f) for f in DOWNSCALES]), default="1", show_default=True,
               help="Code the image at 1/F size; the decoder upsamples (reaches rates below the lowest level).")
 @click.option("--refine-steps", type=click.IntRange(0, 10000), default=0, show_default=True,
-              help="Images: refine the latent with this many gradient steps before coding (slow: about 1.2 s "
-                   "per step for 768x480 on 2 cores, ~2.5 GB per MP, up to 1080p; same decoder). BENCHMARKS.md "
-                   "measures 30.")
+              help="Images: refine the latent with this many gradient steps before coding (slow and "
+                   "memory-hungry, up to 1080p; the same decoder). BENCHMARKS.md measures 30.")
 @click.option("--threshold", type=click.FloatRange(min=0), default=0.4, show_default=True,
               help="Video: largest perceptual distance of an accepted predicted frame (0: every frame a keyframe).")
 @click.option("--metric", type=click.Choice(["ms-ssim", "lpips"]), default="ms-ssim", show_default=True,

@@ -56,9 +56,8 @@ TILE_CORE = 512
 TILE_MARGIN = 64
 PAD_MULTIPLE = 64
 # Tiles run on a pool of (at most) 2 threads, each tile on one intra-op thread, so the
-# pixels do not depend on the pool size. 12 MP synthesis: 10.4 s -> 5.8 s, peak RSS 2.18 ->
-# 2.28 GB (each worker holds one tile's working set, hence no more than 2). (The pool's
-# threads once ran without the caller's no_grad, and kept every activation: 12 GB.)
+# pixels do not depend on the pool size. Each worker holds one tile's working set, hence
+# no more than 2 (speed and memory: docs/measurements.md, "Tile workers").
 TILE_WORKERS = 2
 DOWNSCALES = bitstream.DOWNSCALES
 

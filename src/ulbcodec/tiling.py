@@ -126,16 +126,14 @@ def tiled_apply(
 # Transformer tiles, in latent pixels (x8 for image pixels): the size the transformer
 # was trained on (its config's sample_height/width), kept between these bounds, with a
 # quarter of it to blend over. Attention over a larger window than the training crops
-# costs fidelity: the shipped model (256 px crops, 32 latents) in 64-latent tiles scored
-# 4.6 VMAF and 1.1 dB PSNR less than in 32-latent ones (mean of the 7 held-out 768 px
-# photographs at level 3).
+# costs fidelity (docs/measurements.md, "Transformer tiles").
 # 64 latents = 512 px, 2048 tokens for the two temporal tokens (a CogVideoX base model's
 # crops are larger; its tiles stay at 64 to bound memory).
 MIN_LATENT_TILE = 32
 MAX_LATENT_TILE = 64
 # Tiles go through the transformer in batches of about this many latents (8 tiles of 32,
-# 2 of 64): per-call overheads dominate small tiles (32 latents on 2 cores: 25 ms a tile
-# alone, 14 ms in batches of 8), while large tiles gain nothing and cost memory.
+# 2 of 64): per-call overheads dominate small tiles, while large tiles gain nothing and
+# cost memory.
 TILE_BATCH_LATENTS = 8 * 32 * 32
 
 # VAE tiles: 512 px with 128 px of overlap. The VAE's convolutions are local but its
@@ -143,9 +141,8 @@ TILE_BATCH_LATENTS = 8 * 32 * 32
 VAE_TILE = 512
 VAE_OVERLAP = 128
 # A VAE at most this wide at full resolution (the shipped one has 16 channels there)
-# takes tiles twice as large: the overlap then costs 1.28x a 12 MP image's pixels in VAE
-# work instead of 1.74x (its VAE stage: 30 s -> 18 s on 2 cores) for 0.3 GB more memory.
-# A wide VAE (CogVideoX's own: 128 channels) keeps 512 px, 1 GB of activations a tile.
+# takes tiles twice as large: less overlap to compute again, for a little more memory. A
+# wide VAE (CogVideoX's own: 128 channels) keeps 512 px, whose activations are larger.
 NARROW_VAE_CHANNELS = 32
 
 

@@ -21,8 +21,8 @@ Determinism: prediction runs with a FIXED number of intra-op threads
 (:data:`PREDICTION_THREADS`, whatever the machine or ``--jobs``), so the encoder's
 predictions, which decide what is accepted, are what the decoder computes on the same
 build and CPU: kernels split their work by the thread count, and a fixed count fixes
-the split. Two rather than one: the VAE decodes 1.4-1.5x faster, and a one-core machine
-still runs two threads, only slower.
+the split. Two rather than one: the VAE decodes faster, and a one-core machine still
+runs two threads, only slower.
 """
 
 from __future__ import annotations
