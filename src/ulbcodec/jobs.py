@@ -50,11 +50,11 @@ def is_video_input(path: Path) -> bool:
 
 
 def encode_job(encoders, task, quality: Optional[int], bpp: Optional[float], downscale: int, force: bool,
-                skip_existing: bool = False, budget=None, video=None, progress: bool = False,
-                quiet: bool = False, refine=None) -> dict:
+               skip_existing: bool = False, budget=None, video=None, progress: bool = False,
+               quiet: bool = False, refine=None) -> dict:
     if is_video_input(task.src):
         return encode_video_job(encoders.video, task, quality, bpp, force, skip_existing, budget, video, progress,
-                                 quiet)
+                                quiet)
     codec = encoders.image
     from ulbcodec.io import check_input, check_output, image_size, read_image, write_bytes
 
@@ -87,7 +87,7 @@ def encode_job(encoders, task, quality: Optional[int], bpp: Optional[float], dow
 
 
 def encode_video_job(codec, task, quality: Optional[int], bpp: Optional[float], force: bool, skip_existing: bool,
-                      budget, settings, progress: bool, quiet: bool = False) -> dict:
+                     budget, settings, progress: bool, quiet: bool = False) -> dict:
     import dataclasses
 
     from tqdm import tqdm
@@ -155,8 +155,8 @@ def decode_video(decoders, container, task, force: bool, video_format: str, loss
 
 
 def decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int = 1, seed: Optional[int] = None,
-                skip_existing: bool = False, budget=None, video_format: str = "mp4", lossless: bool = False,
-                progress: bool = False, quiet: bool = False) -> dict:
+               skip_existing: bool = False, budget=None, video_format: str = "mp4", lossless: bool = False,
+               progress: bool = False, quiet: bool = False) -> dict:
     from ulbcodec.bitstream import MEDIA_VIDEO, read_file
     from ulbcodec.io import (IMAGE_EXTENSIONS, check_input, check_output, image_format, input_error, video_output_kind,
                              write_image)
@@ -274,7 +274,7 @@ def placement(device: str, offload: str):
 
 
 def announce_device(codec, width: int, height: int, generative: bool, what: str, quiet: bool,
-                     downscale: int = 1, video: bool = False) -> None:
+                    downscale: int = 1, video: bool = False) -> None:
     """On a GPU, before the job: its device-memory estimate (one line, unless -q), or a
     one-line refusal when it cannot fit the free memory."""
     from ulbcodec.placement import device_report
