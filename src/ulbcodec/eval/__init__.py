@@ -8,16 +8,17 @@ One module per concept::
                 worker pool, round trips through each codec, :func:`runner.run`
     rd.py       curves: averaging, monotone envelopes, rate windows, Bjøntegaard deltas
     report.py   outputs: CSV/JSON points and aggregates, RD plots, crop sheet, summary.md
+    image_sweep.py  the RD benchmarks' image sweeps (benchmarks/image_rd.py, generative.py)
 
 It measures, for every image or video it is given, how many bits each codec spends
 (the real bytes of the complete file x 8 / original pixels, times frames for a video)
 and how close the decoded pixels are to the original under each metric of
 ``ulbcodec.metrics``; then it averages the points into curves, takes each codec's
 monotone envelope, and compares ulbc with each baseline by BD-rate. The RD benchmarks
-(benchmarks/image_rd.py, video_rd.py) use the same curve rules from here.
+(benchmarks/image_rd.py, video_rd.py) use the same curve rules from here. This module
+holds only the names the others share; it imports none of them.
 
 ::
-
 
     INPUTS (files, folders) ──► find_items ──► Item(path, kind=image|video, sha256)
                                                     │
