@@ -477,7 +477,7 @@ def _save_diffusers(module, folder: Path, dtype: torch.dtype) -> None:
 def search_paths() -> List[Path]:
     """Where named models live: $ULBC_MODEL_PATH (colon-separated), then the project's models/."""
     paths = [Path(p) for p in os.environ.get("ULBC_MODEL_PATH", "").split(os.pathsep) if p]
-    paths.append(Path(__file__).resolve().parents[3] / "models")
+    paths.append(Path(__file__).resolve().parents[2] / "models")  # src/ulbcodec/packages.py -> the project
     return paths
 
 
