@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import image_rd  # noqa: E402
-from image_rd import LABELS, METRICS, average_curves, list_images, load_image, measure  # noqa: E402
-
-from ulbcodec.evaluate import bd_cell as bd, family_envelopes as envelopes  # noqa: E402  (same rules as image_rd)
-from ulbcodec.refinement import RefineSettings  # noqa: E402
+from ulbcodec.eval.image_sweep import (METRICS, average_curves, list_images, load_image, map_images, measure,
+                                       rows_from_sweep, run_baselines)
+from ulbcodec.eval.rd import bd_cell as bd, family_envelopes as envelopes  # the same rules as image_rd.py
+from ulbcodec.eval.scoring import HIGHER_IS_BETTER, LABELS
+from ulbcodec.refinement import RefineSettings
 
 GEN, ANCHOR = "ulbc-generative", "ulbc-anchor-only"
 BD_METRICS = ("psnr", "ms_ssim", "vmaf", "log_spectrum_error")
@@ -60,7 +59,7 @@ def run_ulbc(model: str, image_paths, downscales=(1, 2), jobs: int = 1, refine_s
     if not ImageCodec.from_pretrained(model).is_generative:
         sys.exit(f"model {model!r} has no generative decoder")
     tasks = [(path, f, refine_steps, levels) for f in downscales for path in image_paths]
-    rows = [row for rows in image_rd.map_images(model, _both_decoders, tasks, jobs) for row in rows]
+    rows = [row for rows in map_images(model, _both_decoders, tasks, jobs) for row in rows]
     rows.sort(key=lambda r: (r["downscale"], r["setting"], r["image"], r["codec"] != GEN))  # a serial run's order
     for f in downscales:
         for level in sorted({r["setting"] for r in rows}):
@@ -158,7 +157,7 @@ def seam_check(model: str, path: str) -> str:
     """Seams of the transformer's tiles (edge score) and of the VAE's (against untiled)."""
     from ulbcodec import metrics
     from ulbcodec.image import ImageCodec
-    from ulbcodec.models import next_frame
+    from ulbcodec import tiling
 
     codec = ImageCodec.from_pretrained(model)
     ref = load_image(path)
@@ -167,20 +166,20 @@ def seam_check(model: str, path: str) -> str:
     tile, overlap = pipe.latent_tile, pipe.latent_overlap
 
     def decode(**settings):
-        saved = {name: getattr(next_frame, name) for name in settings}
+        saved = {name: getattr(tiling, name) for name in settings}
         for name, value in settings.items():
-            setattr(next_frame, name, value)
+            setattr(tiling, name, value)
         try:
             return codec.decode(data)
         finally:
             for name, value in saved.items():
-                setattr(next_frame, name, value)
+                setattr(tiling, name, value)
 
     tiled = codec.decode(data)
     scores = []
     for axis in (1, 0):  # columns, rows
         latents = -(-ref.shape[axis] // 64) * 8  # the padded image's latent side
-        starts = list(next_frame.tile_starts(latents, tile, overlap))
+        starts = list(tiling.tile_starts(latents, tile, overlap))
         edges = sorted({8 * e for s in starts for e in (s, s + tile)} - {0, 8 * latents})
         scores.append(edge_score(tiled, ref, edges, axis))
     at_edges, floor = max(s[0] for s in scores), max(s[1] for s in scores)
@@ -192,7 +191,7 @@ def seam_check(model: str, path: str) -> str:
     column_ratio = float((_steps(vae_tiled, 1) / np.maximum(_steps(whole, 1), 1e-6)).max())
     return (f"{Path(path).name} ({ref.shape[1]}x{ref.shape[0]}). Transformer tiles of {tile} latents with {overlap} "
             f"of overlap: edge score {at_edges:.2f} at the tile edges against {floor:.2f} 16 px beside them (a seam "
-            f"would show as a score well above that floor). VAE tiles of 256 px with {next_frame.VAE_OVERLAP} "
+            f"would show as a score well above that floor). VAE tiles of 256 px with {tiling.VAE_OVERLAP} "
             f"overlap vs untiled: PSNR {metrics.psnr(whole, vae_tiled):.2f} dB, largest column-step ratio "
             f"{column_ratio:.2f} (a seam: >> 1).")
 
@@ -222,9 +221,9 @@ def main(argv=None) -> None:
     levels = [int(v) for v in args.levels.split(",")] if args.levels else None
     rows = run_ulbc(args.model, paths, jobs=args.jobs, refine_steps=args.refine_steps, levels=levels)
     if args.baselines_from:
-        rows += image_rd.rows_from_sweep(args.baselines_from, paths, ["webp", "avif"], [1, 2, 4], args.max_bpp)
+        rows += rows_from_sweep(args.baselines_from, paths, ["webp", "avif"], [1, 2, 4], args.max_bpp)
     else:
-        rows += image_rd.run_baselines(paths, ["webp", "avif"], [1, 2, 4], False, args.max_bpp, args.jobs)
+        rows += run_baselines(paths, ["webp", "avif"], [1, 2, 4], False, args.max_bpp, args.jobs)
     curves = average_curves(rows)
     fields = ["image", "curve", "codec", "downscale", "setting", "bytes", "bpp", *METRICS, "decode_s"]
     with open(out / "points.csv", "w", newline="") as f:
@@ -263,7 +262,7 @@ def main(argv=None) -> None:
                      f" | {np.mean(secs[(ANCHOR, level)]):.2f} / {np.mean(secs[(GEN, level)]):.2f} |")
     # the target's range: the levels whose mean rate lies in [lo, hi]
     in_range = sorted(lv for lv in {s for (_, s) in by} if lo <= by[(ANCHOR, lv)]["bpp"] <= hi)
-    wins = {m: [lv for lv in in_range if (by[(GEN, lv)][m] > by[(ANCHOR, lv)][m]) == image_rd.HIGHER_IS_BETTER[m]]
+    wins = {m: [lv for lv in in_range if (by[(GEN, lv)][m] > by[(ANCHOR, lv)][m]) == HIGHER_IS_BETTER[m]]
             for m in ("vmaf", "log_spectrum_error")}
     lines += ["", f"Generative beats anchor-only at every level in {lo:g}-{hi:g} bpp (levels "
               f"{', '.join(map(str, in_range))}): VMAF {wins['vmaf'] == in_range} (at levels "

@@ -35,7 +35,7 @@ def test_image(width: int, height: int) -> np.ndarray:
 
 def measure(model: str, device: torch.device, offload: str, width: int, height: int, repeat: int) -> dict:
     from ulbcodec.image import ImageCodec
-    from ulbcodec.models.package import ModelPackage, resolve
+    from ulbcodec.packages import ModelPackage, resolve
     from ulbcodec.placement import Placement, device_estimate
 
     package = ModelPackage.load_manifest(resolve(model))

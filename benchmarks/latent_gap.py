@@ -14,14 +14,11 @@ the change is unrelated to the missing detail, 1 when it points exactly at it.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from image_rd import list_images, load_image  # noqa: E402
+from ulbcodec.eval.image_sweep import list_images, load_image
 
 
 @torch.no_grad()

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from image_rd import list_images, load_image  # noqa: E402
+from ulbcodec.eval.image_sweep import list_images, load_image
 
 OBJECTIVES = ("none (g_a alone)", "training loss only", "+ detail and VIF (ulbc's)")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import io
 import os
 import platform
 import shutil
@@ -31,7 +30,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def machine() -> str:
@@ -50,11 +48,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{mem}; Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def capture(fn, argv) -> str:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        fn(argv)
-    return buf.getvalue()
+def capture(script: str, argv) -> str:
+    """The standard output of ``python benchmarks/SCRIPT ARGV`` (its stderr passes through)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, argv)], stdout=subprocess.PIPE,
+                          text=True, check=True, env=env).stdout
 
 
 def main(argv=None) -> None:
@@ -68,23 +66,20 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(ROOT / "out" / "bench"))
     args = p.parse_args(argv)
 
-    import generative
-    import image_rd
-    import speed
-    from ulbcodec.models import package as packages
+    from ulbcodec import packages
     from ulbcodec.train.data import fetch_photos
 
     photos = fetch_photos(Path(args.data))
     started = datetime.datetime.now(datetime.timezone.utc)
     rd_out = Path(args.out) / "image_rd"
-    rd = capture(image_rd.main, ["--images", str(photos / "val-768"), "--out", str(rd_out),
+    rd = capture("image_rd.py", ["--images", str(photos / "val-768"), "--out", str(rd_out),
                                  "--ulbc-model", args.model, "--jobs", str(args.jobs)])
     plots = ROOT / "docs" / "benchmarks"
     plots.mkdir(parents=True, exist_ok=True)
     for png in rd_out.glob("rd_*.png"):
         shutil.copyfile(png, plots / png.name)
-    speed_12mp = capture(speed.main, [str(next((photos / "val-12mp").glob("*.png"))), "--model", args.model])
-    speed_768 = capture(speed.main, [str(photos / "val-768" / "Garden.png"), "--model", args.model])
+    speed_12mp = capture("speed.py", [str(next((photos / "val-12mp").glob("*.png"))), "--model", args.model])
+    speed_768 = capture("speed.py", [str(photos / "val-768" / "Garden.png"), "--model", args.model])
     gen_section = "Not run: no generative model installed."
     try:
         packages.resolve(args.generative_model)
@@ -92,33 +87,30 @@ def main(argv=None) -> None:
         pass
     else:
         garden, twelve = photos / "val-768" / "Garden.png", next((photos / "val-12mp").glob("*.png"))
-        gen = capture(generative.main, ["--images", str(photos / "val-768"), "--out", str(Path(args.out) / "generative"),
+        gen = capture("generative.py", ["--images", str(photos / "val-768"), "--out", str(Path(args.out) / "generative"),
                                         "--model", args.generative_model, "--jobs", str(args.jobs),
                                         "--baselines-from", str(rd_out / "points.json"),
                                         "--sheet", str(ROOT / "docs" / "generative_crops.png")])
         for png in (Path(args.out) / "generative").glob("rd_*.png"):
             shutil.copyfile(png, plots / f"generative_{png.name}")
-        import latent_gap
 
-        gap = capture(latent_gap.main, ["--images", str(photos / "val-768"), "--model", args.generative_model])
-        import vmaf_features
+        gap = capture("latent_gap.py", ["--images", str(photos / "val-768"), "--model", args.generative_model])
 
         gen_points = Path(args.out) / "generative" / "points.json"
-        feats = capture(vmaf_features.main, ["--images", str(photos / "val-768"), "--model", args.generative_model,
+        feats = capture("vmaf_features.py", ["--images", str(photos / "val-768"), "--model", args.generative_model,
                                              "--points", str(gen_points)])
         m = ["--model", args.generative_model]
-        gen_speed = "\n\n".join(capture(speed.main, argv) for argv in (
+        gen_speed = "\n\n".join(capture("speed.py", argv) for argv in (
             [str(garden), *m, "--anchor-only"], [str(garden), *m], [str(twelve), *m, "--repeat", "1"]))
-        import refine_objectives
 
         steps = str(args.refine_steps)
         refined_argv = ["--images", str(photos / "val-768"), "--model", args.generative_model,
                         "--jobs", str(args.jobs), "--refine-steps", steps, "--levels", "0,1,2,3,4",
                         "--baselines-from", str(rd_out / "points.json")]
-        refined = capture(generative.main, [*refined_argv, "--out", str(Path(args.out) / "generative-refined")])
-        ablation = capture(refine_objectives.main, ["--images", str(photos / "val-768"),
+        refined = capture("generative.py", [*refined_argv, "--out", str(Path(args.out) / "generative-refined")])
+        ablation = capture("refine_objectives.py", ["--images", str(photos / "val-768"),
                                                     "--model", args.generative_model, "--steps", steps])
-        refined_speed = capture(speed.main, [str(garden), *m, "--refine-steps", steps, "--repeat", "1"])
+        refined_speed = capture("speed.py", [str(garden), *m, "--refine-steps", steps, "--repeat", "1"])
         gen_section = f"""Command: `python benchmarks/generative.py --images {photos / "val-768"} --model {args.generative_model}`
 Plots: docs/benchmarks/generative_rd_*.png; crops: docs/generative_crops.png
 
@@ -158,13 +150,12 @@ What each refinement objective buys (command: `python benchmarks/refine_objectiv
     except packages.ModelError:
         pass
     else:
-        import video_rd
         from ulbcodec.train.video_data import fetch_videos
 
         clips = fetch_videos(Path(args.data)) / "val"
         video_argv = ["--clips", str(clips), "--model", args.video_model, "--out", str(Path(args.out) / "video"),
                       "--plots", str(plots), "--speed"]
-        video = capture(video_rd.main, video_argv)
+        video = capture("video_rd.py", video_argv)
         video_section = f"""Command: `python benchmarks/video_rd.py {' '.join(video_argv)}`
 Plots: docs/benchmarks/video_rd_*.png
 

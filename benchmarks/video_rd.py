@@ -13,14 +13,14 @@ and measures bpp (bytes x 8 / (width x height x frames)), PSNR (RGB, mean over f
 MS-SSIM (RGB, mean over frames; SSIM for clips under 161 px, where MS-SSIM is undefined)
 and VMAF (vmaf_v0.6.1 over the sequence, BT.709 yuv420p; ``ulbcodec.metrics``).
 
-BD-rates are computed per clip (PCHIP over log rate, ``metrics.bd_rate``, on each
+BD-rates are computed per clip (PCHIP over log rate, ``ulbcodec.eval.rd.bd_rate``, on each
 codec's monotone envelope) and averaged over the clips where the curves overlap, over
 the whole range and restricted to <= 0.03 bpp (plus the nearest point above). Also
 ``--speed``: encode and decode frames per second at 256x256 and the peak RSS of
 ``ulbc encode``/``decode`` on a 60- and a 300-frame clip (memory must not grow with
 length). Outputs in OUT: points.csv / points.json, rd_<metric>.png, summary.md (printed).
 Metrics, the bit-exact ulbc round trip, envelopes and per-clip BD-rates are
-``ulbcodec.evaluate``'s, shared with ``ulbc eval``.
+``ulbcodec.eval``'s, shared with ``ulbc eval``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from ulbcodec import video_baselines
-from ulbcodec.evaluate import envelope, label, mean_bd_rate, read_clip, ulbc_video_round_trip, video_scores
+from ulbcodec.eval.rd import envelope, mean_bd_rate
+from ulbcodec.eval.runner import read_clip, ulbc_video_round_trip
+from ulbcodec.eval.scoring import label, video_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("psnr", "ms_ssim", "vmaf")

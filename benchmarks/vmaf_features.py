@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from image_rd import list_images, load_image  # noqa: E402
+from ulbcodec.eval.image_sweep import list_images, load_image
 
 FEATURES = ("integer_vif_scale0", "integer_vif_scale1", "integer_vif_scale2", "integer_vif_scale3",
             "integer_adm2", "vmaf")

@@ -7,7 +7,7 @@
 
 Every input must end in a successful decode (an array of the header's size; for a video,
 exactly the header's frame count) or in an exception the CLI reports as a clean one-line
-error. ``batch.describe_error`` prints ``ValueError`` and ``OSError`` as plain messages and
+error. ``task.describe_error`` prints ``ValueError`` and ``OSError`` as plain messages and
 anything else as "internal error ...; please report it", so exactly those two are *clean*
 (``CLEAN_ERRORS``); the documented ones are ``BitstreamError``, ``DecodeError`` and
 ``MemoryLimitError`` (all ValueError subclasses). With ``strict=True`` an undocumented
@@ -87,7 +87,7 @@ FUZZ_PREDICTOR = dict(sample_size=8, in_channels=FUZZ_LATENT * 5, out_channels=F
                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                       block_out_channels=(8, 8), layers_per_block=1, add_attention=False, norm_num_groups=4)
 
-CLEAN_ERRORS = (ValueError, OSError)  # what batch.describe_error reports as a plain one-line error
+CLEAN_ERRORS = (ValueError, OSError)  # what task.describe_error reports as a plain one-line error
 DOCUMENTED_ERRORS = (BitstreamError, DecodeError, MemoryLimitError)
 
 
@@ -102,7 +102,7 @@ def build_package(root: Path) -> Path:
     """Write the tiny seeded random image package (and the video package beside it)
     under ``root`` and return the image package's path."""
     from ulbcodec.models.anchor_codec import AnchorCodec
-    from ulbcodec.models.package import RateLevel, save_package
+    from ulbcodec.packages import RateLevel, save_package
 
     with torch.random.fork_rng():  # seeded without disturbing the caller's random state
         torch.manual_seed(FUZZ_MODEL_SEED)
@@ -118,8 +118,8 @@ def _build_video_package(root: Path) -> Path:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel, UNet2DModel
 
     from ulbcodec.models.anchor_codec import AnchorCodec
-    from ulbcodec.models.package import RateLevel, save_package
-    from ulbcodec.train.generative import SCHEDULER_CONFIG
+    from ulbcodec.packages import RateLevel, save_package
+    from ulbcodec.models.next_frame import SCHEDULER_CONFIG
 
     with torch.random.fork_rng():
         torch.manual_seed(FUZZ_MODEL_SEED)

@@ -42,8 +42,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORKER_ENV = "ULBC_FUZZ_WORKER"
 # Instrumented for coverage: the container reader and the decode pipeline (ulbcodec.bitstream,
-# .image, .models.package, .models.tiling). Not the model maths (ulbcodec.models.anchor_codec,
-# compressai, torch): they are imported before instrumentation starts, because atheris's
+# .image, .packages, .tiling). Not the model maths (ulbcodec.models.anchor_codec with the .layers
+# and .entropy modules it imports, compressai, torch): they are imported before instrumentation starts, because atheris's
 # instrumentation of anchor_codec grows the process by ~5 KB per decode (measured: 16 MB per
 # 3000 decodes, flat without it), which ends long runs at -rss_limit_mb. The rANS coder is
 # C++ and not instrumented either.

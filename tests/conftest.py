@@ -20,7 +20,7 @@ TINY_CONFIG = dict(N=16, M=32, num_slices=2, context_window=3, vae_channels=0, b
 
 def make_tiny_package(root: Path, name: str = "tiny", seed: int = 0, lambdas=(0.0, 0.0, 0.0)) -> Path:
     from ulbcodec.models.anchor_codec import AnchorCodec
-    from ulbcodec.models.package import RateLevel, save_package
+    from ulbcodec.packages import RateLevel, save_package
 
     torch.manual_seed(seed)
     model = AnchorCodec(**TINY_CONFIG)
@@ -46,8 +46,8 @@ def make_tiny_generative_package(root: Path, name: str = "tinygen", seed: int = 
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 
     from ulbcodec.models.anchor_codec import AnchorCodec
-    from ulbcodec.models.package import RateLevel, save_package
-    from ulbcodec.train.generative import SCHEDULER_CONFIG
+    from ulbcodec.packages import RateLevel, save_package
+    from ulbcodec.models.next_frame import SCHEDULER_CONFIG
 
     torch.manual_seed(seed)
     config = {**TINY_CONFIG, "bypass_channels": TINY_LATENT, "vae_channels": vae_channels}
@@ -70,8 +70,8 @@ def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, 
     ``pframe`` a tiny random P-frame codec)."""
     from diffusers import CogVideoXDDIMScheduler, UNet2DModel
 
-    from ulbcodec.models.package import ModelPackage, save_package
-    from ulbcodec.train.generative import SCHEDULER_CONFIG
+    from ulbcodec.packages import ModelPackage, save_package
+    from ulbcodec.models.next_frame import SCHEDULER_CONFIG
 
     image = ModelPackage.load_manifest(make_tiny_generative_package(root, name + "-image", seed))
     modules = {c: image.build(c) for c in image.components}

@@ -234,17 +234,18 @@ def test_entropy_path_is_independent_of_thread_count(rated):
 def test_local_context_bands_do_not_change_a_bit(tiny, monkeypatch, band_pixels):
     """The windowed local context attends band by band (for speed); every band size must
     give exactly the unbanded values, or files would decode differently by image size."""
-    from ulbcodec.models import anchor_codec
-    from ulbcodec.models.anchor_codec import _keep, _local_attention_mask
+    from ulbcodec.entropy import context as context_models
+    from ulbcodec.entropy.checkerboard import keep_part
+    from ulbcodec.entropy.context import local_attention_mask
 
     torch.manual_seed(1)
     context = tiny.local_context[1]
-    anchors = _keep(torch.randn(1, context.dim, 12, 20) * 3, anchor=True)
-    mask = _local_attention_mask(12, 20, context.window, anchors.device)
+    anchors = keep_part(torch.randn(1, context.dim, 12, 20) * 3, anchor=True)
+    mask = local_attention_mask(12, 20, context.window, anchors.device)
     with torch.no_grad():
-        monkeypatch.setattr(anchor_codec, "BAND_PIXELS", 10**9)
+        monkeypatch.setattr(context_models, "BAND_PIXELS", 10**9)
         whole = context(anchors, mask)
-        monkeypatch.setattr(anchor_codec, "BAND_PIXELS", band_pixels)
+        monkeypatch.setattr(context_models, "BAND_PIXELS", band_pixels)
         banded = context(anchors, mask)
         threaded = context(anchors, mask, workers=2)  # bands shared by two threads
     assert torch.equal(whole, banded) and torch.equal(whole, threaded)

@@ -198,9 +198,9 @@ def test_decode_picks_the_installed_model_named_by_the_file(tiny_model, images, 
     r = _invoke(["decode", out, "-o", tmp_path / "a.png"])  # no --model
     assert r.returncode == 0, r.stderr
     monkeypatch.setenv("ULBC_MODEL_PATH", str(tmp_path / "empty"))
-    from ulbcodec import cli as cli_module
+    from ulbcodec.jobs import load_decoders
 
-    cli_module._load_decoders.cache_clear()
+    load_decoders.cache_clear()
     r = _invoke(["decode", out, "-o", tmp_path / "b.png"])
     assert r.returncode == 1 and "which is not installed" in r.stderr
     assert not (tmp_path / "b.png").exists()

@@ -10,7 +10,8 @@ from fractions import Fraction
 import pytest
 from PIL import Image
 
-from ulbcodec import evaluate, io
+from ulbcodec import io
+from ulbcodec.eval.scoring import metric_problem
 
 from conftest import make_tiny_package, make_tiny_video_package
 from test_cli import _invoke
@@ -92,7 +93,7 @@ def test_unavailable_metrics_are_reported_not_dropped(first_run):
     fid = head["metrics"]["image"]["fid"]
     assert fid["status"] == "unavailable" and "Inception" in fid["reason"]
     assert "metric fid unavailable" in r.stderr
-    lpips_problem = evaluate.metric_problem("lpips")
+    lpips_problem = metric_problem("lpips")
     if lpips_problem:  # no lpips weights here: an empty column and the reason, never a made-up number
         assert head["metrics"]["video"]["lpips"] == {"status": "unavailable", "reason": lpips_problem}
         assert all(row["lpips"] is None for row in head["points"])

@@ -26,6 +26,7 @@ from PIL import Image
 
 from ulbcodec import batch, bitstream, io as uio, resources
 from ulbcodec.cli import cli
+from ulbcodec.task import Task, guard
 
 from test_cli import ulbc
 
@@ -141,9 +142,9 @@ def test_skip_existing_is_not_combinable_with_force(tiny_model, images, coded, t
 def test_skip_existing_when_the_output_appears_during_the_job(tiny_model, images, tmp_path):
     """Another run finished the file while this one was coding it: a skip, not a failure;
     and without --skip-existing, an error that keeps the other run's file."""
-    from ulbcodec.cli import _encode_job, _load_encoders
+    from ulbcodec.jobs import encode_job, load_encoders
 
-    codec = _load_encoders(True, False, "tiny", "cpu")
+    codec = load_encoders(True, False, "tiny", "cpu")
     dst = tmp_path / "a.ulb"
     real_read = uio.read_image
 
@@ -152,13 +153,13 @@ def test_skip_existing_when_the_output_appears_during_the_job(tiny_model, images
         dst.write_bytes(b"the other run's file")
         return out
 
-    task = batch.Task(images / "im0.png", dst)
+    task = Task(images / "im0.png", dst)
     for skip, expect_ok in ((True, True), (False, False)):
         dst.unlink(missing_ok=True)
-        job = functools.partial(_encode_job, quality=None, bpp=None, downscale=1, force=False, skip_existing=skip)
+        job = functools.partial(encode_job, quality=None, bpp=None, downscale=1, force=False, skip_existing=skip)
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(uio, "read_image", read_then_race)
-            record = batch.guard(job, codec, task)
+            record = guard(job, codec, task)
         assert record["ok"] is expect_ok and record.get("skipped", False) is skip, record
         if not skip:
             assert "already exists" in record["error"]
@@ -325,7 +326,7 @@ def test_default_memory_limit_is_a_fraction_of_the_machine(tiny_model, coded, tm
 def test_max_memory_is_shared_by_the_jobs(tiny_model, images, tmp_path):
     """With --jobs N the limit covers the whole command: a limit that fits one process
     refuses the files when it would have to hold two workers and the main process."""
-    from ulbcodec.models.package import ModelPackage
+    from ulbcodec.packages import ModelPackage
 
     weights = resources.weights_bytes(ModelPackage.load_manifest(tiny_model), ["anchor_codec"])
     one = resources.estimate_encode(96, 64, weights=weights)
@@ -663,7 +664,7 @@ def _job_dies_on_b(codec, task):
 
 
 def test_a_worker_that_dies_fails_its_files_cleanly(tmp_path):
-    tasks = [batch.Task(tmp_path / n, tmp_path / f"{n}.out") for n in ("a", "b", "c", "d")]
+    tasks = [Task(tmp_path / n, tmp_path / f"{n}.out") for n in ("a", "b", "c", "d")]
     records = list(batch.run(tasks, _factory_none, _job_dies_on_b, jobs=2))
     assert sorted(r["input"] for r in records) == sorted(str(t.src) for t in tasks)
     dead = {Path(r["input"]).name: r for r in records if not r["ok"]}

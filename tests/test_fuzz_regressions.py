@@ -139,7 +139,7 @@ def test_rans_overread_reproducers_are_refused_without_any_guard(fuzz_model):
     are refused cleanly by the plain decoder. The first ones found are now stopped by the
     format's minimum anchor size before any decoding; the "sized" one meets it, reaches
     the rANS decoder (which crashed on it unpadded) and is refused there: the decoder
-    pads the strings itself (anchor_codec.rans_safe)."""
+    pads the strings itself (ulbcodec.entropy.coding.rans_safe)."""
     paths = [p for p in CRASHES if p.name.startswith("rans-overread-")]
     sized = [p for p in paths if "-sized-" in p.name]
     assert sized and len(paths) > len(sized)

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from ulbcodec.cli import cli
-from ulbcodec.models.package import ModelError
+from ulbcodec.packages import ModelError
 from ulbcodec.video import VideoCodec, VideoSettings
 
 from conftest import TINY_LATENT, TINY_TRANSFORMER, TINY_VAE, make_tiny_generative_package
@@ -23,7 +23,7 @@ def save_base(root: Path, in_channels: int = 2 * TINY_LATENT, embeds: bool = Tru
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
     from safetensors.torch import save_file
 
-    from ulbcodec.train.generative import SCHEDULER_CONFIG
+    from ulbcodec.models.next_frame import SCHEDULER_CONFIG
 
     torch.manual_seed(3)
     transformer = CogVideoXTransformer3DModel(**{**TINY_TRANSFORMER, "in_channels": in_channels})
@@ -38,7 +38,7 @@ def save_base(root: Path, in_channels: int = 2 * TINY_LATENT, embeds: bool = Tru
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from ulbcodec.models.i2v_predictor import import_i2v_predictor
+    from ulbcodec.importers.i2v import import_i2v_predictor
 
     root = tmp_path_factory.mktemp("i2v")
     base = save_base(root / "base")
@@ -85,7 +85,7 @@ def test_a_tight_threshold_gives_keyframes_only(models):
     ("guidance-without-negative", "negative prompt embeddings"),
 ])
 def test_bad_bases_are_refused_with_one_line_and_leave_nothing(models, tmp_path, change, message):
-    from ulbcodec.models.i2v_predictor import import_i2v_predictor
+    from ulbcodec.importers.i2v import import_i2v_predictor
 
     _, good, image, _ = models
     base = good

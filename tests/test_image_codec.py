@@ -12,7 +12,7 @@ import torch
 
 from ulbcodec import bitstream as bs
 from ulbcodec.image import DecodeError, ImageCodec
-from ulbcodec.models.tiling import tiled_apply
+from ulbcodec.tiling import tiled_apply
 
 from conftest import DATA, assert_pixels_pinned, make_tiny_package
 
@@ -107,7 +107,7 @@ def test_pinned_digests_of_the_shipped_default_model(photo):
 
     If you change the default model or the coding path on purpose, update the digests and
     say so in the commit message."""
-    from ulbcodec.models.package import ModelError
+    from ulbcodec.packages import ModelError
 
     try:
         codec = ImageCodec.from_pretrained("default")
@@ -126,7 +126,7 @@ def test_pinned_digests_of_the_shipped_generative_model(photo):
     """The same pin for models/generative (scripts/pin_default_model.py records it): the
     file, its generative decode and its anchor-only decode. The package carries its own
     anchor codec (trained with the perceptual terms, docs/training.md), not models/default's."""
-    from ulbcodec.models.package import ModelError
+    from ulbcodec.packages import ModelError
 
     try:
         codec = ImageCodec.from_pretrained("generative")

@@ -7,6 +7,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from ulbcodec import metrics
+from ulbcodec.eval import rd
 
 
 def natural_image(h: int, w: int, seed: int = 0, slope: float = 2.0) -> np.ndarray:
@@ -159,27 +160,27 @@ FAU_HIGH_TEST = ([99896.96, 33952.04, 9787.8, 4469.0], [44.731, 41.875, 40.121, 
 
 
 def test_bd_rate_published_example():
-    assert metrics.bd_rate(*FAU_ANCHOR, *FAU_TEST) == pytest.approx(-4.417485350589045, abs=1e-9)
-    assert metrics.bd_metric(*FAU_ANCHOR, *FAU_TEST) == pytest.approx(0.11969278542479489, abs=1e-9)
-    assert metrics.bd_rate(*FAU_HIGH_ANCHOR, *FAU_HIGH_TEST) == pytest.approx(-4.47218200276197, abs=1e-9)
-    assert metrics.bd_metric(*FAU_HIGH_ANCHOR, *FAU_HIGH_TEST) == pytest.approx(0.08887484704747745, abs=1e-9)
+    assert rd.bd_rate(*FAU_ANCHOR, *FAU_TEST) == pytest.approx(-4.417485350589045, abs=1e-9)
+    assert rd.bd_metric(*FAU_ANCHOR, *FAU_TEST) == pytest.approx(0.11969278542479489, abs=1e-9)
+    assert rd.bd_rate(*FAU_HIGH_ANCHOR, *FAU_HIGH_TEST) == pytest.approx(-4.47218200276197, abs=1e-9)
+    assert rd.bd_metric(*FAU_HIGH_ANCHOR, *FAU_HIGH_TEST) == pytest.approx(0.08887484704747745, abs=1e-9)
 
 
 def test_bd_rate_half_the_rate_is_minus_50_percent():
     rates, psnrs = FAU_ANCHOR
-    assert metrics.bd_rate(rates, psnrs, [r * 0.5 for r in rates], psnrs) == pytest.approx(-50.0, abs=1e-9)
-    assert metrics.bd_rate(rates, psnrs, rates, psnrs) == pytest.approx(0.0, abs=1e-12)
-    assert metrics.bd_rate(rates[::-1], psnrs[::-1], rates, psnrs) == pytest.approx(0.0, abs=1e-12)  # any order
+    assert rd.bd_rate(rates, psnrs, [r * 0.5 for r in rates], psnrs) == pytest.approx(-50.0, abs=1e-9)
+    assert rd.bd_rate(rates, psnrs, rates, psnrs) == pytest.approx(0.0, abs=1e-12)
+    assert rd.bd_rate(rates[::-1], psnrs[::-1], rates, psnrs) == pytest.approx(0.0, abs=1e-12)  # any order
     # point counts may differ: on a curve linear in (metric, log rate) PCHIP is exact
     line_metric = [30.0, 32.0, 34.0, 36.0]
     line_rate = [10 ** (m / 10) for m in line_metric]
-    doubled = metrics.bd_rate(line_rate, line_metric, [2 * line_rate[0], 2 * line_rate[3]], [30.0, 36.0])
+    doubled = rd.bd_rate(line_rate, line_metric, [2 * line_rate[0], 2 * line_rate[3]], [30.0, 36.0])
     assert doubled == pytest.approx(100.0, abs=1e-9)
 
 
 def test_bd_metric_constant_shift():
     rates, psnrs = FAU_ANCHOR
-    assert metrics.bd_metric(rates, psnrs, rates, [p + 0.5 for p in psnrs]) == pytest.approx(0.5, abs=1e-12)
+    assert rd.bd_metric(rates, psnrs, rates, [p + 0.5 for p in psnrs]) == pytest.approx(0.5, abs=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -194,9 +195,9 @@ def test_bd_metric_constant_shift():
 )
 def test_bd_degenerate_inputs_raise(test_curve, message):
     with pytest.raises(ValueError, match=message):
-        metrics.bd_rate(*FAU_ANCHOR, *test_curve)
+        rd.bd_rate(*FAU_ANCHOR, *test_curve)
     with pytest.raises(ValueError):
-        metrics.bd_metric(*FAU_ANCHOR, *test_curve)
+        rd.bd_metric(*FAU_ANCHOR, *test_curve)
 
 
 # ------------------------------------------------------------------ availability

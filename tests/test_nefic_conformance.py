@@ -40,7 +40,7 @@ COMPARED = ["anchor_frame_raw", "bypass_latent", "anchor_frame", "vae_encode_inp
 def _import(root: Path, name: str, vae_tiled: bool = False) -> Path:
     """The e2e models as published files (anchor_codec.bin is a pickled state dict),
     imported into a package; ``vae_tiled``: the VAE config of vectors_vae_tiled.npz."""
-    from ulbcodec.models.nefic import import_nefic
+    from ulbcodec.importers.nefic import import_nefic
 
     base = root / f"{name}-base"
     shutil.copytree(E2E / "model", base)
@@ -66,7 +66,7 @@ def packages(tmp_path_factory):
 
 def _codec(package: Path, dtype=torch.float32):
     from ulbcodec.image import ImageCodec
-    from ulbcodec.models.package import ModelPackage
+    from ulbcodec.packages import ModelPackage
     from ulbcodec.placement import Placement
 
     return ImageCodec(ModelPackage.load_manifest(package), Placement(torch.device("cpu"), weights_dtype=dtype))

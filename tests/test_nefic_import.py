@@ -1,4 +1,4 @@
-"""Importing the official NeFIC checkpoints (models/nefic.py, `ulbc models import-nefic`).
+"""Importing the official NeFIC checkpoints (importers/nefic.py and models/lora.py, `ulbc models import-nefic`).
 
 The real files (CogVideoX-1.5-5B, six rate points of ~3 GB) cannot be downloaded here, so
 every test uses tiny random models of the real classes, saved in the published layouts:
@@ -19,8 +19,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from ulbcodec.models import nefic
-from ulbcodec.models.package import ModelError, ModelPackage
+from ulbcodec.importers import nefic
+from ulbcodec.models import lora
+from ulbcodec.packages import ModelError, ModelPackage
 
 from conftest import DATA, TINY_CONFIG, TINY_LATENT, TINY_TRANSFORMER, TINY_VAE
 
@@ -79,7 +80,7 @@ def _merged(transformer, tensors, scale=1.0):
     """The explicit computation: W + scale * B @ A in every target layer of a copy."""
     merged = copy.deepcopy(transformer)
     with torch.no_grad():
-        for name in nefic.lora_targets(merged):
+        for name in lora.lora_targets(merged):
             a = tensors[f"transformer.{name}.lora_A.weight"]
             b = tensors[f"transformer.{name}.lora_B.weight"]
             merged.get_submodule(name).weight += scale * b @ a
@@ -97,17 +98,17 @@ def test_lora_output_equals_explicit_merged_weights(tmp_path):
     expected = _run(_merged(base, tensors))
     original = {k: v.clone() for k, v in base.state_dict().items()}
 
-    assert nefic.load_lora(tmp_path / "lora.safetensors", base) == RANK
+    assert lora.load_lora(tmp_path / "lora.safetensors", base) == RANK
     out = _run(base)
     assert not torch.allclose(out, reference, atol=1e-3)  # the LoRA does something ...
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)  # ... exactly W + B @ A
-    for name, layer in nefic.lora_targets(base).items():  # unmerged: base weights untouched
+    for name, layer in lora.lora_targets(base).items():  # unmerged: base weights untouched
         assert torch.equal(layer.weight, original[f"{name}.weight"])
-        assert isinstance(base.get_submodule(name), nefic.LoRALinear)
+        assert isinstance(base.get_submodule(name), lora.LoRALinear)
 
     # A second LoRA replaces the first (no adapter stacked on an adapter), with alpha/rank.
     second = _lora_tensors(base, seed=2)
-    assert nefic.apply_lora(base, second, alpha=2 * RANK) == RANK
+    assert lora.apply_lora(base, second, alpha=2 * RANK) == RANK
     torch.testing.assert_close(_run(base), _run(_merged(_transformer(), second, scale=2.0)), rtol=1e-5, atol=1e-5)
 
 
@@ -117,7 +118,7 @@ def test_old_style_names_and_other_models_keys_are_handled_as_published(tmp_path
     renamed = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in tensors.items()}
     renamed["text_encoder.encoder.block.0.lora_A.weight"] = torch.zeros(RANK, 8)  # not the transformer's: left out
     save_file(renamed, str(tmp_path / "old.safetensors"))
-    nefic.load_lora(tmp_path / "old.safetensors", base)
+    lora.load_lora(tmp_path / "old.safetensors", base)
     torch.testing.assert_close(_run(base), _run(_merged(_transformer(), tensors)), rtol=1e-5, atol=1e-5)
 
 
@@ -148,9 +149,9 @@ def test_mismatched_lora_is_refused_with_one_clear_line(tmp_path, change, messag
     save_file(tensors, str(path))
     before = _run(base)
     with pytest.raises(ModelError, match=message) as err:
-        nefic.load_lora(path, base)
+        lora.load_lora(path, base)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
-    assert not any(isinstance(m, nefic.LoRALinear) for m in base.modules())  # left as it was
+    assert not any(isinstance(m, lora.LoRALinear) for m in base.modules())  # left as it was
     assert torch.equal(_run(base), before)
 
 
@@ -158,10 +159,10 @@ def test_lora_must_be_safetensors(tmp_path):
     base = _transformer()
     torch.save(_lora_tensors(base), tmp_path / "lora.bin")
     with pytest.raises(ModelError, match="must be a .safetensors file"):
-        nefic.load_lora(tmp_path / "lora.bin", base)
+        lora.load_lora(tmp_path / "lora.bin", base)
     (tmp_path / "fake.safetensors").write_bytes(b"\x80\x04 not safetensors")
     with pytest.raises(ModelError, match="not a readable safetensors file"):
-        nefic.load_lora(tmp_path / "fake.safetensors", base)
+        lora.load_lora(tmp_path / "fake.safetensors", base)
 
 
 # ------------------------------------------------------------------ (c) the published key names
@@ -172,10 +173,10 @@ def test_published_lora_names_match_the_loaders_targets_for_42_layers():
     assert next(meta.parameters()).is_meta and len(meta.transformer_blocks) == 42
     keys = json.loads((DATA / "lora_expected_keys.json").read_text())["keys"]
     published = {name: tuple(shape) for name, shape in keys}
-    expected = {"transformer." + k: v for k, v in nefic.lora_shapes(meta, 256).items()}
+    expected = {"transformer." + k: v for k, v in lora.lora_shapes(meta, 256).items()}
     assert set(published) == set(expected) and len(published) == 504
     assert published == expected  # the shapes agree too (rank 256)
-    assert nefic.check_lora(published, meta) == 256
+    assert lora.check_lora(published, meta) == 256
 
 
 # ------------------------------------------------------------------ (d) import end to end
@@ -184,7 +185,7 @@ def test_published_lora_names_match_the_loaders_targets_for_42_layers():
 def _write_base(root: Path) -> Path:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler
 
-    from ulbcodec.train.generative import SCHEDULER_CONFIG
+    from ulbcodec.models.next_frame import SCHEDULER_CONFIG
 
     torch.manual_seed(3)
     AutoencoderKLCogVideoX(**TINY_VAE).save_pretrained(str(root / "vae"))
@@ -257,7 +258,7 @@ def test_imported_package_encodes_and_decodes_generatively(published, imported, 
 
     from ulbcodec.image import ImageCodec
     from ulbcodec.models.next_frame import NextFramePipeline
-    from ulbcodec.models.package import _load_diffusers
+    from ulbcodec.packages import _load_diffusers
 
     _, base, (lambda1, lambda5) = published
     rgb = np.ascontiguousarray(photo[:60, :90])
@@ -275,7 +276,7 @@ def test_imported_package_encodes_and_decodes_generatively(published, imported, 
     # The package's decoder is exactly the base model plus that level's published LoRA,
     # decoding as published (models/nefic_decode.py; tests/test_nefic_conformance.py).
     transformer = _load_diffusers(CogVideoXTransformer3DModel, base / "transformer", "cpu")
-    nefic.load_lora(lambda5 / "pytorch_lora_weights.safetensors", transformer)
+    lora.load_lora(lambda5 / "pytorch_lora_weights.safetensors", transformer)
     prompt = load_file(str(lambda5 / "prompt_embeds.safetensors"))["prompt_embeds"]
     manual = NextFramePipeline(_load_diffusers(AutoencoderKLCogVideoX, base / "vae", "cpu"), transformer,
                                _load_diffusers(CogVideoXDPMScheduler, base / "scheduler", "cpu"), prompt,

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from ulbcodec.image import DecodeError, ImageCodec
+from ulbcodec import tiling
 from ulbcodec.models import next_frame
-from ulbcodec.models.package import ModelError, ModelPackage
+from ulbcodec.packages import ModelError, ModelPackage
 
 from conftest import make_tiny_generative_package
 
@@ -116,29 +117,29 @@ def test_vae_conditioned_encoder_round_trip(tmp_path, small):
 def test_blended_tiles_reproduce_a_pointwise_function():
     x = torch.randn(1, 3, 40, 29)
     fn = lambda t: t * 2 + 1  # noqa: E731
-    out = next_frame.blended_tiles(fn, x, tile=16, overlap=6)
+    out = tiling.blended_tiles(fn, x, tile=16, overlap=6)
     assert torch.allclose(out, fn(x), atol=1e-6)
     up = lambda t: t.repeat_interleave(8, -1).repeat_interleave(8, -2)  # noqa: E731
-    out = next_frame.blended_tiles(up, x, tile=16, overlap=4, scale=8)
+    out = tiling.blended_tiles(up, x, tile=16, overlap=4, scale=8)
     assert torch.allclose(out, up(x), atol=1e-6)
     for even in (False, True):
-        assert torch.allclose(next_frame.blended_tiles(fn, x, tile=16, overlap=6, even=even), fn(x), atol=1e-6)
+        assert torch.allclose(tiling.blended_tiles(fn, x, tile=16, overlap=6, even=even), fn(x), atol=1e-6)
 
 
 def test_blended_tiles_in_batches_match_one_at_a_time():
     x = torch.randn(2, 3, 40, 29)  # two images: each batch of tiles holds 2 samples per tile
     weights = torch.randn(3, 1, 1)
     fn = lambda t: (t * weights).cumsum(-1)  # noqa: E731  (not pointwise: tiles blend)
-    one = next_frame.blended_tiles(fn, x, tile=16, overlap=6)
+    one = tiling.blended_tiles(fn, x, tile=16, overlap=6)
     for batch in (2, 5, 100):
-        assert torch.allclose(next_frame.blended_tiles(fn, x, tile=16, overlap=6, batch=batch), one, atol=1e-6)
+        assert torch.allclose(tiling.blended_tiles(fn, x, tile=16, overlap=6, batch=batch), one, atol=1e-6)
 
 
 def test_transformer_tiles_are_the_training_size_within_bounds():
-    assert next_frame.transformer_tile({"sample_height": 32, "sample_width": 32}) == (32, 8)
-    assert next_frame.transformer_tile({"sample_height": 60, "sample_width": 90}) == (60, 15)
-    assert next_frame.transformer_tile({"sample_height": 300, "sample_width": 300}) == (64, 16)
-    assert next_frame.transformer_tile({"sample_height": 8, "sample_width": 8}) == (32, 8)
+    assert tiling.transformer_tile({"sample_height": 32, "sample_width": 32}) == (32, 8)
+    assert tiling.transformer_tile({"sample_height": 60, "sample_width": 90}) == (60, 15)
+    assert tiling.transformer_tile({"sample_height": 300, "sample_width": 300}) == (64, 16)
+    assert tiling.transformer_tile({"sample_height": 8, "sample_width": 8}) == (32, 8)
 
 
 def test_batched_transformer_tiles_match_single_tiles(gen_codec, monkeypatch):
@@ -148,7 +149,7 @@ def test_batched_transformer_tiles_match_single_tiles(gen_codec, monkeypatch):
     bypass = torch.randn(1, 1, 4, 40, 72)
     with torch.no_grad():
         batched = pipe.decode_image(anchor, bypass)  # 2x3 tiles of 32 latents
-        monkeypatch.setattr(next_frame, "TILE_BATCH_LATENTS", 1)
+        monkeypatch.setattr(tiling, "TILE_BATCH_LATENTS", 1)
         single = pipe.decode_image(anchor, bypass)
     assert (batched - single).abs().max() < 0.02  # bf16: batched GEMMs may round differently
 
@@ -160,9 +161,9 @@ def test_tiled_decode_agrees_with_whole_decode_away_from_seams(gen_codec, monkey
     bypass = torch.randn(1, 1, 4, 24, 40)
     with torch.no_grad():
         whole = pipe.decode_image(anchor, bypass)
-        monkeypatch.setattr(next_frame, "VAE_TILE", 128)
-        monkeypatch.setattr(next_frame, "NARROW_VAE_CHANNELS", 0)  # 128 px whatever the width
-        monkeypatch.setattr(next_frame, "VAE_OVERLAP", 64)
+        monkeypatch.setattr(tiling, "VAE_TILE", 128)
+        monkeypatch.setattr(tiling, "NARROW_VAE_CHANNELS", 0)  # 128 px whatever the width
+        monkeypatch.setattr(tiling, "VAE_OVERLAP", 64)
         tiled = pipe.decode_image(anchor, bypass)
     # The VAE's convolutions are local and its GroupNorm statistics change little from
     # tile to tile, so blended VAE tiles match the whole image closely. (The transformer's
@@ -180,7 +181,7 @@ def test_tiled_decode_agrees_with_whole_decode_away_from_seams(gen_codec, monkey
 
 def test_tile_starts_cover_and_overlap():
     for length in (1, 16, 17, 64, 100, 129):
-        starts = list(next_frame.tile_starts(length, 16, 4))
+        starts = list(tiling.tile_starts(length, 16, 4))
         covered = set()
         for s in starts:
             covered.update(range(s, min(s + 16, length)))
@@ -190,13 +191,13 @@ def test_tile_starts_cover_and_overlap():
 
 def test_even_tiles_are_as_few_and_as_small_as_the_overlap_allows():
     for length in (8, 64, 200, 512, 513, 768, 1000, 4000):
-        side = next_frame.even_tile(length, 512, 128)
-        starts = list(next_frame.tile_starts(length, side, 128))
-        fixed = list(next_frame.tile_starts(length, 512, 128))
+        side = tiling.even_tile(length, 512, 128)
+        starts = list(tiling.tile_starts(length, side, 128))
+        fixed = list(tiling.tile_starts(length, 512, 128))
         assert side <= min(512, length) and (side % 8 == 0 or side == length)
         assert len(starts) == len(fixed) and starts[-1] + side == length  # as many tiles, covering
         assert all(0 < b - a <= side - 128 for a, b in zip(starts, starts[1:]))  # each overlap >= 128
-    assert next_frame.even_tile(4000, 512, 128) == 480  # 11 tiles either way
+    assert tiling.even_tile(4000, 512, 128) == 480  # 11 tiles either way
 
 
 def test_cli_generative_and_anchor_only_decode(tiny_model, small, tmp_path):

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from ulbcodec.models import package as packages
+from ulbcodec import packages
 from ulbcodec.models.anchor_codec import AnchorCodec
-from ulbcodec.models.package import ModelError, ModelPackage, RateLevel, save_package
+from ulbcodec.packages import ModelError, ModelPackage, RateLevel, save_package
 
 from conftest import TINY_CONFIG
 

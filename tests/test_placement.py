@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from ulbcodec.cli import cli
 from ulbcodec.image import ImageCodec
-from ulbcodec.models.package import ModelPackage
+from ulbcodec.packages import ModelPackage
 from ulbcodec.placement import (DeviceError, DeviceMemoryError, Placement, device_estimate, device_report,
                                 parameter_count, resolve_device)
 from ulbcodec.video import VideoCodec, VideoSettings

@@ -89,7 +89,7 @@ def test_anchor_rd_loss_adds_the_perceptual_terms_at_their_weight(photos):
     from PIL import Image
 
     from ulbcodec.losses.rate_distortion import perceptual_terms
-    from ulbcodec.models import package as packages
+    from ulbcodec import packages
     from ulbcodec.train.anchor import rd_loss
 
     codec = packages.ModelPackage.load_manifest(packages.resolve("default")).build("anchor_codec").train()
@@ -127,7 +127,7 @@ def test_remapped_rate_levels_take_the_gains_at_their_lambda():
     """A continuation with other λs starts each level at the gains the model has for its λ:
     the same λs change nothing, λs one level lower shift the gains by one level, and a λ
     below the lowest extrapolates geometrically."""
-    from ulbcodec.models import package as packages
+    from ulbcodec import packages
     from ulbcodec.train.anchor import remap_rate_levels
 
     package = packages.ModelPackage.load_manifest(packages.resolve("default"))

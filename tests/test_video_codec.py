@@ -75,7 +75,7 @@ def test_inconsistent_gop_chunk_is_refused(codec):
 
 
 def test_image_model_is_not_a_video_model(model_dir):
-    from ulbcodec.models.package import ModelError
+    from ulbcodec.packages import ModelError
 
     with pytest.raises(ModelError, match="not a video model"):
         VideoCodec.from_pretrained(str(model_dir / "tinygen"))

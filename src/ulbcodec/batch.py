@@ -21,9 +21,10 @@ import signal
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
+
+from ulbcodec.task import Task, guard, skipped_record
 
 EXIT_INTERRUPTED = 130
 # Seconds a worker gets to remove its temporary file after SIGTERM before SIGKILL.
@@ -32,18 +33,6 @@ WORKER_STOP_GRACE_S = 10.0
 
 class UsageError(ValueError):
     """The command line asks for something impossible (exit code 2)."""
-
-
-class Skipped(Exception):
-    """Raised by a job that has nothing to do (its output exists and the user asked to
-    skip existing outputs); becomes a record with ``"skipped": true``, not a failure."""
-
-
-@dataclass(frozen=True)
-class Task:
-    src: Path
-    dst: Path
-    planned: bool = False  # dst derived under --out-dir (its suffix a default), not given with -o
 
 
 def _collect(folder: Path, extensions: Iterable[str], recursive: bool) -> List[Path]:
@@ -144,10 +133,6 @@ def _init_worker(factory: Callable[[], object]) -> None:
     _worker_state["codec"] = factory()
 
 
-def skipped_record(task: Task, reason: str = "output exists") -> dict:
-    return {"input": str(task.src), "output": str(task.dst), "ok": True, "skipped": True, "reason": reason}
-
-
 def run(
     tasks: Sequence[Task],
     factory: Callable[[], object],
@@ -234,29 +219,3 @@ def _guarded_in_worker(job, task: Task) -> dict:
         os._exit(EXIT_INTERRUPTED)  # the job has unwound (temporary file removed); nothing else to do
     finally:
         _worker_state["busy"] = False
-
-
-def guard(job, codec, task: Task) -> dict:
-    """Run one job; every failure becomes a record (``ok: False`` and one error line)."""
-    t0 = time.perf_counter()
-    base = {"input": str(task.src), "output": str(task.dst)}
-    try:
-        record = job(codec, task)
-    except KeyboardInterrupt:
-        raise
-    except Skipped as exc:
-        return {**skipped_record(task, str(exc) or "output exists"), "seconds": round(time.perf_counter() - t0, 3)}
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear record line
-        return {**base, "ok": False, "error": describe_error(exc, task.src)}
-    return {**base, "ok": True, **record, "seconds": round(time.perf_counter() - t0, 3)}
-
-
-def describe_error(exc: BaseException, src: Path) -> str:
-    """One line; prefixed with the input path unless the message already names it."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-    if isinstance(exc, OSError) and exc.strerror and not str(src) in text:
-        filename = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else ""
-        text = exc.strerror + (f" ({filename})" if filename and filename != str(src) else "")
-    elif not isinstance(exc, (ValueError, OSError)):
-        text = f"internal error ({exc.__class__.__name__}: {text}); please report it"
-    return text if str(src) in text else f"{src}: {text}"

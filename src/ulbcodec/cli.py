@@ -1,4 +1,4 @@
-"""The ``ulbc`` command line: thin click wrappers over image.py, batch.py and bitstream.py.
+"""The ``ulbc`` command line: parses options, calls the job layer (jobs.py, batch.py) and prints.
 
 Conventions follow cwebp/cjxl/avifenc: one verb, inputs, ``-o`` output, quiet by default,
 a progress bar for batches, one summary line. Exit codes: 0 all good, 1 some inputs
@@ -7,7 +7,6 @@ failed (the others are still done), 2 usage error, 130 interrupted.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -34,237 +33,6 @@ def _fail(message: str, code: int = EXIT_FAILED):
 
 def _verbosity(quiet: bool, verbose: int) -> int:
     return -1 if quiet else verbose
-
-
-# ------------------------------------------------------------------ jobs (module level: picklable)
-
-
-@contextlib.contextmanager
-def _skipping_existing(skip_existing: bool):
-    """With --skip-existing, an output that exists (or appears while the job runs, from
-    another run) makes the job a skip instead of a failure."""
-    from ulbcodec.batch import Skipped
-    from ulbcodec.io import OutputExistsError
-
-    try:
-        yield
-    except OutputExistsError:
-        if not skip_existing:
-            raise
-        raise Skipped("output exists") from None
-
-
-def _is_video_input(path: Path) -> bool:
-    from ulbcodec.io import is_video_path
-
-    return is_video_path(path) or path.is_dir()  # a folder given as one input is a frame sequence
-
-
-def _encode_job(encoders, task, quality: Optional[int], bpp: Optional[float], downscale: int, force: bool,
-                skip_existing: bool = False, budget=None, video=None, progress: bool = False,
-                quiet: bool = False, refine=None, color_stats=None) -> dict:
-    if _is_video_input(task.src):
-        return _encode_video_job(encoders.video, task, quality, bpp, force, skip_existing, budget, video, progress,
-                                 quiet)
-    codec = encoders.image
-    from ulbcodec.io import check_input, check_output, image_size, read_image, write_bytes
-
-    with _skipping_existing(skip_existing):
-        check_output(task.dst, force)  # fail before spending time on the image
-        check_input(task.src)
-        if budget is not None:  # from the image header, before any pixel is decoded
-            width, height = image_size(task.src)
-            factor = 1 if bpp is not None else downscale  # --bpp tries full size first
-            uses_vae = getattr(codec.model, "vae_channels", 0) > 0
-            weights = resources.weights_bytes(codec.package, None if uses_vae else ["anchor_codec"])
-            estimate = resources.estimate_encode(width, height, factor, uses_vae, weights, refine is not None)
-            budget.check(estimate, f"encoding {width}x{height}" + (f" at 1/{factor} size" if factor > 1 else ""))
-        if codec.device.type != "cpu":  # from the image header, like the memory check
-            width, height = image_size(task.src)
-            _announce_device(codec, width, height, getattr(codec.model, "vae_channels", 0) > 0,
-                             f"encoding {width}x{height}", quiet, 1 if bpp is not None else downscale)
-        rgb, notes = read_image(task.src)
-        if bpp is not None:
-            result, met = codec.encode_to_bpp(rgb, bpp, refine=refine, color_stats=color_stats)
-            if not met:
-                notes.append(f"target {bpp} bpp is below the smallest file ulbc makes ({result.bpp:.5f} bpp, "
-                             f"level {result.rate_level} at 1/{result.downscale} size)")
-        else:
-            result = codec.encode(rgb, codec.default_level if quality is None else quality, downscale, refine,
-                                  color_stats)
-        write_bytes(task.dst, result.data, force=force)
-    return {"width": result.width, "height": result.height, "rate_level": result.rate_level,
-            "downscale": result.downscale, "bytes": len(result.data), "bpp": round(result.bpp, 6), "notes": notes,
-            "timings": {k: round(v, 3) for k, v in result.timings.items()}}
-
-
-def _encode_video_job(codec, task, quality: Optional[int], bpp: Optional[float], force: bool, skip_existing: bool,
-                      budget, settings, progress: bool, quiet: bool = False) -> dict:
-    import dataclasses
-
-    from tqdm import tqdm
-
-    from ulbcodec.io import VideoReader, check_output, write_bytes
-    from ulbcodec.video import file_bpp
-
-    with _skipping_existing(skip_existing):
-        check_output(task.dst, force)
-        reader = VideoReader(task.src)  # size and rate from the header; frames are streamed
-        (width, height), notes = reader.size, []
-        if budget is not None:  # a window of K + P frames: the image decoder's peak per frame
-            budget.check(resources.estimate_decode(width, height, 1, True, resources.weights_bytes(codec.package)),
-                         f"encoding {width}x{height} video")
-        _announce_device(codec.image, width, height, True, f"encoding {width}x{height} video", quiet, video=True)
-        settings = dataclasses.replace(settings, rate_level=quality)
-        t0 = time.perf_counter()
-        if bpp is not None:
-            reader.close()
-            data, gops, settings, met = codec.encode_to_bpp(lambda: VideoReader(task.src), reader.fps, settings, bpp)
-            if not met:
-                notes.append(f"target {bpp} bpp is below the smallest file ulbc makes ({file_bpp(data):.5f} bpp, "
-                             f"level {settings.rate_level}, threshold {settings.threshold})")
-        else:
-            with tqdm(total=reader.expected_frames, unit="frame", disable=not progress, file=sys.stderr,
-                      leave=False) as bar:
-                data, gops = codec.encode(reader, reader.fps, settings,
-                                          progress=lambda done: bar.update(done - bar.n))
-        seconds = time.perf_counter() - t0
-        write_bytes(task.dst, data, force=force)
-    level = codec.image.default_level if settings.rate_level is None else settings.rate_level
-    return {"media": "video", "width": width, "height": height, "frames": gops.frames, "rate_level": level,
-            "threshold": settings.threshold, "keyframes": gops.keyframes, "anchored_rounds": gops.anchored_rounds,
-            "frame_types": gops.frame_types(),
-            "bytes": len(data), "bpp": round(file_bpp(data), 6), "notes": notes,
-            "timings": {"frames_per_s": round(gops.frames / seconds, 3)}}
-
-
-def _decode_video(decoders, container, task, force: bool, video_format: str, lossless: bool, progress: bool):
-    """Frames streamed from the decoder to the output (mp4/mkv/y4m or a frame folder)."""
-    from tqdm import tqdm
-
-    from ulbcodec.io import IMAGE_EXTENSIONS, OutputError, OutputExistsError, write_video
-
-    dst = task.dst
-    if dst.suffix.lower() in IMAGE_EXTENSIONS:
-        if task.planned:  # --out-dir: the image suffix was a default, videos get theirs
-            dst = dst.with_suffix("" if video_format == "frames" else "." + video_format)
-        else:
-            raise OutputError(f"{task.src} is a video; write it to .mp4, .mkv, .y4m or a folder, not {dst.suffix}")
-    if dst.exists() and not force:  # before decoding (checked again when the output is put in place)
-        raise OutputExistsError(f"{dst}: already exists (use --force to overwrite)")
-    h = container.header
-    codec = decoders.video_for(h)
-    t0 = time.perf_counter()
-    with tqdm(total=h.frames, unit="frame", disable=not progress, file=sys.stderr, leave=False) as bar:
-        def frames():
-            for frame in codec.decode_container(container):
-                bar.update(1)
-                yield frame
-
-        write_video(dst, frames(), h.fps_fraction, force=force, lossless=lossless)
-    fps = h.frames / (time.perf_counter() - t0)
-    return dst, {"media": "video", "frames": h.frames, "timings": {"frames_per_s": round(fps, 3)}}
-
-
-def _decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int = 1, seed: Optional[int] = None,
-                skip_existing: bool = False, budget=None, video_format: str = "mp4", lossless: bool = False,
-                progress: bool = False, quiet: bool = False) -> dict:
-    from ulbcodec.bitstream import MEDIA_VIDEO, read_file
-    from ulbcodec.io import (IMAGE_EXTENSIONS, check_input, check_output, image_format, input_error, video_output_kind,
-                             write_image)
-
-    is_image_dst = task.dst.suffix.lower() in IMAGE_EXTENSIONS
-    if is_image_dst:
-        image_format(task.dst)
-    else:
-        video_output_kind(task.dst)
-    with _skipping_existing(skip_existing):
-        if is_image_dst:
-            check_output(task.dst, force)
-        check_input(task.src)
-        try:
-            container = read_file(task.src)
-        except OSError as exc:
-            raise input_error(task.src, exc) from None
-        h = container.header
-        if h.media == MEDIA_VIDEO:
-            if anchor_only or steps > 1:
-                raise ValueError(f"{task.src}: --anchor-only and --steps apply to images, this file is a video")
-            if budget is not None:
-                from ulbcodec.resources import estimate_decode_file
-
-                budget.check(estimate_decode_file(h, codec.codec_for(h).package, True),
-                             f"decoding {h.width}x{h.height} video")
-            _announce_device(codec.codec_for(h), h.width, h.height, True, f"decoding {h.width}x{h.height} video",
-                             quiet, video=True)
-            dst, record = _decode_video(codec, container, task, force, video_format, lossless, progress)
-            pixels = h.width * h.height * h.frames
-            return {"output": str(dst), "width": h.width, "height": h.height, "rate_level": h.rate_level,
-                    "bytes": container.total_bytes, "bpp": round(container.total_bytes * 8 / pixels, 6), **record}
-        if not is_image_dst:
-            raise ValueError(f"{task.src} is an image; write it to .png, .jpg, .webp or .tiff")
-        image_codec = codec.codec_for(h) if hasattr(codec, "codec_for") else codec
-        generative = image_codec.is_generative and not anchor_only
-        if budget is not None:  # from the header, before entropy decoding
-            from ulbcodec.resources import estimate_decode_file
-
-            budget.check(estimate_decode_file(h, image_codec.package, generative), f"decoding {h.width}x{h.height}")
-        _announce_device(image_codec, h.width, h.height, generative, f"decoding {h.width}x{h.height}", quiet,
-                         h.params.get("downscale", 1))
-        rgb = codec.decode_container(container, anchor_only=anchor_only, steps=steps, seed=seed)
-        write_image(task.dst, rgb, force=force)
-    return {"width": h.width, "height": h.height, "rate_level": h.rate_level,
-            "downscale": h.params.get("downscale", 1), "bytes": container.total_bytes,
-            "bpp": round(container.total_bytes * 8 / (h.width * h.height), 6),
-            "timings": {k: round(v, 3) for k, v in codec.last_timings.items()}}
-
-
-@functools.lru_cache(maxsize=2)
-def _load_codec(model: str, device):
-    from ulbcodec.image import ImageCodec
-
-    return ImageCodec.from_pretrained(model, device=device)
-
-
-class _Encoders:
-    """The image and video encoders of one encode command, each loaded on first use:
-    ``--model`` for both, else the default image model and the default video model."""
-
-    def __init__(self, model: Optional[str], device):
-        self.model, self.device = model, device  # a device name or a Placement
-        self._image = self._video = None
-
-    @property
-    def image(self):
-        if self._image is None:
-            self._image = _load_codec(self.model or "default", self.device)
-        return self._image
-
-    @property
-    def video(self):
-        if self._video is None:
-            from ulbcodec.video import VideoCodec
-
-            image = _load_codec(self.model or "video", self.device)
-            self._video = VideoCodec(image.package, self.device, image=image)
-        return self._video
-
-
-@functools.lru_cache(maxsize=2)
-def _load_encoders(need_image: bool, need_video: bool, model: Optional[str], device) -> _Encoders:
-    encoders = _Encoders(model, device)
-    if need_image:  # load now: a bad --model fails once, before any work
-        encoders.image
-    if need_video:
-        encoders.video
-    return encoders
-
-
-@functools.lru_cache(maxsize=2)
-def _load_decoders(model: Optional[str], device):
-    from ulbcodec.image import DecoderSet
-
-    return DecoderSet(model, device=device)
 
 
 # ------------------------------------------------------------------ shared batch driver
@@ -334,7 +102,8 @@ def _batch_limits(verb: str, tasks, jobs: int, force: bool, skip_existing: bool,
     per-process budget of this batch (None: no limit)."""
     from click.core import ParameterSource
 
-    from ulbcodec.resources import DEFAULT_SOURCE, ENV_VAR, Budget, default_limit
+    from ulbcodec.jobs import batch_budget
+    from ulbcodec.resources import DEFAULT_SOURCE, ENV_VAR, default_limit
 
     if force and skip_existing:
         raise click.UsageError("use either --force or --skip-existing, not both")
@@ -343,11 +112,7 @@ def _batch_limits(verb: str, tasks, jobs: int, force: bool, skip_existing: bool,
         max_memory, source = default_limit(), DEFAULT_SOURCE
     else:
         source = ENV_VAR if given == ParameterSource.ENVIRONMENT else "--max-memory"
-    if max_memory is None:  # 'none', or a platform that does not report its memory
-        return None
-    pending = sum(1 for t in tasks if not (skip_existing and t.dst.is_file()))
-    workers = min(jobs, pending) if jobs > 1 and pending > 1 else 1
-    return Budget.shared(max_memory, workers, verb, source)
+    return batch_budget(verb, tasks, jobs, skip_existing, max_memory, source)
 
 
 class _Size(click.ParamType):
@@ -428,25 +193,6 @@ def _check_engine(engine: str) -> None:
             _fail(str(exc))
 
 
-def _placement(device: str, offload: str):
-    import torch
-
-    from ulbcodec.placement import Placement
-
-    return Placement(torch.device(device), offload)
-
-
-def _announce_device(codec, width: int, height: int, generative: bool, what: str, quiet: bool,
-                     downscale: int = 1, video: bool = False) -> None:
-    """On a GPU, before the job: its device-memory estimate (one line, unless -q), or a
-    one-line refusal when it cannot fit the free memory."""
-    from ulbcodec.placement import device_report
-
-    line = device_report(codec.package, codec.placement, width, height, generative, what, downscale, video)
-    if line and not quiet:
-        click.echo(f"ulbc: {line}", err=True)
-
-
 def _sharded(tasks, shard):
     from ulbcodec import batch
 
@@ -467,7 +213,7 @@ def _plan(inputs, output, out_dir, recursive, in_exts, suffix):
 def _factory(loader, model: Optional[str], device):
     """Load the model once up front so that a bad --model fails once, clearly; return a
     picklable factory for the batch workers."""
-    from ulbcodec.models.package import ModelError
+    from ulbcodec.packages import ModelError
 
     try:
         loader(model, device)
@@ -539,9 +285,8 @@ def cli() -> None:
 @click.option("--downscale", type=click.Choice([str(f) for f in DOWNSCALES]), default="1", show_default=True,
               help="Code the image at 1/F size; the decoder upsamples (reaches rates below the lowest level).")
 @click.option("--refine-steps", type=click.IntRange(0, 10000), default=0, show_default=True,
-              help="Images: refine the latent with this many gradient steps before coding (slow: about 1.2 s "
-                   "per step for 768x480 on 2 cores, ~2.5 GB per MP, up to 1080p; same decoder). BENCHMARKS.md "
-                   "measures 30.")
+              help="Images: refine the latent with this many gradient steps before coding (slow and "
+                   "memory-hungry, up to 1080p; the same decoder). BENCHMARKS.md measures 30.")
 @click.option("--color-stats/--no-color-stats", "color_stats", default=None,
               help="Images: store the image's colour statistics (12 bytes, counted in the file size) for the "
                    "decoder's colour fix (NeFIC's, published) [default: on for imported NeFIC models, off for "
@@ -572,9 +317,10 @@ def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
            threshold, metric, max_gop, video_seed, generative_keyframes, anchored, anchor_level, guide_timestep, pred_steps,
            keyframe_group):
     """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files."""
-    from ulbcodec.batch import Task
     from ulbcodec.io import READ_EXTENSIONS, VIDEO_EXTENSIONS
+    from ulbcodec.jobs import encode_job, is_video_input, load_encoders, placement
     from ulbcodec.refinement import RefineSettings
+    from ulbcodec.task import Task
     from ulbcodec.video import VideoSettings
 
     if quality is not None and bpp is not None:
@@ -588,12 +334,12 @@ def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
     else:
         tasks = _plan(inputs, output, out_dir, recursive, READ_EXTENSIONS | VIDEO_EXTENSIONS, ".ulb")
     tasks = _sharded(tasks, shard)
-    need_video = any(_is_video_input(t.src) for t in tasks)
-    need_image = not all(_is_video_input(t.src) for t in tasks)
+    need_video = any(is_video_input(t.src) for t in tasks)
+    need_image = not all(is_video_input(t.src) for t in tasks)
     if need_video and refine_steps:
         raise click.UsageError("--refine-steps applies to images only (video keyframes are coded without it)")
     budget = _batch_limits("encode", tasks, jobs, force, skip_existing, max_memory)
-    factory = _factory(functools.partial(_load_encoders, need_image, need_video), model, _placement(device, offload))
+    factory = _factory(functools.partial(load_encoders, need_image, need_video), model, placement(device, offload))
     if need_video and metric == "lpips":
         from ulbcodec.metrics import available_metrics
 
@@ -611,7 +357,7 @@ def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
                              guide_timestep=guide_timestep, steps=pred_steps, keyframe_group=keyframe_group)
     verbosity = _verbosity(quiet, verbose)
     refine = RefineSettings(steps=refine_steps) if refine_steps else None
-    job = functools.partial(_encode_job, quality=quality, bpp=bpp, downscale=int(downscale), refine=refine,
+    job = functools.partial(encode_job, quality=quality, bpp=bpp, downscale=int(downscale), refine=refine,
                             color_stats=color_stats, force=force,
                             skip_existing=skip_existing, budget=budget, video=settings, quiet=verbosity < 0,
                             progress=_frame_progress(tasks, jobs, as_json, verbosity))
@@ -645,6 +391,7 @@ def decode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
     """Decode .ulb files: images to png, jpg, webp or tiff; videos to mp4, mkv, y4m or a folder
     of frames (from the -o extension; a name without one is a folder)."""
     from ulbcodec.io import IMAGE_EXTENSIONS, VIDEO_WRITE_EXTENSIONS
+    from ulbcodec.jobs import decode_job, load_decoders, placement
 
     _check_engine(engine)
     inputs = _with_listed(inputs, from_list)
@@ -653,11 +400,11 @@ def decode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
         raise click.UsageError(f"{output}: unsupported output format {Path(output).suffix}; use .png, .jpg, .webp, "
                                ".tiff (images), .mp4, .mkv, .y4m or a folder name (videos)")
     budget = _batch_limits("decode", tasks, jobs, force, skip_existing, max_memory)
-    factory = _factory(_load_decoders, model, _placement(device, offload))
+    factory = _factory(load_decoders, model, placement(device, offload))
     if anchor_only and steps > 1:
         raise click.UsageError("--steps applies to the generative decoder; drop --anchor-only")
     verbosity = _verbosity(quiet, verbose)
-    job = functools.partial(_decode_job, force=force, anchor_only=anchor_only, steps=steps, seed=seed,
+    job = functools.partial(decode_job, force=force, anchor_only=anchor_only, steps=steps, seed=seed,
                             quiet=verbosity < 0,
                             skip_existing=skip_existing, budget=budget, video_format=video_format, lossless=lossless,
                             progress=_frame_progress(tasks, jobs, as_json, verbosity))
@@ -755,23 +502,24 @@ def eval_cmd(inputs, out, codecs, metric_names, jobs, max_bpp, thresholds, level
     """Rate-distortion evaluation of ulbc against JPEG/WebP/AVIF/JPEG XL (images) and
     x264/x265/SVT-AV1/VVenC (videos): per-item and mean points, BD-rates, RD plots and a
     crop sheet in --out (docs/evaluation.md)."""
-    from ulbcodec import evaluate
+    from ulbcodec.eval import EvalError
+    from ulbcodec.eval.runner import EvalConfig, run
 
-    config = evaluate.EvalConfig(codecs=codecs, metrics=metric_names, max_bpp=max_bpp, thresholds=thresholds,
+    config = EvalConfig(codecs=codecs, metrics=metric_names, max_bpp=max_bpp, thresholds=thresholds,
                                  levels=levels, image_model=model, video_model=video_model, frames=frames,
                                  quality_step=quality_step, jobs=jobs, force=force)
     try:
         config.check()  # a bad --codecs / --metrics name is a usage error (exit 2), like any bad option
-    except evaluate.EvalError as exc:
+    except EvalError as exc:
         raise click.UsageError(str(exc)) from None
 
     def to_stderr(line: str) -> None:
         click.echo(line, err=True)
 
     try:
-        report = evaluate.run(inputs, out, config, progress=not quiet and sys.stderr.isatty(),
+        report = run(inputs, out, config, progress=not quiet and sys.stderr.isatty(),
                               note=(lambda line: None) if quiet else to_stderr, error=to_stderr)
-    except evaluate.EvalError as exc:
+    except EvalError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         click.echo("ulbc: interrupted; finished items are kept (rerun to go on)", err=True)
@@ -790,7 +538,7 @@ def models_cmd(ctx, as_json):
     """List the models ulbc can use (search path: $ULBC_MODEL_PATH, then models/)."""
     if ctx.invoked_subcommand is not None:
         return
-    from ulbcodec.models import package as packages
+    from ulbcodec import packages
     from ulbcodec.video import is_video_package
 
     rows = []
@@ -830,8 +578,8 @@ def models_cmd(ctx, as_json):
 @click.option("-f", "--force", is_flag=True, help="Replace an existing package.")
 def import_nefic_cmd(base, checkpoints, output, force):
     """Convert the official NeFIC checkpoints into a ulbc model package."""
-    from ulbcodec.models.nefic import import_nefic
-    from ulbcodec.models.package import ModelError
+    from ulbcodec.importers.nefic import import_nefic
+    from ulbcodec.packages import ModelError
 
     try:
         pkg = import_nefic(base, checkpoints, output, force=force)
@@ -864,8 +612,8 @@ def import_nefic_cmd(base, checkpoints, output, force):
 def import_video_predictor_cmd(base, image_model, prompt_embeds, negative_embeds, pred_frames, steps, guidance_scale,
                                dtype, output, force):
     """Make a video model from an image model and a pretrained image-to-video diffusion model."""
-    from ulbcodec.models.i2v_predictor import import_i2v_predictor
-    from ulbcodec.models.package import ModelError
+    from ulbcodec.importers.i2v import import_i2v_predictor
+    from ulbcodec.packages import ModelError
 
     try:
         pkg = import_i2v_predictor(base, image_model, output, pred_frames, steps, guidance_scale, prompt_embeds,
@@ -882,10 +630,11 @@ def import_video_predictor_cmd(base, image_model, prompt_embeds, negative_embeds
 def demo(out, model):
     """Encode and decode the bundled sample photograph at several rates; print the figures."""
     from ulbcodec.io import read_image, write_bytes, write_image
+    from ulbcodec.jobs import load_codec
     from ulbcodec.metrics import ms_ssim, psnr
 
     sample = Path(__file__).resolve().parent / "data" / "coffee.png"
-    codec = _factory(_load_codec, model, "cpu")()
+    codec = _factory(load_codec, model, "cpu")()
     rgb, _ = read_image(sample)
     out = Path(out)
     h, w = rgb.shape[:2]

@@ -18,7 +18,7 @@ the diffusion weights). Anchor codecs conditioned on the VAE latent (``vae_chann
 as NeFIC's) get it from the package's VAE at the encoder only.
 
 A package may hold one anchor codec and one transformer LoRA per rate level (imported
-NeFIC checkpoints, ``models/nefic.py``): the codec keeps one level's codec in memory and
+NeFIC checkpoints, ``importers/nefic.py``; the LoRA runtime is ``models/lora.py``): the codec keeps one level's codec in memory and
 puts that level's LoRA on the transformer before decoding with it.
 
 Operating points are (downscale f, rate level). The model's lowest level still pays for
@@ -44,9 +44,9 @@ import torch.nn.functional as F
 
 from ulbcodec import bitstream
 from ulbcodec.bitstream import AnchorPayload, BitstreamError, Container, Header
+from ulbcodec import packages
 from ulbcodec.color_stats import ColorStats, color_fix
-from ulbcodec.models import package as packages
-from ulbcodec.models.tiling import tiled_apply
+from ulbcodec.tiling import tiled_apply
 from ulbcodec.placement import Placement
 from ulbcodec.refinement import MAX_PIXELS as REFINE_MAX_PIXELS
 from ulbcodec.refinement import RefineSettings, refine_latent
@@ -57,9 +57,8 @@ TILE_CORE = 512
 TILE_MARGIN = 64
 PAD_MULTIPLE = 64
 # Tiles run on a pool of (at most) 2 threads, each tile on one intra-op thread, so the
-# pixels do not depend on the pool size. 12 MP synthesis: 10.4 s -> 5.8 s, peak RSS 2.18 ->
-# 2.28 GB (each worker holds one tile's working set, hence no more than 2). (The pool's
-# threads once ran without the caller's no_grad, and kept every activation: 12 GB.)
+# pixels do not depend on the pool size. Each worker holds one tile's working set, hence
+# no more than 2 (speed and memory: docs/measurements.md, "Tile workers").
 TILE_WORKERS = 2
 DOWNSCALES = bitstream.DOWNSCALES
 
@@ -170,10 +169,10 @@ class ImageCodec:
             if not self.package.per_level("lora"):
                 rate_level = -1  # one LoRA for every level
             if rate_level != self._lora_level:
-                from ulbcodec.models import nefic
+                from ulbcodec.models.lora import apply_lora
 
-                nefic.apply_lora(pipe.transformer, self.package.build("lora", level=rate_level),
-                                 lora.get("config", {}).get("alpha"), source=f"model {self.package.name!r}: LoRA")
+                apply_lora(pipe.transformer, self.package.build("lora", level=rate_level),
+                           lora.get("config", {}).get("alpha"), source=f"model {self.package.name!r}: LoRA")
                 self._lora_level = rate_level
         return pipe
 
@@ -419,45 +418,3 @@ class ImageCodec:
     def decode(self, data: bytes, **options) -> np.ndarray:
         """Decode complete .ulb file bytes to HxWx3 uint8 RGB (options: see decode_container)."""
         return self.decode_container(Container.from_bytes(data), **options)
-
-
-class DecoderSet:
-    """Image decoders by model, each loaded once: one fixed model, or (``model=None``) for
-    each file the installed package whose digest the file names, so that decoding needs
-    no flag or config file."""
-
-    def __init__(self, model: Optional[str] = None, device="cpu"):
-        self.device = device  # a device name or a Placement, passed on to every codec
-        self.fixed = ImageCodec.from_pretrained(model, device) if model is not None else None
-        self.by_digest: Dict[bytes, ImageCodec] = {}
-        self.videos: Dict[bytes, "VideoCodec"] = {}  # noqa: F821 - built on first use
-        self.last_timings: Dict[str, float] = {}
-
-    def codec_for(self, header: Header) -> ImageCodec:
-        if self.fixed is not None:
-            return self.fixed
-        if header.model_digest not in self.by_digest:
-            path = packages.find_by_digest(header.model_digest)
-            if path is None:
-                raise DecodeError(
-                    f"file was encoded with model {header.model_digest.hex()}, which is not installed "
-                    f"(search path: $ULBC_MODEL_PATH, then models/); pass --model PATH"
-                )
-            self.by_digest[header.model_digest] = ImageCodec.from_pretrained(str(path), self.device)
-        return self.by_digest[header.model_digest]
-
-    def video_for(self, header: Header):
-        """The video codec (image model + frame predictor) of the file's package."""
-        from ulbcodec.video import VideoCodec
-
-        image = self.codec_for(header)
-        key = image.package.short_digest
-        if key not in self.videos:
-            self.videos[key] = VideoCodec(image.package, self.device, image=image)
-        return self.videos[key]
-
-    def decode_container(self, container: Container, **options) -> np.ndarray:
-        codec = self.codec_for(container.header)
-        rgb = codec.decode_container(container, **options)
-        self.last_timings = codec.last_timings
-        return rgb

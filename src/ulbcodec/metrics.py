@@ -1,4 +1,4 @@
-"""Quality metrics and Bjøntegaard deltas for ulbc's rate–distortion evaluation.
+"""Quality metrics for ulbc's rate–distortion evaluation (Bjøntegaard deltas: ulbcodec/eval/rd.py).
 
 Every image metric takes two HxWx3 ``uint8`` RGB numpy arrays, reference first and
 distorted second, and its docstring states the exact protocol (colour matrix, value
@@ -11,8 +11,6 @@ range, settings), so that the numbers in our reports can be reproduced with othe
 * :func:`log_spectrum_error` -- how much high-frequency detail the decoded image lost
   (blur) or invented (noise, hallucinated texture), in dB. At ultra-low rates PSNR and
   MS-SSIM reward blur; this number makes the blur/detail trade-off visible.
-* :func:`bd_rate`, :func:`bd_metric` -- Bjøntegaard deltas with PCHIP interpolation,
-  as in the JCT-VC/JVET common-test-condition spreadsheets.
 * :func:`lpips` -- LPIPS (AlexNet) when the user has the package and its weights.
 * :func:`available_metrics` -- which metrics can run on this machine.
 """
@@ -312,78 +310,6 @@ def log_spectrum_error(ref: np.ndarray, dist: np.ndarray) -> float:
     _, db_dist = radial_log_power_spectrum(dist)
     upper = freqs >= 0.25
     return float(np.mean(np.abs(db_ref[upper] - db_dist[upper])))
-
-
-# --------------------------------------------------------------------------- Bjøntegaard
-
-
-def _rd_curve(rate, metric, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Validated (log10 rate, metric), sorted by rate."""
-    rate, metric = np.asarray(rate, dtype=np.float64), np.asarray(metric, dtype=np.float64)
-    if rate.ndim != 1 or rate.shape != metric.shape:
-        raise ValueError(f"{name}: rate and metric must be 1-D of equal length, got {rate.shape}, {metric.shape}")
-    if len(rate) < 2:
-        raise ValueError(f"{name}: need at least 2 rate-distortion points, got {len(rate)}")
-    if not (np.all(np.isfinite(rate)) and np.all(np.isfinite(metric))):
-        raise ValueError(f"{name}: rates and metrics must be finite (a lossless PSNR of inf cannot be interpolated)")
-    if np.any(rate <= 0):
-        raise ValueError(f"{name}: rates must be positive")
-    order = np.argsort(rate)
-    rate, metric = rate[order], metric[order]
-    if np.any(np.diff(rate) <= 0) or np.any(np.diff(metric) <= 0):
-        raise ValueError(
-            f"{name}: the metric must increase strictly with the rate (got rate {rate.tolist()}, "
-            f"metric {metric.tolist()}); pass the curve's monotone envelope"
-        )
-    return np.log10(rate), metric
-
-
-def _mean_gap(x_anchor, y_anchor, x_test, y_test) -> float:
-    """Mean of ``f_test - f_anchor`` over the overlap of the x ranges, f = PCHIP(x, y)."""
-    from scipy.interpolate import PchipInterpolator
-
-    lo, hi = max(x_anchor[0], x_test[0]), min(x_anchor[-1], x_test[-1])
-    if not lo < hi:
-        raise ValueError(
-            f"the curves do not overlap: anchor covers [{x_anchor[0]:.6g}, {x_anchor[-1]:.6g}], "
-            f"test [{x_test[0]:.6g}, {x_test[-1]:.6g}]"
-        )
-    area_anchor = PchipInterpolator(x_anchor, y_anchor).integrate(lo, hi)
-    area_test = PchipInterpolator(x_test, y_test).integrate(lo, hi)
-    return float((area_test - area_anchor) / (hi - lo))
-
-
-def bd_rate(rate_anchor, metric_anchor, rate_test, metric_test) -> float:
-    """Bjøntegaard delta rate in percent: the test codec's average rate change at equal quality.
-
-    Negative means the test codec needs fewer bits (-50 = half the rate). Protocol (the
-    JCT-VC/JVET CTC spreadsheet and the ``bjontegaard`` package's ``method='pchip'``):
-    per curve, ``log10(rate)`` is interpolated as a function of the metric with a
-    piecewise cubic Hermite interpolant (PCHIP, scipy's ``PchipInterpolator``); both are
-    integrated over the overlap of the two metric ranges; the mean difference ``d``
-    (test - anchor) gives ``(10^d - 1) * 100``.
-
-    Any number of points >= 2 per curve (need not match). Each curve must be strictly
-    monotone (higher rate, strictly higher metric); pass the monotone envelope of noisy
-    curves. Raises ``ValueError`` on fewer than 2 points, non-finite or non-positive
-    values, non-monotone curves, or metric ranges that do not overlap.
-    """
-    lr_a, m_a = _rd_curve(rate_anchor, metric_anchor, "anchor")
-    lr_t, m_t = _rd_curve(rate_test, metric_test, "test")
-    return (10.0 ** _mean_gap(m_a, lr_a, m_t, lr_t) - 1.0) * 100.0
-
-
-def bd_metric(rate_anchor, metric_anchor, rate_test, metric_test) -> float:
-    """Bjøntegaard delta metric (e.g. BD-PSNR in dB): the test codec's average quality gain at equal rate.
-
-    Positive means the test codec is better. The metric is interpolated as a PCHIP
-    function of ``log10(rate)`` per curve, and the mean difference (test - anchor) over
-    the overlap of the two log-rate ranges is returned, in the metric's units. Same input
-    rules and errors as :func:`bd_rate`.
-    """
-    lr_a, m_a = _rd_curve(rate_anchor, metric_anchor, "anchor")
-    lr_t, m_t = _rd_curve(rate_test, metric_test, "test")
-    return _mean_gap(lr_a, m_a, lr_t, m_t)
 
 
 # --------------------------------------------------------------------------- availability

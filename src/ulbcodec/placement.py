@@ -38,8 +38,8 @@ from typing import Iterator, Optional
 import torch
 
 # the packages' own file layout and checked safetensors header reader
-from ulbcodec.models.next_frame import tile_batch, transformer_tile, vae_tile
-from ulbcodec.models.package import component_folder, safetensors_header, weight_file_sets
+from ulbcodec.tiling import tile_batch, transformer_tile, vae_tile
+from ulbcodec.packages import component_folder, safetensors_header, weight_file_sets
 from ulbcodec.resources import MiB, format_size, padded_pixels
 
 OFFLOAD_MODES = ("auto", "none", "model")

@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from ulbcodec.batch import Task, guard
+from ulbcodec.task import Task, guard
 
 ACTOR_RETRIES = 2
 

@@ -16,47 +16,12 @@ tiles (image.py), so their working set is a constant inside ``base``; what grows
 the image is the whole-image tensors (padded float input/output, latents, the entropy
 coder's symbols) and the 8-bit pixel buffers.
 
-Calibration: peak RSS of the whole ``ulbc`` command (start-up and model load included)
-on 2 threads, by benchmarks/speed.py (level 3, the photographs of BENCHMARKS.md's speed
-table), under the allocator settings of the command (:func:`keep_freed_memory`: freed
-memory is kept for reuse, in one arena). speed.py records ``ru_maxrss / 1024``, i.e.
-MiB, though its column says MB:
-
-    ========================  ===========================  ==========  ==========
-    verb (model, weights)     image (padded coded size)     peak RSS    estimate
-    ========================  ===========================  ==========  ==========
-    encode (default, 18.5)    768x480   (768x512)              636 MiB     636 MiB
-    encode                    4000x3000 (4032x3008)           1599 MiB    1597 MiB
-    decode                    768x480   (768x512)              673 MiB     673 MiB
-    decode                    4000x3000 (4032x3008)           1921 MiB    1926 MiB
-    decode (generative, 32.4) 768x480   (768x512)              779 MiB     780 MiB
-    decode                    4000x3000 (4032x3008)           2127 MiB    2133 MiB
-    ========================  ===========================  ==========  ==========
-
-With glibc's default allocator settings the same 4000x3000 encode peaked at 1971 MiB
-(each thread's arena kept its own freed tiles). A check off the calibration points (a
-2000x1500 crop of the same photograph, other rate levels) found peaks moving by ~10 %
-with the rate level and the allocator, so the estimate is good to about +-15 %: a limit
-meant to avoid the out-of-memory killer should sit that much under the memory really
-free.
-
-The slopes through the two points: of each, the 8-bit buffers are taken as 9 B/px on
-input (Pillow's decoded image, its RGB copy, the numpy array) and 6 B/px on output (the
-RGB array and Pillow's copy for saving), the rest (77 B/px encoding, 106 B/px decoding)
-is per coded pixel. The intercepts less the weights give the runtime bases.
-
-The generative (next-frame) decoder runs after the anchor path has freed its entropy
-coder's tensors, so its peak is the larger of the two stages'. Its own stage is fitted
-the same way on models/generative: 115 B per coded pixel (the anchor frame and its
-clamped copy, the blended VAE output, its weight map and the normalised result, the
-anchor plus the change, latents and bypass at 1/8 size, and the heap they leave behind)
-plus 89 MiB over the anchor path's base (the tile working set at 768 px, where one
-768x512 tile covers the image). The calibration used the models/generative of stage 5
-(docs/training.md); the next one (48-latent transformer tiles) peaked at 2341 MiB in
-BENCHMARKS.md's 4000x3000 decode, 9 % over its estimate. Encoding with a
-VAE-conditioned anchor codec (no shipped model is one) runs the VAE encoder on tiles: a
-working set taken as 256 MiB (a 1024 px tile of the shipped VAE: 8 live full-resolution
-tensors of 16 bf16 channels), +4 B/px.
+The constants are fitted on measured peaks (peak RSS of the whole ``ulbc`` command by
+benchmarks/speed.py, under :func:`keep_freed_memory`'s allocator settings): two image
+sizes per verb give each slope and intercept. The estimate is good to about +-15 %, so a
+limit meant to avoid the out-of-memory killer should sit that much under the memory
+really free. The calibration table, the fit and the checks off the calibration points
+are in docs/measurements.md ("Memory estimate").
 
 The estimate is for one process. With ``--jobs N`` the limit is shared: the main process
 keeps one runtime base, each of the N workers gets an equal part of the rest.
@@ -87,22 +52,21 @@ PAD_MULTIPLE = 64  # image.PAD_MULTIPLE (kept here so that this module stays tor
 
 ENV_VAR = "ULBC_MAX_MEMORY"
 
-# Anchor path, fitted on benchmarks/speed.py's peaks (see the table above).
+# Anchor path, fitted on benchmarks/speed.py's peaks (docs/measurements.md).
 ENCODE_BASE_BYTES = 585 * MiB  # torch + CompressAI + tile working sets, without weights
 ENCODE_BYTES_PER_CODED_PIXEL = 77
 ENCODE_BYTES_PER_IMAGE_PIXEL = 9
 DECODE_BASE_BYTES = 613 * MiB
 DECODE_BYTES_PER_CODED_PIXEL = 106
 DECODE_BYTES_PER_IMAGE_PIXEL = 6
-# Generative decoder: fitted the same way on models/generative (see the docstring).
+# Generative decoder: fitted the same way on models/generative (docs/measurements.md).
 GENERATIVE_DECODE_BYTES_PER_CODED_PIXEL = 115
 GENERATIVE_DECODE_TILE_BYTES = 89 * MiB
 # A VAE-conditioned anchor encoder: derived terms (the VAE encoder's tiles).
 GENERATIVE_ENCODE_BYTES_PER_CODED_PIXEL = 4
 VAE_ENCODER_TILE_BYTES = 256 * MiB
-# Latent refinement (--refine-steps): the backward pass over the whole image; a 768x480
-# photograph (768x512 coded) peaked at 1539 MB against 650 MB for a plain encode, ~2300
-# bytes per coded pixel more (BENCHMARKS.md, refinement), rounded up.
+# Latent refinement (--refine-steps): the backward pass over the whole image holds every
+# activation; measured per coded pixel, rounded up (docs/measurements.md).
 REFINE_BYTES_PER_CODED_PIXEL = 2600
 
 _UNITS = {"": 1, "k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
@@ -115,9 +79,8 @@ UNLIMITED = ("none", "off", "unlimited")
 # channels: 64 MiB) arrive as new pages the kernel must fault in and zero, tile after
 # tile. Served from the heap and kept there once freed, the same memory is reused. One
 # arena for all threads, or else the tile pool's threads would each keep their own heap
-# of freed tiles. On 2 cores: a VAE decode of an 896 px tile 0.60 -> 0.32 s (a third of
-# its time had been in the kernel); a 12 MP generative decode 33.7 -> 29.7 s, its peak
-# RSS 2.40 -> 2.13 GB; a 12 MP anchor encode's peak 1.97 -> 1.60 GB. mallopt's parameters:
+# of freed tiles: faster (no page faults) and a lower peak (docs/measurements.md,
+# "Allocator settings"). mallopt's parameters:
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
@@ -172,7 +135,7 @@ def padded_pixels(width: int, height: int, downscale: int = 1) -> int:
 
 
 def _component_bytes(root: Path, comp: dict) -> int:
-    from ulbcodec.models.package import weight_file_sets
+    from ulbcodec.packages import weight_file_sets
 
     return max(sum(f.stat().st_size for f in files if f.is_file()) for files in weight_file_sets(root, comp))
 

@@ -44,8 +44,8 @@ from ulbcodec import bitstream
 from ulbcodec.bitstream import (AnchorPayload, BitstreamError, Chunk, Container, GopStructure, Header, PFrame,
                                 PFramePayload, Round)
 from ulbcodec.image import DecodeError, ImageCodec, pad_replicate, to_tensor, to_uint8
+from ulbcodec import packages
 from ulbcodec.losses.rate_distortion import MSE_WEIGHT
-from ulbcodec.models import package as packages
 from ulbcodec.models.frame_predictor import fixed_threads
 
 METRICS = {"ms-ssim": 1, "lpips": 2}

@@ -65,24 +65,26 @@ may be tiled by the caller (see :meth:`AnchorCodec.analyze` / :meth:`AnchorCodec
 
 from __future__ import annotations
 
-import contextlib
 import math
-import zlib
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from ulbcodec._compressai import compressai  # noqa: F401  (must precede compressai.* imports)
-from compressai.ans import BufferedRansEncoder, RansDecoder
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-from compressai.layers import GDN, conv3x3, subpel_conv3x3
+from compressai.layers import conv3x3, subpel_conv3x3
 from compressai.models import CompressionModel
+
+from ulbcodec.entropy.checkerboard import keep_part
+from ulbcodec.entropy.coding import deterministic_entropy_path
+from ulbcodec.entropy.context import (ChannelContextNet, CheckerboardWindowAttention, LinearInterSliceContext,
+                                      LinearIntraSliceContext, ParameterNet, ResidualPredictor, inter_context_heads)
+from ulbcodec.entropy.latent_codec import CheckerboardSliceLatentCodec
+from ulbcodec.layers import (ResidualConvBlock, StridedResidualBlock, UpsamplingResidualBlock, apply_per_pixel,
+                             token_stack)
 
 __all__ = [
     "AnchorCodec",
@@ -92,10 +94,6 @@ __all__ = [
 ]
 
 RateLevel = Union[int, float]
-# quantize(slice_index, anchor_part, scales, means) -> quantised part on the full grid
-PartQuantizer = Callable[[int, bool, Tensor, Tensor], Tensor]
-# both(f, g) -> (f(), g()) for two networks that do not depend on each other (_side_thread)
-Both = Callable[[Callable[[], Tensor], Callable[[], Tensor]], Tuple[Tensor, Tensor]]
 
 #: Configuration of the released NeFIC checkpoints (``checkpoints/nefic_lambda*/anchor_codec.bin``).
 RELEASED_CONFIG: Dict[str, int] = {
@@ -110,27 +108,11 @@ RELEASED_CONFIG: Dict[str, int] = {
     "num_token_blocks": 3,
 }
 
-# Fixed widths of the published sub-networks (independent of N and M there too).
-_PARAM_NET_WIDTHS = (320, 256, 128)  # entropy-parameter 1x1 convs
-_CHANNEL_CTX_WIDTHS = (192, 128)  # channel-context 3x3 convs
-_LOCAL_HEADS = 2  # heads of the windowed local context
-_INTRA_HEADS = 2  # heads of the linear intra-slice context
-# The local context attends in bands of about this many latent pixels. Its attention maps
-# (w⁴·heads values a pixel) of a whole 12 MP latent take ~240 MB a pass; a band's stay in
-# cache, which makes it 3x faster. Each pixel's arithmetic is the same in any band, so
-# the band size does not touch the bitstream (tests/test_anchor_codec.py checks it).
-BAND_PIXELS = 1024
-
 # CDF buffers whose shapes are data dependent (set by update() or by a loaded file).
 _CDF_BUFFERS = {
     EntropyBottleneck: ("_quantized_cdf", "_offset", "_cdf_length"),
     GaussianConditional: ("_quantized_cdf", "_offset", "_cdf_length", "scale_table"),
 }
-
-
-# --------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------
 
 
 def pad_to_multiple(x: Tensor, multiple: int = 64) -> Tuple[Tensor, Tuple[int, int]]:
@@ -163,208 +145,6 @@ def _ste_round(x: Tensor) -> Tensor:
     return torch.round(x) - x.detach() + x
 
 
-@contextlib.contextmanager
-def _deterministic_entropy_path(device: torch.device, single_thread: bool = True) -> Iterator[int]:
-    """Run the entropy-parameter path single-threaded, in fp32, without autocast.
-
-    ``single_thread=False`` (training) keeps fp32 but leaves the thread count alone:
-    training needs no bit-exactness and one thread would halve its speed.
-
-    The rANS coder needs the encoder and the decoder to compute *identical* scales and
-    means. Multi-threaded CPU kernels may split reductions differently for different
-    thread counts, so we pin intra-op parallelism to one thread for the duration and
-    restore the caller's setting afterwards. (Process-global: not safe to interleave with
-    other Python threads that rely on the thread count at the same moment.) Yields the
-    caller's thread count: work split into independent pieces, each computed whole by one
-    thread (the local context's bands), may still use that many threads.
-    """
-    previous = torch.get_num_threads()
-    if single_thread:
-        torch.set_num_threads(1)
-    try:
-        with torch.autocast(device_type=device.type, enabled=False):
-            yield previous
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _without_grad(fn: Callable[..., Tensor], *args: Tensor) -> Tensor:
-    """``fn(*args)`` with gradients off: for pool threads, whose grad mode is their own."""
-    with torch.no_grad():
-        return fn(*args)
-
-
-@contextlib.contextmanager
-def _side_thread(enabled: bool) -> Iterator[Both]:
-    """Yields ``both(f, g)`` → (f(), g()): with ``enabled``, g runs on a second thread
-    meanwhile, without gradients (grad mode is per thread). Each network still runs whole
-    on one thread, so its values are those of a serial run: the entropy path uses this
-    for context networks that do not depend on each other."""
-    if not enabled:
-        yield lambda f, g: (f(), g())
-        return
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        def both(f: Callable[[], Tensor], g: Callable[[], Tensor]) -> Tuple[Tensor, Tensor]:
-            side = pool.submit(_without_grad, g)
-            return f(), side.result()
-
-        yield both
-
-
-# Checkerboard helpers. "Anchor" positions are those with (row + col) odd; they are coded
-# first, the remaining ("non-anchor") positions second, with the anchors as context.
-
-
-def _checkerboard_mask(h: int, w: int, anchor: bool, device: torch.device) -> Tensor:
-    """Boolean [h, w] mask of anchor (row+col odd) or non-anchor (row+col even) positions."""
-    rows = torch.arange(h, device=device)[:, None]
-    cols = torch.arange(w, device=device)[None, :]
-    odd = (rows + cols) % 2 == 1
-    return odd if anchor else ~odd
-
-
-def _keep(x: Tensor, anchor: bool) -> Tensor:
-    """Zero every position of ``x`` [B, C, H, W] that is not of the requested kind."""
-    mask = _checkerboard_mask(x.shape[-2], x.shape[-1], anchor, x.device)
-    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def _squeeze(x: Tensor, anchor: bool) -> Tensor:
-    """Gather one checkerboard part of ``x`` [B, C, H, W] into a dense [B, C, H, W/2] grid.
-
-    Row r keeps the columns of the requested parity: for anchors, even rows take odd
-    columns and odd rows take even columns; non-anchors the other way round. This is also
-    the order in which the part's symbols go into the bitstream.
-    """
-    b, c, h, w = x.shape
-    out = x.new_zeros(b, c, h, w // 2)
-    even_col, odd_col = (1, 0) if anchor else (0, 1)
-    out[:, :, 0::2] = x[:, :, 0::2, even_col::2]
-    out[:, :, 1::2] = x[:, :, 1::2, odd_col::2]
-    return out
-
-
-def _unsqueeze(x: Tensor, anchor: bool) -> Tensor:
-    """Inverse of :func:`_squeeze`: scatter [B, C, H, W/2] back, zeros elsewhere."""
-    b, c, h, half_w = x.shape
-    out = x.new_zeros(b, c, h, half_w * 2)
-    even_col, odd_col = (1, 0) if anchor else (0, 1)
-    out[:, :, 0::2, even_col::2] = x[:, :, 0::2]
-    out[:, :, 1::2, odd_col::2] = x[:, :, 1::2]
-    return out
-
-
-def _symbols_crc32(symbols: Sequence[int]) -> int:
-    """CRC-32 of the coded y symbols as int32 little-endian, in coding order."""
-    return zlib.crc32(np.asarray(symbols, dtype="<i4").tobytes()) & 0xFFFFFFFF
-
-
-# --------------------------------------------------------------------------------------
-# Building blocks of the analysis / synthesis transforms
-# --------------------------------------------------------------------------------------
-
-
-class StridedResidualBlock(nn.Module):
-    """conv3x3(stride) → GELU → conv3x3 → GDN, plus a strided 1x1 shortcut."""
-
-    def __init__(self, in_ch: int, out_ch: int, stride: int = 2):
-        super().__init__()
-        self.conv1 = conv3x3(in_ch, out_ch, stride=stride)
-        self.act = nn.GELU()
-        self.conv2 = conv3x3(out_ch, out_ch)
-        self.gdn = GDN(out_ch)
-        needs_projection = stride != 1 or in_ch != out_ch
-        self.skip = nn.Conv2d(in_ch, out_ch, 1, stride=stride) if needs_projection else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.gdn(self.conv2(self.act(self.conv1(x))))
-        shortcut = x if self.skip is None else self.skip(x)
-        return out + shortcut
-
-
-class ResidualConvBlock(nn.Module):
-    """conv3x3 → GELU → conv3x3 → GELU, plus an identity (or 1x1) shortcut."""
-
-    def __init__(self, in_ch: int, out_ch: int):
-        super().__init__()
-        self.conv1 = conv3x3(in_ch, out_ch)
-        self.act = nn.GELU()
-        self.conv2 = conv3x3(out_ch, out_ch)
-        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.act(self.conv2(self.act(self.conv1(x))))
-        shortcut = x if self.skip is None else self.skip(x)
-        return out + shortcut
-
-
-class UpsamplingResidualBlock(nn.Module):
-    """Sub-pixel ×2 conv → GELU → conv3x3 → inverse GDN, plus a sub-pixel shortcut."""
-
-    def __init__(self, in_ch: int, out_ch: int, factor: int = 2):
-        super().__init__()
-        self.subpel_conv = subpel_conv3x3(in_ch, out_ch, factor)
-        self.act = nn.GELU()
-        self.conv = conv3x3(out_ch, out_ch)
-        self.igdn = GDN(out_ch, inverse=True)
-        self.upsample = subpel_conv3x3(in_ch, out_ch, factor)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.igdn(self.conv(self.act(self.subpel_conv(x))))
-        return out + self.upsample(x)
-
-
-class QuickGELU(nn.Module):
-    """The sigmoid approximation of GELU used by CLIP-style MLPs: x·σ(1.702x)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
-class TokenMLPBlock(nn.Module):
-    """Per-pixel token block: ``x += out(value(ln1(x)))``; ``x += MLP(ln2(x))``.
-
-    Attention-free (each token only mixes its own channels); width d → 2d → d MLP.
-    """
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.value_proj = nn.Linear(dim, dim)
-        self.output_proj = nn.Linear(dim, dim)
-        self.ln_1 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(
-            OrderedDict(
-                [
-                    ("c_fc", nn.Linear(dim, dim * 2)),
-                    ("gelu", QuickGELU()),
-                    ("c_proj", nn.Linear(dim * 2, dim)),
-                ]
-            )
-        )
-        self.ln_2 = nn.LayerNorm(dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.output_proj(self.value_proj(self.ln_1(x)))
-        return x + self.mlp(self.ln_2(x))
-
-
-def _token_stack(dim: int, depth: int) -> nn.Sequential:
-    return nn.Sequential(*[TokenMLPBlock(dim) for _ in range(depth)])
-
-
-def _apply_per_pixel(feat: Tensor, project_in: nn.Module, blocks: nn.Module, project_out: nn.Module) -> Tensor:
-    """Run Linear → token blocks → Linear on every pixel of ``feat`` [B, C, H, W].
-
-    Keeps the exact tensor layout of the published code (flatten, transpose without a
-    copy) because the GEMM path, and hence the last bits, can depend on it.
-    """
-    b, c, h, w = feat.shape
-    tokens = feat.reshape(b, c, h * w).transpose(1, 2)
-    tokens = project_out(blocks(project_in(tokens)))
-    return tokens.transpose(1, 2).reshape(b, -1, h, w)
-
-
 class AnchorAnalysis(nn.Module):
     """g_a: image → y [B, M, H/16, W/16], with an optional VAE-latent fusion at H/8.
 
@@ -389,7 +169,7 @@ class AnchorAnalysis(nn.Module):
         )
         # Names ("_en", "layes") follow the released checkpoint.
         self.project_in_en = nn.Linear(N + vae_channels, token_channels)
-        self.information_transformer_layes_en = _token_stack(token_channels, num_token_blocks)
+        self.information_transformer_layes_en = token_stack(token_channels, num_token_blocks)
         self.spatial_ch_projs_en = nn.Linear(token_channels, N)
         nn.init.zeros_(self.spatial_ch_projs_en.weight)
         nn.init.zeros_(self.spatial_ch_projs_en.bias)
@@ -397,7 +177,7 @@ class AnchorAnalysis(nn.Module):
     def forward(self, x: Tensor, vae_latent: Optional[Tensor] = None) -> Tensor:
         feat = self.analysis_transform[0:5](x)
         fusion_in = feat if vae_latent is None else torch.cat((feat, vae_latent), dim=1)
-        feat = feat + _apply_per_pixel(
+        feat = feat + apply_per_pixel(
             fusion_in, self.project_in_en, self.information_transformer_layes_en, self.spatial_ch_projs_en
         )
         return self.analysis_transform[5:](feat)
@@ -467,307 +247,7 @@ class HyperSynthesis(nn.Module):
         return self.increase(z_hat)
 
 
-# --------------------------------------------------------------------------------------
-# Entropy-model sub-networks
-# --------------------------------------------------------------------------------------
-
-
-class ParameterNet(nn.Module):
-    """Fuses the available context into Gaussian (scale, mean) maps with 1x1 convs."""
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        w1, w2, w3 = _PARAM_NET_WIDTHS
-        self.fusion = nn.Sequential(
-            nn.Conv2d(in_dim, w1, 1),
-            nn.GELU(),
-            nn.Conv2d(w1, w2, 1),
-            nn.GELU(),
-            nn.Conv2d(w2, w3, 1),
-            nn.GELU(),
-            nn.Conv2d(w3, out_dim, 1),
-        )
-
-    def forward(self, context: Tensor) -> Tensor:
-        return self.fusion(context)
-
-
-class ResidualPredictor(nn.Module):
-    """Latent residual prediction: a bounded correction 0.5·tanh(f(·)) of the quantisation error.
-
-    The widths shrink linearly from ``in_dim`` to ``out_dim`` over four 3x3 convs.
-    """
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        diff = abs(out_dim - in_dim)
-        widths = [in_dim, in_dim - diff // 4, in_dim - diff // 2, in_dim - diff * 3 // 4, out_dim]
-        layers: List[nn.Module] = []
-        for i in range(4):
-            layers.append(conv3x3(widths[i], widths[i + 1]))
-            if i < 3:
-                layers.append(nn.GELU())
-        self.lrp_transform = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return 0.5 * torch.tanh(self.lrp_transform(x))
-
-
-def _relative_position_index(window: int) -> Tensor:
-    """[w², w²] index into a (2w-1)² bias table for every (query, key) pair of a window."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
-    coords = coords.flatten(1)  # [2, w²]
-    delta = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
-    return delta[:, :, 0] * (2 * window - 1) + delta[:, :, 1]
-
-
-def _local_attention_mask(h: int, w: int, window: int, device: torch.device) -> Tensor:
-    """Additive mask [h·w, w², w²]: 0 where query AND key window cells are decoded anchors.
-
-    Cells outside the latent or at non-anchor positions get -100 (the published value, a
-    soft mask rather than -inf: a window with no anchors still softmaxes to uniform).
-    """
-    anchors = _checkerboard_mask(h, w, anchor=True, device=device).float()[None, None]
-    cells = F.unfold(anchors, window, padding=(window - 1) // 2)[0].t()  # [L, w²]
-    both = cells[:, :, None] * cells[:, None, :]
-    zero = torch.zeros((), device=device)
-    return torch.where(both == 1, zero, torch.full((), -100.0, device=device))
-
-
-class _TwoLayerMLP(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, out_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, out_dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class CheckerboardWindowAttention(nn.Module):
-    """Local spatial context for the non-anchor part: windowed attention over decoded anchors.
-
-    Every latent position attends within its ``window × window`` neighbourhood (relative
-    position bias, 2 heads, anchor-only mask); the attended window is then collapsed by a
-    ``window × window`` conv into 2·dim channels, followed by a linear layer and a
-    residual MLP.
-    """
-
-    def __init__(self, dim: int, window: int = 5, mlp_ratio: float = 2.0, num_heads: int = _LOCAL_HEADS):
-        super().__init__()
-        self.dim = dim
-        self.window = window
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim**-0.5
-        self.relative_position_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
-        nn.init.trunc_normal_(self.relative_position_table, std=0.02)
-        self.register_buffer("relative_position_index", _relative_position_index(window))
-        self.qkv_proj = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim * 2, dim * 2)
-        self.mlp = _TwoLayerMLP(dim * 2, int(dim * 2 * mlp_ratio), dim * 2)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim * 2)
-        self.fusion = nn.Conv2d(dim, dim * 2, kernel_size=window)
-
-    def forward(self, anchors: Tensor, attn_mask: Tensor, workers: int = 1) -> Tensor:
-        """Local context [B, 2C, H, W] of the decoded anchors [B, C, H, W]; ``workers``
-        threads may share the bands (on the CPU, without gradients)."""
-        b, c, h, w = anchors.shape
-        pad = (self.window - 1) // 2
-        tokens = self.norm1(anchors.reshape(b, c, h * w).permute(0, 2, 1))
-        qkv = self.qkv_proj(tokens).reshape(b, h, w, 3, c).permute(3, 0, 4, 1, 2)
-        qkv = F.pad(torch.cat([qkv[0], qkv[1], qkv[2]], dim=1), (pad, pad, pad, pad))  # [B, 3C, H+2p, W+2p]
-        # Bands of equal height, as many as a whole number of rounds of the threads needs.
-        count = -(-h * w // BAND_PIXELS)
-        count = min(h, -(-count // workers) * workers)
-        rows = -(-h // count)
-        bands = [(qkv[:, :, top:min(h, top + rows) + 2 * pad], attn_mask[top * w:min(h, top + rows) * w])
-                 for top in range(0, h, rows)]
-        if workers > 1 and len(bands) > 1 and anchors.device.type == "cpu" and not torch.is_grad_enabled():
-            # Each band is computed whole by one thread, so its values do not depend on
-            # how many threads share the bands.
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                fused = torch.cat(list(pool.map(lambda band: _without_grad(self._attend_band, *band), bands)),
-                                  dim=1)
-        else:
-            fused = torch.cat([self._attend_band(*band) for band in bands], dim=1)
-        out = self.proj(fused)
-        out = out + self.mlp(self.norm2(out))
-        return out.permute(0, 2, 1).reshape(b, c * 2, h, w)
-
-    def _attend_band(self, qkv: Tensor, attn_mask: Tensor) -> Tensor:
-        """Attention + fusion conv for the latent rows of one band.
-
-        ``qkv`` [B, 3C, rows+2p, W+2p] holds the band's rows with p = (window−1)/2 rows and
-        columns of (zero-padded) neighbours around them, ``attn_mask`` the band's rows of
-        the mask. Returns the fused windows [B, rows·W, 2C].
-        """
-        # The reshapes/permutes below reproduce the published memory layout exactly (the
-        # 5x5 fusion conv receives a channels-last view, which selects its CPU kernel);
-        # note the head split (channel = d·heads + h) differs from the merge (h·hd + d).
-        b, c3, rows_padded, w_padded = qkv.shape
-        c, ws, ww = c3 // 3, self.window, self.window * self.window
-        n_pix = (rows_padded - ws + 1) * (w_padded - ws + 1)
-        windows = F.unfold(qkv, ws).permute(0, 2, 1)
-        windows = windows.view(b, n_pix, 3, c, ws, ws).permute(2, 0, 1, 3, 4, 5)
-
-        def heads(t: Tensor) -> Tensor:  # [B, L, C, ws, ws] → [B, L, heads, w², head_dim]
-            return t.reshape(b, n_pix, self.head_dim, self.num_heads, ww).permute(0, 1, 3, 4, 2)
-
-        q, k, v = heads(windows[0]), heads(windows[1]), heads(windows[2])
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # [B, L, heads, w², w²]
-        bias = self.relative_position_table[self.relative_position_index.view(-1)].view(ww, ww, -1)
-        attn = attn + bias.permute(2, 0, 1).contiguous().unsqueeze(0).unsqueeze(1)
-        attn = attn + attn_mask.unsqueeze(0).unsqueeze(2)
-        attn = attn.softmax(dim=-1)
-
-        out = (attn @ v).reshape(b, n_pix, self.num_heads, ws, ws, self.head_dim)
-        out = out.permute(0, 1, 3, 4, 2, 5).reshape(b * n_pix, ws, ws, c).permute(0, 3, 1, 2)
-        return self.fusion(out).reshape(b, n_pix, c * 2)
-
-
-class ChannelContextNet(nn.Module):
-    """Channel context: 3x3 convs over all previously decoded slices → 4·slice channels."""
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        w1, w2 = _CHANNEL_CTX_WIDTHS
-        self.fushion = nn.Sequential(  # (sic) checkpoint name
-            nn.Conv2d(in_dim, w1, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(w1, w2, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(w2, out_dim * 4, 3, padding=1),
-        )
-
-    def forward(self, decoded: Tensor) -> Tensor:
-        return self.fushion(decoded)
-
-
-def _pointwise_then_depthwise(dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(dim, dim, 1), nn.Conv2d(dim, dim, 3, padding=1, groups=dim))
-
-
-def _linear_attention(keys: Tensor, queries: Tensor, values: Tensor) -> Tensor:
-    """Efficient (linear) attention on [B, heads, head_dim, P] maps (softmaxes done by caller)."""
-    context = keys @ values.transpose(-2, -1)  # [B, heads, hd, hd]
-    return context.transpose(-2, -1) @ queries
-
-
-class LinearIntraSliceContext(nn.Module):
-    """Global context inside the current slice for its non-anchor part.
-
-    Keys come from the anchor positions and queries from the non-anchor positions of the
-    *previous* slice; values from the decoded anchors of the *current* slice. Linear
-    attention (softmax over positions for keys, over channels for queries) makes it
-    global at O(P) cost.
-    """
-
-    def __init__(self, dim: int, num_heads: int = _INTRA_HEADS):
-        super().__init__()
-        self.dim = dim
-        self.num_heads = num_heads
-        self.keys = _pointwise_then_depthwise(dim)
-        self.queries = _pointwise_then_depthwise(dim)
-        self.values = _pointwise_then_depthwise(dim)
-        self.reprojection = nn.Conv2d(dim, dim * 2, 5, padding=2)
-        self.mlp = nn.Sequential(
-            nn.Conv2d(dim * 2, dim * 4, 1),
-            nn.GELU(),
-            nn.Conv2d(dim * 4, dim * 4, 3, padding=1, groups=dim * 4),
-            nn.GELU(),
-            nn.Conv2d(dim * 4, dim * 2, 1),
-        )
-
-    def forward(self, previous_slice: Tensor, current_anchors: Tensor) -> Tensor:
-        b, _, h, w = previous_slice.shape
-        hd, half = self.dim // self.num_heads, h * w // 2
-        queries = _squeeze(self.queries(_keep(previous_slice, anchor=False)), anchor=False)
-        keys = _squeeze(self.keys(_keep(previous_slice, anchor=True)), anchor=True)
-        values = _squeeze(self.values(current_anchors), anchor=True)
-
-        keys = keys.reshape(b, self.num_heads, hd, half).softmax(dim=-1)
-        queries = queries.reshape(b, self.num_heads, hd, half).softmax(dim=-2)
-        values = values.reshape(b, self.num_heads, hd, half)
-
-        # Back on the full grid (zeros in between) before the products: the published
-        # code sums over all H·W positions, and we keep its summation length.
-        def full(t: Tensor, anchor: bool) -> Tensor:
-            t = _unsqueeze(t.reshape(b * self.num_heads, hd, h, w // 2), anchor=anchor)
-            return t.reshape(b, self.num_heads, hd, h * w)
-
-        attended = _linear_attention(full(keys, True), full(queries, False), full(values, True))
-        attention = self.reprojection(attended.reshape(b, self.dim, h, w))
-        return attention + self.mlp(attention)
-
-
-class LinearInterSliceContext(nn.Module):
-    """Global context across slices: linear self-attention over all decoded slices."""
-
-    def __init__(self, dim: int, out_dim: int, num_heads: int):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"inter-slice context: {dim} channels not divisible by {num_heads} heads")
-        self.dim = dim
-        self.num_heads = num_heads
-        wide = out_dim * 3 // 2
-        self.keys = _pointwise_then_depthwise(dim)
-        self.queries = _pointwise_then_depthwise(dim)
-        self.values = _pointwise_then_depthwise(dim)
-        self.reprojection = nn.Conv2d(dim, wide, 5, padding=2)
-        self.mlp = nn.Sequential(
-            nn.Conv2d(wide, out_dim * 2, 1),
-            nn.GELU(),
-            nn.Conv2d(out_dim * 2, out_dim * 2, 3, padding=1, groups=out_dim * 2),
-            nn.GELU(),
-            nn.Conv2d(out_dim * 2, out_dim, 1),
-        )
-        self.skip = nn.Conv2d(wide, out_dim, 1)
-
-    def forward(self, decoded: Tensor) -> Tensor:
-        b, _, h, w = decoded.shape
-        shape = (b, self.num_heads, self.dim // self.num_heads, h * w)
-        queries = self.queries(decoded).reshape(shape).softmax(dim=-2)
-        keys = self.keys(decoded).reshape(shape).softmax(dim=-1)
-        values = self.values(decoded).reshape(shape)
-        attended = _linear_attention(keys, queries, values)
-        attention = self.reprojection(attended.reshape(b, self.dim, h, w))
-        return self.skip(attention) + self.mlp(attention)
-
-
-def _inter_context_heads(dim: int) -> int:
-    """One head per 32 channels (published rule), at least one, dividing ``dim``."""
-    heads = max(1, dim // 32)
-    while dim % heads:
-        heads -= 1
-    return heads
-
-
-# --------------------------------------------------------------------------------------
-# The codec
-# --------------------------------------------------------------------------------------
-
-
-
-def rans_safe(string: bytes, symbols: int) -> bytes:
-    """``string`` followed by enough zero bytes that CompressAI's rANS decoder cannot read
-    past the end of its buffer while decoding ``symbols`` symbols.
-
-    Its C++ decoder never checks its read pointer: on a short or corrupted string it reads
-    the memory after it (a crash when the string lives on the stack; docs/robustness.md,
-    finding 1). Per symbol it reads at most one renormalisation word and, in bypass mode,
-    one word for the bypass count; longer bypass runs need 0xF nibbles, of which a string
-    of n bytes holds at most 2n (+16 in the state), each asking for 15 nibbles more. Zero
-    bytes end every bypass run, so 32 bytes per string byte, 16 per symbol and 4 KiB bound
-    every read inside the padded buffer. A valid stream is consumed exactly as before and
-    decodes to the same symbols (conformance pins); the padding costs ~16 bytes per symbol
-    for the duration of the call (~75 MB at 12 MP with models/default).
-    """
-    return string + bytes(32 * len(string) + 16 * symbols + 4096)
-
-class AnchorCodec(CompressionModel):
+class AnchorCodec(CheckerboardSliceLatentCodec, CompressionModel):
     """NeFIC anchor codec (see the module docstring for the data flow).
 
     Args:
@@ -858,7 +338,7 @@ class AnchorCodec(CompressionModel):
         self.g_s = AnchorSynthesis(N, M)
         # Bypass head (top-level names, as in the checkpoint): g_s features at H/8 → latent.
         self.project_in = nn.Linear(N, token_channels)
-        self.information_transformer_layes = _token_stack(token_channels, num_token_blocks)
+        self.information_transformer_layes = token_stack(token_channels, num_token_blocks)
         self.spatial_ch_projs = nn.Linear(token_channels, bypass_channels)
 
         self.h_a = HyperAnalysis(M, N)
@@ -874,7 +354,7 @@ class AnchorCodec(CompressionModel):
             ChannelContextNet(s * i, s) if i else None for i in range(num_slices)
         )
         self.global_inter_context = nn.ModuleList(
-            LinearInterSliceContext(s * i, s * 2, _inter_context_heads(s * i)) if i else None
+            LinearInterSliceContext(s * i, s * 2, inter_context_heads(s * i)) if i else None
             for i in range(num_slices)
         )
         self.global_intra_context = nn.ModuleList(
@@ -1076,179 +556,8 @@ class AnchorCodec(CompressionModel):
         anchor_frame, mid = self.g_s(y_hat.to(dtype))
         if not with_bypass:
             return anchor_frame.float(), None
-        bypass = _apply_per_pixel(mid, self.project_in, self.information_transformer_layes, self.spatial_ch_projs)
+        bypass = apply_per_pixel(mid, self.project_in, self.information_transformer_layes, self.spatial_ch_projs)
         return anchor_frame.float(), bypass.unsqueeze(1).float()
-
-    # ---------------------------------------------------------------- entropy model core
-
-    def _attention_mask(self, h: int, w: int, device: torch.device) -> Tensor:
-        key = (h, w, str(device))
-        mask = self._mask_cache.get(key)
-        if mask is None:
-            if len(self._mask_cache) > 8:
-                self._mask_cache.clear()
-            mask = _local_attention_mask(h, w, self.context_window, device)
-            self._mask_cache[key] = mask
-        return mask
-
-    def _run_slices(self, hyper: Tensor, quantize: PartQuantizer, workers: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
-        """The checkerboard × channel-slice autoregression shared by forward/compress/decompress.
-
-        ``quantize(slice_index, anchor, scales, means)`` receives full-grid scale/mean maps
-        of one slice and must return the quantised values ŷ = round(y−μ)+μ of that part on
-        the full grid, zeros at the other part's positions (from y, with STE, or from the
-        bitstream). Returns (ŷ, scales, means), each [B, M, h, w].
-        """
-        with _side_thread(workers > 1 and hyper.device.type == "cpu" and not torch.is_grad_enabled()) as both:
-            return self._slices(hyper, quantize, workers, both)
-
-    def _slices(self, hyper: Tensor, quantize: PartQuantizer, workers: int,
-                both: Both) -> Tuple[Tensor, Tensor, Tensor]:
-        """:meth:`_run_slices` with ``both`` running pairs of independent context networks."""
-        hyper_means = hyper.chunk(2, dim=1)[1]
-        mask = self._attention_mask(hyper.shape[-2], hyper.shape[-1], hyper.device)
-        is_anchor = _checkerboard_mask(hyper.shape[-2], hyper.shape[-1], True, hyper.device)
-        decoded: List[Tensor] = []
-        scales_all: List[Tensor] = []
-        means_all: List[Tensor] = []
-        for i in range(self.num_slices):
-            if i == 0:
-                anchor_ctx = hyper
-            else:
-                previous = torch.cat(decoded, dim=1)
-                inter_ctx, channel_ctx = both(lambda: self.global_inter_context[i](previous),
-                                              lambda: self.channel_context[i](previous))
-                anchor_ctx = torch.cat([inter_ctx, channel_ctx, hyper], dim=1)
-            scales_a, means_a = self.entropy_parameters_anchor[i](anchor_ctx).chunk(2, dim=1)
-            anchors = quantize(i, True, scales_a, means_a)
-            correction = self.lrp_anchor[i](torch.cat([hyper_means, *decoded, anchors], dim=1))
-            anchors = anchors + _keep(correction, anchor=True)
-
-            if i == 0:
-                local_ctx = self.local_context[i](anchors, mask, workers=workers)
-                nonanchor_ctx = torch.cat([local_ctx, hyper], dim=1)
-            else:
-                local_ctx, intra_ctx = both(lambda: self.local_context[i](anchors, mask, workers=workers),
-                                            lambda: self.global_intra_context[i](decoded[-1], anchors))
-                nonanchor_ctx = torch.cat([local_ctx, intra_ctx, inter_ctx, channel_ctx, hyper], dim=1)
-            scales_n, means_n = self.entropy_parameters_nonanchor[i](nonanchor_ctx).chunk(2, dim=1)
-            y_hat_slice = anchors + quantize(i, False, scales_n, means_n)
-            correction = self.lrp_nonanchor[i](torch.cat([hyper_means, *decoded, y_hat_slice], dim=1))
-            y_hat_slice = y_hat_slice + _keep(correction, anchor=False)
-
-            decoded.append(y_hat_slice)
-            scales_all.append(torch.where(is_anchor, scales_a, scales_n))
-            means_all.append(torch.where(is_anchor, means_a, means_n))
-        return torch.cat(decoded, dim=1), torch.cat(scales_all, dim=1), torch.cat(means_all, dim=1)
-
-    def _cdf_tables(self) -> Tuple[List[List[int]], List[int], List[int]]:
-        gc = self.gaussian_conditional
-        if gc.quantized_cdf.numel() == 0:
-            raise RuntimeError("AnchorCodec: CDF tables are empty; load weights that include them or call update()")
-        return (
-            gc.quantized_cdf.tolist(),
-            gc.cdf_length.reshape(-1).int().tolist(),
-            gc.offset.reshape(-1).int().tolist(),
-        )
-
-    # ---------------------------------------------------------------- entropy coding
-
-    @torch.no_grad()
-    def encode_latent(self, y: Tensor, return_symbols: bool = False) -> Dict[str, Any]:
-        """Entropy-code y [1, M, h, w] (h, w multiples of 4; already gained).
-
-        Returns ``{"strings": [[y_string], [z_string]], "shape": (h/4, w/4),
-        "symbols_crc32": int, "y_hat": Tensor}``; ``y_hat`` is exactly what
-        :meth:`decode_latent` will reconstruct. With ``return_symbols`` the int32 arrays
-        ``"y_symbols"`` and ``"y_indexes"`` given to the rANS coder (coding order) are
-        added, for diagnostics and conformance tests.
-        """
-        self._check_y(y)
-        if y.shape[0] != 1:
-            raise ValueError(f"entropy coding handles one image at a time (B=1), got B={y.shape[0]}")
-        self._check_entropy_dtype()
-        symbols: List[int] = []
-        indexes: List[int] = []
-        gc = self.gaussian_conditional
-        with _deterministic_entropy_path(y.device) as threads:
-            y = y.float()
-            z = self.h_a(y)
-            z_strings = self.entropy_bottleneck.compress(z)
-            z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
-            hyper = self.h_s(z_hat)
-            y_parts = y.chunk(self.num_slices, dim=1)
-
-            def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
-                values, means_sq = _squeeze(y_parts[i], anchor), _squeeze(means, anchor)
-                part_symbols = gc.quantize(values, "symbols", means_sq)
-                symbols.extend(part_symbols.reshape(-1).tolist())
-                indexes.extend(gc.build_indexes(_squeeze(scales, anchor)).reshape(-1).tolist())
-                return _unsqueeze(part_symbols + means_sq, anchor)
-
-            y_hat, _, _ = self._run_slices(hyper, quantize, workers=threads)
-            cdf, cdf_lengths, offsets = self._cdf_tables()
-            encoder = BufferedRansEncoder()
-            encoder.encode_with_indexes(symbols, indexes, cdf, cdf_lengths, offsets)
-            y_string = encoder.flush()
-        out = {
-            "strings": [[y_string], z_strings],
-            "shape": tuple(int(s) for s in z.shape[-2:]),
-            "symbols_crc32": _symbols_crc32(symbols),
-            "y_hat": y_hat,
-        }
-        if return_symbols:
-            out["y_symbols"] = np.asarray(symbols, dtype=np.int32)
-            out["y_indexes"] = np.asarray(indexes, dtype=np.int32)
-        return out
-
-    @torch.no_grad()
-    def decode_latent(self, strings: Sequence[Sequence[bytes]], shape: Sequence[int]) -> Dict[str, Any]:
-        """Entropy-decode ``strings = [[y_string], [z_string]]`` with z of spatial ``shape``.
-
-        Returns ``{"y_hat": [1, M, 4·shape], "symbols_crc32": int}`` (ŷ in the gained
-        domain: the rate level is not needed here, only by :meth:`synthesize`). Compare
-        the CRC with the encoder's to detect a desynchronised or corrupted stream.
-        """
-        y_string, z_string = self._check_strings(strings)
-        if len(shape) != 2 or any(isinstance(s, bool) or int(s) != s or int(s) <= 0 for s in shape):
-            raise ValueError(f"shape must be the positive (height, width) of z, got {shape!r}")
-        shape = (int(shape[0]), int(shape[1]))
-        positions = shape[0] * shape[1]
-        z_string = rans_safe(z_string, self.entropy_bottleneck.channels * positions)
-        y_string = rans_safe(y_string, self.M * 16 * positions)
-        self._check_entropy_dtype()
-        device = self.h_s.increase[0].weight.device
-        gc = self.gaussian_conditional
-        symbols: List[int] = []
-        with _deterministic_entropy_path(device) as threads:
-            z_hat = self.entropy_bottleneck.decompress([z_string], shape)
-            hyper = self.h_s(z_hat)
-            cdf, cdf_lengths, offsets = self._cdf_tables()
-            decoder = RansDecoder()
-            decoder.set_stream(y_string)
-
-            def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
-                part_indexes = gc.build_indexes(_squeeze(scales, anchor))
-                values = decoder.decode_stream(part_indexes.reshape(-1).tolist(), cdf, cdf_lengths, offsets)
-                symbols.extend(values)
-                values = torch.tensor(values, dtype=torch.float32, device=scales.device)
-                means_sq = _squeeze(means, anchor)
-                return _unsqueeze(values.reshape(means_sq.shape) + means_sq, anchor)
-
-            y_hat, _, _ = self._run_slices(hyper, quantize, workers=threads)
-        return {"y_hat": y_hat, "symbols_crc32": _symbols_crc32(symbols)}
-
-    @staticmethod
-    def _check_strings(strings: Sequence[Sequence[bytes]]) -> Tuple[bytes, bytes]:
-        ok = (
-            isinstance(strings, (list, tuple))
-            and len(strings) == 2
-            and all(isinstance(s, (list, tuple)) and len(s) == 1 for s in strings)
-            and all(isinstance(s[0], (bytes, bytearray)) for s in strings)
-        )
-        if not ok:
-            raise ValueError("strings must be [[y_string], [z_string]] (bytes, one image)")
-        return bytes(strings[0][0]), bytes(strings[1][0])
 
     # ---------------------------------------------------------------- CompressAI API
 
@@ -1277,7 +586,7 @@ class AnchorCodec(CompressionModel):
         likelihoods (``True``: uniform-noise proxies, whose gradient in ``y`` is useful
         where rounded values have none)."""
         self._check_y(y)
-        with _deterministic_entropy_path(y.device, single_thread=not self.training):
+        with deterministic_entropy_path(y.device, single_thread=not self.training):
             z = self.h_a(y)
             _, z_likelihoods = self.entropy_bottleneck(z, training=noisy_likelihoods)
             medians = self.entropy_bottleneck._get_medians()
@@ -1286,7 +595,7 @@ class AnchorCodec(CompressionModel):
             y_parts = y.chunk(self.num_slices, dim=1)
 
             def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
-                return _keep(_ste_round(y_parts[i] - means) + means, anchor)
+                return keep_part(_ste_round(y_parts[i] - means) + means, anchor)
 
             y_hat, scales, means = self._run_slices(hyper, quantize)
             _, y_likelihoods = self.gaussian_conditional(y, scales, means, training=noisy_likelihoods)

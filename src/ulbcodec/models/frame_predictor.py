@@ -21,19 +21,19 @@ Determinism: prediction runs with a FIXED number of intra-op threads
 (:data:`PREDICTION_THREADS`, whatever the machine or ``--jobs``), so the encoder's
 predictions, which decide what is accepted, are what the decoder computes on the same
 build and CPU: kernels split their work by the thread count, and a fixed count fixes
-the split. Two rather than one: the VAE decodes 1.4-1.5x faster, and a one-core machine
-still runs two threads, only slower.
+the split. Two rather than one: the VAE decodes faster, and a one-core machine still
+runs two threads, only slower.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import ContextManager, Optional
 
 import torch
 from torch import Tensor
 
 from ulbcodec.models.next_frame import NextFramePipeline
+from ulbcodec.threads import torch_threads
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, round) over 63 bits
 
@@ -60,14 +60,9 @@ def sampling_start(scheduler, steps: int, noise: Tensor, init: Optional[Tensor] 
 PREDICTION_THREADS = 2
 
 
-@contextlib.contextmanager
-def fixed_threads(count: int = PREDICTION_THREADS) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def fixed_threads() -> ContextManager[int]:
+    """The predictions' fixed thread count (:func:`ulbcodec.threads.torch_threads`)."""
+    return torch_threads(PREDICTION_THREADS)
 
 
 class FramePredictionPipeline:

@@ -32,8 +32,8 @@ alone, and everything runs on the fixed thread count of ``fixed_threads``. On a 
 transformer and VAE run in bfloat16, as published; encoder and decoder then agree on the
 same GPU model and software stack, not across them (docs/bitstream.md).
 
-A package with this predictor is written by :func:`import_i2v_predictor`
-(``ulbc models import-video-predictor``): the image model's components, plus the
+A package with this predictor is written by
+:func:`ulbcodec.importers.i2v.import_i2v_predictor` (``ulbc models import-video-predictor``): the image model's components, plus the
 pretrained transformer, VAE and scheduler referenced by path and fingerprint (not
 copied), the prompt embeddings as a tensor file, and ``extra.video.predictor =
 "cogvideox-i2v"``.
@@ -41,11 +41,6 @@ copied), the prompt embeddings as a tensor file, and ``extra.video.predictor =
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -57,9 +52,6 @@ from ulbcodec.models.next_frame import _autocast
 KIND = "cogvideox-i2v"
 TEMPORAL_COMPRESSION = 4  # frames per latent frame of the CogVideoX VAE (after the first)
 OFS_VALUE = 2.0  # CogVideoX 1.5's "ofs" conditioning, the value its pipeline passes
-BASE_COMPONENTS = {"transformer": ("CogVideoXTransformer3DModel",), "vae": ("AutoencoderKLCogVideoX",),
-                   "scheduler": ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")}
-PROMPT_FILE = "prompt_embeds.safetensors"
 
 
 def _crop_region(grid_h: int, grid_w: int, base_w: int, base_h: int):
@@ -223,84 +215,3 @@ def from_package(package, device="cpu") -> ImageToVideoPredictor:
                                  build("predictor_prompt_embeds").to(device), video["pred_frames"],
                                  None if negative is None else negative.to(device), video.get("guidance_scale", 1.0),
                                  dtype, placement)
-
-
-# --------------------------------------------------------------------------- import
-
-
-def import_i2v_predictor(base_dir, image_model: str, out_dir, pred_frames: int = 4, steps: int = 50,
-                         guidance_scale: float = 1.0, prompt_embeds=None, negative_embeds=None,
-                         dtype: str = "bfloat16", force: bool = False):
-    """Write a video package: the image model ``image_model`` (a package name or path; its
-    files copied, its own external references kept) plus the image-to-video model in
-    ``base_dir`` (diffusers layout: transformer/, vae/, scheduler/), referenced by absolute
-    path and fingerprint. ``prompt_embeds`` / ``negative_embeds``: safetensors files of one
-    tensor [1, L, D] (the T5 embeddings of the prompt; ulbc does not run T5); default
-    ``prompt_embeds.safetensors`` in ``base_dir``. Built in a temporary directory next to
-    ``out_dir`` and renamed into place, so that a failed import leaves nothing behind."""
-    from safetensors.torch import load_file, save_file
-
-    from ulbcodec.models.nefic import meta_transformer, read_base_config
-    from ulbcodec.models.package import ModelError, ModelPackage, RateLevel, external_digest, resolve, write_manifest
-
-    out = Path(out_dir).absolute()
-    if out.exists() and not force:
-        raise ModelError(f"{out}: already exists (use --force to replace it)")
-    base = Path(base_dir).resolve()
-    missing = [name for name in BASE_COMPONENTS if not (base / name).is_dir()]
-    if missing:
-        raise ModelError(f"{base}: not an image-to-video model in diffusers' layout (no {', '.join(missing)})")
-    components, configs = {}, {}
-    for name, classes in BASE_COMPONENTS.items():
-        folder = base / name
-        configs[name] = read_base_config(folder, name, classes)
-        components["predictor" if name == "transformer" else f"predictor_{name}"] = {
-            "class": configs[name]["_class_name"], "external": {"path": str(folder), "digest": external_digest(folder)}}
-    text_dim = meta_transformer(configs["transformer"]).config.text_embed_dim
-
-    def read_embeds(path, what: str) -> Tensor:
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types on junk
-            raise ModelError(f"{path}: {what} must be a safetensors file of one tensor ({exc})") from None
-        tensor = next(iter(tensors.values())) if len(tensors) == 1 else None
-        if tensor is None or tensor.ndim != 3 or tensor.shape[0] != 1 or tensor.shape[2] != text_dim:
-            raise ModelError(f"{path}: {what} must be one tensor [1, L, {text_dim}]")
-        return tensor.float().contiguous()
-
-    prompt_path = Path(prompt_embeds) if prompt_embeds else base / PROMPT_FILE
-    if not prompt_path.is_file():
-        raise ModelError(f"no prompt embeddings: give --prompt-embeds FILE (the T5 embedding of the prompt, [1, L, "
-                         f"{text_dim}], as safetensors) or put {PROMPT_FILE} in {base}")
-    embeds = {"predictor_prompt_embeds": read_embeds(prompt_path, "prompt embeddings")}
-    if negative_embeds:
-        embeds["predictor_negative_embeds"] = read_embeds(negative_embeds, "negative prompt embeddings")
-    image = ModelPackage.load_manifest(resolve(image_model))
-    video = {"predictor": KIND, "cond_frames": 1, "pred_frames": pred_frames, "steps": steps,
-             "guidance_scale": guidance_scale, "dtype": dtype}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        package_dir = tmp / "package"
-        shutil.copytree(image.root, package_dir, ignore=shutil.ignore_patterns(".*"))
-        manifest = json.loads((package_dir / "ulbc_model.json").read_text())
-        for name, tensor in embeds.items():
-            save_file({"prompt_embeds": tensor}, str(package_dir / f"{name}.safetensors"))
-            components[name] = {"class": "PromptEmbeddings", "weights": f"{name}.safetensors"}
-        levels = [RateLevel(**lv) for lv in manifest["rate_levels"]]
-        write_manifest(package_dir, out.name, {**manifest["components"], **components}, levels,
-                       description=f"{image.name} + image-to-video predictor {base}",
-                       extra={**manifest.get("extra", {}), "video": video}, next_frame=manifest.get("next_frame"))
-        # Check that it loads and the predictor fits, before it gets its name.
-        from ulbcodec.video import VideoCodec
-
-        try:
-            VideoCodec(ModelPackage.load_manifest(package_dir, verify=False)).predictor
-        except ValueError as exc:
-            raise ModelError(f"{base}: {exc}") from None
-        if out.exists():  # --force: the old package goes only once the new one is complete
-            os.replace(out, tmp / "old")
-        os.replace(package_dir, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return ModelPackage.load_manifest(out, verify=False)

@@ -148,7 +148,7 @@ def memory_budget(pipe) -> Optional[int]:
 
 def decode_image(pipe, anchor_frame: Tensor, bypass_latent: Tensor, record: Optional[Dict[str, Tensor]] = None) -> Tensor:
     """Anchor frame [B,3,H,W] (clamped, padded) + bypass [B,1,16,h,w] → image [B,3,H,W]."""
-    from ulbcodec.models.next_frame import blended_tiles, tile_batch
+    from ulbcodec.tiling import blended_tiles, tile_batch
 
     height, width = anchor_frame.shape[-2:]
     _put(record, "anchor_frame", anchor_frame)

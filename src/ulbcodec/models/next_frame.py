@@ -37,7 +37,7 @@ frames from seeded Gaussian noise and runs the scheduler's sampler conditioned o
 Large images are decoded in overlapping tiles blended with linear ramps over their
 overlap: the transformer's attention and the VAE's GroupNorms are global within a tile,
 so a hard stitch would show seams. The transformer's tiles are the size it was trained
-on (:func:`transformer_tile`): a larger window of attention than it has seen in training
+on (:func:`ulbcodec.tiling.transformer_tile`): a larger window of attention than it has seen in training
 costs detail and fidelity. They keep that full size, so that on images a little over one
 tile they overlap by more than the minimum, and go through the transformer in batches.
 The VAE's tiles are spread evenly (the least overlapping work).
@@ -49,7 +49,7 @@ with its tiling, the whole image in one transformer pass, the published casts.
 Floating point: the VAE and transformer run in bfloat16 (as the published models do) on
 the CPU too; this path is NOT bit-exact across machines, unlike entropy decoding. For
 inference the VAE runs as a 2-D channels-last graph in that dtype throughout, GroupNorms
-included (models/single_frame.py: 2-3x faster on the CPU); training, which needs
+included (models/single_frame.py: faster on the CPU); training, which needs
 gradients, runs diffusers' own graph under autocast. Where
 the modules run and whether they are offloaded to host memory between stages is the
 ``placement``'s business (ulbcodec/placement.py); the pipeline only says when each
@@ -60,58 +60,24 @@ from __future__ import annotations
 
 import contextlib
 from fractions import Fraction
-from typing import Iterator, Mapping, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ulbcodec.models.package import NEXT_FRAME_SETTINGS
+from ulbcodec import tiling
+from ulbcodec.packages import NEXT_FRAME_SETTINGS
 from ulbcodec.models.single_frame import (decode_one_frame, encode_one_frame, one_frame_graph_supported,
                                           use_one_frame_convolutions)
+from ulbcodec.tiling import blended_tiles, tile_batch, transformer_tile, vae_tile
 
 
-# Transformer tiles, in latent pixels (x8 for image pixels): the size the transformer
-# was trained on (its config's sample_height/width), kept between these bounds, with a
-# quarter of it to blend over. Attention over a larger window than the training crops
-# costs fidelity: the shipped model (256 px crops, 32 latents) in 64-latent tiles scored
-# 4.6 VMAF and 1.1 dB PSNR less than in 32-latent ones (mean of the 7 held-out 768 px
-# photographs at level 3).
-# 64 latents = 512 px, 2048 tokens for the two temporal tokens (a CogVideoX base model's
-# crops are larger; its tiles stay at 64 to bound memory).
-MIN_LATENT_TILE = 32
-MAX_LATENT_TILE = 64
-# Tiles go through the transformer in batches of about this many latents (8 tiles of 32,
-# 2 of 64): per-call overheads dominate small tiles (32 latents on 2 cores: 25 ms a tile
-# alone, 14 ms in batches of 8), while large tiles gain nothing and cost memory.
-TILE_BATCH_LATENTS = 8 * 32 * 32
-
-# VAE tiles: 512 px with 128 px of overlap. The VAE's convolutions are local but its
-# GroupNorms take statistics over the whole tile, so its tiles are blended too.
-VAE_TILE = 512
-VAE_OVERLAP = 128
-# A VAE at most this wide at full resolution (the shipped one has 16 channels there)
-# takes tiles twice as large: the overlap then costs 1.28x a 12 MP image's pixels in VAE
-# work instead of 1.74x (its VAE stage: 30 s -> 18 s on 2 cores) for 0.3 GB more memory.
-# A wide VAE (CogVideoX's own: 128 channels) keeps 512 px, 1 GB of activations a tile.
-NARROW_VAE_CHANNELS = 32
 ONE_STEP_TIMESTEP = 500
-
-
-def transformer_tile(config: Mapping) -> Tuple[int, int]:
-    """(side, overlap) in latents of the transformer's tiles, from its diffusers config."""
-    trained = min(config.get("sample_height", MAX_LATENT_TILE), config.get("sample_width", MAX_LATENT_TILE))
-    side = max(MIN_LATENT_TILE, min(MAX_LATENT_TILE, int(trained)))
-    return side, side // 4
-
-
-def tile_batch(side: int) -> int:
-    """How many transformer tiles of ``side`` latents go through it at once."""
-    return max(1, TILE_BATCH_LATENTS // (side * side))
-
-
-def vae_tile(full_resolution_channels: int) -> int:
-    """Side in pixels of the VAE's tiles for a VAE this wide at full resolution."""
-    return 2 * VAE_TILE if full_resolution_channels <= NARROW_VAE_CHANNELS else VAE_TILE
+# The diffusion schedule of the models trained here (the next-frame decoder, the frame
+# predictor), that of the CogVideoX base models: scaled-linear betas, zero terminal SNR, v-prediction.
+SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                        clip_sample=False, set_alpha_to_one=True, snr_shift_scale=1.0)
 
 
 def rotary_embedding(height: int, width: int, head_dim: int, patch_size: int, device=None) -> Tuple[Tensor, Tensor]:
@@ -132,94 +98,6 @@ def _autocast(dtype: Optional[torch.dtype], device: torch.device):
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-def blend_ramp(size: int, overlap: int, at_start: bool, at_end: bool) -> Tensor:
-    """1-D weights: linear ramps over the overlap at the inner edges, 1 elsewhere."""
-    w = torch.ones(size)
-    if overlap > 0:
-        ramp = (torch.arange(overlap, dtype=torch.float32) + 0.5) / overlap
-        if not at_start:
-            w[:overlap] = ramp
-        if not at_end:
-            w[-overlap:] = ramp.flip(0)
-    return w
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> Iterator[int]:
-    """Start offsets of tiles of ``tile`` covering ``length`` with at least ``overlap``."""
-    if length <= tile:
-        yield 0
-        return
-    stride = tile - overlap
-    start = 0
-    while True:
-        if start + tile >= length:
-            yield length - tile
-            return
-        yield start
-        start += stride
-
-
-def even_tile(length: int, tile: int, overlap: int, align: int = 8) -> int:
-    """The side of the fewest tiles of at most ``tile`` that cover ``length`` with
-    ``overlap``, made as even as ``align`` allows.
-
-    A fixed side wastes work where the last tile is pushed back over its neighbour (a
-    4000 px side in 512 px tiles with 128 of overlap: 11 tiles, 5632 px of work); spread
-    evenly, the same 11 tiles need only 480 px each (5280 px).
-    """
-    if length <= tile:
-        return length
-    n = -(-(length - overlap) // (tile - overlap))
-    side = -(-(length + (n - 1) * overlap) // n)
-    return min(tile, -(-side // align) * align)
-
-
-def blended_tiles(fn, *inputs: Tensor, tile: int, overlap: int, scale: Fraction = Fraction(1),
-                  even: bool = False, batch: int = 1) -> Tensor:
-    """Apply ``fn(*tiles)`` on overlapping tiles of the inputs, blending the overlaps.
-
-    ``tile`` and ``overlap`` are in pixels of the inputs (which share one size): tiles of
-    side ``tile``, or with ``even`` the fewest tiles of at most ``tile`` spread evenly
-    (:func:`even_tile`, sides multiples of 8: whole latents for pixel inputs); ``fn``
-    returns [B, C, side·scale, side·scale]. Weights ramp linearly across each overlap and
-    sum to one everywhere, so a function that commutes with cropping is reproduced
-    exactly, and one that does not (attention, GroupNorm statistics) changes smoothly
-    from one tile to the next instead of showing a seam. With ``batch`` > 1, ``fn`` sees
-    up to that many tiles at once, stacked along the batch dimension (all tiles have one
-    size), and must treat the samples of a batch independently.
-    """
-    scale = Fraction(scale)
-    b, _, h, w = inputs[0].shape
-    th, tw = (even_tile(n, tile, overlap) if even else min(tile, n) for n in (h, w))
-    if any((n * scale).denominator != 1 for n in (th, tw, overlap)):
-        raise ValueError(f"tile {th}x{tw} / overlap {overlap} are not whole output pixels at scale {scale}")
-    oh, ow = int(h * scale), int(w * scale)
-    out, weight = None, torch.zeros(1, 1, oh, ow)
-    ys, xs = list(tile_starts(h, th, overlap)), list(tile_starts(w, tw, overlap))
-    starts = [(y, x) for y in ys for x in xs]
-    sh, sw, ov = int(th * scale), int(tw * scale), int(overlap * scale)
-    # Batches of one size (12 tiles in at most 8: 6 + 6, not 8 + 4), the last padded with
-    # copies of its last tile where the tiles do not divide evenly: every call then has
-    # the same shape, and a new process compiles its CPU kernels for one shape only.
-    calls = -(-len(starts) // max(1, batch))
-    size = -(-len(starts) // calls)
-    for first in range(0, len(starts), size):
-        group = starts[first:first + size]
-        padded = group + group[-1:] * (size - len(group))
-        tiles = (torch.cat([t[:, :, y:y + th, x:x + tw] for y, x in padded]) for t in inputs)
-        results = fn(*tiles).float().split(b)
-        for (y, x), res in zip(group, results):
-            if out is None:
-                out = res.new_zeros(res.shape[:2] + (oh, ow))
-            y0, x0 = int(y * scale), int(x * scale)
-            wy = blend_ramp(sh, min(ov, sh), y == ys[0], y == ys[-1])
-            wx = blend_ramp(sw, min(ov, sw), x == xs[0], x == xs[-1])
-            wt = (wy[:, None] * wx[None, :])[None, None]
-            out[:, :, y0 : y0 + sh, x0 : x0 + sw] += res * wt
-            weight[:, :, y0 : y0 + sh, x0 : x0 + sw] += wt
-    return out / weight
 
 
 class NextFramePipeline:
@@ -355,7 +233,7 @@ class NextFramePipeline:
         use = self.placement.use  # with offloading: each module on the device for its whole stage
         tile = vae_tile(self.full_resolution_channels)
         with use(self.vae):
-            anchor_latent = blended_tiles(self.encode_latent, anchor_frame, tile=tile, overlap=VAE_OVERLAP,
+            anchor_latent = blended_tiles(self.encode_latent, anchor_frame, tile=tile, overlap=tiling.VAE_OVERLAP,
                                           scale=Fraction(1, 8), even=True)
         with use(self.transformer):
             if steps <= 1:
@@ -374,8 +252,8 @@ class NextFramePipeline:
                                        batch=tile_batch(self.latent_tile))
         with use(self.vae):
             if self.output == "latent":
-                return blended_tiles(self.decode_latent, latent, tile=tile // 8, overlap=VAE_OVERLAP // 8,
+                return blended_tiles(self.decode_latent, latent, tile=tile // 8, overlap=tiling.VAE_OVERLAP // 8,
                                      scale=Fraction(8), even=True)
             change = blended_tiles(self.pixel_change, latent, anchor_latent, tile=tile // 8,
-                                   overlap=VAE_OVERLAP // 8, scale=Fraction(8), even=True)
+                                   overlap=tiling.VAE_OVERLAP // 8, scale=Fraction(8), even=True)
             return (anchor_frame + change).clamp(0, 1)

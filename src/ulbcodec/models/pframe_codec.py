@@ -63,17 +63,9 @@ from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import conv3x3, subpel_conv3x3
 from compressai.models import CompressionModel
 
-from ulbcodec.models.anchor_codec import (
-    _CDF_BUFFERS,
-    _checkerboard_mask,
-    _deterministic_entropy_path,
-    _keep,
-    _squeeze,
-    _ste_round,
-    _symbols_crc32,
-    _unsqueeze,
-    rans_safe,
-)
+from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part, squeeze_part, unsqueeze_part
+from ulbcodec.entropy.coding import deterministic_entropy_path, rans_safe, symbols_crc32
+from ulbcodec.models.anchor_codec import _CDF_BUFFERS, _ste_round
 
 __all__ = ["PFrameCodec"]
 
@@ -277,7 +269,7 @@ class PFrameCodec(CompressionModel):
         ctx = self.spatial_context(anchors)
         scales_n, means_n = self.params_nonanchor(torch.cat([base, ctx], 1)).chunk(2, 1)
         y_hat = anchors + quantize(False, scales_n, means_n)
-        is_anchor = _checkerboard_mask(y_hat.shape[-2], y_hat.shape[-1], True, y_hat.device)
+        is_anchor = checkerboard_mask(y_hat.shape[-2], y_hat.shape[-1], True, y_hat.device)
         return y_hat, torch.where(is_anchor, scales_a, scales_n), torch.where(is_anchor, means_a, means_n)
 
     # ---------------------------------------------------------------- training
@@ -295,7 +287,7 @@ class PFrameCodec(CompressionModel):
         hyper = self.h_s(z_hat)
 
         def quantize(anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
-            return _keep(_ste_round(y - means) + means, anchor)
+            return keep_part(_ste_round(y - means) + means, anchor)
 
         y_hat, scales, means = self._entropy_parameters(hyper, self._prior(context[2]), quantize)
         _, y_likelihoods = self.gaussian_conditional(y, scales, means)
@@ -311,7 +303,7 @@ class PFrameCodec(CompressionModel):
         return gc.quantized_cdf.tolist(), gc.cdf_length.reshape(-1).int().tolist(), gc.offset.reshape(-1).int().tolist()
 
     def _context_and_prior(self, ref: Tensor) -> Tuple[Tuple[Tensor, Tensor, Tensor], Tensor]:
-        with _deterministic_entropy_path(ref.device):
+        with deterministic_entropy_path(ref.device):
             context = self.context.features(ref.float())
             return context, self._prior(context[2])
 
@@ -329,18 +321,18 @@ class PFrameCodec(CompressionModel):
         gc = self.gaussian_conditional
         symbols: List[int] = []
         indexes: List[int] = []
-        with _deterministic_entropy_path(x.device):
+        with deterministic_entropy_path(x.device):
             z = self.h_a(y)
             z_strings = self.entropy_bottleneck.compress(z)
             z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
             hyper = self.h_s(z_hat)
 
             def quantize(anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
-                means_sq = _squeeze(means, anchor)
-                part = gc.quantize(_squeeze(y, anchor), "symbols", means_sq)
+                means_sq = squeeze_part(means, anchor)
+                part = gc.quantize(squeeze_part(y, anchor), "symbols", means_sq)
                 symbols.extend(part.reshape(-1).tolist())
-                indexes.extend(gc.build_indexes(_squeeze(scales, anchor)).reshape(-1).tolist())
-                return _unsqueeze(part + means_sq, anchor)
+                indexes.extend(gc.build_indexes(squeeze_part(scales, anchor)).reshape(-1).tolist())
+                return unsqueeze_part(part + means_sq, anchor)
 
             y_hat, _, _ = self._entropy_parameters(hyper, prior, quantize)
             encoder = BufferedRansEncoder()
@@ -348,7 +340,7 @@ class PFrameCodec(CompressionModel):
             y_string = encoder.flush()
         x_hat = self.g_s(y_hat * inverse, ref, context)
         return {"strings": [y_string, z_strings[0]], "shape": tuple(int(s) for s in z.shape[-2:]),
-                "symbols_crc32": _symbols_crc32(symbols), "x_hat": x_hat}
+                "symbols_crc32": symbols_crc32(symbols), "x_hat": x_hat}
 
     @torch.no_grad()
     def decompress(self, strings: Sequence[bytes], shape: Sequence[int], ref: Tensor,
@@ -369,7 +361,7 @@ class PFrameCodec(CompressionModel):
         context, prior = self._context_and_prior(ref)
         gc = self.gaussian_conditional
         symbols: List[int] = []
-        with _deterministic_entropy_path(ref.device):
+        with deterministic_entropy_path(ref.device):
             z_hat = self.entropy_bottleneck.decompress([z_string], (h, w))
             hyper = self.h_s(z_hat)
             cdf = self._cdf_tables()
@@ -377,12 +369,12 @@ class PFrameCodec(CompressionModel):
             decoder.set_stream(y_string)
 
             def quantize(anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
-                means_sq = _squeeze(means, anchor)
-                values = decoder.decode_stream(gc.build_indexes(_squeeze(scales, anchor)).reshape(-1).tolist(), *cdf)
+                means_sq = squeeze_part(means, anchor)
+                values = decoder.decode_stream(gc.build_indexes(squeeze_part(scales, anchor)).reshape(-1).tolist(), *cdf)
                 symbols.extend(values)
                 values = torch.tensor(values, dtype=torch.float32, device=ref.device).reshape(means_sq.shape)
-                return _unsqueeze(values + means_sq, anchor)
+                return unsqueeze_part(values + means_sq, anchor)
 
             y_hat, _, _ = self._entropy_parameters(hyper, prior, quantize)
         x_hat = self.g_s(y_hat * inverse, ref, context)
-        return {"x_hat": x_hat, "symbols_crc32": _symbols_crc32(symbols)}
+        return {"x_hat": x_hat, "symbols_crc32": symbols_crc32(symbols)}

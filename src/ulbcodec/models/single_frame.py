@@ -66,8 +66,8 @@ def use_one_frame_convolutions(vae: nn.Module) -> nn.Module:
 #
 # The patched convolutions above still run inside diffusers' 5-D graph, whose tensors on
 # the CPU are channels-first and, under autocast, change dtype around every GroupNorm.
-# For inference on one frame the whole VAE is a 2-D network, and run as one it is 2-3x
-# as fast (a 768x512 decode on 2 cores in bf16: 0.27-0.46 s -> 0.13-0.15 s):
+# For inference on one frame the whole VAE is a 2-D network, and run as one it is faster
+# (docs/measurements.md, "One-frame VAE graph"):
 #
 #   * channels-last activations, which oneDNN's convolutions take without reordering
 #     (2x the multiply-adds per second of channels-first at 16-32 channels);

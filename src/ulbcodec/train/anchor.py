@@ -22,7 +22,7 @@ Recipe (docs/training.md has the reasoning and the measured cost):
 - one process or many: ``accelerate launch -m ulbcodec.train.anchor ...`` trains data
   parallel (:mod:`ulbcodec.train.distributed`; global batch = processes x ``--batch``).
 
-Export (``--export DIR``) writes a ulb model package (:mod:`ulbcodec.models.package`).
+Export (``--export DIR``) writes a ulb model package (:mod:`ulbcodec.packages`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import random
-import time
 from pathlib import Path
 from typing import ContextManager, Dict, List
 
@@ -41,10 +40,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ulbcodec.losses.rate_distortion import MSSSIM_WEIGHT, anchor_distortion, bits_per_pixel, perceptual_terms
-from ulbcodec.models import package as packages
+from ulbcodec import packages
 from ulbcodec.models.anchor_codec import AnchorCodec
-from ulbcodec.models.package import RateLevel, save_package
+from ulbcodec.packages import RateLevel, save_package
 from ulbcodec.train.distributed import TrainRuntime, add_runtime_arguments, training_runtime
+from ulbcodec.train.loop import TrainLoop
 
 # Small enough to code at <= 1.5 s/MP each way on 2 CPU cores (BENCHMARKS.md); no VAE
 # latent input until the generative decoder's latent autoencoder exists.
@@ -248,8 +248,7 @@ def train(args, rt: TrainRuntime) -> None:
     rt.sync_replicas(model.parameters())
     rt.decorrelate_global_rng(args.seed)
     model.train()
-    started, last_save = time.time(), time.time()
-    window = []
+    loop = TrainLoop(rt, meta, args.steps, args.log_every, args.save_every)
     while meta["step"] < args.steps:
         step = meta["step"]
         if step == int(args.steps * 0.85):
@@ -268,20 +267,16 @@ def train(args, rt: TrainRuntime) -> None:
         rt.backward(aux, aux_params)
         aux_opt.step()
         meta["step"] = step + 1
-        window.append((level, bpp.item(), mse.item(), msssim.item()))
-        if meta["step"] % args.log_every == 0:
-            elapsed = meta["seconds"] + time.time() - started
-            rows = {}
-            for lv, b, m, s in rt.gather_rows(window):  # every process's batches
+        loop.record((level, bpp.item(), mse.item(), msssim.item()))
+        logged = loop.flush_log()
+        if logged:
+            elapsed, rows = logged[0], {}
+            for lv, b, m, s in logged[1]:  # every process's batches
                 rows.setdefault(lv, []).append((b, m, s))
             summary = {lv: [round(float(np.mean(c)), 5) for c in zip(*v)] for lv, v in sorted(rows.items())}
-            meta["log"].append({"step": meta["step"], "minutes": round(elapsed / 60, 2), "by_level": summary})
+            loop.log(elapsed, by_level=summary)
             rt.print(f"step {meta['step']:6d} {elapsed / 60:6.1f} min  level: [bpp, mse, ms-ssim] {summary}")
-            window = []
-        # checkpoint_due is a collective: first in the test, so every process calls it every step
-        if rt.checkpoint_due(last_save, args.save_every) or meta["step"] == args.steps:
-            meta["seconds"] += time.time() - started
-            started = last_save = time.time()
+        if loop.checkpoint_due():
             rt.save_checkpoint(lambda: save_checkpoint(run, model, opt, aux_opt, meta), model.parameters(),
                                meta["step"])
     if args.export and rt.is_main:

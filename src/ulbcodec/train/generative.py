@@ -45,9 +45,8 @@ import argparse
 import json
 import os
 import random
-import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn as nn
@@ -57,11 +56,12 @@ from safetensors.torch import load_file, save_file
 from ulbcodec.losses.detail_loss import detail_loss
 from ulbcodec.losses.rate_distortion import anchor_distortion
 from ulbcodec.losses.vif_loss import vif_loss
-from ulbcodec.models import package as packages
-from ulbcodec.models.package import NEXT_FRAME_SETTINGS
-from ulbcodec.models.next_frame import ONE_STEP_TIMESTEP, NextFramePipeline
+from ulbcodec import packages
+from ulbcodec.packages import NEXT_FRAME_SETTINGS
+from ulbcodec.models.next_frame import ONE_STEP_TIMESTEP, SCHEDULER_CONFIG, NextFramePipeline
 from ulbcodec.train.anchor import PhotoCrops, _flatten_optimizer, _restore_optimizer
 from ulbcodec.train.distributed import TrainRuntime, add_runtime_arguments, training_runtime
+from ulbcodec.train.loop import TrainLoop
 
 VAE_CONFIG = dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, latent_channels=16,
                   temporal_compression_ratio=4, sample_height=256, sample_width=256)
@@ -70,10 +70,6 @@ TRANSFORMER_CONFIG = dict(num_attention_heads=4, attention_head_dim=48, in_chann
                           time_embed_dim=128, text_embed_dim=64, num_layers=6, sample_frames=5, patch_size=2,
                           patch_size_t=2, temporal_compression_ratio=4, max_text_seq_length=8,
                           use_rotary_positional_embeddings=True)
-# The base model's schedule (CogVideoX): scaled-linear betas, zero terminal SNR, v-prediction.
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
-                        clip_sample=False, set_alpha_to_one=True, snr_shift_scale=1.0)
 PROMPT_SHAPE = (1, 8, 64)
 VAE_SCALE = 8  # pixels per latent
 STAGES = ("vae", "stage1", "stage2")
@@ -88,7 +84,7 @@ def build_vae():
 
 def build_transformer(crop: int = 256):
     """The transformer for ``crop`` px training crops: its config's sample size (in
-    latents, 1/8) is what the decoder sizes its tiles by (next_frame.transformer_tile)."""
+    latents, 1/8) is what the decoder sizes its tiles by (ulbcodec.tiling.transformer_tile)."""
     from diffusers import CogVideoXTransformer3DModel
 
     side = crop // VAE_SCALE
@@ -232,27 +228,21 @@ class Trainer:
             rt.print(f"{stage}: resumed at step {meta['step']} ({meta['seconds'] / 60:.1f} min)")
         rt.record(meta, self.args.batch)
         rt.sync_replicas([p for m in modules.values() for p in m.parameters()] + list(tensors.values()))
-        started = last_save = time.time()
-        window: Dict[str, List[float]] = {}
+        loop = TrainLoop(rt, meta, steps, self.args.log_every, self.args.save_every)
         while meta["step"] < steps:
             logs = step_fn(meta["step"])
             meta["step"] += 1
-            for k, v in logs.items():
-                window.setdefault(k, []).append(v)
-            if meta["step"] % self.args.log_every == 0:
-                elapsed = meta["seconds"] + time.time() - started
-                merged: Dict[str, List[float]] = {}
-                for w in rt.gather_rows([window]):  # every process's batches
+            loop.record(logs)
+            logged = loop.flush_log()
+            if logged:
+                elapsed, merged = logged[0], {}
+                for w in logged[1]:  # every process's batches, step by step
                     for k, v in w.items():
-                        merged.setdefault(k, []).extend(v)
+                        merged.setdefault(k, []).append(v)
                 row = {k: round(sum(v) / len(v), 5) for k, v in merged.items()}
-                meta["log"].append({"step": meta["step"], "minutes": round(elapsed / 60, 2), **row})
+                loop.log(elapsed, **row)
                 rt.print(f"{stage} step {meta['step']:5d} {elapsed / 60:6.1f} min {row}")
-                window = {}
-            # checkpoint_due is a collective: first in the test, so every process calls it every step
-            if rt.checkpoint_due(last_save, self.args.save_every) or meta["step"] == steps:
-                meta["seconds"] += time.time() - started
-                started = last_save = time.time()
+            if loop.checkpoint_due():
                 meta["done"] = meta["step"] >= steps
                 self._save(path, modules, tensors, opts, meta)
         return meta

@@ -213,7 +213,7 @@ def main(argv=None) -> None:
 
 
 def export(model: PFrameCodec, meta: dict, args) -> None:
-    from ulbcodec.models import package as packages
+    from ulbcodec import packages
 
     round_parameters_to_half(model)  # stored as float16: the CDF tables are built from what is stored
     model.update(force=True)

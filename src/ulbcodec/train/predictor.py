@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import random
-import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -37,9 +36,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ulbcodec.models import package as packages
+from ulbcodec import packages
 from ulbcodec.train.distributed import TrainRuntime, add_runtime_arguments, training_runtime
-from ulbcodec.train.generative import SCHEDULER_CONFIG, load_stage, save_stage
+from ulbcodec.train.loop import TrainLoop
+from ulbcodec.models.next_frame import SCHEDULER_CONFIG
+from ulbcodec.train.generative import load_stage, save_stage
 
 COND_FRAMES, PRED_FRAMES = 2, 5
 LATENT = 16
@@ -153,7 +154,8 @@ def main(argv=None) -> None:
     if meta["step"] < args.steps:  # a finished run only exports: no need to encode the clips
         clips = cached_clips(run, args, pipe, rt)
     ab_all = scheduler.alphas_cumprod.float()
-    window, started, last_save, losses = COND_FRAMES + PRED_FRAMES, time.time(), time.time(), []
+    window = COND_FRAMES + PRED_FRAMES
+    loop = TrainLoop(rt, meta, args.steps, args.log_every, args.save_every)
     seed = rt.process_seed(args.seed)  # this process's windows (process 0: args.seed)
     unet.train()
     while meta["step"] < args.steps:
@@ -177,18 +179,14 @@ def main(argv=None) -> None:
         rt.backward(loss, params)
         rt.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(loss.item())
+        loop.record(loss.item())
         meta["step"] = i + 1
-        if meta["step"] % args.log_every == 0:
-            elapsed = meta["seconds"] + time.time() - started
-            losses = rt.gather_rows(losses)  # every process's batches
-            meta["log"].append({"step": meta["step"], "minutes": round(elapsed / 60, 2), "v": float(np.mean(losses))})
+        logged = loop.flush_log()
+        if logged:
+            elapsed, losses = logged  # every process's batches
+            loop.log(elapsed, v=float(np.mean(losses)))
             rt.print(f"predictor step {meta['step']:5d} {elapsed / 60:6.1f} min v-loss {np.mean(losses):.4f}")
-            losses = []
-        # checkpoint_due is a collective: first in the test, so every process calls it every step
-        if rt.checkpoint_due(last_save, args.save_every) or meta["step"] == args.steps:
-            meta["seconds"] += time.time() - started
-            started = last_save = time.time()
+        if loop.checkpoint_due():
             meta["done"] = meta["step"] >= args.steps
             rt.save_checkpoint(lambda: save_stage(run, {"unet": unet}, {}, {"opt": opt}, meta), params, meta["step"])
     if args.export and rt.is_main:

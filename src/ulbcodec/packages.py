@@ -68,7 +68,7 @@ class ModelError(ValueError):
 
 
 PROMPT_EMBEDS = "PromptEmbeddings"  # pseudo class: one tensor named "prompt_embeds"
-LORA = "LoRA"  # pseudo class: LoRA tensors for the transformer, as published (models/nefic.py)
+LORA = "LoRA"  # pseudo class: LoRA tensors for the transformer, as published (models/lora.py)
 SOURCES = ("weights", "levels", "diffusers", "external")  # where a component's weights are
 # Files a diffusers component directory may hold: configs and safetensors, nothing else
 # (a stray pickle such as diffusion_pytorch_model.bin is refused, not ignored).
@@ -273,7 +273,7 @@ class ModelPackage:
         ulbc classes are built from the manifest's config; diffusers components through
         their own ``from_pretrained`` on the sub-directory (or external directory),
         safetensors only, offline. A prompt-embeddings component is returned as a tensor,
-        a LoRA as the file's tensors (``models/nefic.py`` applies them). ``level`` picks
+        a LoRA as the file's tensors (``models/lora.py`` applies them). ``level`` picks
         the file of a per-level component and is ignored by the others; ``dtype`` is the
         one diffusers modules are loaded in (ulbcodec/placement.py: bfloat16 on a GPU).
         """
@@ -481,7 +481,7 @@ def _save_diffusers(module, folder: Path, dtype: torch.dtype) -> None:
 def search_paths() -> List[Path]:
     """Where named models live: $ULBC_MODEL_PATH (colon-separated), then the project's models/."""
     paths = [Path(p) for p in os.environ.get("ULBC_MODEL_PATH", "").split(os.pathsep) if p]
-    paths.append(Path(__file__).resolve().parents[3] / "models")
+    paths.append(Path(__file__).resolve().parents[2] / "models")  # src/ulbcodec/packages.py -> the project
     return paths
 
 

@@ -27,16 +27,10 @@ The conversion, once, by ``ulbc models import-nefic``::
 
 At run time (``ImageCodec``) a rate level's anchor codec codes the anchor; the next-frame
 decoder (``models/next_frame.py``) loads the base VAE/transformer/scheduler from the
-referenced directory after checking its fingerprint, and :func:`apply_lora` puts that
+referenced directory after checking its fingerprint, and :func:`~ulbcodec.models.lora.apply_lora` puts that
 level's LoRA on the transformer.
 
-The LoRA is applied *unmerged*, as the published loader (peft) does: each target
-``nn.Linear`` is wrapped by :class:`LoRALinear`, computing ``base(x) + scale·B(A(x))``
-with ``scale = alpha / rank`` (published: rank 256, alpha 256, scale 1.0). Unmerged keeps
-the 5B base weights untouched, so switching between the rate points' LoRAs swaps two
-small matrices per layer instead of reloading the base, and the arithmetic follows the
-published one (a merged ``W + B·A`` would be rounded to bf16 as one matrix instead).
-Its cost is two rank-256 matmuls per target layer.
+The LoRA runtime (unmerged adapters) is :mod:`ulbcodec.models.lora`.
 
 Nothing here unpickles beyond ``torch.load(..., weights_only=True)``: a pickle holding
 anything but tensors and plain containers is refused, never executed.
@@ -50,194 +44,20 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ulbcodec.models.package import LORA, ModelError, ModelPackage, RateLevel, external_digest, write_manifest
+from ulbcodec.models.lora import check_lora, key_mismatch, lora_file_shapes
+from ulbcodec.packages import LORA, ModelError, ModelPackage, RateLevel, external_digest, write_manifest
 
 ANCHOR_FILE = "anchor_codec.bin"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PROMPT_FILES = ("prompt_embeds.safetensors", "prompt_embeds.pt")
-LORA_PREFIX = "transformer."
-#: The layers of every transformer block the published LoRA adapts.
-LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "norm1.linear", "norm2.linear")
 #: Base model sub-directories and the classes they may hold.
 BASE_COMPONENTS = {"vae": ("AutoencoderKLCogVideoX",), "transformer": ("CogVideoXTransformer3DModel",),
                    "scheduler": ("CogVideoXDPMScheduler", "CogVideoXDDIMScheduler")}
-_SHOWN = 3  # keys named in an error message
-
-
-def _first(names: Iterable[str]) -> str:
-    names = sorted(names)
-    more = f", … ({len(names)} in all)" if len(names) > _SHOWN else ""
-    return ", ".join(names[:_SHOWN]) + more
-
-
-def _key_mismatch(source, what: str, expected: Iterable[str], found: Iterable[str]) -> None:
-    """Raise one line naming the first few missing and unexpected keys, if any."""
-    expected, found = set(expected), set(found)
-    missing, unexpected = expected - found, found - expected
-    parts = [f"{label} {_first(keys)}" for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-    if parts:
-        raise ModelError(f"{source}: {what}: " + "; ".join(parts))
-
-
-# --------------------------------------------------------------------------- LoRA
-
-
-class LoRALinear(nn.Module):
-    """``base_layer(x) + scale · lora_B(lora_A(x))``: an unmerged low-rank adapter."""
-
-    def __init__(self, base_layer: nn.Linear, lora_A: Tensor, lora_B: Tensor, scale: float):
-        super().__init__()
-        self.base_layer = base_layer
-        self.set_weights(lora_A, lora_B, scale)
-
-    def set_weights(self, lora_A: Tensor, lora_B: Tensor, scale: float) -> None:
-        like = self.base_layer.weight
-        self.lora_A = nn.Linear(lora_A.shape[1], lora_A.shape[0], bias=False, device="meta")
-        self.lora_B = nn.Linear(lora_B.shape[1], lora_B.shape[0], bias=False, device="meta")
-        self.lora_A.weight = nn.Parameter(lora_A.to(like.device, like.dtype))
-        self.lora_B.weight = nn.Parameter(lora_B.to(like.device, like.dtype))
-        self.scale = float(scale)
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.base_layer(x) + self.scale * self.lora_B(self.lora_A(x))
-
-
-def lora_targets(transformer: nn.Module) -> Dict[str, nn.Linear]:
-    """The layers the LoRA adapts, by name without the ``transformer.`` prefix (the base
-    layer where a LoRA is already applied)."""
-    targets = {}
-    for i in range(len(transformer.transformer_blocks)):
-        for suffix in LORA_TARGETS:
-            name = f"transformer_blocks.{i}.{suffix}"
-            module = transformer.get_submodule(name)
-            module = module.base_layer if isinstance(module, LoRALinear) else module
-            if not isinstance(module, nn.Linear):
-                raise ModelError(f"transformer layer {name} is a {type(module).__name__}, not a Linear")
-            targets[name] = module
-    return targets
-
-
-def lora_shapes(transformer: nn.Module, rank: int) -> Dict[str, Tuple[int, int]]:
-    """Every tensor a rank-``rank`` LoRA of ``transformer`` holds: name (without the
-    ``transformer.`` prefix) → shape. A is [rank, in_features], B [out_features, rank]."""
-    shapes = {}
-    for name, layer in lora_targets(transformer).items():
-        shapes[f"{name}.lora_A.weight"] = (rank, layer.in_features)
-        shapes[f"{name}.lora_B.weight"] = (layer.out_features, rank)
-    return shapes
-
-
-def _normalise_key(key: str) -> Optional[str]:
-    """The published loader's renaming: keep ``transformer.*``, strip the prefix, and
-    name old-style ``.lora.down``/``.lora.up`` tensors ``lora_A``/``lora_B``."""
-    if not key.startswith(LORA_PREFIX):
-        return None
-    return key[len(LORA_PREFIX):].replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B.")
-
-
-def _normalise(keys: Iterable[str], source) -> Dict[str, str]:
-    """normalised name → name in the file (keys of other models are left out, as published)."""
-    names: Dict[str, str] = {}
-    for key in keys:
-        name = _normalise_key(key)
-        if name is None:
-            continue
-        if name in names:
-            raise ModelError(f"{source}: LoRA holds {names[name]} and {key}, the same tensor twice")
-        names[name] = key
-    return names
-
-
-def check_lora(shapes: Mapping[str, Sequence[int]], transformer: nn.Module,
-               expected_keys: Optional[Iterable[str]] = None, source="LoRA") -> int:
-    """Check a LoRA's tensor names and shapes (file names → shapes) against the target
-    layers of ``transformer``; returns its rank. Refuses (ModelError, one line) any
-    missing or unexpected key, a wrong shape, or ranks that differ between layers.
-    ``expected_keys`` (names as in the file) replaces the key set derived from the
-    transformer; shapes are always checked against the layers."""
-    names = _normalise(shapes, source)
-    if expected_keys is None:
-        expected = set(lora_shapes(transformer, 1))
-    else:
-        expected = set(_normalise(expected_keys, "expected keys"))
-    _key_mismatch(source, f"LoRA does not match the transformer ({len(transformer.transformer_blocks)} blocks)",
-                  (LORA_PREFIX + k for k in expected), (LORA_PREFIX + k for k in names))
-    first_a = next((names[k] for k in sorted(names) if k.endswith(".lora_A.weight")), None)
-    if first_a is None or len(shapes[first_a]) != 2:
-        raise ModelError(f"{source}: LoRA has no 2-D lora_A tensor to read its rank from")
-    rank = int(shapes[first_a][0])
-    want = lora_shapes(transformer, rank)
-    for name in sorted(names):
-        if name not in want:
-            raise ModelError(f"{source}: LoRA tensor {names[name]} is not for a target layer "
-                             f"({', '.join(LORA_TARGETS)} of a transformer block)")
-        if tuple(shapes[names[name]]) != want[name]:
-            raise ModelError(f"{source}: LoRA tensor {names[name]} has shape {tuple(shapes[names[name]])}, expected "
-                             f"{want[name]} (rank {rank}, the layer's in/out features)")
-    return rank
-
-
-def apply_lora(transformer: nn.Module, tensors: Mapping[str, Tensor], alpha: Optional[float] = None,
-               expected_keys: Optional[Iterable[str]] = None, source="LoRA") -> int:
-    """Apply (or replace) a LoRA given as the file's tensors; returns its rank.
-
-    Checked first (:func:`check_lora`), so a refused file leaves the transformer as it
-    was. ``alpha`` defaults to the rank (scale 1.0, as published)."""
-    for key, tensor in tensors.items():
-        if _normalise_key(key) is not None and not tensor.is_floating_point():
-            raise ModelError(f"{source}: LoRA tensor {key} is {tensor.dtype}, not floating point")
-    rank = check_lora({k: tuple(v.shape) for k, v in tensors.items()}, transformer, expected_keys, source)
-    names = _normalise(tensors, source)
-    scale = (rank if alpha is None else float(alpha)) / rank
-    for name in lora_targets(transformer):
-        a, b = tensors[names[f"{name}.lora_A.weight"]], tensors[names[f"{name}.lora_B.weight"]]
-        parent_name, _, child = name.rpartition(".")
-        parent = transformer.get_submodule(parent_name)  # (to_out is a ModuleList: child "0")
-        current = getattr(parent, child)
-        if isinstance(current, LoRALinear):
-            current.set_weights(a, b, scale)
-        else:
-            setattr(parent, child, LoRALinear(current, a, b, scale))
-    return rank
-
-
-def _lora_file_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
-    """Names and shapes of a safetensors file, from its header (no tensor is read)."""
-    from safetensors import SafetensorError, safe_open
-
-    if path.suffix != ".safetensors":
-        raise ModelError(f"{path}: a LoRA must be a .safetensors file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except SafetensorError as exc:
-        raise ModelError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def load_lora(path, transformer: nn.Module, expected_keys: Optional[Iterable[str]] = None,
-              alpha: Optional[float] = None) -> int:
-    """Read a LoRA safetensors file (safetensors only), check it against ``transformer``
-    and apply it unmerged with scale ``alpha / rank`` (default 1.0). Returns the rank."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    check_lora(_lora_file_shapes(path), transformer, expected_keys, path)  # before reading 2.7 GB
-    return apply_lora(transformer, load_file(str(path)), alpha, expected_keys, path)
-
-
 # --------------------------------------------------------------------------- pickles
 
 
@@ -284,7 +104,7 @@ def convert_anchor_codec(checkpoint_file) -> Dict[str, Tensor]:
         model = AnchorCodec(**AnchorCodec.infer_config(state))
     except ValueError as exc:
         raise ModelError(f"{path}: {exc}") from None
-    _key_mismatch(path, "not a NeFIC anchor codec state dict", model.state_dict(), state)
+    key_mismatch(path, "not a NeFIC anchor codec state dict", model.state_dict(), state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # "Error(s) in loading state_dict ...:" then one line per error
@@ -424,7 +244,7 @@ def import_nefic(base_dir, checkpoint_dirs: Sequence, out_dir, force: bool = Fal
             anchor_files[str(level)] = f"anchor_codec.{level}.safetensors"
             save_file(state, str(tmp / anchor_files[str(level)]))
             del state
-            lora_rank = check_lora(_lora_file_shapes(folder / LORA_FILE), transformer, source=folder / LORA_FILE)
+            lora_rank = check_lora(lora_file_shapes(folder / LORA_FILE), transformer, source=folder / LORA_FILE)
             if rank is not None and lora_rank != rank:
                 raise ModelError(f"{folder / LORA_FILE}: LoRA rank {lora_rank} differs from {rank} of the first")
             rank = lora_rank

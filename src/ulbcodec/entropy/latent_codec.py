@@ -1,0 +1,209 @@
+"""The latent codec of the anchor codec: the checkerboard x channel-slice autoregression
+and its entropy loop (one buffered rANS stream for y, CompressAI's EntropyBottleneck for z).
+
+::
+
+    y ─► h_a ─► z ─► EB (z string) ─► h_s ─► hyper
+    for s in slices, for part in (anchor, non-anchor):
+        μ, σ = context models (ulbcodec.entropy.context)
+        symbols = round(y − μ) ─► rANS (σ index)      (decode: rANS ─► symbols + μ)
+    ─► ŷ, symbol CRC
+
+:class:`CheckerboardSliceLatentCodec` is a mixin of :class:`~ulbcodec.models.anchor_codec.AnchorCodec`
+holding no parameters of its own, so the model's state_dict names stay those of the
+released checkpoints. It uses the model's ``h_a``, ``h_s``, ``entropy_bottleneck``,
+``gaussian_conditional`` and context module lists.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ulbcodec._compressai import compressai  # noqa: F401  (must precede compressai.* imports)
+from compressai.ans import BufferedRansEncoder, RansDecoder
+
+from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part, squeeze_part, unsqueeze_part
+from ulbcodec.entropy.coding import Both, deterministic_entropy_path, rans_safe, side_thread, symbols_crc32
+from ulbcodec.entropy.context import local_attention_mask
+
+# quantize(slice_index, anchor_part, scales, means) -> quantised part on the full grid
+PartQuantizer = Callable[[int, bool, Tensor, Tensor], Tensor]
+
+
+class CheckerboardSliceLatentCodec:
+    """Entropy coding of y [1, M, h, w] with the model's hyperprior and context models
+    (mixin: see the module docstring)."""
+
+
+    def _attention_mask(self, h: int, w: int, device: torch.device) -> Tensor:
+        key = (h, w, str(device))
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            if len(self._mask_cache) > 8:
+                self._mask_cache.clear()
+            mask = local_attention_mask(h, w, self.context_window, device)
+            self._mask_cache[key] = mask
+        return mask
+
+    def _run_slices(self, hyper: Tensor, quantize: PartQuantizer, workers: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
+        """The checkerboard × channel-slice autoregression shared by forward/compress/decompress.
+
+        ``quantize(slice_index, anchor, scales, means)`` receives full-grid scale/mean maps
+        of one slice and must return the quantised values ŷ = round(y−μ)+μ of that part on
+        the full grid, zeros at the other part's positions (from y, with STE, or from the
+        bitstream). Returns (ŷ, scales, means), each [B, M, h, w].
+        """
+        with side_thread(workers > 1 and hyper.device.type == "cpu" and not torch.is_grad_enabled()) as both:
+            return self._slices(hyper, quantize, workers, both)
+
+    def _slices(self, hyper: Tensor, quantize: PartQuantizer, workers: int,
+                both: Both) -> Tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_run_slices` with ``both`` running pairs of independent context networks."""
+        hyper_means = hyper.chunk(2, dim=1)[1]
+        mask = self._attention_mask(hyper.shape[-2], hyper.shape[-1], hyper.device)
+        is_anchor = checkerboard_mask(hyper.shape[-2], hyper.shape[-1], True, hyper.device)
+        decoded: List[Tensor] = []
+        scales_all: List[Tensor] = []
+        means_all: List[Tensor] = []
+        for i in range(self.num_slices):
+            if i == 0:
+                anchor_ctx = hyper
+            else:
+                previous = torch.cat(decoded, dim=1)
+                inter_ctx, channel_ctx = both(lambda: self.global_inter_context[i](previous),
+                                              lambda: self.channel_context[i](previous))
+                anchor_ctx = torch.cat([inter_ctx, channel_ctx, hyper], dim=1)
+            scales_a, means_a = self.entropy_parameters_anchor[i](anchor_ctx).chunk(2, dim=1)
+            anchors = quantize(i, True, scales_a, means_a)
+            correction = self.lrp_anchor[i](torch.cat([hyper_means, *decoded, anchors], dim=1))
+            anchors = anchors + keep_part(correction, anchor=True)
+
+            if i == 0:
+                local_ctx = self.local_context[i](anchors, mask, workers=workers)
+                nonanchor_ctx = torch.cat([local_ctx, hyper], dim=1)
+            else:
+                local_ctx, intra_ctx = both(lambda: self.local_context[i](anchors, mask, workers=workers),
+                                            lambda: self.global_intra_context[i](decoded[-1], anchors))
+                nonanchor_ctx = torch.cat([local_ctx, intra_ctx, inter_ctx, channel_ctx, hyper], dim=1)
+            scales_n, means_n = self.entropy_parameters_nonanchor[i](nonanchor_ctx).chunk(2, dim=1)
+            y_hat_slice = anchors + quantize(i, False, scales_n, means_n)
+            correction = self.lrp_nonanchor[i](torch.cat([hyper_means, *decoded, y_hat_slice], dim=1))
+            y_hat_slice = y_hat_slice + keep_part(correction, anchor=False)
+
+            decoded.append(y_hat_slice)
+            scales_all.append(torch.where(is_anchor, scales_a, scales_n))
+            means_all.append(torch.where(is_anchor, means_a, means_n))
+        return torch.cat(decoded, dim=1), torch.cat(scales_all, dim=1), torch.cat(means_all, dim=1)
+
+    def _cdf_tables(self) -> Tuple[List[List[int]], List[int], List[int]]:
+        gc = self.gaussian_conditional
+        if gc.quantized_cdf.numel() == 0:
+            raise RuntimeError("AnchorCodec: CDF tables are empty; load weights that include them or call update()")
+        return (
+            gc.quantized_cdf.tolist(),
+            gc.cdf_length.reshape(-1).int().tolist(),
+            gc.offset.reshape(-1).int().tolist(),
+        )
+
+    # ---------------------------------------------------------------- entropy coding
+
+    @torch.no_grad()
+    def encode_latent(self, y: Tensor, return_symbols: bool = False) -> Dict[str, Any]:
+        """Entropy-code y [1, M, h, w] (h, w multiples of 4; already gained).
+
+        Returns ``{"strings": [[y_string], [z_string]], "shape": (h/4, w/4),
+        "symbols_crc32": int, "y_hat": Tensor}``; ``y_hat`` is exactly what
+        :meth:`decode_latent` will reconstruct. With ``return_symbols`` the int32 arrays
+        ``"y_symbols"`` and ``"y_indexes"`` given to the rANS coder (coding order) are
+        added, for diagnostics and conformance tests.
+        """
+        self._check_y(y)
+        if y.shape[0] != 1:
+            raise ValueError(f"entropy coding handles one image at a time (B=1), got B={y.shape[0]}")
+        self._check_entropy_dtype()
+        symbols: List[int] = []
+        indexes: List[int] = []
+        gc = self.gaussian_conditional
+        with deterministic_entropy_path(y.device) as threads:
+            y = y.float()
+            z = self.h_a(y)
+            z_strings = self.entropy_bottleneck.compress(z)
+            z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+            hyper = self.h_s(z_hat)
+            y_parts = y.chunk(self.num_slices, dim=1)
+
+            def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
+                values, means_sq = squeeze_part(y_parts[i], anchor), squeeze_part(means, anchor)
+                part_symbols = gc.quantize(values, "symbols", means_sq)
+                symbols.extend(part_symbols.reshape(-1).tolist())
+                indexes.extend(gc.build_indexes(squeeze_part(scales, anchor)).reshape(-1).tolist())
+                return unsqueeze_part(part_symbols + means_sq, anchor)
+
+            y_hat, _, _ = self._run_slices(hyper, quantize, workers=threads)
+            cdf, cdf_lengths, offsets = self._cdf_tables()
+            encoder = BufferedRansEncoder()
+            encoder.encode_with_indexes(symbols, indexes, cdf, cdf_lengths, offsets)
+            y_string = encoder.flush()
+        out = {
+            "strings": [[y_string], z_strings],
+            "shape": tuple(int(s) for s in z.shape[-2:]),
+            "symbols_crc32": symbols_crc32(symbols),
+            "y_hat": y_hat,
+        }
+        if return_symbols:
+            out["y_symbols"] = np.asarray(symbols, dtype=np.int32)
+            out["y_indexes"] = np.asarray(indexes, dtype=np.int32)
+        return out
+
+    @torch.no_grad()
+    def decode_latent(self, strings: Sequence[Sequence[bytes]], shape: Sequence[int]) -> Dict[str, Any]:
+        """Entropy-decode ``strings = [[y_string], [z_string]]`` with z of spatial ``shape``.
+
+        Returns ``{"y_hat": [1, M, 4·shape], "symbols_crc32": int}`` (ŷ in the gained
+        domain: the rate level is not needed here, only by :meth:`synthesize`). Compare
+        the CRC with the encoder's to detect a desynchronised or corrupted stream.
+        """
+        y_string, z_string = self._check_strings(strings)
+        if len(shape) != 2 or any(isinstance(s, bool) or int(s) != s or int(s) <= 0 for s in shape):
+            raise ValueError(f"shape must be the positive (height, width) of z, got {shape!r}")
+        shape = (int(shape[0]), int(shape[1]))
+        positions = shape[0] * shape[1]
+        z_string = rans_safe(z_string, self.entropy_bottleneck.channels * positions)
+        y_string = rans_safe(y_string, self.M * 16 * positions)
+        self._check_entropy_dtype()
+        device = self.h_s.increase[0].weight.device
+        gc = self.gaussian_conditional
+        symbols: List[int] = []
+        with deterministic_entropy_path(device) as threads:
+            z_hat = self.entropy_bottleneck.decompress([z_string], shape)
+            hyper = self.h_s(z_hat)
+            cdf, cdf_lengths, offsets = self._cdf_tables()
+            decoder = RansDecoder()
+            decoder.set_stream(y_string)
+
+            def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
+                part_indexes = gc.build_indexes(squeeze_part(scales, anchor))
+                values = decoder.decode_stream(part_indexes.reshape(-1).tolist(), cdf, cdf_lengths, offsets)
+                symbols.extend(values)
+                values = torch.tensor(values, dtype=torch.float32, device=scales.device)
+                means_sq = squeeze_part(means, anchor)
+                return unsqueeze_part(values.reshape(means_sq.shape) + means_sq, anchor)
+
+            y_hat, _, _ = self._run_slices(hyper, quantize, workers=threads)
+        return {"y_hat": y_hat, "symbols_crc32": symbols_crc32(symbols)}
+
+    @staticmethod
+    def _check_strings(strings: Sequence[Sequence[bytes]]) -> Tuple[bytes, bytes]:
+        ok = (
+            isinstance(strings, (list, tuple))
+            and len(strings) == 2
+            and all(isinstance(s, (list, tuple)) and len(s) == 1 for s in strings)
+            and all(isinstance(s[0], (bytes, bytearray)) for s in strings)
+        )
+        if not ok:
+            raise ValueError("strings must be [[y_string], [z_string]] (bytes, one image)")
+        return bytes(strings[0][0]), bytes(strings[1][0])
