@@ -44,8 +44,9 @@ from ulbcodec.eval.scoring import label, video_scores
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("psnr", "ms_ssim", "vmaf")
 LABELS = {m: label(m, "video") for m in METRICS}
-DEFAULT_CLIPS = ("carphone", "digits-1000", "pan-Path-256x256", "bikes")  # 176x144 .. 640x360
-ULBC, ULBC_ANCHORED = "ulbc", "ulbc-anchored"
+# 176x144 .. 640x360; city-a (dusk city, low light) and cockatoo are real clips the project never trains on
+DEFAULT_CLIPS = ("carphone", "digits-1000", "pan-Path-256x256", "bikes", "city-a", "cockatoo")
+ULBC, ULBC_ANCHORED, ULBC_NO_PREDICTOR = "ulbc", "ulbc-anchored", "ulbc-no-predictor"
 
 
 def measure(ref: np.ndarray, dist: np.ndarray) -> dict:
@@ -53,20 +54,21 @@ def measure(ref: np.ndarray, dist: np.ndarray) -> dict:
 
 
 def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresholds, out: Path,
-             anchored: bool = False) -> list[dict]:
+             anchored: bool = False, predictor: bool = True) -> list[dict]:
     from ulbcodec.video import VideoSettings
 
     rows = []
     t, h, w = frames.shape[:3]
-    curve = ULBC_ANCHORED if anchored else ULBC
+    curve = ULBC_ANCHORED if anchored else ULBC if predictor else ULBC_NO_PREDICTOR
     for level in levels:
-        for threshold in thresholds:
-            settings = VideoSettings(threshold=threshold, rate_level=level, anchored=anchored)
+        for threshold in thresholds if predictor else [0.0]:
+            settings = VideoSettings(threshold=threshold, rate_level=level, anchored=anchored, predictor=predictor)
             path = out / f"{name}-{curve}-q{level}-t{threshold}.ulb"
             _, gops, decoded, encode_s, decode_s = ulbc_video_round_trip(codec, frames, fps, settings, path)
             rows.append({"clip": name, "codec": curve, "setting": f"q{level} t{threshold}",
                          "bpp": path.stat().st_size * 8 / (w * h * t), "bytes": path.stat().st_size,
                          "keyframes": gops.keyframes, "anchored_rounds": gops.anchored_rounds,
+                         "pframes": gops.pframes, "predicted": gops.predicted_frames,
                          "frame_types": gops.frame_types(),
                          "encode_fps": t / encode_s, "decode_fps": t / decode_s, **measure(frames, decoded)})
             print(f"  {name} {curve} q{level} t{threshold}: {rows[-1]['bpp']:.4f} bpp, {gops.frame_types()}, "
@@ -87,17 +89,37 @@ def run_baselines(name: str, frames: np.ndarray, fps: Fraction, codecs, max_bpp:
     return rows
 
 
-def bd_table(rows: list[dict], codecs, hi: float | None) -> str:
-    """Mean over clips of the per-clip BD-rate of ulbc against each baseline."""
+def bd_table(rows: list[dict], codecs, hi: float | None, ours: str = ULBC) -> str:
+    """Mean over clips of the per-clip BD-rate of ulbc (curve ``ours``) against each baseline."""
     lines = ["| anchor | " + " | ".join(LABELS[m] for m in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for codec in codecs:
         cells = []
         for m in METRICS:
-            bd = mean_bd_rate(rows, ULBC, codec, m, item_key="clip", hi=hi)
+            bd = mean_bd_rate(rows, ours, codec, m, item_key="clip", hi=hi)
             cells.append(f"{bd.value:+.1f}% ({bd.items_used}/{bd.items} clips)" if bd.value is not None else
                          "n/a (no overlap)")
         lines.append(f"| {codec} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def frame_table(rows: list[dict]) -> str:
+    """Where a clip's frames come from: keyframes, P frames and accepted predictions."""
+    lines = ["| clip | codec | setting | keyframes | P frames | predicted (zero bits) | bpp |", "|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in rows if r["codec"] in (ULBC, ULBC_NO_PREDICTOR)),
+                    key=lambda r: (r["clip"], r["codec"], r["bpp"])):
+        lines.append(f"| {r['clip']} | {r['codec']} | {r['setting']} | {r['keyframes']} | {r['pframes']} | "
+                     f"{r['predicted']} | {r['bpp']:.4f} |")
+    return "\n".join(lines)
+
+
+def predictor_value(rows: list[dict]) -> str:
+    """BD-rate of ulbc with the diffusion predictor against ulbc without it (P frames only)."""
+    cells = []
+    for m in METRICS:
+        bd = mean_bd_rate(rows, ULBC, ULBC_NO_PREDICTOR, m, item_key="clip", hi=None)
+        cells.append(f"{bd.value:+.1f}% ({bd.items_used}/{bd.items} clips)" if bd.value is not None else "n/a")
+    return ("| | " + " | ".join(LABELS[m] for m in METRICS) + " |\n" + "|---" * (len(METRICS) + 1) + "|\n"
+            + "| with the predictor vs without | " + " | ".join(cells) + " |")
 
 
 def anchored_table(rows: list[dict]) -> str:
@@ -123,13 +145,13 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
     clips = sorted({r["clip"] for r in rows})
     fig, axes = plt.subplots(1, len(clips), figsize=(4.5 * len(clips), 4), squeeze=False)
     for ax, clip in zip(axes[0], clips):
-        for codec in (ULBC, ULBC_ANCHORED, *video_baselines.CODECS):
+        for codec in (ULBC, ULBC_NO_PREDICTOR, ULBC_ANCHORED, *video_baselines.CODECS):
             pts = envelope([r for r in rows if r["clip"] == clip and r["codec"] == codec], metric)
             if pts:
                 ours = codec.startswith(ULBC)
                 ax.plot([p["bpp"] for p in pts], [p[metric] for p in pts], marker="*" if ours else "o",
-                        lw=2.2 if ours else 1.2, ms=7 if ours else 3, label=codec, ls="--" if codec == ULBC_ANCHORED
-                        else "-", color="black" if ours else None)
+                        lw=2.2 if ours else 1.2, ms=7 if ours else 3, label=codec, ls="-" if codec == ULBC
+                        else "--" if codec == ULBC_ANCHORED else ":", color="black" if ours else None)
         ax.set_xscale("log")
         ax.set_title(clip, fontsize=9)
         ax.set_xlabel("bpp (real bytes; baselines: elementary stream)")
@@ -223,14 +245,16 @@ def main(argv=None) -> None:
     p.add_argument("--names", nargs="+", default=list(DEFAULT_CLIPS))
     p.add_argument("--frames", type=int, default=30)
     p.add_argument("--model", default="video")
-    p.add_argument("--levels", type=int, nargs="+", default=[1, 3])
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.5])
+    p.add_argument("--levels", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.3])
+    p.add_argument("--no-predictor-levels", type=int, nargs="*", default=[0, 1, 2, 3, 4],
+                   help="also run ulbc without the diffusion predictor (P frames only) at these levels")
     p.add_argument("--codecs", nargs="+", default=list(video_baselines.CODECS))
     p.add_argument("--max-bpp", type=float, default=0.1)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "bench" / "video")
     p.add_argument("--plots", type=Path, default=None, help="copy the RD plots here (docs/benchmarks)")
     p.add_argument("--speed", action="store_true")
-    p.add_argument("--anchored-levels", type=int, nargs="*", default=[1],
+    p.add_argument("--anchored-levels", type=int, nargs="*", default=[],
                    help="also run ulbc with anchored rounds at these keyframe levels")
     p.add_argument("--anchored-thresholds", type=float, nargs="*", default=[0.5],
                    help="... and these thresholds (the high one: where predictions fail and anchors can help)")
@@ -245,6 +269,8 @@ def main(argv=None) -> None:
         shapes[name], loaded[name] = frames.shape, frames
         print(f"{name}: {frames.shape[2]}x{frames.shape[1]}, {len(frames)} frames", file=sys.stderr, flush=True)
         rows += run_ulbc(codec, name, frames, fps, args.levels, args.thresholds, args.out)
+        if args.no_predictor_levels:
+            rows += run_ulbc(codec, name, frames, fps, args.no_predictor_levels, [], args.out, predictor=False)
         if args.anchored_levels:
             rows += run_ulbc(codec, name, frames, fps, args.anchored_levels, args.anchored_thresholds, args.out,
                              anchored=True)
@@ -273,13 +299,22 @@ def main(argv=None) -> None:
     text = f"""Clips (first {args.frames} frames of each, from `{args.clips}`):
 {clip_lines}
 
-ulbc operating points: keyframe levels {args.levels} x thresholds {args.thresholds} (1 - MS-SSIM per frame;
-1 - SSIM under 161 px), model `{args.model}`. Every ulbc file was decoded from the file alone and matched the
+ulbc operating points: rate levels {args.levels} (keyframes and P frames) x thresholds {args.thresholds}
+(1 - MS-SSIM per frame; 1 - SSIM under 161 px), model `{args.model}`; without the predictor at levels
+{args.no_predictor_levels}. Every ulbc file was decoded from the file alone and matched the
 encoder's reconstruction bit for bit. Baselines: elementary-stream bytes without SEI (`ulbcodec.video_baselines`).
 
 ### The predictor against copying the last frame (P = {codec.pred_frames} frames ahead, clean history, {codec.steps} sampler step(s))
 
 {predictor_vs_copy(codec, loaded)}
+
+### Where the frames come from
+
+{frame_table(rows)}
+
+### The predictor's value: ulbc with it against ulbc with P frames only (same levels)
+
+{predictor_value(rows) if args.no_predictor_levels else "not run"}
 
 ### Mean per-clip BD-rate of ulbc against each baseline (negative: ulbc needs fewer bits)
 
@@ -290,6 +325,10 @@ Whole range:
 At most 0.03 bpp (plus the nearest point above):
 
 {bd_table(rows, args.codecs, 0.03)}
+
+The same without the diffusion predictor (P frames only), whole range:
+
+{bd_table(rows, args.codecs, None, ULBC_NO_PREDICTOR) if args.no_predictor_levels else "not run"}
 
 ### Anchored rounds: ulbc-anchored against plain ulbc at the same settings (levels {args.anchored_levels}, thresholds {args.anchored_thresholds})
 

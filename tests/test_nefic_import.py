@@ -66,7 +66,7 @@ def _lora_tensors(transformer, seed=1, rank=RANK):
 
 
 def _run(transformer):
-    from ulbcodec.models.next_frame import rotary_embedding
+    from ulbcodec.models.rope import rotary_embedding
 
     torch.manual_seed(5)
     frames = torch.randn(1, 4, TINY_LATENT, 8, 8)

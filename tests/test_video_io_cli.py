@@ -211,3 +211,23 @@ def test_still_gif_is_an_image_animated_gif_a_video(tmp_path):
     assert not io.is_video_path(tmp_path / "still.gif") and io.is_video_path(tmp_path / "moving.gif")
     reader = io.VideoReader(tmp_path / "moving.gif")
     assert reader.size == (32, 32) and len(list(reader)) == 3
+
+
+def test_p_frames_through_the_command_line(tmp_path, monkeypatch):
+    """A package with a P-frame codec: `encode -v` prints one line per frame (type, bytes,
+    bpp, the distance that decided it), `info` each frame's type and bytes."""
+    make_tiny_video_package(tmp_path / "models", name="tinypvideo", pframe=True)
+    monkeypatch.setenv("ULBC_MODEL_PATH", str(tmp_path / "models"))
+    src = write_clip(tmp_path / "p.mkv", clip(5))
+    ulb = tmp_path / "p.ulb"
+    r = _invoke(["encode", src, "-o", ulb, "--model", "tinypvideo", "--threshold", "0", "-v"])
+    assert r.returncode == 0, r.stderr
+    frame_lines = [line for line in r.stderr.splitlines() if line.lstrip().startswith("frame ")]
+    assert len(frame_lines) == 5 and " K " in frame_lines[0] and "bpp" in frame_lines[1]
+    info = json.loads(_invoke(["info", ulb, "--json"]).stdout)
+    types = info["gop"]["frame_types"]
+    assert types[0] == "K" and set(types[1:]) <= {"P", "F"} and len(info["gop"]["frame_bytes"]) == 5
+    assert all(b > 0 for b in info["gop"]["frame_bytes"]) and info["gop"]["pframes"] == [1, 2, 3, 4]
+    r = _invoke(["encode", src, "-o", tmp_path / "q.ulb", "--model", "tinypvideo", "--no-predictor", "--json"])
+    assert json.loads(r.stdout)["frame_types"] == "KPPPP"
+    assert _invoke(["decode", tmp_path / "q.ulb", "-o", tmp_path / "q.mkv"]).returncode == 0

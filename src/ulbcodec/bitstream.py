@@ -27,6 +27,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
+from ulbcodec.errors import BitstreamError
+
 MAGIC = b"ULB"
 VERSION = 1
 
@@ -54,8 +56,6 @@ MEDIA_VIDEO = 1
 MEDIA_KINDS = {MEDIA_IMAGE: "image", MEDIA_VIDEO: "video"}
 
 
-class BitstreamError(ValueError):
-    """A .ulb file is malformed, truncated, corrupted or unsupported."""
 
 
 # --------------------------------------------------------------------------- varints
@@ -614,12 +614,28 @@ def describe(container: Container) -> dict:
     if h.media == MEDIA_VIDEO and len(gops) == 1:
         try:
             structure = GopStructure.from_bytes(gops[0].payload, h.frames, h.params.get("cond_frames", 0),
-                                                h.params.get("pred_frames", 0))
+                                                h.params.get("pred_frames", 0),
+                                                h.params.get("gop_syntax", GOP_SYNTAX_ROUNDS))
         except BitstreamError as exc:  # describe what is there; decoding refuses it
             desc["gop"] = {"error": str(exc)}
             return desc
         types = structure.frame_types()
         desc["gop"] = {"frame_types": types, "keyframes": [i for i, t in enumerate(types) if t == "K"],
                        "anchored": [i for i, t in enumerate(types) if t == "A"],
-                       "rounds": [r.accepted for _, rounds in structure.segments for r in rounds]}
+                       "pframes": [i for i, t in enumerate(types) if t in "PF"],
+                       "rounds": [u.accepted for _, units in structure.segments for u in units
+                                  if isinstance(u, Round)],
+                       "frame_bytes": _frame_bytes(types, container)}
     return desc
+
+
+def _frame_bytes(types: str, container: Container) -> List[int]:
+    """Bytes of each frame's chunk in frame order (0 for a predicted frame): ANCH chunks
+    belong to K and A frames, PFRM chunks to P and F frames."""
+    queues = {CHUNK_ANCHOR: iter(container.find(CHUNK_ANCHOR)), CHUNK_PFRAME: iter(container.find(CHUNK_PFRAME))}
+    out = []
+    for t in types:
+        queue = queues[CHUNK_ANCHOR] if t in "KA" else queues[CHUNK_PFRAME] if t in "PF" else None
+        chunk = next(queue, None) if queue is not None else None
+        out.append(chunk.size if chunk is not None else 0)
+    return out

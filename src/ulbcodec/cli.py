@@ -78,6 +78,10 @@ def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosi
                 click.echo(f"{record['input']} -> {record['output']}: {record['bytes']} bytes, "
                            f"{record['bpp']:.5f} bpp, level {record['rate_level']}{video}, "
                            f"{record['seconds']:.2f} s {record['timings']}", err=True)
+                for frame in record.get("frame_log", []):
+                    distance = "" if frame["distance"] is None else f", distance {frame['distance']:.4f}"
+                    click.echo(f"  frame {frame['frame']:5d} {frame['type']} {frame['bytes']:6d} bytes "
+                               f"{frame['bpp']:.5f} bpp{distance}", err=True)
     except KeyboardInterrupt:
         records.close()  # stops the workers; each removes its temporary file
         bar.close()
@@ -292,11 +296,15 @@ def cli() -> None:
                    "decoder's colour fix (NeFIC's, published) [default: on for imported NeFIC models, off for "
                    "ulbc's own].")
 @click.option("--threshold", type=click.FloatRange(min=0), default=0.4, show_default=True,
-              help="Video: largest perceptual distance of an accepted predicted frame (0: every frame a keyframe).")
+              help="Video: largest perceptual distance of an accepted predicted frame (0: none is accepted; the "
+                   "frame is coded: a P frame, or keyframes with a model without P frames).")
 @click.option("--metric", type=click.Choice(["ms-ssim", "lpips"]), default="ms-ssim", show_default=True,
               help="Video: the distance (ms-ssim: 1 - MS-SSIM; lpips needs its weights installed).")
 @click.option("--max-gop", type=click.IntRange(0, 4096), default=64, show_default=True,
-              help="Video: longest run of predicted frames before the next keyframes.")
+              help="Video: longest run of P and predicted frames before the next keyframe.")
+@click.option("--predictor/--no-predictor", "use_predictor", default=True, show_default=True,
+              help="Video: run the diffusion predictor (--no-predictor: P frames only, faster both ways).")
+@click.option("--pframe-level", type=int, help="Video: rate level of the P frames [default: the keyframes'].")
 @click.option("--seed", "video_seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Video: stream seed; each prediction round's noise derives from it and the round alone.")
 @click.option("--generative-keyframes", is_flag=True,
@@ -314,8 +322,8 @@ def cli() -> None:
                    "frames]; the first group is always K.")
 def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, engine, from_list, as_json, force,
            skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps, color_stats,
-           threshold, metric, max_gop, video_seed, generative_keyframes, anchored, anchor_level, guide_timestep, pred_steps,
-           keyframe_group):
+           threshold, metric, max_gop, use_predictor, pframe_level, video_seed, generative_keyframes, anchored,
+           anchor_level, guide_timestep, pred_steps, keyframe_group):
     """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files."""
     from ulbcodec.io import READ_EXTENSIONS, VIDEO_EXTENSIONS
     from ulbcodec.jobs import encode_job, is_video_input, load_encoders, placement
@@ -354,7 +362,8 @@ def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
                 raise click.UsageError(f"{flag} must be one of the model's rate levels {levels[0]}..{levels[-1]}")
     settings = VideoSettings(threshold=threshold, metric=metric, max_gop=max_gop, seed=video_seed,
                              generative_keyframes=generative_keyframes, anchored=anchored, anchor_level=anchor_level,
-                             guide_timestep=guide_timestep, steps=pred_steps, keyframe_group=keyframe_group)
+                             guide_timestep=guide_timestep, steps=pred_steps, keyframe_group=keyframe_group,
+                             predictor=use_predictor, pframe_level=pframe_level)
     verbosity = _verbosity(quiet, verbose)
     refine = RefineSettings(steps=refine_steps) if refine_steps else None
     job = functools.partial(encode_job, quality=quality, bpp=bpp, downscale=int(downscale), refine=refine,
@@ -441,13 +450,14 @@ def info(files, as_json):
             click.echo(f"  {key:13s} {desc[key]}")
         if "gop" in desc and "error" in desc["gop"]:
             click.echo(f"  {'frame types':13s} unreadable GOPS chunk: {desc['gop']['error']}")
-        elif "gop" in desc:  # K keyframe, p first frame of a prediction round, P predicted
+        elif "gop" in desc:
             gop = desc["gop"]
             click.echo(f"  {'keyframes':13s} {len(gop['keyframes'])} at frames {gop['keyframes']}")
             if gop["anchored"]:
                 click.echo(f"  {'anchored':13s} {len(gop['anchored'])} rounds at frames {gop['anchored']}")
-            click.echo(f"  {'frame types':13s} {gop['frame_types']}  (K keyframe, p/P predicted, p starts a round, "
-                       "A starts an anchored round)")
+            click.echo(f"  {'frame types':13s} {gop['frame_types']}  (K keyframe, P P frame, F P frame on the "
+                       "predictor's forecast, p predicted, A anchored round)")
+            click.echo(f"  {'frame bytes':13s} {' '.join(map(str, gop['frame_bytes']))}")
         if "color_stats" in desc:  # the colr chunk: the original's colour statistics
             stats = desc["color_stats"]
             click.echo(f"  {'color stats':13s} " + (f"unreadable colr chunk: {stats['error']}" if "error" in stats

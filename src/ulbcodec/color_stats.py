@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ulbcodec.errors import BitstreamError
+
 #: Quantisation of the statistics: 16 bits, multiples of 1/65535 (published ``bits=16``).
 LEVELS = (1 << 16) - 1
 EPS = 1e-5  # added to the unbiased variance before the square root (published)
@@ -79,8 +81,6 @@ class ColorStats:
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> "ColorStats":
-        from ulbcodec.bitstream import BitstreamError
-
         if len(payload) != PAYLOAD_BYTES:
             raise BitstreamError(f"colr chunk of {len(payload)} bytes, expected {PAYLOAD_BYTES}")
         values = struct.unpack(">6H", payload)

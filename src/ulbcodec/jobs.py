@@ -21,7 +21,7 @@ import functools
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ulbcodec import resources
 from ulbcodec.bitstream import Container, Header
@@ -106,6 +106,7 @@ def encode_video_job(codec, task, quality: Optional[int], bpp: Optional[float], 
         announce_device(codec.image, width, height, True, f"encoding {width}x{height} video", quiet, video=True)
         settings = dataclasses.replace(settings, rate_level=quality)
         t0 = time.perf_counter()
+        log: List = []
         if bpp is not None:
             reader.close()
             data, gops, settings, met = codec.encode_to_bpp(lambda: VideoReader(task.src), reader.fps, settings, bpp)
@@ -115,15 +116,18 @@ def encode_video_job(codec, task, quality: Optional[int], bpp: Optional[float], 
         else:
             with tqdm(total=reader.expected_frames, unit="frame", disable=not progress, file=sys.stderr,
                       leave=False) as bar:
-                data, gops = codec.encode(reader, reader.fps, settings,
+                data, gops = codec.encode(reader, reader.fps, settings, frame_log=log.append,
                                           progress=lambda done: bar.update(done - bar.n))
         seconds = time.perf_counter() - t0
         write_bytes(task.dst, data, force=force)
     level = codec.image.default_level if settings.rate_level is None else settings.rate_level
     return {"media": "video", "width": width, "height": height, "frames": gops.frames, "rate_level": level,
             "threshold": settings.threshold, "keyframes": gops.keyframes, "anchored_rounds": gops.anchored_rounds,
-            "frame_types": gops.frame_types(),
+            "pframes": gops.pframes, "frame_types": gops.frame_types(),
             "bytes": len(data), "bpp": round(file_bpp(data), 6), "notes": notes,
+            "frame_log": [{"frame": r.index, "type": r.type, "bytes": r.bytes,
+                           "bpp": round(r.bytes * 8 / (width * height), 6),
+                           "distance": None if r.distance is None else round(r.distance, 5)} for r in log],
             "timings": {"frames_per_s": round(gops.frames / seconds, 3)}}
 
 

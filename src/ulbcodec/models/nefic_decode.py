@@ -104,7 +104,7 @@ def decode_latent(pipe, latent: Tensor, height: int, width: int, record: Optiona
 def velocity_and_x0(pipe, anchor_latent: Tensor, bypass_latent: Tensor,
                     record: Optional[Dict[str, Tensor]] = None) -> Tensor:
     """x0 of all four frames [B,4,16,h,w] from A and Z ([B,16,h,w] each)."""
-    from ulbcodec.models.next_frame import rotary_embedding
+    from ulbcodec.models.rope import rotary_embedding
 
     dtype = _dtype(pipe.transformer)  # the published prompt embeddings are loaded in it
     prompt = pipe.prompt_embeds.to(anchor_latent.device, dtype)

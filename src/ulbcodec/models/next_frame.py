@@ -70,6 +70,7 @@ from ulbcodec.packages import NEXT_FRAME_SETTINGS
 from ulbcodec.models.single_frame import (decode_one_frame, encode_one_frame, one_frame_graph_supported,
                                           use_one_frame_convolutions)
 from ulbcodec.tiling import blended_tiles, tile_batch, transformer_tile, vae_tile
+from ulbcodec.models.rope import rotary_embedding
 
 
 ONE_STEP_TIMESTEP = 500
@@ -78,20 +79,6 @@ ONE_STEP_TIMESTEP = 500
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
                         clip_sample=False, set_alpha_to_one=True, snr_shift_scale=1.0)
-
-
-def rotary_embedding(height: int, width: int, head_dim: int, patch_size: int, device=None) -> Tuple[Tensor, Tensor]:
-    """RoPE for one latent frame of h×w latents, repeated for the two temporal tokens.
-
-    Both temporal tokens (anchor and target) get temporal position 0, as in the published
-    decoder, so the target is "the same place, one step later" for the attention.
-    """
-    from diffusers.models.embeddings import get_3d_rotary_pos_embed
-
-    grid = (height // patch_size, width // patch_size)
-    cos, sin = get_3d_rotary_pos_embed(embed_dim=head_dim, crops_coords=None, grid_size=grid, temporal_size=1,
-                                       grid_type="slice", max_size=grid, device=device)
-    return torch.cat([cos, cos]), torch.cat([sin, sin])
 
 
 def _autocast(dtype: Optional[torch.dtype], device: torch.device):
