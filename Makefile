@@ -91,9 +91,14 @@ generative-model: $(STAMP)
 		--export models/generative
 
 # Train (or resume) the video frame predictor on top of models/generative, export models/video.
+# Train (or resume) the video model: the frame predictor on models/generative's latent space,
+# then the conditional P-frame codec, which the export adds to that package (docs/training.md).
+PFRAME_STEPS ?= 20000
 video-model: $(STAMP)
 	$(PY) -m ulbcodec.train.predictor --data $(DATA) --run runs/predictor --image-model generative \
-		--steps 8000 --max-frames 40 --export models/video
+		--steps 8000 --max-frames 40 --export runs/predictor/package
+	OMP_NUM_THREADS=1 $(PY) -m ulbcodec.train.pframe --data $(DATA) --run runs/pframe --threads 1 --batch 8 \
+		--steps $(PFRAME_STEPS) --video-model runs/predictor/package --export models/video
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --data $(DATA) --jobs $(JOBS)

@@ -274,8 +274,11 @@ class PFrameCodec(CompressionModel):
 
     # ---------------------------------------------------------------- training
 
-    def forward(self, x: Tensor, ref: Tensor, rate_level: RateLevel = 0) -> Dict[str, Any]:
-        """Training pass with straight-through rounding: ``{"x_hat", "likelihoods"}``."""
+    def forward(self, x: Tensor, ref: Tensor, rate_level: RateLevel = 0, noisy: bool = False) -> Dict[str, Any]:
+        """Training pass: ``{"x_hat", "likelihoods"}``. ŷ is rounded with a straight-through
+        gradient, or with ``noisy`` replaced by y + U(−½, ½) (Ballé et al. 2017): early in
+        training the decoder must see a latent that varies with y, or rounding a small y to
+        its mean everywhere teaches it to ignore y (the latent collapses to zero bits)."""
         self._check_frames(x, ref)
         gain, inverse = self.gains(rate_level)
         context = self.context.features(ref)
@@ -287,6 +290,8 @@ class PFrameCodec(CompressionModel):
         hyper = self.h_s(z_hat)
 
         def quantize(anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
+            if noisy:
+                return keep_part(y + torch.empty_like(y).uniform_(-0.5, 0.5), anchor)
             return keep_part(_ste_round(y - means) + means, anchor)
 
         y_hat, scales, means = self._entropy_parameters(hyper, self._prior(context[2]), quantize)

@@ -8,9 +8,11 @@ Recipe (docs/training.md has the reasoning and the measured cost):
   flips, time reversal, and — for a third of the samples — a darkening
   ``a·x^γ`` of all three frames, so that low-light scenes are not outside the training
   distribution (the unseen night clip of issue 23);
-- the rate term's weight ramps from 0 to 1 over the first ``--rate-warmup`` steps (as
-  DCVC trains its contextual coder on distortion first): with the rate in force from the
-  start, y collapsed to zero bits and the decoder to copying the reference;
+- for the first ``--noise-steps`` steps the decoder sees y + U(−½, ½) instead of the
+  rounded y, and the rate term's weight ramps from 0 to 1 over the first
+  ``--rate-warmup`` steps (as DCVC trains its contextual coder on distortion first):
+  with rounding and the rate from the start, y collapsed to zero bits and the decoder to
+  copying the reference (docs/training.md);
 - the first reference stands in for a decoded keyframe: the first frame blurred by a
   random down/up-scaling (the anchor codec's blur at low rates) and rounded to uint8;
 - cascaded training, as in DCVC-DC: frame 2 is coded from the *decoded* frame 1 (rounded
@@ -145,6 +147,8 @@ def main(argv=None) -> None:
     p.add_argument("--crop", type=int, default=MIN_SIDE)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lambdas", type=float, nargs="+", default=DEFAULT_LAMBDAS)
+    p.add_argument("--noise-steps", type=int, default=2000,
+                   help="steps that decode y + uniform noise instead of the rounded y")
     p.add_argument("--rate-warmup", type=int, default=1000,
                    help="steps over which the rate term's weight ramps from 0 to 1")
     p.add_argument("--max-frames", type=int, default=150)
@@ -178,7 +182,7 @@ def main(argv=None) -> None:
         ref = keyframe_like(frames[:, 0], rng)
         loss, bpp, psnr = 0.0, [], []
         for j in (1, 2):
-            out = model(frames[:, j], ref, level)
+            out = model(frames[:, j], ref, level, noisy=i < args.noise_steps)
             rate = bits_per_pixel(out["likelihoods"], frames.shape[0] * args.crop**2)
             dist, mse = distortion(out["x_hat"], frames[:, j])
             loss = loss + min(1.0, i / args.rate_warmup) * rate + lambdas[level] * dist
