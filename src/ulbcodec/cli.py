@@ -21,7 +21,7 @@ import click
 
 from ulbcodec import __version__, resources
 from ulbcodec.batch import interrupt_once  # stdlib-only modules: keep `ulbc --help` fast
-from ulbcodec.bitstream import DOWNSCALES
+from ulbcodec.bitstream import DEFAULT_MAX_PIXELS, DOWNSCALES, MAX_PIXELS_PER_FILE_BYTE
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -129,6 +129,27 @@ class _Size(click.ParamType):
             return parse_size(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+
+
+class _Pixels(click.ParamType):
+    """A pixel count: 4000000, 500M, 4G (powers of 1000), or 'none'."""
+
+    name = "N"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text == "none":
+            return None
+        scale = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}.get(text[-1:], 1)
+        try:
+            number = int(text[:-1] if scale > 1 else text)
+        except ValueError:
+            number = 0
+        if number <= 0:
+            self.fail(f"{value!r} is not a positive pixel count (4000000, 500M, 4G or none)", param, ctx)
+        return number * scale
 
 
 class _Device(click.ParamType):
@@ -386,8 +407,13 @@ def _frame_progress(tasks, jobs: int, as_json: bool, verbosity: int) -> bool:
               help="Output format of videos under --out-dir (frames: a folder of PNGs).")
 @click.option("--lossless", is_flag=True,
               help="Videos to mp4/mkv: lossless RGB H.264 (qp 0) instead of high-quality 4:2:0 (crf 12).")
+@click.option("--max-pixels", "max_pixels", type=_Pixels(), envvar="ULBC_MAX_PIXELS", show_envvar=True,
+              default=str(DEFAULT_MAX_PIXELS), show_default=True,
+              help="Refuse files that declare more decoded pixels (frames x width x height; 500M, 4G) or more than "
+                   f"{MAX_PIXELS_PER_FILE_BYTE:,} per byte of the file, before decoding ('none': no limit).")
 def decode(inputs, output, out_dir, recursive, model, device, offload, jobs, engine, from_list, as_json, force,
-           skip_existing, max_memory, shard, quiet, verbose, fmt, anchor_only, steps, seed, video_format, lossless):
+           skip_existing, max_memory, shard, quiet, verbose, fmt, anchor_only, steps, seed, video_format, lossless,
+           max_pixels):
     """Decode .ulb files: images to png, jpg, webp or tiff; videos to mp4, mkv, y4m or a folder
     of frames (from the -o extension; a name without one is a folder)."""
     from ulbcodec.io import IMAGE_EXTENSIONS, VIDEO_WRITE_EXTENSIONS
@@ -405,7 +431,7 @@ def decode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
         raise click.UsageError("--steps applies to the generative decoder; drop --anchor-only")
     verbosity = _verbosity(quiet, verbose)
     job = functools.partial(decode_job, force=force, anchor_only=anchor_only, steps=steps, seed=seed,
-                            quiet=verbosity < 0,
+                            quiet=verbosity < 0, max_pixels=max_pixels,
                             skip_existing=skip_existing, budget=budget, video_format=video_format, lossless=lossless,
                             progress=_frame_progress(tasks, jobs, as_json, verbosity))
     _run_batch("decoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing, engine)
@@ -443,11 +469,11 @@ def info(files, as_json):
             click.echo(f"  {'frame types':13s} unreadable GOPS chunk: {desc['gop']['error']}")
         elif "gop" in desc:  # K keyframe, p first frame of a prediction round, P predicted
             gop = desc["gop"]
-            click.echo(f"  {'keyframes':13s} {len(gop['keyframes'])} at frames {gop['keyframes']}")
+            click.echo(f"  {'keyframes':13s} {len(gop['keyframes'])} at frames {_abridged(gop['keyframes'])}")
             if gop["anchored"]:
-                click.echo(f"  {'anchored':13s} {len(gop['anchored'])} rounds at frames {gop['anchored']}")
-            click.echo(f"  {'frame types':13s} {gop['frame_types']}  (K keyframe, p/P predicted, p starts a round, "
-                       "A starts an anchored round)")
+                click.echo(f"  {'anchored':13s} {len(gop['anchored'])} rounds at frames {_abridged(gop['anchored'])}")
+            click.echo(f"  {'frame types':13s} {_abridged(gop['frame_types'])}  (K keyframe, p/P predicted, p starts a "
+                       "round, A starts an anchored round)")
         if "color_stats" in desc:  # the colr chunk: the original's colour statistics
             stats = desc["color_stats"]
             click.echo(f"  {'color stats':13s} " + (f"unreadable colr chunk: {stats['error']}" if "error" in stats
@@ -455,6 +481,14 @@ def info(files, as_json):
         for chunk in desc["chunks"]:
             click.echo(f"  chunk {chunk['type']} at byte {chunk['offset']}: {chunk['bytes']} bytes")
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _abridged(items, keep: int = 200) -> str:
+    """A long list or frame-type string on one readable line (the whole is in --json)."""
+    if len(items) <= keep:
+        return str(items)
+    head = items[:keep] if isinstance(items, str) else str(items[:keep])[:-1] + ", "
+    return f"{head}... ({len(items)} in all)"
 
 
 def _comma_list(convert=str):

@@ -1,0 +1,121 @@
+"""A command people can trust in scripts (issue 26): bounded decode work, no lost inputs,
+stdin/stdout, model packages checked up front, workers that die with their parent, and
+the smaller cases. docs/robustness.md lists each case with its outcome and test."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ulbcodec import bitstream as bs
+from ulbcodec.bitstream import Chunk, Container, GopStructure, Header, Round
+from ulbcodec.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "fuzz" / "corpus"
+
+
+def invoke(args, input=None):
+    r = CliRunner().invoke(cli, [str(a) for a in args], input=input)
+    if r.exception and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r
+
+
+def _fuzz_check():
+    spec = importlib.util.spec_from_file_location("ulbc_fuzz_decode_check", ROOT / "fuzz" / "decode_check.py")
+    if spec.name in sys.modules:
+        return sys.modules[spec.name]
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def video_file(frames: int, units, k: int = 2, max_gop: int = 4096, pred_frames: int = 3, anchors: int = 2,
+               width: int = 16, height: int = 16) -> bytes:
+    """A video container (not decodable: the anchors are filler) with the given GOP units."""
+    header = Header(bs.MEDIA_VIDEO, width, height, b"\1" * 8, 1, frames, 25, 1,
+                    params={"cond_frames": 2, "pred_frames": pred_frames, "steps": 1, "max_gop": max_gop})
+    gops = GopStructure([(k, list(units))])
+    chunks = [Chunk(bs.CHUNK_GOPS, gops.to_bytes())] + [Chunk(bs.CHUNK_ANCHOR, b"\1" * 40)] * anchors
+    return Container(header, chunks).to_bytes()
+
+
+# ------------------------------------------------------------------ decode-work budget
+
+
+@pytest.mark.parametrize("name, limited, unlimited", [
+    ("edge-video-run-over-max-gop.ulb", "run of 7 predicted frames, the header's max_gop is 2", "same"),
+    ("edge-video-max-gop-4097.ulb", "max_gop 4097 outside 0..4096", "same"),
+    ("edge-video-round-of-2e20-frames.ulb", "over the --max-pixels limit", "pred_frames 1048576 outside 1..256"),
+    ("edge-video-2e20-frames-declared.ulb", "over the --max-pixels limit", "GOP chunk describes 9 frames"),
+])
+def test_decode_work_is_refused_from_the_header(name, limited, unlimited):
+    container = Container.from_bytes((CORPUS / name).read_bytes())
+    with pytest.raises(bs.BitstreamError, match=limited):
+        bs.check_work(container)
+    with pytest.raises(bs.BitstreamError, match=limited if unlimited == "same" else unlimited):
+        bs.check_work(container, max_pixels=None)  # the format rules hold without a limit
+
+
+def test_issue_case_one_round_of_a_million_frames_is_refused_in_one_line(tmp_path):
+    # The issue's file: 2^20 frames, one round of 1,048,574 predicted frames; max_gop 64.
+    data = video_file(1 << 20, [Round((1 << 20) - 2)], max_gop=64, pred_frames=1 << 20)
+    path = tmp_path / "bomb.ulb"
+    path.write_bytes(data)
+    for extra in ([], ["--max-pixels", "none"]):
+        r = invoke(["decode", path, "-o", tmp_path / "out.y4m", *extra])
+        assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert ("--max-pixels limit" if not extra else "pred_frames 1048576 outside 1..256") in r.stderr
+    assert not (tmp_path / "out.y4m").exists()
+    # P in range, the run over max_gop
+    path.write_bytes(video_file(200, [Round(3)] * 66, max_gop=64))
+    r = invoke(["decode", path, "-o", tmp_path / "out.y4m"])
+    assert r.exit_code == 1 and "run of 198 predicted frames, the header's max_gop is 64" in r.stderr, r.stderr
+
+
+def test_work_out_of_proportion_to_the_file_size(tmp_path):
+    # 4,097 frames (one keyframe group, then max_gop predicted frames): ~1.5 KB of file for
+    # 4097 x 65536 pixels of work, within the per-byte rule; the same at 2048x2048 is not.
+    small = Container.from_bytes(video_file(4098, [Round(3)] * 1365 + [Round(1)], max_gop=4096))
+    assert bs.check_work(small) == 4098 * bs.FRAME_WORK_FLOOR
+    big = Container.from_bytes(video_file(4098, [Round(3)] * 1365 + [Round(1)], max_gop=4096, width=2048,
+                                          height=2048))
+    with pytest.raises(bs.BitstreamError, match="out of proportion to its size"):
+        bs.check_work(big, max_pixels=1 << 40)
+    assert bs.check_work(big, max_pixels=None)  # `--max-pixels none` lifts the limits
+    with pytest.raises(bs.BitstreamError, match="over the --max-pixels limit of 1,000,000"):
+        bs.check_work(small, max_pixels=1_000_000)
+
+
+def test_max_pixels_option_parses_and_refuses(tmp_path):
+    path = tmp_path / "v.ulb"
+    path.write_bytes(video_file(5, [Round(3)]))
+    r = invoke(["decode", path, "-o", tmp_path / "v.y4m", "--max-pixels", "100k"])
+    assert r.exit_code == 1 and "decoding 5 frames of 16x16 (327,680 pixels of work) is over the --max-pixels " \
+                                "limit of 100,000" in r.stderr, r.stderr
+    r = invoke(["decode", path, "-o", tmp_path / "v.y4m", "--max-pixels", "lots"])
+    assert r.exit_code == 2 and "not a positive pixel count" in r.stderr
+
+
+def test_info_prints_long_gop_structures_on_short_lines(tmp_path):
+    path = tmp_path / "long.ulb"
+    path.write_bytes(video_file(2 + 3 * 400, [Round(3)] * 400))
+    r = invoke(["info", path])
+    assert r.exit_code == 0, r.stderr
+    assert max(map(len, r.stdout.splitlines())) < 400 and "(1202 in all)" in r.stdout
+    assert len(json.loads(invoke(["info", path, "--json"]).stdout)["gop"]["frame_types"]) == 1202
+
+
+def test_fuzz_seeds_cover_the_work_cases():
+    dc = _fuzz_check()
+    names = {p.name for p in CORPUS.iterdir()}
+    assert {"edge-video-run-over-max-gop.ulb", "edge-video-max-gop-4097.ulb", "edge-video-round-of-2e20-frames.ulb",
+            "edge-video-2e20-frames-declared.ulb"} <= names
+    assert dc.FUZZ_LIMITS.max_pixels == bs.DEFAULT_MAX_PIXELS
