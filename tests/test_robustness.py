@@ -119,3 +119,86 @@ def test_fuzz_seeds_cover_the_work_cases():
     assert {"edge-video-run-over-max-gop.ulb", "edge-video-max-gop-4097.ulb", "edge-video-round-of-2e20-frames.ulb",
             "edge-video-2e20-frames-declared.ulb"} <= names
     assert dc.FUZZ_LIMITS.max_pixels == bs.DEFAULT_MAX_PIXELS
+
+
+# ------------------------------------------------------------------ inputs are never lost; stdin/stdout
+
+
+@pytest.fixture()
+def png(tmp_path, photo) -> Path:
+    from PIL import Image
+
+    path = tmp_path / "a.png"
+    Image.fromarray(photo[:48, :64]).save(path)
+    return path
+
+
+def test_an_input_is_never_written_over(tiny_model, png, tmp_path):
+    before = png.read_bytes()
+    r = invoke(["encode", png, "-o", png, "--force", "--model", "tiny"])
+    assert r.exit_code == 2 and "is an input" in r.stderr and "even with --force" in r.stderr, r.stderr
+    link = tmp_path / "link.ulb"
+    import os
+
+    os.link(png, link)  # the same file under another name
+    r = invoke(["encode", png, "-o", link, "--force", "--model", "tiny"])
+    assert r.exit_code == 2 and "is an input" in r.stderr, r.stderr
+    r = invoke(["encode", png, "-o", tmp_path / "y.png", "--model", "tiny"])
+    assert r.exit_code == 2 and "encode writes a .ulb file, not .png; name it" in r.stderr, r.stderr
+    assert png.read_bytes() == before and not (tmp_path / "y.png").exists()
+
+
+def test_default_output_name_beside_the_input_never_overwrites(tiny_model, png, tmp_path):
+    r = invoke(["encode", png, "--model", "tiny"])
+    assert r.exit_code == 0, r.stderr
+    ulb = tmp_path / "a.ulb"
+    data = ulb.read_bytes()
+    r = invoke(["encode", png, "--model", "tiny"])
+    assert r.exit_code == 1 and "already exists" in r.stderr and ulb.read_bytes() == data
+    before = png.read_bytes()
+    r = invoke(["decode", ulb, "--model", "tiny"])  # a.png, the original, exists: kept
+    assert r.exit_code == 1 and "already exists" in r.stderr and png.read_bytes() == before
+    png.unlink()
+    assert invoke(["decode", ulb, "--model", "tiny"]).exit_code == 0 and png.is_file()
+
+
+def test_dash_is_standard_input_and_output(tiny_model, png, tmp_path):
+    r = CliRunner().invoke(cli, ["encode", "-", "-o", "-", "--model", "tiny"], input=png.read_bytes())
+    assert r.exit_code == 0, r.stderr
+    ulb = r.stdout_bytes
+    assert ulb[:3] == b"ULB" and Container.from_bytes(ulb).header.width == 64
+    r = CliRunner().invoke(cli, ["decode", "-", "-o", "-", "--model", "tiny"], input=ulb)
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout_bytes[:8] == b"\x89PNG\r\n\x1a\n"
+    r = CliRunner().invoke(cli, ["decode", "-", "-o", str(tmp_path / "x.png"), "--model", "tiny", "--json"], input=ulb)
+    assert r.exit_code == 0 and json.loads(r.stdout)["input"] == "-" and (tmp_path / "x.png").is_file()
+    r = CliRunner().invoke(cli, ["decode", "-", "-o", "-", "--model", "tiny"], input=b"not a ulb")
+    assert r.exit_code == 1 and r.stderr.startswith("ulbc: error: -: not a .ulb file"), r.stderr
+    r = CliRunner().invoke(cli, ["encode", "-", "--model", "tiny"], input=png.read_bytes())
+    assert r.exit_code == 2 and "standard input needs -o" in r.stderr
+
+
+def test_a_terminal_is_refused_as_binary_output(tiny_model, png):
+    import os
+    import pty
+    import subprocess
+
+    main_fd, tty = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ulbcodec", "encode", str(png), "-o", "-", "--model", "tiny"],
+                              stdout=tty, stderr=subprocess.PIPE, text=True, env=os.environ)
+    finally:
+        os.close(tty)
+        os.close(main_fd)
+    assert proc.returncode == 2 and "refusing to write binary data to a terminal" in proc.stderr, proc.stderr
+
+
+def test_a_newline_in_a_file_name_keeps_the_error_on_one_line(tiny_model, tmp_path):
+    bad = tmp_path / "bad\nname.png"
+    bad.write_bytes(b"not an image")
+    r = invoke(["encode", bad, "-o", tmp_path / "x.ulb", "--model", "tiny"])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "bad\\nname.png: not a readable image" in r.stderr
+    r = invoke(["encode", bad, "-o", tmp_path / "x.ulb", "--model", "tiny", "--json"])
+    record = json.loads(r.stdout)
+    assert record["input"] == str(bad) and "not a readable image" in record["error"]

@@ -24,6 +24,7 @@ from ulbcodec.batch import interrupt_once  # stdlib-only modules: keep `ulbc --h
 from ulbcodec.bitstream import DEFAULT_MAX_PIXELS, DOWNSCALES, MAX_PIXELS_PER_FILE_BYTE
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+MAX_STDIN_IMAGE_BYTES = 1 << 30  # `ulbc encode -`: an image read from standard input
 
 
 def _fail(message: str, code: int = EXIT_FAILED):
@@ -39,10 +40,11 @@ def _verbosity(quiet: bool, verbose: int) -> int:
 
 
 def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosity: int,
-               skip_existing: bool = False, engine: str = "local") -> None:
+               skip_existing: bool = False, engine: str = "local", stdio: Optional["_Stdio"] = None) -> None:
     from tqdm import tqdm
 
     from ulbcodec import batch
+    from ulbcodec.task import display_path
 
     started = time.perf_counter()
     failed, skipped, total_bytes, total_pixels = [], 0, 0, 0
@@ -53,6 +55,8 @@ def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosi
     records = batch.run(tasks, factory, job, jobs, skip_existing=skip_existing, engine=engine)
     try:
         for record in records:
+            if stdio is not None:
+                record = stdio.shown(record)
             bar.update(1)
             if as_json:
                 click.echo(json.dumps(record))
@@ -65,17 +69,18 @@ def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosi
                 skipped += 1
                 if verbosity >= 1 and not as_json:
                     bar.clear()
-                    click.echo(f"{record['input']} -> {record['output']}: skipped ({record['reason']})", err=True)
+                    click.echo(f"{display_path(record['input'])} -> {display_path(record['output'])}: skipped "
+                           f"({record['reason']})", err=True)
                 continue
             total_bytes += record["bytes"]
             total_pixels += record["width"] * record["height"] * record.get("frames", 1)
             for note in record.get("notes", []):
                 if verbosity >= 0:
-                    click.echo(f"ulbc: warning: {record['input']}: {note}", err=True)
+                    click.echo(f"ulbc: warning: {display_path(record['input'])}: {note}", err=True)
             if verbosity >= 1 and not as_json:
                 bar.clear()
                 video = f", {record['frames']} frames {record['frame_types']}" if "frame_types" in record else ""
-                click.echo(f"{record['input']} -> {record['output']}: {record['bytes']} bytes, "
+                click.echo(f"{display_path(record['input'])} -> {display_path(record['output'])}: {record['bytes']} bytes, "
                            f"{record['bpp']:.5f} bpp, level {record['rate_level']}{video}, "
                            f"{record['seconds']:.2f} s {record['timings']}", err=True)
     except KeyboardInterrupt:
@@ -93,7 +98,7 @@ def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosi
                    + (f"; {len(failed)} failed" if failed else ""), err=True)
     if failed:
         if len(failed) > 1 and verbosity >= 0:
-            click.echo("ulbc: failed: " + ", ".join(r["input"] for r in failed), err=True)
+            click.echo("ulbc: failed: " + ", ".join(display_path(r["input"]) for r in failed), err=True)
         sys.exit(EXIT_FAILED)
 
 
@@ -184,6 +189,82 @@ class _Shard(click.ParamType):
         if not 1 <= index <= count <= 1_000_000:
             self.fail(f"{value!r}: need 1 <= I <= N", param, ctx)
         return index, count
+
+
+class _Stdio:
+    """``-`` as the input (standard input, spooled to a temporary file first) and as
+    ``-o`` (the output is made in a temporary folder, then copied to standard output once
+    the job succeeded), as cwebp and ffmpeg take them. Records name them ``-``. A terminal
+    is refused as binary output."""
+
+    def __init__(self, inputs, output: Optional[str], suffix: str, max_bytes: int, as_json: bool):
+        import tempfile
+
+        self.folder, self.names, self.inputs, self.output = None, {}, tuple(inputs), output
+        if "-" not in self.inputs and output != "-":
+            return
+        if "-" in self.inputs and len(self.inputs) > 1:
+            raise click.UsageError("'-' (standard input) must be the only input")
+        if "-" in self.inputs and not output:
+            raise click.UsageError("standard input needs -o FILE (or -o - for standard output)")
+        if output == "-":
+            if as_json:
+                raise click.UsageError("--json prints to standard output; it cannot go with -o -")
+            if sys.stdout.buffer.isatty():
+                raise click.UsageError("refusing to write binary data to a terminal: redirect standard output "
+                                       "or give -o FILE")
+        self.folder = tempfile.TemporaryDirectory(prefix="ulbc-stdio-")
+        root = Path(self.folder.name)
+        if "-" in self.inputs:
+            path = root / "stdin"
+            data = sys.stdin.buffer.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                _fail(f"-: standard input holds more than {max_bytes} bytes")
+            if not data:
+                _fail("-: standard input is empty")
+            path.write_bytes(data)
+            self.inputs, self.names[str(path)] = (str(path),), "-"
+        if output == "-":
+            self.output = str(root / ("stdout" + suffix))
+            self.names[self.output] = "-"
+
+    def __enter__(self) -> "_Stdio":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.folder is not None:
+            self.folder.cleanup()
+
+    def shown(self, record: dict) -> dict:
+        """The record with the temporary paths named ``-``."""
+        if not self.names:
+            return record
+        record = dict(record)
+        for key in ("input", "output", "error"):
+            for path, name in self.names.items():
+                if key in record:
+                    record[key] = record[key].replace(path, name)
+        return record
+
+    def tasks(self, tasks):
+        from ulbcodec.task import Task
+
+        # -o -: a video's output takes --video-format, as under --out-dir
+        return [Task(t.src, t.dst, planned=True) if str(t.dst) == self.output and "-" == self.names.get(self.output)
+                else t for t in tasks]
+
+    def finish(self) -> None:
+        """Copy the output made for ``-o -`` to standard output."""
+        if self.names.get(self.output) != "-":
+            return
+        import shutil
+
+        made = [p for p in Path(self.output).parent.iterdir() if p.name.startswith("stdout")]
+        out = sys.stdout.buffer
+        for path in made:
+            with open(path, "rb") as fh:
+                shutil.copyfileobj(fh, out)
+        out.flush()
 
 
 def _with_listed(inputs, from_list: Optional[str]):
@@ -337,24 +418,39 @@ def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
            skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps, color_stats,
            threshold, metric, max_gop, video_seed, generative_keyframes, anchored, anchor_level, guide_timestep, pred_steps,
            keyframe_group):
-    """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files."""
-    from ulbcodec.io import READ_EXTENSIONS, VIDEO_EXTENSIONS
-    from ulbcodec.jobs import encode_job, is_video_input, load_encoders, placement
-    from ulbcodec.refinement import RefineSettings
-    from ulbcodec.task import Task
-    from ulbcodec.video import VideoSettings
-
+    """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files
+    (without -o: beside each input, photo.png -> photo.ulb; '-': standard input or output)."""
     if quality is not None and bpp is not None:
         raise click.UsageError("use either --quality or --bpp, not both")
     if bpp is not None and downscale != "1":
         raise click.UsageError("--bpp chooses the downscale factor itself; drop --downscale")
     inputs = _with_listed(inputs, from_list)
     _check_engine(engine)
+    with _Stdio(inputs, output, ".ulb", MAX_STDIN_IMAGE_BYTES, as_json) as stdio:
+        _encode(stdio, stdio.inputs, stdio.output, out_dir, recursive, model, device, offload, jobs, engine, as_json,
+                force, skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps,
+                color_stats, threshold, metric, max_gop, video_seed, generative_keyframes, anchored, anchor_level,
+                guide_timestep, pred_steps, keyframe_group)
+
+
+def _encode(stdio, inputs, output, out_dir, recursive, model, device, offload, jobs, engine, as_json, force,
+            skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps, color_stats,
+            threshold, metric, max_gop, video_seed, generative_keyframes, anchored, anchor_level, guide_timestep,
+            pred_steps, keyframe_group):
+    from ulbcodec.io import READ_EXTENSIONS, VIDEO_EXTENSIONS
+    from ulbcodec.jobs import encode_job, is_video_input, load_encoders, placement
+    from ulbcodec.refinement import RefineSettings
+    from ulbcodec.task import Task
+    from ulbcodec.video import VideoSettings
+
     if len(inputs) == 1 and Path(inputs[0]).is_dir() and output and not out_dir:
         tasks = [Task(Path(inputs[0]), Path(output))]  # one folder to one file: a sequence of frames
     else:
         tasks = _plan(inputs, output, out_dir, recursive, READ_EXTENSIONS | VIDEO_EXTENSIONS, ".ulb")
-    tasks = _sharded(tasks, shard)
+    if output and Path(output).suffix.lower() in READ_EXTENSIONS | VIDEO_EXTENSIONS:  # after the input check
+        raise click.UsageError(f"-o {output}: encode writes a .ulb file, not {Path(output).suffix}; name it "
+                               f"{Path(output).with_suffix('.ulb')}")
+    tasks = stdio.tasks(_sharded(tasks, shard))
     need_video = any(is_video_input(t.src) for t in tasks)
     need_image = not all(is_video_input(t.src) for t in tasks)
     if need_video and refine_steps:
@@ -382,7 +478,8 @@ def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
                             color_stats=color_stats, force=force,
                             skip_existing=skip_existing, budget=budget, video=settings, quiet=verbosity < 0,
                             progress=_frame_progress(tasks, jobs, as_json, verbosity))
-    _run_batch("encoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing, engine)
+    _run_batch("encoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing, engine, stdio)
+    stdio.finish()
 
 
 def _frame_progress(tasks, jobs: int, as_json: bool, verbosity: int) -> bool:
@@ -415,13 +512,27 @@ def decode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
            skip_existing, max_memory, shard, quiet, verbose, fmt, anchor_only, steps, seed, video_format, lossless,
            max_pixels):
     """Decode .ulb files: images to png, jpg, webp or tiff; videos to mp4, mkv, y4m or a folder
-    of frames (from the -o extension; a name without one is a folder)."""
-    from ulbcodec.io import IMAGE_EXTENSIONS, VIDEO_WRITE_EXTENSIONS
-    from ulbcodec.jobs import decode_job, load_decoders, placement
+    of frames (from the -o extension; a name without one is a folder; without -o: beside the
+    input, photo.ulb -> photo.png; '-': standard input or output)."""
+    from ulbcodec.bitstream import MAX_FILE_BYTES
 
     _check_engine(engine)
     inputs = _with_listed(inputs, from_list)
-    tasks = _sharded(_plan(inputs, output, out_dir, recursive, [".ulb"], "." + fmt), shard)
+    if output == "-" and video_format == "frames":
+        raise click.UsageError("-o -: a folder of frames cannot go to standard output; use --video-format y4m")
+    with _Stdio(inputs, output, "." + fmt, MAX_FILE_BYTES, as_json) as stdio:
+        _decode(stdio, stdio.inputs, stdio.output, out_dir, recursive, model, device, offload, jobs, engine, as_json,
+                force, skip_existing, max_memory, shard, quiet, verbose, fmt, anchor_only, steps, seed, video_format,
+                lossless, max_pixels)
+
+
+def _decode(stdio, inputs, output, out_dir, recursive, model, device, offload, jobs, engine, as_json, force,
+            skip_existing, max_memory, shard, quiet, verbose, fmt, anchor_only, steps, seed, video_format, lossless,
+            max_pixels):
+    from ulbcodec.io import IMAGE_EXTENSIONS, VIDEO_WRITE_EXTENSIONS
+    from ulbcodec.jobs import decode_job, load_decoders, placement
+
+    tasks = stdio.tasks(_sharded(_plan(inputs, output, out_dir, recursive, [".ulb"], "." + fmt), shard))
     if output and Path(output).suffix.lower() not in IMAGE_EXTENSIONS.keys() | VIDEO_WRITE_EXTENSIONS | {""}:
         raise click.UsageError(f"{output}: unsupported output format {Path(output).suffix}; use .png, .jpg, .webp, "
                                ".tiff (images), .mp4, .mkv, .y4m or a folder name (videos)")
@@ -434,7 +545,8 @@ def decode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
                             quiet=verbosity < 0, max_pixels=max_pixels,
                             skip_existing=skip_existing, budget=budget, video_format=video_format, lossless=lossless,
                             progress=_frame_progress(tasks, jobs, as_json, verbosity))
-    _run_batch("decoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing, engine)
+    _run_batch("decoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing, engine, stdio)
+    stdio.finish()
 
 
 @cli.command()
