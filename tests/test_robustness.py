@@ -202,3 +202,90 @@ def test_a_newline_in_a_file_name_keeps_the_error_on_one_line(tiny_model, tmp_pa
     r = invoke(["encode", bad, "-o", tmp_path / "x.ulb", "--model", "tiny", "--json"])
     record = json.loads(r.stdout)
     assert record["input"] == str(bad) and "not a readable image" in record["error"]
+
+
+# ------------------------------------------------------------------ model packages checked up front
+
+
+def _edited_package(tiny_model: Path, tmp_path: Path, edit, redigest: bool = True) -> Path:
+    """A copy of the tiny package, changed by ``edit(root, manifest)``, its digest recomputed
+    (so that only the new checks can refuse it)."""
+    import shutil
+
+    from ulbcodec import packages
+
+    root = tmp_path / "pkg"
+    shutil.copytree(tiny_model, root)
+    manifest = json.loads((root / packages.MANIFEST).read_text())
+    edit(root, manifest)
+    if redigest:
+        manifest["digest"] = packages.compute_digest(manifest["components"], root, manifest.get("next_frame"))
+    (root / packages.MANIFEST).write_text(json.dumps(manifest))
+    return root
+
+
+def _config(key, value):
+    def edit(root, manifest):
+        manifest["components"]["anchor_codec"]["config"][key] = value
+    return edit
+
+
+def _outside_link(root, manifest):
+    import shutil
+
+    outside = root.parent / "elsewhere.safetensors"
+    shutil.copy(root / "anchor_codec.safetensors", outside)
+    (root / "anchor_codec.safetensors").unlink()
+    (root / "anchor_codec.safetensors").symlink_to(outside)
+
+
+def _huge_shape(root, manifest):
+    from ulbcodec import packages
+
+    weights = root / "anchor_codec.safetensors"
+    header = json.loads(packages.safetensors_header(weights)[8:])
+    name = next(k for k in header if k != "__metadata__" and "weight" in k)
+    header[name]["shape"] = [1 << 31, 1 << 31]
+    data = weights.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    text = json.dumps(header).encode()
+    weights.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size:])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_config("N", -48), "config N = -48 outside 0..65536"),
+    (_config("N", 1 << 31), "config N = 2147483648 outside 0..65536"),
+    (_config("N", 40), "has shape"),  # in range, but not the weights' shapes
+    (_outside_link, "outside the package"),
+    (_huge_shape, "has shape (2147483648, 2147483648)"),
+], ids=["N=-48", "N=2^31", "N-mismatch", "symlink-out", "shape-2^31"])
+def test_bad_model_packages_are_one_line_before_any_allocation(tiny_model, png, tmp_path, edit, message):
+    import resource
+
+    root = _edited_package(tiny_model, tmp_path, edit)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    r = invoke(["encode", png, "-o", tmp_path / "a.ulb", "--model", root])
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("ulbc: error: bad model package: ") and message in r.stderr, r.stderr
+    assert "internal error" not in r.stderr
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: nothing of N=2^31 allocated
+
+
+def test_an_edited_manifest_is_a_bad_package(tiny_model, png, tmp_path):
+    root = _edited_package(tiny_model, tmp_path, lambda root, m: m.update(rate_levels=[{"levl": 0}]), redigest=False)
+    r = invoke(["encode", png, "-o", tmp_path / "a.ulb", "--model", root])
+    assert r.exit_code == 1 and r.stderr.startswith("ulbc: error: bad model package: "), r.stderr
+    root2 = _edited_package(tiny_model, tmp_path / "b", _config("num_slices", 1), redigest=False)
+    r = invoke(["encode", png, "-o", tmp_path / "a.ulb", "--model", root2])
+    assert r.exit_code == 1 and "bad model package: " in r.stderr and "recorded digest" in r.stderr, r.stderr
+
+
+def test_models_check_marks_broken_packages(tiny_model, tmp_path, monkeypatch):
+    (tmp_path / "b").mkdir()
+    _edited_package(tiny_model, tmp_path / "b", _config("N", 40))
+    monkeypatch.setenv("ULBC_MODEL_PATH", f"{tmp_path / 'b'}:{tiny_model.parent}")
+    r = invoke(["models", "--check"])
+    assert r.exit_code == 1, r.output
+    pkg_line = next(line for line in r.stdout.splitlines() if line.startswith("pkg ") and "BROKEN" in line)
+    assert "bad model package: " in pkg_line and "has shape" in pkg_line
+    assert any(line.startswith("tiny ") and "digest" in line for line in r.stdout.splitlines())

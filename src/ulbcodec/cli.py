@@ -679,9 +679,12 @@ def eval_cmd(inputs, out, codecs, metric_names, jobs, max_bpp, thresholds, level
 
 @cli.group("models", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--check", is_flag=True, help="Also check every weights file against the config (tensor shapes, "
+              "from the headers) besides the digests; exit 1 if a package is broken.")
 @click.pass_context
-def models_cmd(ctx, as_json):
-    """List the models ulbc can use (search path: $ULBC_MODEL_PATH, then models/)."""
+def models_cmd(ctx, as_json, check):
+    """List the models ulbc can use (search path: $ULBC_MODEL_PATH, then models/); each
+    package's files are checked against its digest, a broken one is marked BROKEN."""
     if ctx.invoked_subcommand is not None:
         return
     from ulbcodec import packages
@@ -691,6 +694,11 @@ def models_cmd(ctx, as_json):
     for path in packages.available_models():
         try:
             pkg = packages.ModelPackage.load_manifest(path)
+            for component in pkg.components if check else ():
+                try:
+                    pkg.check_shapes(component)
+                except (packages.ModelError, RuntimeError, TypeError, ValueError, OSError) as exc:
+                    raise packages.BadPackageError(f"bad model package: {component}: {exc}") from None
         except packages.ModelError as exc:
             rows.append({"name": path.name, "path": str(path), "error": str(exc)})
             continue
@@ -711,6 +719,8 @@ def models_cmd(ctx, as_json):
                        f"{' + frame predictor (video)' if row['video'] else ''}  {row['path']}")
     if not rows:
         click.echo("no models found (search path: $ULBC_MODEL_PATH, then the project's models/)", err=True)
+        sys.exit(EXIT_FAILED)
+    if check and any("error" in row for row in rows):
         sys.exit(EXIT_FAILED)
 
 
