@@ -289,3 +289,48 @@ def test_models_check_marks_broken_packages(tiny_model, tmp_path, monkeypatch):
     pkg_line = next(line for line in r.stdout.splitlines() if line.startswith("pkg ") and "BROKEN" in line)
     assert "bad model package: " in pkg_line and "has shape" in pkg_line
     assert any(line.startswith("tiny ") and "digest" in line for line in r.stdout.splitlines())
+
+
+# ------------------------------------------------------------------ workers die with their parent
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_workers_die_when_the_main_process_is_killed(tiny_model, tmp_path, photo):
+    """SIGKILL of the main process of a --jobs 2 batch (it cannot stop its workers): the
+    workers get SIGTERM from the kernel (PR_SET_PDEATHSIG), unwind and exit. Bounded by
+    events; the time limits are hang guards only."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from test_faults import _group_alive
+
+    src, out = tmp_path / "many", tmp_path / "out"
+    src.mkdir()
+    for i in range(24):
+        Image.fromarray(np.ascontiguousarray(np.roll(photo, 7 * i, axis=1)[:320, :480])).save(src / f"p{i:02d}.png")
+    p = subprocess.Popen([sys.executable, "-m", "ulbcodec", "encode", str(src), "--out-dir", str(out), "--model",
+                          "tiny", "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not list(out.glob("*.ulb")) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert p.poll() is None, "the batch finished before it could be killed"
+        workers = [pid for pid in _group_alive(p.pid) if pid != p.pid]
+        assert workers
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 600
+        while _group_alive(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _group_alive(p.pid) == []
+    finally:
+        if _group_alive(p.pid):
+            os.killpg(p.pid, signal.SIGKILL)
+    assert not [f for f in out.iterdir() if f.name.endswith(".part")]
+    assert len(list(out.glob("*.ulb"))) < 24

@@ -147,9 +147,38 @@ def _worker_signal(signum, frame) -> None:
     os._exit(EXIT_INTERRUPTED)
 
 
-def _init_worker(factory: Callable[[], object]) -> None:
+def die_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when its parent dies (Linux
+    PR_SET_PDEATHSIG), so that SIGKILL of the main process leaves no worker behind (the
+    SIGTERM unwinds the file in progress: its temporary output is removed). Elsewhere, and
+    as a backstop, a thread watches the parent id."""
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if os.getppid() != parent:  # died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="ulbc-parent-watch", daemon=True).start()
+
+
+def _init_worker(factory: Callable[[], object], parent: Optional[int] = None) -> None:
     signal.signal(signal.SIGTERM, _worker_signal)
     signal.signal(signal.SIGINT, _worker_signal)
+    if parent is not None:
+        die_with_parent(parent)
     import torch
 
     torch.set_num_threads(1)
@@ -193,7 +222,8 @@ def run(
         for task in tasks:
             yield guard(job, codec, task)
         return
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), initializer=_init_worker, initargs=(factory,))
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), initializer=_init_worker,
+                               initargs=(factory, os.getpid()))
     futures = {}
     try:
         futures = {pool.submit(_guarded_in_worker, job, task): task for task in tasks}
