@@ -334,3 +334,35 @@ def test_workers_die_when_the_main_process_is_killed(tiny_model, tmp_path, photo
             os.killpg(p.pid, signal.SIGKILL)
     assert not [f for f in out.iterdir() if f.name.endswith(".part")]
     assert len(list(out.glob("*.ulb"))) < 24
+
+
+# ------------------------------------------------------------------ smaller cases
+
+
+def test_bpp_nan_is_a_usage_error(tiny_model, png, tmp_path):
+    for value in ("nan", "inf"):
+        r = invoke(["encode", png, "-o", tmp_path / "a.ulb", "--model", "tiny", "--bpp", value])
+        assert r.exit_code == 2 and "not a finite number" in r.stderr, r.stderr
+
+
+def test_grey_and_16_bit_inputs_are_warned(tiny_model, photo, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ulbcodec.io import read_image
+
+    grey = tmp_path / "grey.png"
+    Image.fromarray(photo[:16, :16, 0]).save(grey)
+    assert any("greyscale" in n for n in read_image(grey)[1])
+    deep = tmp_path / "deep.png"
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pixels = (photo[:16, :16].astype(">u2") * 257).reshape(16, -1)  # 16-bit RGB: Pillow cannot write one
+    rows = b"".join(b"\0" + row.tobytes() for row in pixels)
+    deep.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    assert any("16-bit" in n for n in read_image(deep)[1])

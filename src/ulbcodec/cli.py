@@ -32,6 +32,15 @@ def _fail(message: str, code: int = EXIT_FAILED):
     sys.exit(code)
 
 
+def _finite(value):
+    """A click callback: refuse nan and inf (FloatRange lets nan through)."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 def _verbosity(quiet: bool, verbose: int) -> int:
     return -1 if quiet else verbose
 
@@ -381,7 +390,7 @@ def cli() -> None:
               "'video' for videos].")
 @click.option("--quality", type=int, help="Rate level of the model (0 = lowest rate); default: the model's default. "
               "Videos: the keyframes' level.")
-@click.option("--bpp", type=click.FloatRange(min=0, min_open=True),
+@click.option("--bpp", type=click.FloatRange(min=0, min_open=True), callback=lambda ctx, param, value: _finite(value),
               help="Target bits per pixel: the largest file at or under it (images: searches levels and downscale; "
                    "videos: keyframe level and threshold).")
 @click.option("--downscale", type=click.Choice([str(f) for f in DOWNSCALES]), default="1", show_default=True,
