@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from ulbcodec import bitstream as bs
 from ulbcodec.bitstream import Chunk, Container, GopStructure, Header, Round
 from ulbcodec.cli import cli
+from test_faults import many_images  # noqa: F401 - a fixture: 24 photographs
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "fuzz" / "corpus"
@@ -295,7 +296,7 @@ def test_models_check_marks_broken_packages(tiny_model, tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-def test_workers_die_when_the_main_process_is_killed(tiny_model, tmp_path, photo):
+def test_workers_die_when_the_main_process_is_killed(tiny_model, tmp_path, many_images):
     """SIGKILL of the main process of a --jobs 2 batch (it cannot stop its workers): the
     workers get SIGTERM from the kernel (PR_SET_PDEATHSIG), unwind and exit. Bounded by
     events; the time limits are hang guards only."""
@@ -304,16 +305,10 @@ def test_workers_die_when_the_main_process_is_killed(tiny_model, tmp_path, photo
     import subprocess
     import time
 
-    import numpy as np
-    from PIL import Image
-
     from test_faults import _group_alive
 
-    src, out = tmp_path / "many", tmp_path / "out"
-    src.mkdir()
-    for i in range(24):
-        Image.fromarray(np.ascontiguousarray(np.roll(photo, 7 * i, axis=1)[:320, :480])).save(src / f"p{i:02d}.png")
-    p = subprocess.Popen([sys.executable, "-m", "ulbcodec", "encode", str(src), "--out-dir", str(out), "--model",
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "ulbcodec", "encode", str(many_images), "--out-dir", str(out), "--model",
                           "tiny", "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          start_new_session=True)
     try:
