@@ -1,7 +1,8 @@
 """The decode contract every input must satisfy, shared by the fuzz target and the tests.
 
     bytes ─► bitstream.Container.from_bytes ─► bitstream.describe (what `ulbc info` prints)
-          ─► the CLI's memory check (resources.estimate_decode_file, as `--max-memory`)
+          ─► the CLI's work check (bitstream.check_work, as `--max-pixels`) and memory check
+             (resources.estimate_decode_file, as `--max-memory`)
           ─► ImageCodec.decode_container   (image: tiny seeded random anchor codec) ─► HxWx3 uint8
            └ VideoCodec.decode_container   (video: tiny seeded random video model)  ─► frames x HxWx3 uint8
 
@@ -18,6 +19,9 @@ a hang or a memory blow-up is a finding.
 
 - ``max_memory``: the product's own ``--max-memory`` check (the estimate from the header,
   before any decoding). Inputs over it are refused as the CLI refuses them.
+- ``max_pixels``: the product's ``ulbc decode --max-pixels`` check (``bitstream.check_work``:
+  GOP runs within the header's max_gop, decoded pixels within the limit and within
+  MAX_PIXELS_PER_FILE_BYTE per byte of the file), before any decoding.
 - ``max_video_pixels``: harness-only, frames x width x height of a video. Predicted frames
   cost no bits (that is the codec), so a small file may declare many of them and the
   decode time grows with that count (docs/robustness.md, finding 4); above the bound an
@@ -167,12 +171,13 @@ class Limits:
 
     max_memory: Optional[int] = None  # bytes, as `ulbc decode --max-memory`
     max_video_pixels: Optional[int] = None  # frames x width x height (harness-only)
+    max_pixels: Optional[int] = None  # decoded pixels, as `ulbc decode --max-pixels` (its default in the fuzzer)
 
 
 NO_LIMITS = Limits()
 # The fuzz target's default: `--max-memory 1G` (~4 MP coded at the anchor path's rates)
 # and videos of at most 40 frames of 64x64 (a few seconds with the tiny video model).
-FUZZ_LIMITS = Limits(max_memory=1 << 30, max_video_pixels=40 * 64 * 64)
+FUZZ_LIMITS = Limits(max_memory=1 << 30, max_video_pixels=40 * 64 * 64, max_pixels=bitstream.DEFAULT_MAX_PIXELS)
 
 
 @dataclass
@@ -234,6 +239,7 @@ def check_input(data: bytes, decoders: Decoders, limits: Limits = NO_LIMITS, str
     header = container.header
     codec = decoders.for_header(header)
     try:
+        bitstream.check_work(container, limits.max_pixels)  # as `ulbc decode --max-pixels`
         if limits.max_memory is not None:
             generative = isinstance(codec, VideoCodec) or codec.is_generative
             Budget(limits.max_memory).check(estimate_decode_file(header, codec.package, generative),
@@ -520,7 +526,7 @@ def seed_inputs(dirs: Sequence[Path] = (CORPUS_DIR,)) -> List[Tuple[str, bytes]]
 
 
 def _limits(args) -> Limits:
-    return Limits(args.max_memory, args.max_video_pixels)
+    return Limits(args.max_memory, args.max_video_pixels, bitstream.DEFAULT_MAX_PIXELS)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -67,7 +67,7 @@ def worker() -> None:
         import decode_check as dc  # imports ulbcodec.bitstream, .image, ... under instrumentation
 
     codec = dc.build_codec()
-    limits = dc.Limits(config["max_memory"], config["max_video_pixels"])
+    limits = dc.Limits(config["max_memory"], config["max_video_pixels"], dc.bitstream.DEFAULT_MAX_PIXELS)
     strict = config["strict"]
 
     outcomes: dict = {}

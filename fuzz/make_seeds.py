@@ -202,6 +202,18 @@ def video_edge_cases(valid: dict) -> dict:
         "edge-video-steps-zero.ulb": file(H(params=sorted({**params, bs.PARAM_IDS["steps"]: 0}.items())), G, *A),
         "edge-video-image-model.ulb": file(H(digest=b"\0" * 8), G, *A),
         "edge-video-gops-empty.ulb": file(H(), raw_chunk(b"GOPS", b""), *A),
+        # decode-work budget (bitstream.check_work), refused before any frame is decoded:
+        # a run of predicted frames longer than the header's max_gop; max_gop over 4096;
+        # the issue's one round of 1,048,574 frames (P in the header 2^20, K=2); 2^20 frames
+        # declared (work over the default --max-pixels)
+        "edge-video-run-over-max-gop.ulb": file(H(params=sorted({**params, bs.PARAM_IDS["max_gop"]: 2}.items())),
+                                                G, *A),
+        "edge-video-max-gop-4097.ulb": file(H(params=sorted({**params, bs.PARAM_IDS["max_gop"]: 4097}.items())),
+                                            G, *A),
+        "edge-video-round-of-2e20-frames.ulb": file(
+            H(frames=1 << 20, count=3, params=sorted({**params, bs.PARAM_IDS["pred_frames"]: 1 << 20}.items())),
+            gop((2, [((1 << 20) - 2) << 1])), A[0], A[1]),
+        "edge-video-2e20-frames-declared.ulb": file(H(frames=1 << 20), G, *A),
         # valid, decodes: the first round (frames 2-4) anchored, its anchor a copy of the
         # first keyframe's, at the keyframes' level (random models never make one themselves)
         "edge-video-anchored-round.ulb": file(

@@ -183,9 +183,11 @@ def _trainer_env(tmp_path: Path) -> dict:
     return env
 
 
-def run_trainer(cmd, tmp_path: Path, timeout: float = 240) -> str:
+def run_trainer(cmd, tmp_path: Path, timeout: float = 3600) -> str:
     """Run a training command (plain or under `accelerate launch`) from the repository root
-    on one thread per process; assert it succeeded and return its stdout."""
+    on one thread per process; assert it succeeded and return its stdout. The work is
+    bounded by the command's step counts; ``timeout`` is only a hang guard, generous for a
+    loaded machine (a 240 s bound failed two-process runs under load)."""
     proc = subprocess.run(cmd, cwd=ROOT_DIR, env=_trainer_env(tmp_path), capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"

@@ -159,7 +159,7 @@ def test_wrong_model_refused(tiny_model, images, tmp_path):
 
 
 def test_usage_errors_exit_2(tiny_model, images, tmp_path):
-    assert ulbc(["encode", images / "a.png"]).returncode == 2  # no output
+    assert _invoke(["encode", images, "--model", "tiny"]).returncode == 2  # a folder needs --out-dir
     assert _invoke(["encode", images / "a.png", images / "a.png", "-o", tmp_path / "x.ulb"]).returncode == 2  # -o: one input
     r = _invoke(["encode", images / "a.png", "-o", tmp_path / "x.ulb", "--model", "tiny", "--quality", "9"])
     assert r.returncode == 2 and "rate levels" in r.stderr

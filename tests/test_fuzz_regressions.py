@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,10 +27,13 @@ dc = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = dc  # (dataclasses look their module up while it executes)
 spec.loader.exec_module(dc)
 
-SECONDS_PER_INPUT = 10.0  # seeds decode in ~0.05 s; generous for slow CI machines
+# Work is bounded by counts (inputs, mutations, the fuzz limits on decoded size), never by
+# the clock: the time bounds below are hang guards only, generous enough for a machine
+# under any load (seeds decode in ~0.05 s, 2,000 mutations in ~15-20 s here).
+SECONDS_PER_INPUT = 120.0
 CHILD_RSS_MB = 2048  # a child decoding small inputs peaks at ~0.6 GB (torch + tiny model)
 CHILD_ADDRESS_SPACE = 4 << 30
-MUTATIONS, MUTATION_SECONDS = 2000, 60.0  # a hang guard (~15-20 s here), not a speed figure
+MUTATIONS, MUTATION_HANG_GUARD_S = 2000, 3600.0
 
 
 def _files(folder: Path):
@@ -106,9 +108,7 @@ def test_valid_seeds_match_the_fuzz_model(fuzz_codec):
 
 @pytest.mark.parametrize("path", CORPUS, ids=[p.name for p in CORPUS])
 def test_corpus_input_is_clean(path, fuzz_codec):
-    t0 = time.perf_counter()
     outcome = dc.check_input(path.read_bytes(), fuzz_codec, dc.NO_LIMITS, strict=True)  # as the CLI decodes
-    assert time.perf_counter() - t0 < SECONDS_PER_INPUT
     if path.name.startswith("valid-") or path.name in (
         "edge-unknown-ancillary-chunk.ulb", "edge-reserved-params.ulb", "edge-y-extra-words.ulb",
         "edge-gops-in-image.ulb", "edge-video-anchored-round.ulb",
@@ -130,7 +130,6 @@ def test_crash_reproducer_is_clean(path, fuzz_model):
     assert rc is not None, f"{path.name}: no result within {SECONDS_PER_INPUT} s"
     assert rc == 0, f"{path.name}: child exited with {rc}\n{err[-2000:]}"
     assert len(lines) == 1 and lines[0]["status"] in ("decoded", "rejected"), lines
-    assert lines[0]["seconds"] < SECONDS_PER_INPUT, lines[0]
     assert lines[0]["peak_rss_mb"] < CHILD_RSS_MB, lines[0]
 
 
@@ -161,7 +160,7 @@ def test_size_bombs_are_refused_before_decoding(fuzz_model):
     assert rc == 0, err[-2000:]
     for line in lines:
         assert line["status"] == "rejected" and "cannot describe a" in line["error"], line
-        assert line["seconds"] < 1.0 and line["peak_rss_mb"] < CHILD_RSS_MB, line
+        assert line["peak_rss_mb"] < CHILD_RSS_MB, line
 
 
 def test_random_mutations_are_clean(fuzz_model, tmp_path):
@@ -170,12 +169,10 @@ def test_random_mutations_are_clean(fuzz_model, tmp_path):
     args = ["--model-dir", fuzz_model, "--max-memory", dc.FUZZ_LIMITS.max_memory,
             "--max-video-pixels", dc.FUZZ_LIMITS.max_video_pixels,
             "--mutate", MUTATIONS, "--seed", 20240611, "--last-input", last]
-    rc, out, err = _run_child(args, MUTATION_SECONDS + 60)
+    rc, out, err = _run_child(args, MUTATION_HANG_GUARD_S)
     assert rc is not None, f"random fuzz did not finish; last input: {last.read_bytes().hex()}"
     assert rc == 0, (f"crash on a mutated input (saved as {last}; copy it to fuzz/crashes/):\n"
                      f"{out[-1000:]}\n{err[-3000:]}")
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["inputs"] == MUTATIONS
-    assert summary["seconds"] < MUTATION_SECONDS, summary
-    assert summary["slowest_s"] < SECONDS_PER_INPUT, summary
     assert summary["outcomes"].get("decoded:decode", 0) > 0, summary  # the mutations do reach the decoder

@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
-from ulbcodec.task import Task, guard, skipped_record
+from ulbcodec.task import Task, display_path, guard, skipped_record
 
 EXIT_INTERRUPTED = 130
 # Seconds a worker gets to remove its temporary file after SIGTERM before SIGKILL.
@@ -54,7 +54,8 @@ def plan(
 
     A single input file goes to ``-o OUTPUT`` (or next to ``--out-dir``); several inputs
     or any folder need ``--out-dir``, under which sub-folders of an input folder are
-    mirrored. Files in a folder are selected by extension; files named explicitly are
+    mirrored. Without either, each input file's output goes beside it under the input's
+    name with ``out_suffix`` (``photo.png`` -> ``photo.ulb``). No output may be an input. Files in a folder are selected by extension; files named explicitly are
     always taken (a bad one then fails clearly rather than being skipped silently).
     """
     if output and out_dir:
@@ -62,8 +63,8 @@ def plan(
     single = len(inputs) == 1 and not Path(inputs[0]).is_dir()
     if not single and output:
         raise UsageError("several inputs or a folder need --out-dir instead of -o")
-    if not output and not out_dir:
-        raise UsageError("missing output: give -o OUTPUT (one input) or --out-dir DIR")
+    if not output and not out_dir and any(Path(raw).is_dir() for raw in inputs):
+        raise UsageError("a folder input needs --out-dir DIR")
     tasks: List[Task] = []
     for raw in inputs:
         src = Path(raw)
@@ -73,14 +74,36 @@ def plan(
                 tasks.append(Task(f, Path(out_dir) / rel, planned=True))
         elif output:
             tasks.append(Task(src, Path(output)))
-        else:
+        elif out_dir:
             tasks.append(Task(src, Path(out_dir) / (src.stem + out_suffix), planned=True))
+        else:  # no -o: beside the input, photo.png -> photo.ulb (never over an existing file without --force)
+            tasks.append(Task(src, src.with_name(src.stem + out_suffix), planned=True))
     seen = {}
     for t in tasks:
         if t.dst in seen:
-            raise UsageError(f"{seen[t.dst]} and {t.src} would both be written to {t.dst}")
+            raise UsageError(f"{display_path(seen[t.dst])} and {display_path(t.src)} would both be written to "
+                             f"{display_path(t.dst)}")
         seen[t.dst] = t.src
+    check_inputs_kept(tasks)
     return tasks
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)  # hard links and symbolic links too
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_inputs_kept(tasks: Sequence[Task]) -> None:
+    """Refuse a plan that would write over one of its inputs (``-o`` naming the input,
+    a link to it, or another input of the batch), whatever --force says."""
+    inputs = {os.path.realpath(t.src): t.src for t in tasks}
+    for t in tasks:
+        other = inputs.get(os.path.realpath(t.dst))
+        if other is not None or _same_file(t.src, t.dst):
+            raise UsageError(f"{display_path(t.dst)} is an input ({display_path(other or t.src)}); refusing to write "
+                             "over it, even with --force")
 
 
 def shard(tasks: Sequence[Task], index: int, count: int) -> List[Task]:
@@ -124,9 +147,38 @@ def _worker_signal(signum, frame) -> None:
     os._exit(EXIT_INTERRUPTED)
 
 
-def _init_worker(factory: Callable[[], object]) -> None:
+def die_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when its parent dies (Linux
+    PR_SET_PDEATHSIG), so that SIGKILL of the main process leaves no worker behind (the
+    SIGTERM unwinds the file in progress: its temporary output is removed). Elsewhere, and
+    as a backstop, a thread watches the parent id."""
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if os.getppid() != parent:  # died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="ulbc-parent-watch", daemon=True).start()
+
+
+def _init_worker(factory: Callable[[], object], parent: Optional[int] = None) -> None:
     signal.signal(signal.SIGTERM, _worker_signal)
     signal.signal(signal.SIGINT, _worker_signal)
+    if parent is not None:
+        die_with_parent(parent)
     import torch
 
     torch.set_num_threads(1)
@@ -170,7 +222,8 @@ def run(
         for task in tasks:
             yield guard(job, codec, task)
         return
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), initializer=_init_worker, initargs=(factory,))
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), initializer=_init_worker,
+                               initargs=(factory, os.getpid()))
     futures = {}
     try:
         futures = {pool.submit(_guarded_in_worker, job, task): task for task in tasks}

@@ -48,6 +48,21 @@ MODEL_DIGEST_BYTES = 8
 # on the rare image that codes smaller (flat images code at ~1000 px/byte with
 # models/default, so the rule costs nothing in practice).
 MAX_CODED_PIXELS_PER_ANCHOR_BYTE = 4096
+# Video: the longest run of predicted frames (rounds and P frames) between keyframes
+# (header ``max_gop``, checked against every GOPS segment), K conditioning frames and P
+# frames predicted per round. Predicted frames cost no bits, so these bound the frames a
+# file may declare per byte: at most 1 + MAX_GOP frames per anchor chunk.
+MAX_GOP = 4096
+MAX_COND_FRAMES = 64
+MAX_PRED_FRAMES = 256
+# Decoder limits, not format rules (`ulbc decode --max-pixels`, like libavif's and
+# libwebp's): the decoded pixels of one file (frames x width x height) and those pixels
+# per byte of the file. `--max-pixels none` lifts both.
+DEFAULT_MAX_PIXELS = 1 << 32  # 4.3 Gpx: 2,000 frames of 1080p, 65,536 of 256x256 or smaller
+MAX_PIXELS_PER_FILE_BYTE = 1 << 22
+# A video frame costs at least the work of a 256x256 one (a prediction round runs the
+# predictor whatever the frame size), so that a small file of many tiny frames counts.
+FRAME_WORK_FLOOR = 1 << 16
 
 DOWNSCALES = (1, 2, 4, 8)
 
@@ -531,8 +546,9 @@ class GopStructure:
 
     @classmethod
     def from_bytes(cls, payload: bytes, frames: int, cond_frames: int, pred_frames: int,
-                   syntax: int = GOP_SYNTAX_ROUNDS) -> "GopStructure":
-        """Parse and check against the header: every count bounded by the frame count."""
+                   syntax: int = GOP_SYNTAX_ROUNDS, max_gop: Optional[int] = None) -> "GopStructure":
+        """Parse and check against the header: every count bounded by the frame count, and
+        with ``max_gop`` every run of predicted frames (a segment's units) by it."""
         if syntax not in (GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES):
             raise BitstreamError(f"unknown GOP syntax {syntax}")
         r = Reader(payload, "GOP chunk")
@@ -547,8 +563,13 @@ class GopStructure:
             units = [_read_unit(r.uvarint(), syntax) for _ in range(n)]
             rounds = [u.accepted for u in units if isinstance(u, Round)]
             if any(not 1 <= a <= pred_frames for a in rounds):
-                raise BitstreamError(f"a prediction round accepts 1..{pred_frames} frames, found {rounds}")
-            total += k + sum(_unit_frames(u) for u in units)
+                raise BitstreamError(f"a prediction round accepts 1..{pred_frames} frames, found "
+                                     f"{_abridged(rounds)}")
+            run = sum(_unit_frames(u) for u in units)
+            if max_gop is not None and run > max_gop:
+                raise BitstreamError(f"GOP chunk has a run of {run} predicted frames, the header's max_gop is "
+                                     f"{max_gop}")
+            total += k + run
             if total > frames:
                 raise BitstreamError(f"GOP chunk describes more than the {frames} frames of the header")
             segments.append((k, units))
@@ -556,6 +577,11 @@ class GopStructure:
         if total != frames:
             raise BitstreamError(f"GOP chunk describes {total} frames, the header {frames}")
         return cls(segments)
+
+
+def _abridged(values: list, keep: int = 8) -> str:
+    """A list for an error line: at most ``keep`` items."""
+    return str(values) if len(values) <= keep else f"[{', '.join(map(str, values[:keep]))}, ... ({len(values)} in all)]"
 
 
 def _unit_frames(unit: Unit) -> int:
@@ -571,6 +597,44 @@ def _read_unit(value: int, syntax: int) -> Unit:
             raise BitstreamError(f"P-frame unit with a non-zero value {rest}")
         return PFrame(kind == _UNIT_FORECAST)
     return Round(rest, kind == _UNIT_ANCHORED)
+
+
+def video_gops(container: "Container") -> GopStructure:
+    """The GOP structure of a video file, checked against its header before any frame is
+    decoded: K, P and max_gop in range, one GOPS chunk, every run of predicted frames at
+    most max_gop, the frame count exact."""
+    h = container.header
+    for name, low, high in (("cond_frames", 1, MAX_COND_FRAMES), ("pred_frames", 1, MAX_PRED_FRAMES),
+                            ("max_gop", 0, MAX_GOP)):
+        if not low <= h.params.get(name, -1) <= high:
+            raise BitstreamError(f"video header's {name} {h.params.get(name, 'missing')} outside {low}..{high}")
+    chunks = container.find(CHUNK_GOPS)
+    if len(chunks) != 1:
+        raise BitstreamError(f"a video file needs exactly one GOPS chunk, found {len(chunks)}")
+    return GopStructure.from_bytes(chunks[0].payload, h.frames, h.params["cond_frames"], h.params["pred_frames"],
+                                   h.params.get("gop_syntax", GOP_SYNTAX_ROUNDS), h.params["max_gop"])
+
+
+def check_work(container: "Container", max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> int:
+    """The decode-work budget of a file, from its header and size alone, before any
+    decoding; every refusal is one line. With ``max_pixels`` (None: no limit) the file's
+    decoding work, frames x max(width x height, FRAME_WORK_FLOOR) pixels, must be at most
+    ``max_pixels`` and at most MAX_PIXELS_PER_FILE_BYTE per byte of the file; a video's
+    GOP structure must keep the header's bounds (runs of predicted frames <= max_gop).
+    Returns the work in pixels."""
+    h = container.header
+    work = h.frames * max(h.width * h.height, FRAME_WORK_FLOOR if h.media == MEDIA_VIDEO else 1)
+    what = f"{h.frames} frames of {h.width}x{h.height}" if h.media == MEDIA_VIDEO else f"{h.width}x{h.height}"
+    if max_pixels is not None and work > max_pixels:
+        raise BitstreamError(f"decoding {what} ({work:,} pixels of work) is over the --max-pixels limit of "
+                             f"{max_pixels:,}")
+    if max_pixels is not None and work > MAX_PIXELS_PER_FILE_BYTE * max(container.total_bytes, 1):
+        raise BitstreamError(f"a {container.total_bytes}-byte file declaring {what} ({work:,} pixels of work) is "
+                             f"out of proportion to its size (at most {MAX_PIXELS_PER_FILE_BYTE:,} per byte; "
+                             "--max-pixels none lifts this)")
+    if h.media == MEDIA_VIDEO:
+        video_gops(container)
+    return work
 
 
 MAX_FILE_BYTES = MAX_CHUNKS * 16 + MAX_CHUNK_BYTES
@@ -610,12 +674,9 @@ def describe(container: Container) -> dict:
             desc["color_stats"] = ColorStats.from_bytes(colors[0].payload).as_dict()
         except BitstreamError as exc:  # describe what is there; decoding refuses it
             desc["color_stats"] = {"error": str(exc)}
-    gops = container.find(CHUNK_GOPS)
-    if h.media == MEDIA_VIDEO and len(gops) == 1:
+    if h.media == MEDIA_VIDEO:
         try:
-            structure = GopStructure.from_bytes(gops[0].payload, h.frames, h.params.get("cond_frames", 0),
-                                                h.params.get("pred_frames", 0),
-                                                h.params.get("gop_syntax", GOP_SYNTAX_ROUNDS))
+            structure = video_gops(container)
         except BitstreamError as exc:  # describe what is there; decoding refuses it
             desc["gop"] = {"error": str(exc)}
             return desc

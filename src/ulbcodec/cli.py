@@ -21,14 +21,24 @@ import click
 
 from ulbcodec import __version__, resources
 from ulbcodec.batch import interrupt_once  # stdlib-only modules: keep `ulbc --help` fast
-from ulbcodec.bitstream import DOWNSCALES
+from ulbcodec.bitstream import DEFAULT_MAX_PIXELS, DOWNSCALES, MAX_PIXELS_PER_FILE_BYTE
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+MAX_STDIN_IMAGE_BYTES = 1 << 30  # `ulbc encode -`: an image read from standard input
 
 
 def _fail(message: str, code: int = EXIT_FAILED):
     click.echo(f"ulbc: error: {message}", err=True)
     sys.exit(code)
+
+
+def _finite(value):
+    """A click callback: refuse nan and inf (FloatRange lets nan through)."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 def _verbosity(quiet: bool, verbose: int) -> int:
@@ -39,10 +49,11 @@ def _verbosity(quiet: bool, verbose: int) -> int:
 
 
 def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosity: int,
-               skip_existing: bool = False, engine: str = "local") -> None:
+               skip_existing: bool = False, engine: str = "local", stdio: Optional["_Stdio"] = None) -> None:
     from tqdm import tqdm
 
     from ulbcodec import batch
+    from ulbcodec.task import display_path
 
     started = time.perf_counter()
     failed, skipped, total_bytes, total_pixels = [], 0, 0, 0
@@ -53,6 +64,8 @@ def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosi
     records = batch.run(tasks, factory, job, jobs, skip_existing=skip_existing, engine=engine)
     try:
         for record in records:
+            if stdio is not None:
+                record = stdio.shown(record)
             bar.update(1)
             if as_json:
                 click.echo(json.dumps(record))
@@ -65,17 +78,18 @@ def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosi
                 skipped += 1
                 if verbosity >= 1 and not as_json:
                     bar.clear()
-                    click.echo(f"{record['input']} -> {record['output']}: skipped ({record['reason']})", err=True)
+                    click.echo(f"{display_path(record['input'])} -> {display_path(record['output'])}: skipped "
+                           f"({record['reason']})", err=True)
                 continue
             total_bytes += record["bytes"]
             total_pixels += record["width"] * record["height"] * record.get("frames", 1)
             for note in record.get("notes", []):
                 if verbosity >= 0:
-                    click.echo(f"ulbc: warning: {record['input']}: {note}", err=True)
+                    click.echo(f"ulbc: warning: {display_path(record['input'])}: {note}", err=True)
             if verbosity >= 1 and not as_json:
                 bar.clear()
                 video = f", {record['frames']} frames {record['frame_types']}" if "frame_types" in record else ""
-                click.echo(f"{record['input']} -> {record['output']}: {record['bytes']} bytes, "
+                click.echo(f"{display_path(record['input'])} -> {display_path(record['output'])}: {record['bytes']} bytes, "
                            f"{record['bpp']:.5f} bpp, level {record['rate_level']}{video}, "
                            f"{record['seconds']:.2f} s {record['timings']}", err=True)
                 for frame in record.get("frame_log", []):
@@ -97,7 +111,7 @@ def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosi
                    + (f"; {len(failed)} failed" if failed else ""), err=True)
     if failed:
         if len(failed) > 1 and verbosity >= 0:
-            click.echo("ulbc: failed: " + ", ".join(r["input"] for r in failed), err=True)
+            click.echo("ulbc: failed: " + ", ".join(display_path(r["input"]) for r in failed), err=True)
         sys.exit(EXIT_FAILED)
 
 
@@ -135,6 +149,27 @@ class _Size(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class _Pixels(click.ParamType):
+    """A pixel count: 4000000, 500M, 4G (powers of 1000), or 'none'."""
+
+    name = "N"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text == "none":
+            return None
+        scale = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}.get(text[-1:], 1)
+        try:
+            number = int(text[:-1] if scale > 1 else text)
+        except ValueError:
+            number = 0
+        if number <= 0:
+            self.fail(f"{value!r} is not a positive pixel count (4000000, 500M, 4G or none)", param, ctx)
+        return number * scale
+
+
 class _Device(click.ParamType):
     """A torch device this build can use (cpu, cuda, cuda:1, mps)."""
 
@@ -167,6 +202,82 @@ class _Shard(click.ParamType):
         if not 1 <= index <= count <= 1_000_000:
             self.fail(f"{value!r}: need 1 <= I <= N", param, ctx)
         return index, count
+
+
+class _Stdio:
+    """``-`` as the input (standard input, spooled to a temporary file first) and as
+    ``-o`` (the output is made in a temporary folder, then copied to standard output once
+    the job succeeded), as cwebp and ffmpeg take them. Records name them ``-``. A terminal
+    is refused as binary output."""
+
+    def __init__(self, inputs, output: Optional[str], suffix: str, max_bytes: int, as_json: bool):
+        import tempfile
+
+        self.folder, self.names, self.inputs, self.output = None, {}, tuple(inputs), output
+        if "-" not in self.inputs and output != "-":
+            return
+        if "-" in self.inputs and len(self.inputs) > 1:
+            raise click.UsageError("'-' (standard input) must be the only input")
+        if "-" in self.inputs and not output:
+            raise click.UsageError("standard input needs -o FILE (or -o - for standard output)")
+        if output == "-":
+            if as_json:
+                raise click.UsageError("--json prints to standard output; it cannot go with -o -")
+            if sys.stdout.buffer.isatty():
+                raise click.UsageError("refusing to write binary data to a terminal: redirect standard output "
+                                       "or give -o FILE")
+        self.folder = tempfile.TemporaryDirectory(prefix="ulbc-stdio-")
+        root = Path(self.folder.name)
+        if "-" in self.inputs:
+            path = root / "stdin"
+            data = sys.stdin.buffer.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                _fail(f"-: standard input holds more than {max_bytes} bytes")
+            if not data:
+                _fail("-: standard input is empty")
+            path.write_bytes(data)
+            self.inputs, self.names[str(path)] = (str(path),), "-"
+        if output == "-":
+            self.output = str(root / ("stdout" + suffix))
+            self.names[self.output] = "-"
+
+    def __enter__(self) -> "_Stdio":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.folder is not None:
+            self.folder.cleanup()
+
+    def shown(self, record: dict) -> dict:
+        """The record with the temporary paths named ``-``."""
+        if not self.names:
+            return record
+        record = dict(record)
+        for key in ("input", "output", "error"):
+            for path, name in self.names.items():
+                if key in record:
+                    record[key] = record[key].replace(path, name)
+        return record
+
+    def tasks(self, tasks):
+        from ulbcodec.task import Task
+
+        # -o -: a video's output takes --video-format, as under --out-dir
+        return [Task(t.src, t.dst, planned=True) if str(t.dst) == self.output and "-" == self.names.get(self.output)
+                else t for t in tasks]
+
+    def finish(self) -> None:
+        """Copy the output made for ``-o -`` to standard output."""
+        if self.names.get(self.output) != "-":
+            return
+        import shutil
+
+        made = [p for p in Path(self.output).parent.iterdir() if p.name.startswith("stdout")]
+        out = sys.stdout.buffer
+        for path in made:
+            with open(path, "rb") as fh:
+                shutil.copyfileobj(fh, out)
+        out.flush()
 
 
 def _with_listed(inputs, from_list: Optional[str]):
@@ -283,7 +394,7 @@ def cli() -> None:
               "'video' for videos].")
 @click.option("--quality", type=int, help="Rate level of the model (0 = lowest rate); default: the model's default. "
               "Videos: the keyframes' level.")
-@click.option("--bpp", type=click.FloatRange(min=0, min_open=True),
+@click.option("--bpp", type=click.FloatRange(min=0, min_open=True), callback=lambda ctx, param, value: _finite(value),
               help="Target bits per pixel: the largest file at or under it (images: searches levels and downscale; "
                    "videos: keyframe level and threshold).")
 @click.option("--downscale", type=click.Choice([str(f) for f in DOWNSCALES]), default="1", show_default=True,
@@ -324,24 +435,39 @@ def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
            skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps, color_stats,
            threshold, metric, max_gop, use_predictor, pframe_level, video_seed, generative_keyframes, anchored,
            anchor_level, guide_timestep, pred_steps, keyframe_group):
-    """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files."""
-    from ulbcodec.io import READ_EXTENSIONS, VIDEO_EXTENSIONS
-    from ulbcodec.jobs import encode_job, is_video_input, load_encoders, placement
-    from ulbcodec.refinement import RefineSettings
-    from ulbcodec.task import Task
-    from ulbcodec.video import VideoSettings
-
+    """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files
+    (without -o: beside each input, photo.png -> photo.ulb; '-': standard input or output)."""
     if quality is not None and bpp is not None:
         raise click.UsageError("use either --quality or --bpp, not both")
     if bpp is not None and downscale != "1":
         raise click.UsageError("--bpp chooses the downscale factor itself; drop --downscale")
     inputs = _with_listed(inputs, from_list)
     _check_engine(engine)
+    with _Stdio(inputs, output, ".ulb", MAX_STDIN_IMAGE_BYTES, as_json) as stdio:
+        _encode(stdio, stdio.inputs, stdio.output, out_dir, recursive, model, device, offload, jobs, engine, as_json,
+                force, skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps,
+                color_stats, threshold, metric, max_gop, use_predictor, pframe_level, video_seed,
+                generative_keyframes, anchored, anchor_level, guide_timestep, pred_steps, keyframe_group)
+
+
+def _encode(stdio, inputs, output, out_dir, recursive, model, device, offload, jobs, engine, as_json, force,
+            skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps, color_stats,
+            threshold, metric, max_gop, use_predictor, pframe_level, video_seed, generative_keyframes, anchored,
+            anchor_level, guide_timestep, pred_steps, keyframe_group):
+    from ulbcodec.io import READ_EXTENSIONS, VIDEO_EXTENSIONS
+    from ulbcodec.jobs import encode_job, is_video_input, load_encoders, placement
+    from ulbcodec.refinement import RefineSettings
+    from ulbcodec.task import Task
+    from ulbcodec.video import VideoSettings
+
     if len(inputs) == 1 and Path(inputs[0]).is_dir() and output and not out_dir:
         tasks = [Task(Path(inputs[0]), Path(output))]  # one folder to one file: a sequence of frames
     else:
         tasks = _plan(inputs, output, out_dir, recursive, READ_EXTENSIONS | VIDEO_EXTENSIONS, ".ulb")
-    tasks = _sharded(tasks, shard)
+    if output and Path(output).suffix.lower() in READ_EXTENSIONS | VIDEO_EXTENSIONS:  # after the input check
+        raise click.UsageError(f"-o {output}: encode writes a .ulb file, not {Path(output).suffix}; name it "
+                               f"{Path(output).with_suffix('.ulb')}")
+    tasks = stdio.tasks(_sharded(tasks, shard))
     need_video = any(is_video_input(t.src) for t in tasks)
     need_image = not all(is_video_input(t.src) for t in tasks)
     if need_video and refine_steps:
@@ -370,7 +496,8 @@ def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
                             color_stats=color_stats, force=force,
                             skip_existing=skip_existing, budget=budget, video=settings, quiet=verbosity < 0,
                             progress=_frame_progress(tasks, jobs, as_json, verbosity))
-    _run_batch("encoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing, engine)
+    _run_batch("encoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing, engine, stdio)
+    stdio.finish()
 
 
 def _frame_progress(tasks, jobs: int, as_json: bool, verbosity: int) -> bool:
@@ -395,16 +522,35 @@ def _frame_progress(tasks, jobs: int, as_json: bool, verbosity: int) -> bool:
               help="Output format of videos under --out-dir (frames: a folder of PNGs).")
 @click.option("--lossless", is_flag=True,
               help="Videos to mp4/mkv: lossless RGB H.264 (qp 0) instead of high-quality 4:2:0 (crf 12).")
+@click.option("--max-pixels", "max_pixels", type=_Pixels(), envvar="ULBC_MAX_PIXELS", show_envvar=True,
+              default=str(DEFAULT_MAX_PIXELS), show_default=True,
+              help="Refuse files that declare more decoded pixels (frames x width x height; 500M, 4G) or more than "
+                   f"{MAX_PIXELS_PER_FILE_BYTE:,} per byte of the file, before decoding ('none': no limit).")
 def decode(inputs, output, out_dir, recursive, model, device, offload, jobs, engine, from_list, as_json, force,
-           skip_existing, max_memory, shard, quiet, verbose, fmt, anchor_only, steps, seed, video_format, lossless):
+           skip_existing, max_memory, shard, quiet, verbose, fmt, anchor_only, steps, seed, video_format, lossless,
+           max_pixels):
     """Decode .ulb files: images to png, jpg, webp or tiff; videos to mp4, mkv, y4m or a folder
-    of frames (from the -o extension; a name without one is a folder)."""
-    from ulbcodec.io import IMAGE_EXTENSIONS, VIDEO_WRITE_EXTENSIONS
-    from ulbcodec.jobs import decode_job, load_decoders, placement
+    of frames (from the -o extension; a name without one is a folder; without -o: beside the
+    input, photo.ulb -> photo.png; '-': standard input or output)."""
+    from ulbcodec.bitstream import MAX_FILE_BYTES
 
     _check_engine(engine)
     inputs = _with_listed(inputs, from_list)
-    tasks = _sharded(_plan(inputs, output, out_dir, recursive, [".ulb"], "." + fmt), shard)
+    if output == "-" and video_format == "frames":
+        raise click.UsageError("-o -: a folder of frames cannot go to standard output; use --video-format y4m")
+    with _Stdio(inputs, output, "." + fmt, MAX_FILE_BYTES, as_json) as stdio:
+        _decode(stdio, stdio.inputs, stdio.output, out_dir, recursive, model, device, offload, jobs, engine, as_json,
+                force, skip_existing, max_memory, shard, quiet, verbose, fmt, anchor_only, steps, seed, video_format,
+                lossless, max_pixels)
+
+
+def _decode(stdio, inputs, output, out_dir, recursive, model, device, offload, jobs, engine, as_json, force,
+            skip_existing, max_memory, shard, quiet, verbose, fmt, anchor_only, steps, seed, video_format, lossless,
+            max_pixels):
+    from ulbcodec.io import IMAGE_EXTENSIONS, VIDEO_WRITE_EXTENSIONS
+    from ulbcodec.jobs import decode_job, load_decoders, placement
+
+    tasks = stdio.tasks(_sharded(_plan(inputs, output, out_dir, recursive, [".ulb"], "." + fmt), shard))
     if output and Path(output).suffix.lower() not in IMAGE_EXTENSIONS.keys() | VIDEO_WRITE_EXTENSIONS | {""}:
         raise click.UsageError(f"{output}: unsupported output format {Path(output).suffix}; use .png, .jpg, .webp, "
                                ".tiff (images), .mp4, .mkv, .y4m or a folder name (videos)")
@@ -414,10 +560,11 @@ def decode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
         raise click.UsageError("--steps applies to the generative decoder; drop --anchor-only")
     verbosity = _verbosity(quiet, verbose)
     job = functools.partial(decode_job, force=force, anchor_only=anchor_only, steps=steps, seed=seed,
-                            quiet=verbosity < 0,
+                            quiet=verbosity < 0, max_pixels=max_pixels,
                             skip_existing=skip_existing, budget=budget, video_format=video_format, lossless=lossless,
                             progress=_frame_progress(tasks, jobs, as_json, verbosity))
-    _run_batch("decoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing, engine)
+    _run_batch("decoded", tasks, factory, job, jobs, as_json, verbosity, skip_existing, engine, stdio)
+    stdio.finish()
 
 
 @cli.command()
@@ -452,12 +599,12 @@ def info(files, as_json):
             click.echo(f"  {'frame types':13s} unreadable GOPS chunk: {desc['gop']['error']}")
         elif "gop" in desc:
             gop = desc["gop"]
-            click.echo(f"  {'keyframes':13s} {len(gop['keyframes'])} at frames {gop['keyframes']}")
+            click.echo(f"  {'keyframes':13s} {len(gop['keyframes'])} at frames {_abridged(gop['keyframes'])}")
             if gop["anchored"]:
-                click.echo(f"  {'anchored':13s} {len(gop['anchored'])} rounds at frames {gop['anchored']}")
-            click.echo(f"  {'frame types':13s} {gop['frame_types']}  (K keyframe, P P frame, F P frame on the "
-                       "predictor's forecast, p predicted, A anchored round)")
-            click.echo(f"  {'frame bytes':13s} {' '.join(map(str, gop['frame_bytes']))}")
+                click.echo(f"  {'anchored':13s} {len(gop['anchored'])} rounds at frames {_abridged(gop['anchored'])}")
+            click.echo(f"  {'frame types':13s} {_abridged(gop['frame_types'])}  (K keyframe, P P frame, F P frame on "
+                       "the predictor's forecast, p predicted, A anchored round)")
+            click.echo(f"  {'frame bytes':13s} {_abridged(gop['frame_bytes'])}")
         if "color_stats" in desc:  # the colr chunk: the original's colour statistics
             stats = desc["color_stats"]
             click.echo(f"  {'color stats':13s} " + (f"unreadable colr chunk: {stats['error']}" if "error" in stats
@@ -465,6 +612,14 @@ def info(files, as_json):
         for chunk in desc["chunks"]:
             click.echo(f"  chunk {chunk['type']} at byte {chunk['offset']}: {chunk['bytes']} bytes")
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+def _abridged(items, keep: int = 200) -> str:
+    """A long list or frame-type string on one readable line (the whole is in --json)."""
+    if len(items) <= keep:
+        return str(items)
+    head = items[:keep] if isinstance(items, str) else str(items[:keep])[:-1] + ", "
+    return f"{head}... ({len(items)} in all)"
 
 
 def _comma_list(convert=str):
@@ -543,9 +698,12 @@ def eval_cmd(inputs, out, codecs, metric_names, jobs, max_bpp, thresholds, level
 
 @cli.group("models", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--check", is_flag=True, help="Also check every weights file against the config (tensor shapes, "
+              "from the headers) besides the digests; exit 1 if a package is broken.")
 @click.pass_context
-def models_cmd(ctx, as_json):
-    """List the models ulbc can use (search path: $ULBC_MODEL_PATH, then models/)."""
+def models_cmd(ctx, as_json, check):
+    """List the models ulbc can use (search path: $ULBC_MODEL_PATH, then models/); each
+    package's files are checked against its digest, a broken one is marked BROKEN."""
     if ctx.invoked_subcommand is not None:
         return
     from ulbcodec import packages
@@ -555,6 +713,11 @@ def models_cmd(ctx, as_json):
     for path in packages.available_models():
         try:
             pkg = packages.ModelPackage.load_manifest(path)
+            for component in pkg.components if check else ():
+                try:
+                    pkg.check_shapes(component)
+                except (packages.ModelError, RuntimeError, TypeError, ValueError, OSError) as exc:
+                    raise packages.BadPackageError(f"bad model package: {component}: {exc}") from None
         except packages.ModelError as exc:
             rows.append({"name": path.name, "path": str(path), "error": str(exc)})
             continue
@@ -575,6 +738,8 @@ def models_cmd(ctx, as_json):
                        f"{' + frame predictor (video)' if row['video'] else ''}  {row['path']}")
     if not rows:
         click.echo("no models found (search path: $ULBC_MODEL_PATH, then the project's models/)", err=True)
+        sys.exit(EXIT_FAILED)
+    if check and any("error" in row for row in rows):
         sys.exit(EXIT_FAILED)
 
 

@@ -111,6 +111,9 @@ def read_image(path) -> Tuple[np.ndarray, List[str]]:
     notes: List[str] = []
     with _reading_image(path):
         with Image.open(path) as im:
+            # 16-bit RGB(A) PNG/TIFF: Pillow reads it as 8-bit RGB; its raw mode tells
+            deep = im.mode in ("RGB", "RGBA") and any(";16" in str(getattr(t, "args", t[3] if len(t) > 3 else ""))
+                                                      for t in im.tile)
             im = ImageOps.exif_transpose(im)
             im.load()
 
@@ -125,6 +128,10 @@ def read_image(path) -> Tuple[np.ndarray, List[str]]:
         raise InputError(f"{path}: floating-point images are not supported")
     if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
         notes.append("alpha channel dropped")
+    if im.mode in ("L", "LA", "1"):
+        notes.append("greyscale image coded as RGB (decodes to RGB)")
+    if deep:
+        notes.append("16-bit samples reduced to 8 bits")
     rgb = np.asarray(im.convert("RGB"))
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
         raise InputError(f"{path}: unsupported image layout {rgb.shape}")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ulbcodec import resources
-from ulbcodec.bitstream import Container, Header
+from ulbcodec.bitstream import DEFAULT_MAX_PIXELS, Container, Header
 from ulbcodec.task import Task
 
 
@@ -161,8 +161,8 @@ def decode_video(decoders, container, task, force: bool, video_format: str, loss
 
 def decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int = 1, seed: Optional[int] = None,
                skip_existing: bool = False, budget=None, video_format: str = "mp4", lossless: bool = False,
-               progress: bool = False, quiet: bool = False) -> dict:
-    from ulbcodec.bitstream import MEDIA_VIDEO, read_file
+               progress: bool = False, quiet: bool = False, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> dict:
+    from ulbcodec.bitstream import MEDIA_VIDEO, check_work, read_file
     from ulbcodec.io import (IMAGE_EXTENSIONS, check_input, check_output, image_format, input_error, video_output_kind,
                              write_image)
 
@@ -179,6 +179,7 @@ def decode_job(codec, task, force: bool, anchor_only: bool = False, steps: int =
             container = read_file(task.src)
         except OSError as exc:
             raise input_error(task.src, exc) from None
+        check_work(container, max_pixels)  # GOP runs and decoded pixels from the header, before any work
         h = container.header
         if h.media == MEDIA_VIDEO:
             if anchor_only or steps > 1:

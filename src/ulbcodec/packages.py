@@ -45,10 +45,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -65,6 +66,51 @@ NEXT_FRAME_SETTINGS = {"output": ("latent", "anchor_residual")}
 
 class ModelError(ValueError):
     """A model package is missing, malformed, or does not match its digest."""
+
+
+class BadPackageError(ModelError):
+    """A model package that exists but cannot be used: one line ``bad model package: ...``."""
+
+
+# The largest integer a ulbc component's config may hold (channels, slices, levels): a
+# config is checked before any module is built from it, so that N = 2^31 cannot allocate
+# tens of GB and N = -48 cannot end in an internal error.
+MAX_CONFIG_INT = 1 << 16
+
+
+def _bad(exc: BaseException) -> BadPackageError:
+    if isinstance(exc, BadPackageError):
+        return exc
+    text = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+    return BadPackageError(f"bad model package: {text}")
+
+
+def _inside(root: Path, file: Path) -> None:
+    """Refuse a file whose resolved path leaves the package (a symbolic link out of it)."""
+    real, base = os.path.realpath(file), os.path.realpath(root)
+    if os.path.commonpath([real, base]) != base:
+        raise ModelError(f"{file}: a link to {real}, outside the package")
+
+
+def _check_config(path: Path, name: str, config) -> None:
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: component {name!r} config must be an object")
+    for key, value in config.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, int) and not 0 <= value <= MAX_CONFIG_INT:
+            raise ModelError(f"{path}: component {name!r} config {key} = {value} outside 0..{MAX_CONFIG_INT}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ModelError(f"{path}: component {name!r} config {key} = {value} is not finite")
+
+
+def safetensors_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header, without reading the tensors."""
+    try:
+        header = json.loads(safetensors_header(path)[8:])
+        return {k: tuple(int(n) for n in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ModelError(f"{path}: unreadable safetensors header ({exc.__class__.__name__})") from None
 
 
 PROMPT_EMBEDS = "PromptEmbeddings"  # pseudo class: one tensor named "prompt_embeds"
@@ -239,8 +285,15 @@ class ModelPackage:
             manifest = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelError(f"{path}: unreadable manifest ({exc})") from None
-        if manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ModelError(f"{path}: not a ulbc model manifest")
+        try:
+            return cls._checked(root, path, manifest, verify)
+        except (ModelError, TypeError, KeyError, AttributeError, ValueError, OSError) as exc:
+            raise _bad(exc) from None
+
+    @classmethod
+    def _checked(cls, root: Path, path: Path, manifest: dict, verify: bool) -> "ModelPackage":
         if manifest.get("format_version", 0) > FORMAT_VERSION:
             raise ModelError(f"{path}: model format version {manifest['format_version']} is newer than this ulbc")
         components = manifest.get("components") or {}
@@ -279,6 +332,45 @@ class ModelPackage:
         """
         if component not in self.components:
             raise ModelError(f"model {self.name!r} has no component {component!r}")
+        try:
+            return self._build(component, device, level, dtype)
+        except (ModelError, RuntimeError, TypeError, KeyError, ValueError, OSError) as exc:
+            if isinstance(exc, ModelError) and "has no weights for rate level" in str(exc):
+                raise
+            raise _bad(exc if str(self.root) in str(exc) else type(exc)(f"{self.root}: {component}: {exc}")) from None
+
+    def check_shapes(self, component: str) -> None:
+        """Build a ulbc component on the meta device (no memory) from its config and
+        compare every tensor shape with its safetensors headers, before any weight is
+        read: a header of 2^31 x 2^31 or a config that does not match its weights is
+        refused here. Diffusers components are checked by diffusers' own loader."""
+        comp = self.components[component]
+        if comp["class"] in (PROMPT_EMBEDS, LORA) or comp["class"] in DIFFUSERS_CLASSES:
+            return
+        from unittest import mock
+
+        cls = _component_class(comp["class"])  # imports CompressAI (ulbcodec/_compressai.py)
+        from compressai.ops.parametrizers import NonNegativeParametrizer
+
+        # GDN's parametrizer mixes a CPU constant into its init, which a meta tensor refuses;
+        # only shapes are wanted here.
+        with torch.device("meta"), mock.patch.object(NonNegativeParametrizer, "init", lambda self, x: x):
+            module = cls(**comp.get("config", {}))
+        # Parameters have the config's shapes; buffers (CompressAI's CDF tables) take the
+        # file's shapes at load, so only their names are compared.
+        expected = {k: tuple(v.shape) for k, v in module.named_parameters()}
+        names = set(module.state_dict())
+        for files in weight_file_sets(self.root, comp):
+            for file in files:
+                found = safetensors_shapes(file)
+                wrong = [k for k in names | found.keys()
+                         if k not in names or k not in found or (k in expected and expected[k] != found[k])]
+                if wrong:
+                    k = sorted(wrong)[0]
+                    raise ModelError(f"{file}: tensor {k} has shape {found.get(k, 'missing')}, the config makes "
+                                     f"{expected.get(k, 'none')} ({len(wrong)} tensors differ)")
+
+    def _build(self, component: str, device, level, dtype):
         comp = self.components[component]
         if comp.get("levels"):
             if str(level) not in comp["levels"]:
@@ -294,6 +386,8 @@ class ModelPackage:
         if comp["class"] == LORA:
             return load_file(str(weights), device="cpu")
         cls = _component_class(comp["class"])
+        if not comp.get("diffusers") and not comp.get("external"):
+            self.check_shapes(component)  # before any allocation
         if comp.get("diffusers"):
             return _load_diffusers(cls, self.root / comp["diffusers"], device, dtype)
         if comp.get("external"):
@@ -321,6 +415,7 @@ def _check_weights_name(root: Path, name: str, weights) -> None:
         raise ModelError(f"{root / MANIFEST}: component {name!r} weights must be a .safetensors file in the package")
     if not (root / weights).is_file():
         raise ModelError(f"{root}: missing weights file {weights}")
+    _inside(root, root / weights)
 
 
 def _check_component(root: Path, name: str, comp: dict, level_names) -> None:
@@ -333,6 +428,8 @@ def _check_component(root: Path, name: str, comp: dict, level_names) -> None:
     if len(given) != 1:
         raise ModelError(f"{path}: component {name!r} needs exactly one of " + ", ".join(map(repr, SOURCES)))
     weights, levels, folder, external = (comp.get(key) for key in SOURCES)
+    if comp.get("config") is not None:
+        _check_config(path, name, comp["config"])
     if weights is not None:
         _check_weights_name(root, name, weights)
     if levels is not None:
@@ -344,9 +441,11 @@ def _check_component(root: Path, name: str, comp: dict, level_names) -> None:
     if folder is not None:
         if not isinstance(folder, str) or "/" in folder or folder.startswith(".") or not (root / folder).is_dir():
             raise ModelError(f"{root}: component {name!r} needs a sub-directory, got {folder!r}")
+        _inside(root, root / folder)
         for file in (root / folder).rglob("*"):
             if file.is_file() and not file.name.endswith(DIFFUSERS_SUFFIXES):
                 raise ModelError(f"{file}: only JSON and safetensors files may be in a model package")
+            _inside(root, file)
     if external is not None:
         if (comp["class"] not in DIFFUSERS_CLASSES or not isinstance(external, dict)
                 or not isinstance(external.get("digest"), str) or not os.path.isabs(str(external.get("path", "")))):

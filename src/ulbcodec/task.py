@@ -44,12 +44,22 @@ def guard(job, codec, task: Task) -> dict:
     return {**base, "ok": True, **record, "seconds": round(time.perf_counter() - t0, 3)}
 
 
+def display_path(path) -> str:
+    """A path on one line: control characters (a newline in a file name) escaped as in
+    Python's repr, so that an error line never splits."""
+    text = os.fsdecode(path) if isinstance(path, (bytes, os.PathLike)) else str(path)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def describe_error(exc: BaseException, src: Path) -> str:
-    """One line; prefixed with the input path unless the message already names it."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-    if isinstance(exc, OSError) and exc.strerror and not str(src) in text:
+    """One line; prefixed with the input path unless the message already names it (the
+    path shown with :func:`display_path`)."""
+    shown, raw = display_path(src), str(exc).strip()
+    raw = raw.replace(str(src), shown) if str(src) else raw
+    text = raw.splitlines()[0] if raw else exc.__class__.__name__
+    if isinstance(exc, OSError) and exc.strerror and shown not in text:
         filename = os.fsdecode(exc.filename) if isinstance(exc.filename, (str, bytes, os.PathLike)) else ""
-        text = exc.strerror + (f" ({filename})" if filename and filename != str(src) else "")
+        text = exc.strerror + (f" ({display_path(filename)})" if filename and filename != str(src) else "")
     elif not isinstance(exc, (ValueError, OSError)):
         text = f"internal error ({exc.__class__.__name__}: {text}); please report it"
-    return text if str(src) in text else f"{src}: {text}"
+    return text if shown in text else f"{shown}: {text}"

@@ -450,11 +450,7 @@ class VideoCodec:
         steps = h.params.get("steps")
         if steps is None or not 1 <= steps <= MAX_STEPS:
             raise BitstreamError(f"sampler steps {steps} outside 1..{MAX_STEPS}")
-        gop_chunks = container.find(bitstream.CHUNK_GOPS)
-        if len(gop_chunks) != 1:
-            raise BitstreamError(f"a video file needs exactly one GOPS chunk, found {len(gop_chunks)}")
-        gops = GopStructure.from_bytes(gop_chunks[0].payload, h.frames, K, P,
-                                       h.params.get("gop_syntax", bitstream.GOP_SYNTAX_ROUNDS))
+        gops = bitstream.video_gops(container)  # run lengths <= max_gop, before any frame
         anchors = container.find(bitstream.CHUNK_ANCHOR)
         if len(anchors) != gops.keyframes + gops.anchored_rounds:
             raise BitstreamError(f"GOPS announces {gops.keyframes} keyframes and {gops.anchored_rounds} anchored "
