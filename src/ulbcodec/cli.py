@@ -604,7 +604,7 @@ def info(files, as_json):
                 click.echo(f"  {'anchored':13s} {len(gop['anchored'])} rounds at frames {_abridged(gop['anchored'])}")
             click.echo(f"  {'frame types':13s} {_abridged(gop['frame_types'])}  (K keyframe, P P frame, F P frame on "
                        "the predictor's forecast, p predicted, A anchored round)")
-            click.echo(f"  {'frame bytes':13s} {_abridged(gop['frame_bytes'])}")
+            click.echo(f"  {'frame bytes':13s} {_abridged(gop['frame_bytes'], 40)}")
         if "color_stats" in desc:  # the colr chunk: the original's colour statistics
             stats = desc["color_stats"]
             click.echo(f"  {'color stats':13s} " + (f"unreadable colr chunk: {stats['error']}" if "error" in stats
