@@ -6,8 +6,10 @@ Every ulbc file is encoded ONCE (each rate level, at full size and in the 1/2 do
 mode) and decoded twice: by the generative decoder and with ``anchor_only=True``. Both
 decodes therefore have exactly the same rate. AVIF and WebP run over their quality grids
 with downscaled variants (``ulbcodec.baselines``), as in benchmarks/image_rd.py.
-Metrics: PSNR, MS-SSIM, VMAF and the detail measure (log radial power spectrum error:
-blur shows as missing high-frequency energy; lower is better).
+Metrics: PSNR, MS-SSIM, VMAF, VMAF NEG, SSIMULACRA2, butteraugli (3-norm and max) and the
+detail measure (log radial power spectrum error: blur shows as missing high-frequency
+energy; lower is better); per level, the block-grid measure and colour drift
+(``ulbcodec.metrics``: blockiness, delta_e, color_shift).
 
 Outputs in OUT: points.csv / points.json, rd_<metric>.png, summary.md, and a crop sheet
 (original / anchor / generative / AVIF at matched bpp) written to ``--sheet``. It also
@@ -33,7 +35,11 @@ from ulbcodec.eval.scoring import HIGHER_IS_BETTER, LABELS
 from ulbcodec.refinement import RefineSettings
 
 GEN, ANCHOR = "ulbc-generative", "ulbc-anchor-only"
-BD_METRICS = ("psnr", "ms_ssim", "vmaf", "log_spectrum_error")
+BD_METRICS = ("psnr", "ms_ssim", "vmaf", "vmaf_neg", "ssimulacra2", "butteraugli", "log_spectrum_error")
+# per level, anchor-only / generative (the same files)
+LEVEL_METRICS = (("psnr", 2), ("ms_ssim", 4), ("vmaf", 2), ("vmaf_neg", 2), ("ssimulacra2", 2),
+                 ("butteraugli", 3), ("log_spectrum_error", 2), ("blockiness", 3), ("delta_e", 2),
+                 ("color_shift", 2))
 
 
 def _both_decoders(codec, path: str, downscale: int, refine_steps: int = 0, levels=None) -> list[dict]:
@@ -246,9 +252,10 @@ def main(argv=None) -> None:
         lines.append(f"| {test} | {anchor} | " + " | ".join(bd(env[m][anchor], env[m][test], m) for m in BD_METRICS)
                      + " |")
     lines += ["", "Same files, two decoders (mean over images, full-size coding):", "",
-              "| level | bpp | PSNR anchor / gen | MS-SSIM anchor / gen | VMAF anchor / gen | "
-              f"detail error anchor / gen | decode s anchor / gen{' (1 thread)' if args.jobs > 1 else ''} |",
-              "|---|---|---|---|---|---|---|"]
+              "| level | bpp | " + " | ".join(f"{LABELS[m].split(' [')[0].split(',')[0].split(' (')[0]} anchor / gen"
+                                         for m, _ in LEVEL_METRICS)
+              + f" | decode s anchor / gen{' (1 thread)' if args.jobs > 1 else ''} |",
+              "|---|---|" + "---|" * (len(LEVEL_METRICS) + 1)]
     by = {(pt["curve"], pt["setting"]): pt for c in (GEN, ANCHOR) for pt in curves[c]}
     secs = {}
     for r in rows:
@@ -256,18 +263,17 @@ def main(argv=None) -> None:
             secs.setdefault((r["codec"], r["setting"]), []).append(r["decode_s"])
     for level in sorted({s for (_, s) in by}):
         a, g = by[(ANCHOR, level)], by[(GEN, level)]
-        cells = [f"{a[m]:.{d}f} / {g[m]:.{d}f}" for m, d in (("psnr", 2), ("ms_ssim", 4), ("vmaf", 2),
-                                                              ("log_spectrum_error", 2))]
+        cells = [f"{a[m]:.{d}f} / {g[m]:.{d}f}" for m, d in LEVEL_METRICS]
         lines.append(f"| {level} | {a['bpp']:.4f} | " + " | ".join(cells) +
                      f" | {np.mean(secs[(ANCHOR, level)]):.2f} / {np.mean(secs[(GEN, level)]):.2f} |")
     # the target's range: the levels whose mean rate lies in [lo, hi]
     in_range = sorted(lv for lv in {s for (_, s) in by} if lo <= by[(ANCHOR, lv)]["bpp"] <= hi)
     wins = {m: [lv for lv in in_range if (by[(GEN, lv)][m] > by[(ANCHOR, lv)][m]) == HIGHER_IS_BETTER[m]]
-            for m in ("vmaf", "log_spectrum_error")}
+            for m in ("vmaf", "vmaf_neg", "ssimulacra2", "butteraugli", "log_spectrum_error")}
     lines += ["", f"Generative beats anchor-only at every level in {lo:g}-{hi:g} bpp (levels "
-              f"{', '.join(map(str, in_range))}): VMAF {wins['vmaf'] == in_range} (at levels "
-              f"{', '.join(map(str, wins['vmaf'])) or 'none'}), detail measure {wins['log_spectrum_error'] == in_range} "
-              f"(at levels {', '.join(map(str, wins['log_spectrum_error'])) or 'none'})."]
+              f"{', '.join(map(str, in_range))}): " + ", ".join(
+                  f"{LABELS[m].split(' [')[0].split(',')[0]} {wins[m] == in_range} (at levels "
+                  f"{', '.join(map(str, wins[m])) or 'none'})" for m in wins) + "."]
     if args.sheet:
         middle = paths[len(paths) // 2]
         lines += ["", f"Crop sheet `{args.sheet}`: " + crop_sheet(args.model, middle, 0.02, Path(args.sheet))]

@@ -55,7 +55,7 @@ from ulbcodec.eval.rd import bd_cell, family_envelopes
 from ulbcodec.eval.report import plot as _plot
 from ulbcodec.eval.scoring import LABELS
 
-BD_METRICS = ("psnr", "ms_ssim", "vmaf")
+BD_METRICS = ("psnr", "ms_ssim", "vmaf", "vmaf_neg", "ssimulacra2", "butteraugli")
 
 
 # ----------------------------------------------------------------------------- plots

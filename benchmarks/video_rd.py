@@ -42,7 +42,7 @@ from ulbcodec.eval.runner import read_clip, ulbc_video_round_trip
 from ulbcodec.eval.scoring import label, video_scores
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("psnr", "ms_ssim", "vmaf")
+METRICS = ("psnr", "ms_ssim", "vmaf", "vmaf_neg")
 LABELS = {m: label(m, "video") for m in METRICS}
 # 176x144 .. 640x360; city-a (dusk city, low light) and cockatoo are real clips the project never trains on
 DEFAULT_CLIPS = ("carphone", "digits-1000", "pan-Path-256x256", "bikes", "city-a", "cockatoo")

@@ -139,7 +139,7 @@ def test_codec_subset_force_and_jobs(models, inputs, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--codecs", "jpeg2000"], "unknown codec 'jpeg2000'"),
-    (["--codecs", "jpeg", "--metrics", "psnr,butteraugli"], "unknown metric 'butteraugli'"),
+    (["--codecs", "jpeg", "--metrics", "psnr,butteraugli3"], "unknown metric 'butteraugli3'"),
 ])
 def test_bad_names_are_usage_errors(models, inputs, tmp_path, extra, message):
     r = _invoke(eval_args(inputs, tmp_path / "out", *extra))

@@ -38,11 +38,49 @@ def test_encode_to_bpp_lands_at_or_under_target(tiny_codec, photo):
     by_level = {lv: tiny_codec.encode(photo, lv).bpp for lv in tiny_codec.rate_levels}
     target = (by_level[0] + by_level[1]) / 2
     result, met = tiny_codec.encode_to_bpp(photo, target)
-    assert met and result.rate_level == 0 and result.bpp <= target
+    assert met and 0 < result.rate_level < 1 and result.bpp <= target  # continuous: between levels 0 and 1
     result, met = tiny_codec.encode_to_bpp(photo, by_level[2] * 2)
     assert met and result.rate_level == 2
     result, met = tiny_codec.encode_to_bpp(photo, 1e-6)  # below anything: the smallest file, flagged
     assert not met and (result.rate_level, result.downscale) == (0, 4)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.45, 0.8])
+def test_encode_to_bpp_lands_within_3_percent_under_any_target(tiny_codec, photo, fraction):
+    assert tiny_codec.continuous_levels
+    low, high = tiny_codec.encode(photo, 0).bpp, tiny_codec.encode(photo, tiny_codec.rate_levels[-1]).bpp
+    target = low * (high / low) ** fraction
+    result, met = tiny_codec.encode_to_bpp(photo, target, downscales=(1,))
+    assert met and 0.97 * target <= result.bpp <= target, (target, result.bpp, result.rate_level)
+    header = bs.Container.from_bytes(result.data).header
+    assert header.operating_level == result.rate_level and header.rate_level == int(result.rate_level)
+    if result.rate_level != int(result.rate_level):
+        assert header.params["level_milli"] == round(result.rate_level * 1000)
+    again = tiny_codec.encode(photo, float(result.rate_level))
+    assert again.data == result.data
+    assert np.array_equal(tiny_codec.decode(result.data), tiny_codec.decode(again.data))
+
+
+def test_fractional_level_header_and_older_decoders(tiny_codec, photo, monkeypatch):
+    rgb = np.ascontiguousarray(photo[:64, :96])
+    result = tiny_codec.encode(rgb, 1.25)
+    header = bs.Container.from_bytes(result.data).header
+    assert (header.rate_level, header.params, header.operating_level) == (1, {"level_milli": 1250}, 1.25)
+    between = tiny_codec.decode(result.data)
+    assert between.shape == rgb.shape
+    # the gains in between: the decode differs from both neighbours' decodes of the same latent
+    whole = tiny_codec.encode(rgb, 1)
+    assert len(whole.data) <= len(result.data) <= len(tiny_codec.encode(rgb, 2).data)
+    # whole levels write no new parameter: files stay readable by older ulbc
+    assert bs.Container.from_bytes(whole.data).header.params == {}
+    with pytest.raises(ValueError, match="outside the range"):
+        tiny_codec.encode(rgb, tiny_codec.rate_levels[-1] + 0.5)
+    with pytest.raises(bs.BitstreamError, match="does not lie in"):
+        bs.Header(bs.MEDIA_IMAGE, 8, 8, header.model_digest, 2, params={"level_milli": 1250}).validate()
+    # an older ulbc, which does not know parameter id 3, refuses the file in one line
+    monkeypatch.delitem(bs.PARAM_NAMES, bs.PARAM_IDS["level_milli"])
+    with pytest.raises(bs.BitstreamError, match="unknown codec parameter id 3"):
+        bs.Container.from_bytes(result.data)
 
 
 def test_deterministic_across_runs_and_thread_counts(tiny_codec, photo):

@@ -141,6 +141,7 @@ class Reader:
 PARAM_IDS: Dict[str, int] = {
     "tile": 1,  # reserved
     "downscale": 2,  # image: coded at 1/f size, upsampled by the decoder (absent = 1)
+    "level_milli": 3,  # image: exact (fractional) operating point, rate level x 1000 (absent = rate_level)
     "threshold_milli": 16,  # video: accepted perceptual distance x 1000
     "metric": 17,  # video: distance metric id
     "cond_frames": 18,  # video: K conditioning frames
@@ -207,6 +208,15 @@ class Header:
             raise BitstreamError(f"{len(self.params)} codec parameters exceed the limit of {MAX_PARAMS}")
         if self.params.get("downscale", 1) not in DOWNSCALES:
             raise BitstreamError(f"downscale factor {self.params['downscale']} is not one of {DOWNSCALES}")
+        if "level_milli" in self.params and self.params["level_milli"] // 1000 != self.rate_level:
+            raise BitstreamError(f"operating point {self.params['level_milli'] / 1000:g} does not lie in "
+                                 f"[{self.rate_level}, {self.rate_level + 1}) of rate level {self.rate_level}")
+
+    @property
+    def operating_level(self) -> float:
+        """The exact rate level: ``level_milli / 1000`` when the file has one, else ``rate_level``."""
+        milli = self.params.get("level_milli")
+        return self.rate_level if milli is None else milli / 1000
 
     def to_bytes(self) -> bytes:
         self.validate()

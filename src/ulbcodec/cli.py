@@ -395,7 +395,8 @@ def cli() -> None:
 @click.option("--quality", type=int, help="Rate level of the model (0 = lowest rate); default: the model's default. "
               "Videos: the keyframes' level.")
 @click.option("--bpp", type=click.FloatRange(min=0, min_open=True), callback=lambda ctx, param, value: _finite(value),
-              help="Target bits per pixel: the largest file at or under it (images: searches levels and downscale; "
+              help="Target bits per pixel: the largest file at or under it (images: searches downscale and the continuous "
+                   "rate level, landing within 3 % under it; "
                    "videos: keyframe level and threshold).")
 @click.option("--downscale", type=click.Choice([str(f) for f in DOWNSCALES]), default="1", show_default=True,
               help="Code the image at 1/F size; the decoder upsamples (reaches rates below the lowest level).")

@@ -23,8 +23,12 @@ puts that level's LoRA on the transformer before decoding with it.
 
 Operating points are (downscale f, rate level). The model's lowest level still pays for
 its hyper-latent (about 0.02 bpp at full size); coding a 1/2 or 1/4 size image, as the
-classical baselines must at these rates too, reaches further down. ``encode_to_bpp``
-searches both.
+classical baselines must at these rates too, reaches further down. The rate level is
+continuous for a package with one gain-vector anchor codec: a fractional level
+interpolates the neighbouring levels' gains geometrically (AnchorCodec), on a grid of
+1/1000, stored in the header as ``level_milli`` (docs/bitstream.md). ``encode_to_bpp``
+searches the downscale and then bisects the continuous level to land just under the
+target.
 
 The pipeline owns no learned maths: it composes the model's ``analyze`` /
 ``encode_latent`` / ``decode_latent`` / ``synthesize``, the tiling helper and the
@@ -33,6 +37,7 @@ container. bpp is always the real file size x 8 / pixels.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -61,6 +66,10 @@ PAD_MULTIPLE = 64
 # no more than 2 (speed and memory: docs/measurements.md, "Tile workers").
 TILE_WORKERS = 2
 DOWNSCALES = bitstream.DOWNSCALES
+# encode_to_bpp with continuous levels: stop once the file is within 3 % under the target,
+# after at most this many bisection encodes (1/2^10 of a level is the header's 1/1000 grid).
+BPP_TOLERANCE = 0.03
+BPP_SEARCH_STEPS = 10
 
 
 def tile_workers() -> int:
@@ -75,7 +84,7 @@ class DecodeError(ValueError):
 @dataclass
 class EncodeResult:
     data: bytes
-    rate_level: int
+    rate_level: float  # an int, or a fractional operating point (continuous levels)
     width: int
     height: int
     downscale: int = 1
@@ -215,7 +224,27 @@ class ImageCodec:
 
     # ------------------------------------------------------------------ encode
 
-    def _check_level(self, rate_level: int) -> int:
+    @property
+    def continuous_levels(self) -> bool:
+        """Whether fractional rate levels work: one anchor codec whose gain vectors are the
+        package's levels 0..L-1 (a per-level package has one codec per level: no)."""
+        levels = self.rate_levels
+        return (not self.package.per_level("anchor_codec") and len(levels) > 1
+                and levels == list(range(len(levels))) and getattr(self.model, "num_rate_levels", 0) == len(levels))
+
+    def _check_level(self, rate_level):
+        """``rate_level`` as used: an offered int, or a float in the levels' range snapped
+        to the header's 1/1000 grid (an int when it lands on one)."""
+        if isinstance(rate_level, float) and not rate_level.is_integer():
+            level = round(rate_level * 1000) / 1000
+            if not self.continuous_levels:
+                raise ValueError(f"model {self.package.name!r} offers only whole rate levels, got {rate_level}")
+            if not self.rate_levels[0] <= level <= self.rate_levels[-1]:
+                raise ValueError(f"rate level {rate_level} outside the range of model {self.package.name!r} "
+                                 f"({self.rate_levels[0]}..{self.rate_levels[-1]})")
+            return int(level) if level.is_integer() else level
+        if isinstance(rate_level, float):
+            rate_level = int(rate_level)
         if rate_level not in self.rate_levels:
             raise ValueError(f"rate level {rate_level} not offered by model {self.package.name!r} "
                              f"(levels {self.rate_levels[0]}..{self.rate_levels[-1]})")
@@ -249,7 +278,10 @@ class ImageCodec:
             raise ValueError(f"downscale must be one of {DOWNSCALES}, got {downscale}")
         height, width = rgb.shape[:2]
         params = {"downscale": downscale} if downscale > 1 else {}
-        header = Header(bitstream.MEDIA_IMAGE, width, height, self.package.short_digest, rate_level, params=params)
+        if isinstance(rate_level, float):  # a fractional operating point (whole levels stay as before)
+            params["level_milli"] = round(rate_level * 1000)
+        header = Header(bitstream.MEDIA_IMAGE, width, height, self.package.short_digest, math.floor(rate_level),
+                        params=params)
         header.validate()  # refuse oversized inputs before any work
         if downscale > 1:
             rgb = resize(rgb, *coded_size(width, height, downscale))
@@ -279,9 +311,14 @@ class ImageCodec:
         payload = AnchorPayload(tuple(coded["shape"]), z_string, y_string, coded["symbols_crc32"] & 0xFFFF)
         return payload.padded_for(rgb.shape[1], rgb.shape[0])
 
-    def _refinement_lambda(self, rgb: np.ndarray, rate_level: int) -> float:
-        """The level's λ for :func:`refine_latent`, after checking that refinement can run."""
-        lmbda = next((lv.lmbda for lv in self.package.rate_levels if lv.level == rate_level), 0.0)
+    def _refinement_lambda(self, rgb: np.ndarray, rate_level) -> float:
+        """The level's λ for :func:`refine_latent` (between levels: geometric interpolation,
+        as the gains), after checking that refinement can run."""
+        lmbdas = {lv.level: lv.lmbda for lv in self.package.rate_levels}
+        low, frac = math.floor(rate_level), rate_level - math.floor(rate_level)
+        lmbda = lmbdas.get(low, 0.0)
+        if frac and lmbda and lmbdas.get(low + 1):
+            lmbda = lmbda ** (1 - frac) * lmbdas[low + 1] ** frac
         if not lmbda:
             raise ValueError(f"model {self.package.name!r} records no λ for rate level {rate_level}: "
                              "latent refinement needs the level's rate-distortion trade-off")
@@ -298,7 +335,11 @@ class ImageCodec:
 
         Factors are tried from full size down and the first one with a level under the
         target wins: at equal rate the full-size image keeps more detail. Within a factor
-        the file size grows with the level, so a binary search needs log2(levels) encodes.
+        the file size grows with the level, so a binary search over the whole levels needs
+        log2(levels) encodes; with :attr:`continuous_levels`, the bracket it leaves
+        (a level under the target, the next one over) is then bisected on the continuous
+        level until the file lands within :data:`BPP_TOLERANCE` under the target (at most
+        :data:`BPP_SEARCH_STEPS` more encodes; the best file under the target is kept).
         Returns (result, met); when nothing lands under the target, the smallest file
         found is returned with ``met=False``. ``refine`` refines every candidate
         (each search step pays for a refinement); ``color_stats`` as in :meth:`encode`
@@ -306,7 +347,7 @@ class ImageCodec:
         """
         levels, smallest = self.rate_levels, None
         for downscale in downscales:
-            lo, hi, best = 0, len(levels) - 1, None
+            lo, hi, best, over = 0, len(levels) - 1, None, None
             while lo <= hi:
                 mid = (lo + hi) // 2
                 result = self.encode(rgb, levels[mid], downscale, refine, color_stats)
@@ -315,10 +356,28 @@ class ImageCodec:
                 if result.bpp <= target_bpp:
                     best, lo = result, mid + 1
                 else:
-                    hi = mid - 1
-            if best is not None:
-                return best, True
+                    over, hi = result, mid - 1
+            if best is None:
+                continue
+            if self.continuous_levels and over is not None:
+                best = self._bisect_level(rgb, target_bpp, best, over, downscale, refine, color_stats)
+            return best, True
         return smallest, False
+
+    def _bisect_level(self, rgb, target_bpp, under: EncodeResult, over: EncodeResult, downscale, refine,
+                      color_stats) -> EncodeResult:
+        """Bisection of the continuous level between a file under the target and one over
+        it (the rate grows with the level), on the header's 1/1000 grid."""
+        lo, hi = under.rate_level, over.rate_level
+        for _ in range(BPP_SEARCH_STEPS):
+            if under.bpp >= (1 - BPP_TOLERANCE) * target_bpp or hi - lo <= 0.0015:
+                break
+            result = self.encode(rgb, self._check_level(float((lo + hi) / 2)), downscale, refine, color_stats)
+            if result.bpp <= target_bpp:
+                under, lo = result, result.rate_level
+            else:
+                hi = result.rate_level
+        return under
 
     # ------------------------------------------------------------------ decode
 
@@ -354,7 +413,11 @@ class ImageCodec:
         colors = container.find(bitstream.CHUNK_COLOR) if color_fix else []
         if len(colors) > 1:
             raise BitstreamError(f"an image file holds at most one colr chunk, found {len(colors)}")
-        rgb = self.decode_anchor(payload, width, height, header.rate_level, anchor_only, steps,
+        level = header.operating_level
+        if level != header.rate_level and not self.continuous_levels:
+            raise DecodeError(f"operating point {level:g} needs continuous rate levels, which model "
+                              f"{self.package.name!r} does not have")
+        rgb = self.decode_anchor(payload, width, height, level, anchor_only, steps,
                                  header.seed if seed is None else seed,
                                  ColorStats.from_bytes(colors[0].payload) if colors else None, record)
         t0 = time.perf_counter()
@@ -379,7 +442,7 @@ class ImageCodec:
         # Models are loaded (on first use) before the clock starts: loading is start-up,
         # reported with it, not decoding time.
         model, level = self._anchor_codec(rate_level)
-        pipe = self.next_frame_for(rate_level) if generative else None
+        pipe = self.next_frame_for(math.floor(rate_level)) if generative else None
         t0 = time.perf_counter()
         try:
             decoded = model.decode_latent([[payload.y_string], [payload.z_string]], payload.z_shape)

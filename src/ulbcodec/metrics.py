@@ -7,7 +7,16 @@ range, settings), so that the numbers in our reports can be reproduced with othe
 * :func:`psnr`, :func:`psnr_y` -- fidelity. Identical inputs give ``math.inf``.
 * :func:`ms_ssim` -- structural similarity (pytorch_msssim, standard 5 scales).
 * :func:`vmaf`, :func:`vmaf_video` -- Netflix VMAF (vmaf_v0.6.1) through the ffmpeg
-  binary shipped with imageio-ffmpeg.
+  binary shipped with imageio-ffmpeg; :func:`vmaf_neg`, :func:`vmaf_neg_video` -- the same
+  with libvmaf's no-enhancement-gain model vmaf_v0.6.1neg (no reward for sharpening or
+  contrast alone).
+* :func:`ssimulacra2` -- SSIMULACRA 2 (Cloudinary / JPEG XL), the PyPI ``ssimulacra2``
+  package.
+* :func:`butteraugli`, :func:`butteraugli_max` -- butteraugli 3-norm and max, libjxl's
+  ``butteraugli_main`` (Debian ``libjxl-devtools``).
+* :func:`blockiness` -- gradient energy on 8/16 px block boundaries over elsewhere,
+  relative to the original's (1 = no added grid).
+* :func:`delta_e`, :func:`color_shift`, :func:`lab_mean_shift` -- colour drift in CIELAB.
 * :func:`log_spectrum_error` -- how much high-frequency detail the decoded image lost
   (blur) or invented (noise, hallucinated texture), in dB. At ultra-low rates PSNR and
   MS-SSIM reward blur; this number makes the blur/detail trade-off visible.
@@ -124,6 +133,7 @@ def ms_ssim(ref: np.ndarray, dist: np.ndarray) -> float:
 # --------------------------------------------------------------------------- VMAF
 
 VMAF_MODEL = "vmaf_v0.6.1"
+VMAF_NEG_MODEL = "vmaf_v0.6.1neg"
 
 # BT.709 luma coefficients (Kr, Kb); Kg = 1 - Kr - Kb.
 _KR_709, _KB_709 = 0.2126, 0.0722
@@ -176,7 +186,8 @@ def _libvmaf_problem() -> str | None:
     return None
 
 
-def _libvmaf_log(ref_frames: Iterable[np.ndarray], dist_frames: Iterable[np.ndarray], threads: int) -> dict:
+def _libvmaf_log(ref_frames: Iterable[np.ndarray], dist_frames: Iterable[np.ndarray], threads: int,
+                 model: str = VMAF_MODEL) -> dict:
     """libvmaf's JSON log of a frame sequence, scored as :func:`vmaf_video` describes."""
     problem = _libvmaf_problem()
     if problem is not None:
@@ -199,7 +210,7 @@ def _libvmaf_log(ref_frames: Iterable[np.ndarray], dist_frames: Iterable[np.ndar
         size = f"{shape[1]}x{shape[0]}"
         raw = ["-f", "rawvideo", "-pix_fmt", "yuv420p", "-s", size]
         graph = (
-            f"[0:v][1:v]libvmaf=model=version={VMAF_MODEL}"
+            f"[0:v][1:v]libvmaf=model=version={model}"
             f":log_fmt=json:log_path=vmaf.json:n_threads={int(threads)}"
         )
         cmd = [ffmpeg_exe(), "-hide_banner", "-nostats", "-loglevel", "error",
@@ -247,6 +258,26 @@ def vmaf(ref: np.ndarray, dist: np.ndarray, *, threads: int = 1) -> float:
     images only with other still-image VMAF numbers.
     """
     return vmaf_video([ref], [dist], threads=threads)
+
+
+def vmaf_neg_video(
+    ref_frames: Iterable[np.ndarray], dist_frames: Iterable[np.ndarray], *, threads: int = 1
+) -> float:
+    """VMAF NEG: :func:`vmaf_video` with libvmaf's built-in ``vmaf_v0.6.1neg`` model.
+
+    The "no enhancement gain" variant: the same features as vmaf_v0.6.1 with the gains of
+    VIF and ADM capped (``vif_enhn_gain_limit=1``, ``adm_enhn_gain_limit=1``), so that
+    sharpening, contrast boosts or invented high-frequency texture cannot raise the score
+    above what faithful reproduction gets. Same protocol otherwise (BT.709 limited-range
+    yuv420p made here, mean-pooled ``pooled_metrics.vmaf.mean``).
+    """
+    log = _libvmaf_log(ref_frames, dist_frames, threads, VMAF_NEG_MODEL)
+    return float(log["pooled_metrics"]["vmaf"]["mean"])
+
+
+def vmaf_neg(ref: np.ndarray, dist: np.ndarray, *, threads: int = 1) -> float:
+    """VMAF NEG (vmaf_v0.6.1neg) of one image, scored as a one-frame video (:func:`vmaf`)."""
+    return vmaf_neg_video([ref], [dist], threads=threads)
 
 
 def vmaf_features(ref: np.ndarray, dist: np.ndarray, *, threads: int = 1) -> dict[str, float]:
@@ -312,6 +343,240 @@ def log_spectrum_error(ref: np.ndarray, dist: np.ndarray) -> float:
     return float(np.mean(np.abs(db_ref[upper] - db_dist[upper])))
 
 
+# --------------------------------------------------------------------------- SSIMULACRA 2
+
+SSIMULACRA2_MIN_SIDE = 8
+"""SSIMULACRA 2's first scale needs 8x8 pixels (libjxl refuses smaller images too)."""
+
+
+def _ssimulacra2_problem() -> str | None:
+    if importlib.util.find_spec("ssimulacra2") is None:
+        return "package 'ssimulacra2' is not installed (pip install ssimulacra2==0.3.0)"
+    return None
+
+
+def ssimulacra2(ref: np.ndarray, dist: np.ndarray) -> float:
+    """SSIMULACRA 2 (higher is better, 100 = identical, can go negative).
+
+    Computed by the PyPI ``ssimulacra2`` package (a numpy port of libjxl's
+    ``tools/ssimulacra2.cc``): sRGB -> linear -> XYB, 6 scales of SSIM and edge-difference
+    maps (1- and 4-norms) with libjxl's weights. Both images are written as lossless PNGs
+    and scored with the package's ``compute_ssimulacra2`` (its public API), so nothing is
+    re-implemented here. Scores agree with libjxl's within the tolerance the tests pin
+    (tests/test_metrics.py: identical -> 100, monotonic in JPEG quality, the bands that
+    libjxl's ``ssimulacra2`` help text gives for libjpeg-turbo qualities). Raises
+    :class:`MetricUnavailable` without the package, ``ValueError`` under 8x8 px.
+    """
+    problem = _ssimulacra2_problem()
+    if problem:
+        raise MetricUnavailable(f"SSIMULACRA2 unavailable: {problem}")
+    _check_pair(ref, dist)
+    if min(ref.shape[:2]) < SSIMULACRA2_MIN_SIDE:
+        raise ValueError(f"ssimulacra2 needs each side >= {SSIMULACRA2_MIN_SIDE} px, got {ref.shape[1]}x{ref.shape[0]}")
+    from PIL import Image
+    from ssimulacra2 import compute_ssimulacra2
+
+    with tempfile.TemporaryDirectory(prefix="ulbc_ssimu2_") as tmp:
+        a, b = os.path.join(tmp, "ref.png"), os.path.join(tmp, "dist.png")
+        Image.fromarray(ref).save(a, compress_level=1)
+        Image.fromarray(dist).save(b, compress_level=1)
+        return float(compute_ssimulacra2(a, b))
+
+
+# --------------------------------------------------------------------------- butteraugli
+
+BUTTERAUGLI_EXE = "butteraugli_main"
+
+
+def _butteraugli_problem() -> str | None:
+    import shutil
+
+    if shutil.which(BUTTERAUGLI_EXE) is None:
+        return (f"'{BUTTERAUGLI_EXE}' (libjxl's tool) is not on PATH "
+                "(Debian: apt-get install libjxl-devtools)")
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _butteraugli_cached(ref_png: bytes, dist_png: bytes) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory(prefix="ulbc_butter_") as tmp:
+        Path(tmp, "ref.png").write_bytes(ref_png)
+        Path(tmp, "dist.png").write_bytes(dist_png)
+        done = subprocess.run([BUTTERAUGLI_EXE, "ref.png", "dist.png", "--pnorm", "3"],
+                              cwd=tmp, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{BUTTERAUGLI_EXE} failed ({done.returncode}): {done.stderr.strip()}")
+    lines = done.stdout.strip().splitlines()
+    try:
+        peak = float(lines[0])
+        norm = float(next(line for line in lines if line.startswith("3-norm:")).split(":")[1])
+    except (IndexError, StopIteration, ValueError):
+        raise RuntimeError(f"{BUTTERAUGLI_EXE} printed no score: {done.stdout.strip()!r}") from None
+    return peak, norm
+
+
+def butteraugli_scores(ref: np.ndarray, dist: np.ndarray) -> tuple[float, float]:
+    """(max, 3-norm) butteraugli distances (lower is better, 0 = identical).
+
+    libjxl's ``butteraugli_main REF DIST --pnorm 3`` (Debian package ``libjxl-devtools``,
+    libjxl 0.7) on lossless PNGs of both images, read as nonlinear sRGB, default
+    intensity target 80 nits. The first line it prints is the max-norm distance (1.0 is
+    about the just-noticeable difference at 1:1 viewing), the second the 3-norm (the
+    mean-like summary libjxl's benchmark_xl reports as ``pnorm``). One run serves both
+    :func:`butteraugli` and :func:`butteraugli_max` (cached on the images' bytes).
+    """
+    problem = _butteraugli_problem()
+    if problem:
+        raise MetricUnavailable(f"butteraugli unavailable: {problem}")
+    _check_pair(ref, dist)
+    return _butteraugli_cached(_png_bytes(ref), _png_bytes(dist))
+
+
+def _png_bytes(img: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def butteraugli(ref: np.ndarray, dist: np.ndarray) -> float:
+    """Butteraugli 3-norm (libjxl ``butteraugli_main``; :func:`butteraugli_scores`)."""
+    return butteraugli_scores(ref, dist)[1]
+
+
+def butteraugli_max(ref: np.ndarray, dist: np.ndarray) -> float:
+    """Butteraugli max-norm distance (libjxl ``butteraugli_main``; :func:`butteraugli_scores`)."""
+    return butteraugli_scores(ref, dist)[0]
+
+
+# --------------------------------------------------------------------------- block grid
+
+BLOCK_PERIODS = (8, 16)
+
+
+def grid_energy_ratio(img: np.ndarray, period: int) -> float:
+    """Mean squared luma gradient across the lines of a ``period``-px grid over the mean
+    squared gradient everywhere else, horizontal and vertical differences pooled.
+
+    On BT.601 luma (:func:`luma_bt601`), the differences ``Y[:, j+1] - Y[:, j]`` (and the
+    same down the rows) at ``(j + 1) % period == 0`` straddle a grid line (between pixel
+    7 and 8, 15 and 16, ...: the block edges of a codec whose blocks start at 0). 1 for
+    content without a grid; above 1 when the image has steps on that grid. A small
+    epsilon keeps flat images finite.
+    """
+    _check_image(img, "img")
+    y = luma_bt601(img)
+    on = off = 0.0
+    n_on = n_off = 0
+    for d in (np.diff(y, axis=1), np.diff(y, axis=0).T):
+        mask = (np.arange(d.shape[1]) + 1) % period == 0
+        e = d * d
+        on += float(e[:, mask].sum())
+        off += float(e[:, ~mask].sum())
+        n_on += e[:, mask].size
+        n_off += e[:, ~mask].size
+    if n_on == 0 or n_off == 0:
+        raise ValueError(f"blockiness needs each side > {period} px, got {img.shape[1]}x{img.shape[0]}")
+    return (on / n_on + 1e-6) / (off / n_off + 1e-6)
+
+
+def _line_energies(img: np.ndarray) -> list[np.ndarray]:
+    """Mean squared luma step across each column boundary and each row boundary:
+    ``[E_x (W-1,), E_y (H-1,)]``, entry j between pixel j and j + 1."""
+    y = luma_bt601(img)
+    return [np.mean(np.diff(y, axis=1) ** 2, axis=0), np.mean(np.diff(y, axis=0) ** 2, axis=1)]
+
+
+def blockiness(ref: np.ndarray, dist: np.ndarray) -> float:
+    """How much block grid the decoder added, relative to the original (1 = none).
+
+    Per column boundary j (and per row boundary), the decoded image's mean squared luma
+    step (:func:`luma_bt601`) is divided by the original's, ``r_j = (E_dist(j) + 1) /
+    (E_ref(j) + 1)`` (the +1, in 8-bit units squared, keeps flat lines finite): content
+    cancels line by line, what is left is what the codec did there. For a grid period
+    p in (8, 16), the mean of r over the grid lines (``(j + 1) % p == 0``, between pixel 7
+    and 8, 15 and 16, ...) is divided by its mean over every other line, columns and rows
+    pooled; the result is the larger of the two periods. 1.0: the codec treated grid
+    lines like the rest (a blur lowers every r alike); 1.05: 5 % more gradient energy on
+    the grid, relative to elsewhere, than the original has. A coarse JPEG is well above
+    1. Lower is better (floor about 1). Needs each side > 16 px.
+    """
+    _check_pair(ref, dist)
+    if min(ref.shape[:2]) <= max(BLOCK_PERIODS):
+        raise ValueError(f"blockiness needs each side > {max(BLOCK_PERIODS)} px, got {ref.shape[1]}x{ref.shape[0]}")
+    ratios = [(d + 1.0) / (r + 1.0) for d, r in zip(_line_energies(dist), _line_energies(ref))]
+    worst = 0.0
+    for period in BLOCK_PERIODS:
+        masks = [(np.arange(len(r)) + 1) % period == 0 for r in ratios]
+        on = np.concatenate([r[m] for r, m in zip(ratios, masks)]).mean()
+        off = np.concatenate([r[~m] for r, m in zip(ratios, masks)]).mean()
+        worst = max(worst, float(on / off))
+    return worst
+
+
+# --------------------------------------------------------------------------- colour drift
+
+
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB (D65 white, 2 degree observer) of 8-bit sRGB, float64 HxWx3.
+
+    sRGB's piecewise transfer curve (IEC 61966-2-1), its RGB -> XYZ matrix, the D65 white
+    point (0.95047, 1, 1.08883) and the CIE 1976 L*a*b* formulas (the linear segment under
+    (6/29)^3).
+    """
+    c = rgb.astype(np.float64) / 255.0
+    lin = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    m = np.array([[0.4124564, 0.3575761, 0.1804375],
+                  [0.2126729, 0.7151522, 0.0721750],
+                  [0.0193339, 0.1191920, 0.9503041]])
+    xyz = lin @ m.T / np.array([0.95047, 1.0, 1.08883])
+    eps = (6.0 / 29.0) ** 3
+    f = np.where(xyz > eps, np.cbrt(xyz), xyz / (3 * (6.0 / 29.0) ** 2) + 4.0 / 29.0)
+    return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]),
+                     200.0 * (f[..., 1] - f[..., 2])], axis=-1)
+
+
+def delta_e(ref: np.ndarray, dist: np.ndarray) -> float:
+    """Mean CIE76 colour difference ΔE*ab over pixels (:func:`srgb_to_lab`); lower is
+    better. Counts every local error, texture noise included; ~2.3 is a just-noticeable
+    difference between flat patches (Sharma, *Digital Color Imaging Handbook*)."""
+    _check_pair(ref, dist)
+    return float(np.mean(np.linalg.norm(srgb_to_lab(ref) - srgb_to_lab(dist), axis=-1)))
+
+
+COLOR_BLOCK = 16
+
+
+def color_shift(ref: np.ndarray, dist: np.ndarray) -> float:
+    """Colour drift: mean ΔE*ab between the CIELAB means of co-located 16x16 px blocks.
+
+    Averaging each block first removes texture and noise (which average out) and keeps
+    what a viewer sees as a false hue: a blotch or a global tint. Partial blocks at the
+    right/bottom edges are dropped (whole image if under 16 px). Lower is better; about
+    2.3 is noticeable on flat areas, and this is the threshold the benchmarks use.
+    """
+    _check_pair(ref, dist)
+    b = COLOR_BLOCK if min(ref.shape[:2]) >= COLOR_BLOCK else min(ref.shape[:2])
+
+    def block_means(img):
+        lab = srgb_to_lab(img)
+        h, w = (lab.shape[0] // b) * b, (lab.shape[1] // b) * b
+        return lab[:h, :w].reshape(h // b, b, w // b, b, 3).mean(axis=(1, 3))
+
+    return float(np.mean(np.linalg.norm(block_means(ref) - block_means(dist), axis=-1)))
+
+
+def lab_mean_shift(ref: np.ndarray, dist: np.ndarray) -> tuple[float, float, float]:
+    """Per-channel mean shift (ΔL*, Δa*, Δb*) of the whole image, dist minus ref: +a* is
+    towards red/magenta, -a* green, +b* yellow/orange, -b* blue."""
+    _check_pair(ref, dist)
+    d = srgb_to_lab(dist).mean(axis=(0, 1)) - srgb_to_lab(ref).mean(axis=(0, 1))
+    return float(d[0]), float(d[1]), float(d[2])
+
+
 # --------------------------------------------------------------------------- availability
 
 # What lpips / DISTS need locally: the package, torchvision, and torchvision's ImageNet
@@ -372,8 +637,10 @@ def lpips(ref: np.ndarray, dist: np.ndarray) -> float:
 def available_metrics() -> dict[str, str]:
     """Which metrics can run here: ``{name: "available..." | "unavailable: <reason>"}``.
 
-    PSNR, PSNR-Y, MS-SSIM (if pytorch_msssim imports), VMAF (if the bundled ffmpeg has
-    libvmaf) and the log-spectrum error are implemented in this module. LPIPS and DISTS
+    PSNR, PSNR-Y, MS-SSIM (if pytorch_msssim imports), VMAF and VMAF NEG (if the bundled
+    ffmpeg has libvmaf), SSIMULACRA2 (if the ``ssimulacra2`` package is installed),
+    butteraugli (if libjxl's ``butteraugli_main`` is on PATH), the log-spectrum error,
+    blockiness and the colour-drift measures are implemented in this module. LPIPS and DISTS
     need ImageNet backbone weights that we cannot download: they are reported with the
     first missing piece (package, torchvision, packaged weights, or the backbone
     checkpoint in the torch hub cache). LPIPS is wrapped (:func:`lpips`); DISTS is not
@@ -384,7 +651,13 @@ def available_metrics() -> dict[str, str]:
         "available" if importlib.util.find_spec("pytorch_msssim") else "unavailable: pytorch_msssim is not installed"
     )
     problem = _libvmaf_problem()
-    status["vmaf"] = "available" if problem is None else f"unavailable: {problem}"
+    status["vmaf"] = status["vmaf_neg"] = "available" if problem is None else f"unavailable: {problem}"
+    problem = _ssimulacra2_problem()
+    status["ssimulacra2"] = "available" if problem is None else f"unavailable: {problem}"
+    problem = _butteraugli_problem()
+    status["butteraugli"] = status["butteraugli_max"] = "available" if problem is None else f"unavailable: {problem}"
+    for name in ("blockiness", "delta_e", "color_shift"):
+        status[name] = "available"
     for name, requirements in _LEARNED_METRICS.items():
         problem = _learned_metric_problem(*requirements)
         status[name] = (

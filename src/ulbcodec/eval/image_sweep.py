@@ -22,10 +22,16 @@ from ulbcodec import baselines
 from ulbcodec.eval import ULBC
 from ulbcodec.eval.rd import average_curves as _average_curves
 from ulbcodec.eval.runner import timed_round_trip
-from ulbcodec.eval.scoring import image_scores
+from ulbcodec.eval.scoring import image_scores, metric_problem
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm"}
-METRICS = ("psnr", "ms_ssim", "vmaf", "log_spectrum_error")
+METRICS = ("psnr", "ms_ssim", "vmaf", "vmaf_neg", "ssimulacra2", "butteraugli", "butteraugli_max",
+           "log_spectrum_error", "blockiness", "delta_e", "color_shift")
+
+
+def metrics_here() -> tuple:
+    """The sweep's :data:`METRICS` that can run on this machine (ulbcodec.eval.scoring)."""
+    return tuple(m for m in METRICS if metric_problem(m) is None)
 
 
 def list_images(folder: str, count: int = 0) -> list[str]:
@@ -41,8 +47,10 @@ def load_image(path: str) -> np.ndarray:
 
 
 def measure(ref: np.ndarray, stream: bytes, decoded: np.ndarray) -> dict:
-    """Rate and every metric of one coded image (MS-SSIM is NaN below its minimum size)."""
-    return {"bytes": len(stream), "bpp": baselines.bpp(stream, ref.shape), **image_scores(ref, decoded, METRICS)}
+    """Rate and every metric of one coded image (NaN: below the metric's minimum size, or
+    the metric cannot run here)."""
+    return {"bytes": len(stream), "bpp": baselines.bpp(stream, ref.shape), **dict.fromkeys(METRICS, float("nan")),
+            **image_scores(ref, decoded, metrics_here())}
 
 
 def _coded_row(path: str, curve: str, codec: str, downscale: int, setting: int, encode, decode) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 from ulbcodec import metrics
 from ulbcodec.eval import IMAGE, ULBC
 from ulbcodec.eval.rd import MeanBD, average_curves, envelope_name, family_envelopes, finite, in_window, mean_bd_rate
-from ulbcodec.eval.scoring import HIGHER_IS_BETTER, label
+from ulbcodec.eval.scoring import DIAGNOSTICS, HIGHER_IS_BETTER, label
 
 CROP_SIDE = 256
 CROP_ITEMS = 4
@@ -217,6 +217,8 @@ def write_outputs(out: Path, inputs, items, rows, config: "EvalConfig", kinds, m
             if codec == ULBC or ULBC not in config.codecs_for(kind):
                 continue
             for m in names:
+                if m in DIAGNOSTICS:  # not a quality scale: no Bjøntegaard delta
+                    continue
                 if metric_status[kind, m]:
                     cell = MeanBD(None, 0, 0, f"metric unavailable: {metric_status[kind, m]}")
                 elif codec_status[kind, codec] or codec_status[kind, ULBC]:

@@ -19,14 +19,24 @@ from ulbcodec import metrics
 from ulbcodec.eval import IMAGE, VIDEO, EvalError
 from ulbcodec.threads import torch_threads
 
-DEFAULT_METRICS = {IMAGE: ("psnr", "psnr_y", "ms_ssim", "vmaf", "log_spectrum_error"),
-                   VIDEO: ("psnr", "psnr_y", "ms_ssim", "vmaf")}
-HIGHER_IS_BETTER = {"psnr": True, "psnr_y": True, "ms_ssim": True, "vmaf": True, "log_spectrum_error": False,
+# Perceptual metrics reported beside PSNR / MS-SSIM / VMAF everywhere (issue 24); the
+# block-grid and colour-drift measures are diagnostics: in the points, not in BD-rates.
+_PERCEPTUAL = ("vmaf_neg", "ssimulacra2", "butteraugli", "butteraugli_max")
+DIAGNOSTICS = ("blockiness", "delta_e", "color_shift")
+DEFAULT_METRICS = {IMAGE: ("psnr", "psnr_y", "ms_ssim", "vmaf", *_PERCEPTUAL, "log_spectrum_error", *DIAGNOSTICS),
+                   VIDEO: ("psnr", "psnr_y", "ms_ssim", "vmaf", "vmaf_neg")}
+HIGHER_IS_BETTER = {"psnr": True, "psnr_y": True, "ms_ssim": True, "vmaf": True, "vmaf_neg": True,
+                    "ssimulacra2": True, "butteraugli": False, "butteraugli_max": False,
+                    "log_spectrum_error": False, "blockiness": False, "delta_e": False, "color_shift": False,
                     "lpips": False, "dists": False, "fid": False, "kid": False, "fvd": False}
-METRICS = {IMAGE: ("psnr", "psnr_y", "ms_ssim", "vmaf", "log_spectrum_error"),
-                   VIDEO: ("psnr", "psnr_y", "ms_ssim", "vmaf")}
+METRICS = DEFAULT_METRICS
 LABELS = {"psnr": "PSNR (RGB) [dB]", "psnr_y": "PSNR-Y (BT.601) [dB]", "ms_ssim": "MS-SSIM (RGB)",
-          "vmaf": "VMAF v0.6.1", "log_spectrum_error": "log-spectrum error [dB], lower is better",
+          "vmaf": "VMAF v0.6.1", "vmaf_neg": "VMAF NEG (v0.6.1neg)", "ssimulacra2": "SSIMULACRA2",
+          "butteraugli": "butteraugli 3-norm, lower is better", "butteraugli_max": "butteraugli max, lower is better",
+          "blockiness": "blockiness (8/16 px grid energy / original's), lower is better",
+          "delta_e": "mean ΔE*ab (CIE76), lower is better",
+          "color_shift": "colour drift (ΔE*ab of 16 px block means), lower is better",
+          "log_spectrum_error": "log-spectrum error [dB], lower is better",
           "lpips": "LPIPS (AlexNet), lower is better", "dists": "DISTS, lower is better",
           "fid": "FID, lower is better", "kid": "KID, lower is better", "fvd": "FVD, lower is better"}
 VIDEO_LABELS = {**LABELS, "ms_ssim": "MS-SSIM (RGB; SSIM under 161 px)"}
@@ -48,7 +58,7 @@ def label(metric: str, kind: str = IMAGE) -> str:
 def metric_problem(name: str) -> Optional[str]:
     """``None`` when ``name`` can be computed on this machine, otherwise why not."""
     if name not in HIGHER_IS_BETTER:
-        raise EvalError(f"unknown metric {name!r} (known: {', '.join(METRICS)})")
+        raise EvalError(f"unknown metric {name!r} (known: {', '.join(HIGHER_IS_BETTER)})")
     if name in _SET_METRIC_REASONS:
         return _SET_METRIC_REASONS[name]
     status = _metric_status().get(name, "available")
@@ -70,11 +80,11 @@ def image_scores(ref: np.ndarray, decoded: np.ndarray, names: Iterable[str]) -> 
         raise RuntimeError(f"decoder returned {decoded.dtype} {decoded.shape}, expected uint8 {ref.shape}")
     scores = {}
     for name in names:
-        if name == "ms_ssim":
+        if name in ("ms_ssim", "ssimulacra2", "blockiness"):
             try:
                 with torch_threads(1):
-                    scores[name] = metrics.ms_ssim(ref, decoded)
-            except ValueError:  # under 161 px: a 5-scale MS-SSIM does not exist, no stand-in
+                    scores[name] = getattr(metrics, name)(ref, decoded)
+            except ValueError:  # too small (MS-SSIM: 161 px, SSIMULACRA2: 8, blockiness: 17): undefined, no stand-in
                 scores[name] = math.nan
         elif name == "lpips":
             with torch_threads(1):
@@ -99,8 +109,8 @@ def video_scores(ref: np.ndarray, decoded: np.ndarray, names: Iterable[str], vma
     per_frame = {"ms_ssim": _frame_ssim, "lpips": metrics.lpips}
     scores = {}
     for name in names:
-        if name == "vmaf":
-            scores[name] = metrics.vmaf_video(list(ref), list(decoded), threads=vmaf_threads)
+        if name in ("vmaf", "vmaf_neg"):
+            scores[name] = getattr(metrics, f"{name}_video")(list(ref), list(decoded), threads=vmaf_threads)
         else:
             score = per_frame.get(name) or getattr(metrics, name)
             with torch_threads(1):
