@@ -206,6 +206,13 @@ class PFrameCodec(CompressionModel):
         self.spatial_context = nn.Conv2d(M, 2 * M, 5, padding=2)
         self.params_anchor = self._parameter_net(3 * M)
         self.params_nonanchor = self._parameter_net(5 * M)
+        # He initialisation for the leaky ReLUs: torch's default shrinks each layer's output
+        # (no GDN here to renormalise), so y started near 1e-3, far below the quantisation
+        # step, and training collapsed to a latent of zero bits.
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Conv2d) and not name.startswith("g_s.out"):
+                nn.init.kaiming_normal_(module.weight, a=0.1, nonlinearity="leaky_relu")
+                nn.init.zeros_(module.bias)
         exponents = torch.linspace(-1.0, 1.0, num_rate_levels) if num_rate_levels > 1 else torch.zeros(1)
         init = torch.pow(2.0, exponents)[:, None].repeat(1, M)
         self.gain = nn.Parameter(init.clone())
