@@ -224,7 +224,7 @@ def test_anchor_is_padded_to_the_format_minimum_and_a_short_one_refused(tiny_cod
     img = np.full((64, 64, 3), 90, np.uint8)
     plain = tiny_codec.encode(img, 0).data
     plain_pixels = tiny_codec.decode(plain)
-    monkeypatch.setattr(bs, "MAX_CODED_PIXELS_PER_ANCHOR_BYTE", 4)  # 1024 bytes for 64x64: forces padding
+    monkeypatch.setattr(bs.AnchorPayload, "pixels_per_byte", 4)  # 1024 bytes for 64x64: forces padding
     padded = tiny_codec.encode(img, 0).data
     payload = bs.AnchorPayload.from_bytes(bs.Container.from_bytes(padded).find(bs.CHUNK_ANCHOR)[0].payload)
     assert len(payload.z_string) + len(payload.y_string) == 1024 > len(plain)
