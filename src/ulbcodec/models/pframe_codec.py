@@ -139,8 +139,8 @@ class ConditionalAnalysis(nn.Module):
 
 
 class ConditionalSynthesis(nn.Module):
-    """g_s: ŷ → x̂ = x_ref + residual, each scale fused with the context of the same scale.
-    The last layer starts small, so an untrained model nearly copies the reference."""
+    """g_s: ŷ → x̂ = x_ref + residual, each scale fused with the context of the same scale:
+    at zero bits a P frame is at worst a copy of its reference."""
 
     def __init__(self, widths: Tuple[int, int, int], M: int):
         super().__init__()
@@ -153,9 +153,6 @@ class ConditionalSynthesis(nn.Module):
         self.fuse1 = nn.Sequential(conv3x3(2 * c1, c1), _act(), ResBlock(c1))
         self.up0 = nn.Sequential(subpel_conv3x3(c1, 16, 2), _act())
         self.out = nn.Sequential(conv3x3(16 + 3, 16), _act(), conv3x3(16, 3))
-        with torch.no_grad():  # small, not zero: a zero layer would pass no gradient back to y
-            self.out[-1].weight.mul_(0.1)
-            self.out[-1].bias.zero_()
 
     def forward(self, y_hat: Tensor, ref: Tensor, context: Sequence[Tensor]) -> Tensor:
         c1, c2, c3 = context
@@ -210,7 +207,7 @@ class PFrameCodec(CompressionModel):
         # (no GDN here to renormalise), so y started near 1e-3, far below the quantisation
         # step, and training collapsed to a latent of zero bits.
         for name, module in self.named_modules():
-            if isinstance(module, nn.Conv2d) and not name.startswith("g_s.out"):
+            if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, a=0.1, nonlinearity="leaky_relu")
                 nn.init.zeros_(module.bias)
         exponents = torch.linspace(-1.0, 1.0, num_rate_levels) if num_rate_levels > 1 else torch.zeros(1)

@@ -149,7 +149,7 @@ def main(argv=None) -> None:
     p.add_argument("--lambdas", type=float, nargs="+", default=DEFAULT_LAMBDAS)
     p.add_argument("--noise-steps", type=int, default=1500,
                    help="steps that decode y + uniform noise instead of the rounded y")
-    p.add_argument("--rate-warmup", type=int, default=300,
+    p.add_argument("--rate-warmup", type=int, default=1000,
                    help="steps over which the rate term's weight ramps from 0 to 1")
     p.add_argument("--max-frames", type=int, default=150)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
