@@ -86,6 +86,8 @@ def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, 
         from ulbcodec.models.pframe_codec import PFrameCodec
 
         modules["pframe"] = PFrameCodec(N=8, M=16, context_widths=[8, 8, 8], num_rate_levels=len(image.rate_levels))
+        with torch.no_grad():  # a small latent: P frames cheaper than keyframes, as a trained model's are
+            modules["pframe"].g_a.down4.weight.mul_(0.01)
         modules["pframe"].update(force=True)
     save_package(root / name, name, modules, image.rate_levels, extra={"video": TINY_VIDEO},
                  description="tiny random video model for tests")

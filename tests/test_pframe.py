@@ -14,6 +14,7 @@ from ulbcodec.models.pframe_codec import PFrameCodec
 from ulbcodec.video import VideoCodec, VideoSettings
 
 from conftest import make_tiny_video_package
+from test_video_codec import clip
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +37,9 @@ def trained_like():
     return model.eval()
 
 
-def clip(frames: int, h: int = 48, w: int = 72) -> np.ndarray:
-    y, x = np.mgrid[0:h, 0:w]
-    out = [np.stack([128 + 90 * np.sin((x + 2 * t) / 7), 128 + 90 * np.cos((y + t) / 5),
-                     np.full_like(x, 100.0)], -1) for t in range(frames)]
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
 def encode(codec, frames, **kw):
+    """Random tiny models code P frames as large as keyframes: no scene cuts unless asked."""
+    kw.setdefault("scene_cuts", False)
     seen, log = [], []
     data, gops = codec.encode(iter(frames), Fraction(25), VideoSettings(**kw), reconstruction=seen.append,
                               frame_log=log.append)
@@ -168,7 +164,8 @@ def test_max_gop_and_scene_cuts_start_keyframes(codec, monkeypatch):
                              payload.symbols_check), decoded
 
     monkeypatch.setattr(VideoCodec, "_code_pframe", expensive)
-    assert encode(codec, clip(4), predictor=False)[1].frame_types() == "KKKK"
+    assert encode(codec, clip(4), predictor=False, scene_cuts=True)[1].frame_types() == "KKKK"
+    assert encode(codec, clip(4), predictor=False)[1].frame_types() == "KPPP"
 
 
 def test_p_frame_chunks_are_checked(codec):

@@ -8,7 +8,9 @@ and the like are spelled as published), so that the official weights load strict
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -116,3 +118,20 @@ def apply_per_pixel(feat: Tensor, project_in: nn.Module, blocks: nn.Module, proj
     tokens = feat.reshape(b, c, h * w).transpose(1, 2)
     tokens = project_out(blocks(project_in(tokens)))
     return tokens.transpose(1, 2).reshape(b, -1, h, w)
+
+
+def rate_gains(gain: Tensor, inverse_gain: Tensor, rate_level: float) -> Tuple[Tensor, Tensor]:
+    """(gain, inverse_gain) of one rate level as [1, M, 1, 1], from the per-level gain
+    vectors [L, M] (asymmetric gained compression, Cui et al. 2021). A fractional level
+    interpolates its two neighbours geometrically: log-gains are linear in the level."""
+    top = gain.shape[0] - 1
+    if not 0 <= rate_level <= top:
+        raise ValueError(f"rate_level must lie in [0, {top}], got {rate_level}")
+    low = int(math.floor(rate_level))
+    frac = float(rate_level) - low
+    g, inverse = gain[low].abs(), inverse_gain[low].abs()
+    if frac > 0:
+        g = g.pow(1.0 - frac) * gain[low + 1].abs().pow(frac)
+        inverse = inverse.pow(1.0 - frac) * inverse_gain[low + 1].abs().pow(frac)
+    return g.view(1, -1, 1, 1), inverse.view(1, -1, 1, 1)
+

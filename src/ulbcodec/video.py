@@ -95,6 +95,7 @@ class VideoSettings:
     pframes: bool = True
     pframe_level: Optional[float] = None  # default: the keyframe level (one λ scale)
     predictor: bool = True  # False: never run the diffusion predictor (P frames only)
+    scene_cuts: bool = True  # False: never replace a P frame by a cheaper keyframe (ablations, tests)
 
 
 @dataclass
@@ -374,7 +375,7 @@ class VideoCodec:
                 payload, decoded, used_forecast = self._best_pframe(targets[0], history[-1].frame, forecast,
                                                                     pframe_level)
                 chunk = Chunk(bitstream.CHUNK_PFRAME, payload.to_bytes())
-                if len(chunk.payload) > keyframe_bytes:  # a scene cut, when a keyframe costs less
+                if settings.scene_cuts and len(chunk.payload) > keyframe_bytes:  # a cut: a keyframe costs less
                     keyframe = self.image.encode_anchor(targets[0], level)
                     if len(keyframe.to_bytes()) <= len(chunk.payload):
                         scene_cut = keyframe

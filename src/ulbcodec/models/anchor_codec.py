@@ -84,7 +84,7 @@ from ulbcodec.entropy.context import (ChannelContextNet, CheckerboardWindowAtten
                                       LinearIntraSliceContext, ParameterNet, ResidualPredictor, inter_context_heads)
 from ulbcodec.entropy.latent_codec import CheckerboardSliceLatentCodec
 from ulbcodec.layers import (ResidualConvBlock, StridedResidualBlock, UpsamplingResidualBlock, apply_per_pixel,
-                             token_stack)
+                             rate_gains, token_stack)
 
 __all__ = [
     "AnchorCodec",
@@ -507,17 +507,7 @@ class AnchorCodec(CheckerboardSliceLatentCodec, CompressionModel):
                     f"this AnchorCodec has no rate levels (num_rate_levels=0); got rate_level={rate_level}"
                 )
             return None, None
-        top = self.num_rate_levels - 1
-        if not 0 <= rate_level <= top:
-            raise ValueError(f"rate_level must lie in [0, {top}], got {rate_level}")
-        low = int(math.floor(rate_level))
-        frac = float(rate_level) - low
-        gain, inverse = self.gain[low].abs(), self.inverse_gain[low].abs()
-        if frac > 0:
-            # Geometric interpolation: log-gains are linear in the level (Cui et al. 2021).
-            gain = gain.pow(1.0 - frac) * self.gain[low + 1].abs().pow(frac)
-            inverse = inverse.pow(1.0 - frac) * self.inverse_gain[low + 1].abs().pow(frac)
-        return gain.view(1, -1, 1, 1), inverse.view(1, -1, 1, 1)
+        return rate_gains(self.gain, self.inverse_gain, rate_level)
 
     # ---------------------------------------------------------------- transforms
 

@@ -65,6 +65,7 @@ from compressai.models import CompressionModel
 
 from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part, squeeze_part, unsqueeze_part
 from ulbcodec.entropy.coding import deterministic_entropy_path, rans_safe, symbols_crc32
+from ulbcodec.layers import rate_gains
 from ulbcodec.models.anchor_codec import _CDF_BUFFERS, _ste_round
 
 __all__ = ["PFrameCodec"]
@@ -238,16 +239,7 @@ class PFrameCodec(CompressionModel):
         """(gain, inverse_gain) [1, M, 1, 1]; fractional levels interpolate in the log domain."""
         if isinstance(rate_level, bool) or not isinstance(rate_level, (int, float)):
             raise ValueError(f"rate_level must be an int or float, got {rate_level!r}")
-        top = self.num_rate_levels - 1
-        if not 0 <= rate_level <= top:
-            raise ValueError(f"rate_level must lie in [0, {top}], got {rate_level}")
-        low = min(int(np.floor(rate_level)), top)
-        frac = float(rate_level) - low
-        gain, inverse = self.gain[low].abs(), self.inverse_gain[low].abs()
-        if frac > 0:
-            gain = gain.pow(1.0 - frac) * self.gain[low + 1].abs().pow(frac)
-            inverse = inverse.pow(1.0 - frac) * self.inverse_gain[low + 1].abs().pow(frac)
-        return gain.view(1, -1, 1, 1), inverse.view(1, -1, 1, 1)
+        return rate_gains(self.gain, self.inverse_gain, rate_level)
 
     def _check_frames(self, *frames: Tensor) -> None:
         shape = None
