@@ -153,7 +153,8 @@ class ImageCodec:
             from ulbcodec.models.nefic_decode import is_published
 
             self._next_frame = NextFramePipeline(build("vae"), build("transformer"), build("scheduler"),
-                                                 build("prompt_embeds").to(self.device), placement=place,
+                                                 build("prompt_embeds").to(self.device), dtype=place.compute_dtype,
+                                                 placement=place,
                                                  output=self.package.next_frame_setting("output"),
                                                  published=is_published(self.package))
         return self._next_frame

@@ -47,7 +47,9 @@ instead exactly as the published code does (models/nefic_decode.py): diffusers' 
 with its tiling, the whole image in one transformer pass, the published casts.
 
 Floating point: the VAE and transformer run in bfloat16 (as the published models do) on
-the CPU too; this path is NOT bit-exact across machines, unlike entropy decoding. For
+accelerators and on CPUs that compute bfloat16 natively (AMX), in float32 on the others
+(the ``dtype`` the codec passes: ulbcodec/placement.py, ``cpu_compute_dtype``); this
+path is NOT bit-exact across machines, unlike entropy decoding. For
 inference the VAE runs as a 2-D channels-last graph in that dtype throughout, GroupNorms
 included (models/single_frame.py: faster on the CPU); training, which needs
 gradients, runs diffusers' own graph under autocast. Where
