@@ -143,18 +143,22 @@ def stage_calls(args, names):
         from ulbcodec import tiling
 
         tile = tiling.vae_tile(pipe.full_resolution_channels)
+        # workers as NextFramePipeline.decode_image on the CPU (1 while FLOPs are counted)
         enc = lambda: blended_tiles(pipe.encode_latent, x, tile=tile, overlap=tiling.VAE_OVERLAP,  # noqa: E731
-                                    scale=Fraction(1, 8), even=True)
+                                    scale=Fraction(1, 8), even=True, workers=tiling.tile_workers())
         anchor_latent = enc()
         bypass = anchor_latent + 0.1 * torch.randn_like(anchor_latent)
         pred = lambda: blended_tiles(pipe.predict_clean, anchor_latent, bypass, tile=pipe.latent_tile,  # noqa: E731
-                                     overlap=pipe.latent_overlap, batch=tile_batch(pipe.latent_tile))
+                                     overlap=pipe.latent_overlap, batch=tile_batch(pipe.latent_tile),
+                                     workers=tiling.tile_workers())
         if pipe.output == "latent":
             dec = lambda: blended_tiles(pipe.decode_latent, anchor_latent, tile=tile // 8,  # noqa: E731
-                                        overlap=tiling.VAE_OVERLAP // 8, scale=Fraction(8), even=True)
+                                        overlap=tiling.VAE_OVERLAP // 8, scale=Fraction(8), even=True,
+                                        workers=tiling.tile_workers())
         else:  # anchor_residual: VAE.decode(x0) - VAE.decode(A), two decodes per tile
             dec = lambda: blended_tiles(pipe.pixel_change, bypass, anchor_latent, tile=tile // 8,  # noqa: E731
-                                        overlap=tiling.VAE_OVERLAP // 8, scale=Fraction(8), even=True)
+                                        overlap=tiling.VAE_OVERLAP // 8, scale=Fraction(8), even=True,
+                                        workers=tiling.tile_workers())
         note = f"{args.generative_model}, {str(pipe.dtype or torch.float32).replace('torch.', '')}"
         calls.update(vae_encode=(enc, h * w, note), transformer=(pred, h * w, note),
                      vae_decode=(dec, h * w, f"{note}, {pipe.output}"))

@@ -233,17 +233,20 @@ class NextFramePipeline:
 
             return nefic_decode.decode_image(self, anchor_frame, bypass_latent, record)
         use = self.placement.use  # with offloading: each module on the device for its whole stage
+        # CPU: tiles (batches of tiles) on a pool of the process's threads, one intra-op
+        # thread each (tiling.blended_tiles); an accelerator takes them one after another.
+        workers = tiling.tile_workers() if anchor_frame.device.type == "cpu" else 1
         tile = vae_tile(self.full_resolution_channels)
         with use(self.vae):
             anchor_latent = blended_tiles(self.encode_latent, anchor_frame, tile=tile, overlap=tiling.VAE_OVERLAP,
-                                          scale=Fraction(1, 8), even=True)
+                                          scale=Fraction(1, 8), even=True, workers=workers)
         with use(self.transformer):
             if steps <= 1:
                 if bypass_latent is None:
                     raise ValueError("one-step decoding needs the bypass latent")
                 latent = blended_tiles(self.predict_clean, anchor_latent, bypass_latent[:, 0],
                                        tile=self.latent_tile, overlap=self.latent_overlap,
-                                       batch=tile_batch(self.latent_tile))
+                                       batch=tile_batch(self.latent_tile), workers=workers)
             else:
                 # One seed per tile position would make tiles disagree; noise is drawn for the
                 # whole latent first (on the CPU: the same numbers on every device), then tiled.
@@ -255,7 +258,7 @@ class NextFramePipeline:
         with use(self.vae):
             if self.output == "latent":
                 return blended_tiles(self.decode_latent, latent, tile=tile // 8, overlap=tiling.VAE_OVERLAP // 8,
-                                     scale=Fraction(8), even=True)
+                                     scale=Fraction(8), even=True, workers=workers)
             change = blended_tiles(self.pixel_change, latent, anchor_latent, tile=tile // 8,
-                                   overlap=tiling.VAE_OVERLAP // 8, scale=Fraction(8), even=True)
+                                   overlap=tiling.VAE_OVERLAP // 8, scale=Fraction(8), even=True, workers=workers)
             return (anchor_frame + change).clamp(0, 1)
