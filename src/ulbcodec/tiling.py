@@ -131,6 +131,23 @@ def tiled_apply(
     return tuple(out) if multi else out[0]
 
 
+def in_parallel(*calls: Callable[[], Tensor]) -> Tuple[Tensor, ...]:
+    """``tuple(call() for call in calls)``; on the CPU without gradients and with
+    :func:`tile_workers` > 1, on that many Python threads, each call on ONE intra-op thread
+    (independent networks side by side, instead of each waiting on an OpenMP team)."""
+    workers = min(tile_workers(), len(calls))
+    if workers <= 1 or torch.is_grad_enabled():
+        return tuple(call() for call in calls)
+
+    def run(call):
+        torch.set_num_threads(1)  # this pool thread's own count (see tiled_apply)
+        with torch.no_grad():
+            return call()
+
+    with torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+        return tuple(pool.map(run, calls))
+
+
 # ------------------------------------------------------------------ blended tiles (next-frame decoder)
 
 # Transformer tiles, in latent pixels (x8 for image pixels): the size the transformer

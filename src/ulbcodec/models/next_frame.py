@@ -215,7 +215,14 @@ class NextFramePipeline:
 
     def pixel_change(self, latent: Tensor, anchor_latent: Tensor) -> Tensor:
         """``VAE.decode(x0) − VAE.decode(A)``: what the prediction adds to the anchor frame."""
-        return self.decode_latent(latent, clamp=False) - self.decode_latent(anchor_latent, clamp=False)
+        # two independent decodes: side by side on the CPU (tiling.in_parallel)
+        on_cpu = latent.device.type == "cpu" and not self.placement.offloading
+        decode = (lambda z: lambda: self.decode_latent(z, clamp=False))  # noqa: E731
+        if on_cpu:
+            now, before = tiling.in_parallel(decode(latent), decode(anchor_latent))
+        else:
+            now, before = decode(latent)(), decode(anchor_latent)()
+        return now - before
 
     # ---------------------------------------------------------------- whole images
 
