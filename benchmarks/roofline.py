@@ -21,6 +21,7 @@ denoising step), ``pframe`` (the P-frame codec's decode, ``models/pframe_codec.p
 randomly initialised at its default size: a trained package has none yet; the CDF tables
 come from ``update()``). The diffusion stages run in the precision
 :func:`ulbcodec.placement.cpu_compute_dtype` picks for this CPU unless ``--dtype`` says.
+OpenMP threads wait passively, as in the ``ulbc`` command (``resources.passive_openmp_waits``).
 Prints a markdown table (stdout) and the CPU line.
 """
 
@@ -33,11 +34,15 @@ import time
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from ulbcodec import resources  # noqa: E402
+
+resources.passive_openmp_waits()  # as the ulbc command does, before torch loads
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 STAGES = ("entropy", "synthesis", "vae_encode", "transformer", "vae_decode", "predictor", "pframe")
 
