@@ -4,7 +4,8 @@ Runs, on the held-out photographs fetched by ``ulbcodec.train.data``:
   1. the image rate-distortion benchmark (benchmarks/image_rd.py) of ulbc's default model
      against JPEG / WebP / AVIF and their downscaled variants, on the 768 px validation set;
   2. the speed / memory benchmark (benchmarks/speed.py) on the 4000x3000 photograph and
-     on one 768 px photograph, with 2 threads;
+     on one 768 px photograph, with 2 threads, and the roofline of every decoding stage
+     (benchmarks/roofline.py: FLOPs per pixel, GFLOP/s, fraction of the CPU's peak);
   3. when models/generative is installed: generative vs anchor-only decoding vs AVIF/WebP
      (benchmarks/generative.py, 0.005-0.06 bpp) with its crop sheet, the latent-space
      diagnostic of its prediction (benchmarks/latent_gap.py), VMAF's elementary features
@@ -45,7 +46,11 @@ def machine() -> str:
         mem = f", {kb / 2**20:.0f} GiB RAM"
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores{mem}; Python {platform.python_version()}, torch {torch.__version__}"
+    from ulbcodec.placement import cpu_compute_dtype, cpu_flags
+
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
+    return (f"{cpu}, {os.cpu_count()} cores{mem}, flags {' '.join(simd) or '(none found)'} (diffusion stages in "
+            f"{str(cpu_compute_dtype()).replace('torch.', '')}); Python {platform.python_version()}, torch {torch.__version__}")
 
 
 def capture(script: str, argv) -> str:
@@ -80,6 +85,9 @@ def main(argv=None) -> None:
         shutil.copyfile(png, plots / png.name)
     speed_12mp = capture("speed.py", [str(next((photos / "val-12mp").glob("*.png"))), "--model", args.model])
     speed_768 = capture("speed.py", [str(photos / "val-768" / "Garden.png"), "--model", args.model])
+    roofline_argv = ["--image", str(photos / "val-768" / "coffee.png"), "--model", args.model,
+                     "--generative-model", args.generative_model, "--video-model", args.video_model]
+    roofline = capture("roofline.py", roofline_argv)
     gen_section = "Not run: no generative model installed."
     try:
         packages.resolve(args.generative_model)
@@ -186,6 +194,12 @@ Command: `python benchmarks/speed.py IMAGE --model {args.model}`
 {speed_12mp}
 
 {speed_768}
+
+## Roofline: FLOPs per pixel and fraction of the CPU's peak, per decoding stage
+
+Command: `python benchmarks/roofline.py {' '.join(roofline_argv)}`
+
+{roofline}
 
 ## Generative (next-frame) decoding
 

@@ -246,6 +246,22 @@ def test_keep_freed_memory_serves_large_blocks_from_the_heap():
     assert int(mapped) >= (64 << 20)
 
 
+def test_commands_make_openmp_wait_passively_unless_told():
+    """Before torch loads, the command sets OMP_WAIT_POLICY=PASSIVE (issue 28: spinning
+    waits on a busy 2-core CPU made stages 8-45x slower); a policy in the environment wins,
+    and after torch is imported it is too late to change anything."""
+    probe = ("import os, sys; from ulbcodec import resources; first = resources.passive_openmp_waits(); "
+             "import torch; print(first, os.environ.get('OMP_WAIT_POLICY'), resources.passive_openmp_waits())")
+    env = {k: v for k, v in os.environ.items() if k not in resources.OPENMP_WAIT_ENV}
+
+    def run(**extra):
+        return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                              env={**env, **extra}).stdout.split()
+
+    assert run() == ["True", "PASSIVE", "False"]
+    assert run(OMP_WAIT_POLICY="ACTIVE") == ["False", "ACTIVE", "False"]
+
+
 @pytest.mark.parametrize("text, value", [("2G", 2 << 30), ("500M", 500 << 20), ("1.5GiB", 3 << 29), ("64kb", 65536),
                                          ("123456", 123456), (" 2 g ", 2 << 30), ("none", None), ("Unlimited", None)])
 def test_parse_size(text, value):

@@ -135,6 +135,28 @@ def test_blended_tiles_in_batches_match_one_at_a_time():
         assert torch.allclose(tiling.blended_tiles(fn, x, tile=16, overlap=6, batch=batch), one, atol=1e-6)
 
 
+def test_blended_tiles_on_worker_threads_match_one_thread():
+    """Calls on a pool of threads (one intra-op thread each) blend exactly as serial calls,
+    under the caller's grad mode, and leave the caller's thread count alone."""
+    x = torch.randn(2, 3, 40, 29)
+    weights = torch.randn(3, 1, 1)
+    seen = []
+
+    def fn(t):
+        seen.append((torch.get_num_threads(), torch.is_grad_enabled()))
+        return (t * weights).cumsum(-1)
+
+    previous = torch.get_num_threads()
+    for batch in (1, 2, 5):
+        one = tiling.blended_tiles(fn, x, tile=16, overlap=6, batch=batch)
+        with torch.no_grad():
+            seen.clear()
+            pooled = tiling.blended_tiles(fn, x, tile=16, overlap=6, batch=batch, workers=2)
+        assert torch.equal(pooled, one) and not pooled.requires_grad
+        assert seen and all(s == (1, False) for s in seen)
+    assert torch.get_num_threads() == previous
+
+
 def test_transformer_tiles_are_the_training_size_within_bounds():
     assert tiling.transformer_tile({"sample_height": 32, "sample_width": 32}) == (32, 8)
     assert tiling.transformer_tile({"sample_height": 60, "sample_width": 90}) == (60, 15)

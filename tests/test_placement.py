@@ -49,6 +49,29 @@ def test_precision_policy():
     assert Placement(torch.device("cpu"), weights_dtype=torch.bfloat16).diffusers_dtype == torch.bfloat16
 
 
+def test_cpu_compute_dtype_is_decided_in_one_place(monkeypatch, generative):
+    """bfloat16 autocast only where the CPU computes it natively (AMX); float32 on AVX2 /
+    AVX-512 (even with avx512_bf16); $ULBC_CPU_DTYPE overrides; accelerators: bf16 weights."""
+    from ulbcodec import placement
+
+    monkeypatch.delenv(placement.CPU_DTYPE_ENV, raising=False)
+    assert placement.cpu_compute_dtype(frozenset({"avx2", "fma"})) == torch.float32
+    assert placement.cpu_compute_dtype(frozenset({"avx2", "avx512f", "avx512_bf16"})) == torch.float32
+    assert placement.cpu_compute_dtype(frozenset({"avx512f", "amx_tile", "amx_bf16"})) == torch.bfloat16
+    monkeypatch.setenv(placement.CPU_DTYPE_ENV, "bfloat16")
+    assert placement.cpu_compute_dtype(frozenset()) == torch.bfloat16
+    assert Placement(torch.device("cpu")).compute_dtype == torch.bfloat16
+    assert ImageCodec(generative).next_frame.dtype == torch.bfloat16  # what the pipeline runs in
+    monkeypatch.setenv(placement.CPU_DTYPE_ENV, "float32")
+    assert Placement(torch.device("cpu")).compute_dtype == torch.float32
+    assert ImageCodec(generative).next_frame.dtype == torch.float32
+    assert Placement(CUDA).compute_dtype == torch.bfloat16
+    assert Placement(torch.device("cpu"), weights_dtype=torch.bfloat16).compute_dtype == torch.bfloat16
+    monkeypatch.setenv(placement.CPU_DTYPE_ENV, "half")
+    with pytest.raises(ValueError, match="ULBC_CPU_DTYPE"):
+        placement.cpu_compute_dtype()
+
+
 class _Module:
     """Records where .to() sends it (a real move needs an accelerator)."""
 

@@ -832,6 +832,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     signal.signal(signal.SIGTERM, interrupt_once)
     signal.signal(signal.SIGINT, interrupt_once)
     resources.keep_freed_memory()  # one job at a time to the end: reuse freed tiles' memory
+    resources.passive_openmp_waits()  # before torch loads: no spinning on a busy CPU
     try:
         cli.main(args=argv, prog_name="ulbc", standalone_mode=False)
     except click.UsageError as exc:

@@ -51,7 +51,7 @@ from ulbcodec import bitstream
 from ulbcodec.bitstream import AnchorPayload, BitstreamError, Container, Header
 from ulbcodec import packages
 from ulbcodec.color_stats import ColorStats, color_fix
-from ulbcodec.tiling import tiled_apply
+from ulbcodec.tiling import TILE_WORKERS, tiled_apply, tile_workers  # noqa: F401  (TILE_WORKERS: ulbcodec.image.TILE_WORKERS)
 from ulbcodec.placement import Placement
 from ulbcodec.refinement import MAX_PIXELS as REFINE_MAX_PIXELS
 from ulbcodec.refinement import RefineSettings, refine_latent
@@ -61,20 +61,11 @@ from ulbcodec.refinement import RefineSettings, refine_latent
 TILE_CORE = 512
 TILE_MARGIN = 64
 PAD_MULTIPLE = 64
-# Tiles run on a pool of (at most) 2 threads, each tile on one intra-op thread, so the
-# pixels do not depend on the pool size. Each worker holds one tile's working set, hence
-# no more than 2 (speed and memory: docs/measurements.md, "Tile workers").
-TILE_WORKERS = 2
 DOWNSCALES = bitstream.DOWNSCALES
 # encode_to_bpp with continuous levels: stop once the file is within 3 % under the target,
 # after at most this many bisection encodes (1/2^10 of a level is the header's 1/1000 grid).
 BPP_TOLERANCE = 0.03
 BPP_SEARCH_STEPS = 10
-
-
-def tile_workers() -> int:
-    """Tile workers for this process: TILE_WORKERS, or fewer threads if torch has fewer."""
-    return max(1, min(TILE_WORKERS, torch.get_num_threads()))
 
 
 class DecodeError(ValueError):
@@ -162,7 +153,8 @@ class ImageCodec:
             from ulbcodec.models.nefic_decode import is_published
 
             self._next_frame = NextFramePipeline(build("vae"), build("transformer"), build("scheduler"),
-                                                 build("prompt_embeds").to(self.device), placement=place,
+                                                 build("prompt_embeds").to(self.device), dtype=place.compute_dtype,
+                                                 placement=place,
                                                  output=self.package.next_frame_setting("output"),
                                                  published=is_published(self.package))
         return self._next_frame

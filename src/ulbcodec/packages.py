@@ -54,6 +54,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from ulbcodec.threads import torch_threads
+
 MANIFEST = "ulbc_model.json"
 FORMAT = "ulbc-model"
 FORMAT_VERSION = 3  # 2: components with "levels" or "external"; 3: "next_frame" settings (others: 1)
@@ -388,14 +390,18 @@ class ModelPackage:
         cls = _component_class(comp["class"])
         if not comp.get("diffusers") and not comp.get("external"):
             self.check_shapes(component)  # before any allocation
-        if comp.get("diffusers"):
-            return _load_diffusers(cls, self.root / comp["diffusers"], device, dtype)
-        if comp.get("external"):
-            return _load_diffusers(cls, Path(comp["external"]["path"]), device, dtype)
-        module = cls(**comp.get("config", {}))
-        state = load_file(str(weights), device="cpu")
-        module.load_state_dict(state, strict=True)
-        return module.to(device).eval()
+        # One intra-op thread: building and loading is hundreds of small init and copy ops
+        # (from the memory-mapped safetensors file), each of which would otherwise wake and
+        # wait for an OpenMP team (docs/measurements.md).
+        with torch_threads(1):
+            if comp.get("diffusers"):
+                return _load_diffusers(cls, self.root / comp["diffusers"], device, dtype)
+            if comp.get("external"):
+                return _load_diffusers(cls, Path(comp["external"]["path"]), device, dtype)
+            module = cls(**comp.get("config", {}))
+            state = load_file(str(weights), device="cpu")
+            module.load_state_dict(state, strict=True)
+            return module.to(device).eval()
 
 
 def _check_next_frame(path: Path, settings) -> None:

@@ -6,8 +6,10 @@ reproduce exactly, so it stays in float32 everywhere::
 
     component                      cpu                              cuda (any accelerator)
     anchor codec (entropy params)  float32                          float32
-    VAE, transformer, predictor    float32 weights, bf16 autocast   bfloat16 weights and compute
-                                   (the conformance pins' setting)  (as published; half the memory)
+    VAE, transformer               float32 weights; bf16 autocast   bfloat16 weights and compute
+                                   where native (AMX), else float32 (as published; half the memory)
+                                   (cpu_compute_dtype)
+    predictor                      float32                          bfloat16 weights and compute
 
 Model CPU offload (``--offload model``) keeps the diffusers components in host memory
 and moves each one to the device for its own step (VAE encode, transformer, VAE decode,
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional
@@ -47,6 +50,42 @@ OFFLOAD_MODES = ("auto", "none", "model")
 CUDA_CONTEXT_BYTES = 512 * MiB  # kernels and the allocator's own pages, outside torch's count
 WHOLE_IMAGE_BYTES_PER_PIXEL = 64  # padded input/anchor/output frames in fp32 + latents at 1/8
 LIVE_TILE_TENSORS = 8  # activations alive at once at the VAE's widest full-resolution layer
+
+
+# The CPU flags under which bfloat16 matmuls and convolutions run natively in oneDNN (AMX
+# tiles: Intel Sapphire Rapids and later). Elsewhere they are emulated or run at float32
+# speed at best, with bfloat16's rounding on top (issue 28: an AVX2 EPYC ran the next-frame
+# stage in 11.7 s in bfloat16, 10.1 s in float32).
+NATIVE_BF16_FLAGS = ("amx_bf16",)
+CPU_DTYPE_ENV = "ULBC_CPU_DTYPE"  # float32 | bfloat16: overrides cpu_compute_dtype()
+
+
+def cpu_flags() -> frozenset:
+    """This CPU's feature flags (Linux /proc/cpuinfo; empty where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_compute_dtype(flags: Optional[frozenset] = None) -> torch.dtype:
+    """The precision of the diffusion stages (VAE, transformer) on this CPU, decided in
+    this one place: bfloat16 autocast where the CPU computes bfloat16 natively (AMX),
+    float32 elsewhere (faster there, and exact to the weights). ``$ULBC_CPU_DTYPE``
+    overrides. The anchor codec's entropy path is float32 whatever this says
+    (entropy/coding.py)."""
+    forced = os.environ.get(CPU_DTYPE_ENV, "").strip().lower()
+    if forced in ("float32", "bfloat16"):
+        return getattr(torch, forced)
+    if forced:
+        raise ValueError(f"${CPU_DTYPE_ENV} must be float32 or bfloat16, got {forced!r}")
+    flags = cpu_flags() if flags is None else flags
+    native = any(flag in flags for flag in NATIVE_BF16_FLAGS)
+    return torch.bfloat16 if native and torch.backends.cpu.get_cpu_capability() != "DEFAULT" else torch.float32
 
 
 class DeviceError(ValueError):
@@ -94,6 +133,15 @@ class Placement:
         if self.weights_dtype is not None:
             return self.weights_dtype
         return torch.float32 if self.device.type == "cpu" else torch.bfloat16
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the diffusion stages compute in: their weights' dtype where that is not
+        float32 (accelerators; ``weights_dtype``), else on the CPU :func:`cpu_compute_dtype`
+        (bfloat16 autocast over float32 weights where native)."""
+        if self.diffusers_dtype != torch.float32 or self.device.type != "cpu":
+            return self.diffusers_dtype
+        return cpu_compute_dtype()
 
     @property
     def offloading(self) -> bool:

@@ -39,6 +39,7 @@ import ctypes
 import os
 import platform
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -101,6 +102,24 @@ def keep_freed_memory() -> bool:
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _INT_MAX))
     return all(libc.mallopt(param, value) for param, value in settings)
+
+
+OPENMP_WAIT_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def passive_openmp_waits() -> bool:
+    """Have torch's OpenMP threads sleep while they wait for each other
+    (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning, unless the environment already
+    sets a wait policy. Spinning pays where every thread has a core of its own; where
+    another process holds one (a laptop, a shared machine: 2 cores, one busy), each
+    parallel region waits for a thread that is not running while its partner spins, and
+    a VAE encode took 0.8-1.0 s instead of 0.09-0.13 s, a frame-predictor step 1.5 s
+    instead of 0.03 s (issue 28, docs/measurements.md). For commands only: it must run
+    before torch is imported (libgomp reads it once); returns whether it took effect."""
+    if "torch" in sys.modules or any(name in os.environ for name in OPENMP_WAIT_ENV):
+        return False
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
 
 
 class MemoryLimitError(ValueError):

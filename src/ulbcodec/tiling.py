@@ -48,6 +48,16 @@ from ulbcodec.threads import torch_threads
 
 Scales = Union[Fraction, Sequence[Fraction]]
 
+# Tiles run on a pool of (at most) 2 threads, each tile on one intra-op thread, so the
+# pixels do not depend on the pool size. Each worker holds one tile's working set, hence
+# no more than 2 (speed and memory: docs/measurements.md, "Tile workers").
+TILE_WORKERS = 2
+
+
+def tile_workers() -> int:
+    """Tile workers for this process: TILE_WORKERS, or fewer threads if torch has fewer."""
+    return max(1, min(TILE_WORKERS, torch.get_num_threads()))
+
 
 def tiled_apply(
     fn: Callable[..., torch.Tensor],
@@ -119,6 +129,23 @@ def tiled_apply(
             with ThreadPoolExecutor(max_workers=min(workers, len(boxes))) as pool:
                 list(pool.map(run, boxes))
     return tuple(out) if multi else out[0]
+
+
+def in_parallel(*calls: Callable[[], Tensor]) -> Tuple[Tensor, ...]:
+    """``tuple(call() for call in calls)``; on the CPU without gradients and with
+    :func:`tile_workers` > 1, on that many Python threads, each call on ONE intra-op thread
+    (independent networks side by side, instead of each waiting on an OpenMP team)."""
+    workers = min(tile_workers(), len(calls))
+    if workers <= 1 or torch.is_grad_enabled():
+        return tuple(call() for call in calls)
+
+    def run(call):
+        torch.set_num_threads(1)  # this pool thread's own count (see tiled_apply)
+        with torch.no_grad():
+            return call()
+
+    with torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+        return tuple(pool.map(run, calls))
 
 
 # ------------------------------------------------------------------ blended tiles (next-frame decoder)
@@ -206,7 +233,7 @@ def even_tile(length: int, tile: int, overlap: int, align: int = 8) -> int:
 
 
 def blended_tiles(fn, *inputs: Tensor, tile: int, overlap: int, scale: Fraction = Fraction(1),
-                  even: bool = False, batch: int = 1) -> Tensor:
+                  even: bool = False, batch: int = 1, workers: int = 1) -> Tensor:
     """Apply ``fn(*tiles)`` on overlapping tiles of the inputs, blending the overlaps.
 
     ``tile`` and ``overlap`` are in pixels of the inputs (which share one size): tiles of
@@ -218,6 +245,12 @@ def blended_tiles(fn, *inputs: Tensor, tile: int, overlap: int, scale: Fraction 
     from one tile to the next instead of showing a seam. With ``batch`` > 1, ``fn`` sees
     up to that many tiles at once, stacked along the batch dimension (all tiles have one
     size), and must treat the samples of a batch independently.
+
+    With ``workers`` > 1 and at least that many calls, the calls run on a pool of
+    ``workers`` Python threads, each on ONE intra-op thread (as :func:`tiled_apply`'s
+    tiles): the small element-wise ops of a tile then never wait on an OpenMP team, which
+    on a CPU shared with other work cost the transformer 3x (issue 28); fewer calls keep
+    the caller's threads. Blending stays in tile order.
     """
     scale = Fraction(scale)
     b, _, h, w = inputs[0].shape
@@ -234,11 +267,24 @@ def blended_tiles(fn, *inputs: Tensor, tile: int, overlap: int, scale: Fraction 
     # the same shape, and a new process compiles its CPU kernels for one shape only.
     calls = -(-len(starts) // max(1, batch))
     size = -(-len(starts) // calls)
-    for first in range(0, len(starts), size):
-        group = starts[first:first + size]
+    groups = [starts[first:first + size] for first in range(0, len(starts), size)]
+    grad = torch.is_grad_enabled()
+
+    def run(group, one_thread: bool = False):
+        if one_thread:  # a pool thread: its own OpenMP count and grad mode (see tiled_apply)
+            torch.set_num_threads(1)
         padded = group + group[-1:] * (size - len(group))
-        tiles = (torch.cat([t[:, :, y:y + th, x:x + tw] for y, x in padded]) for t in inputs)
-        results = fn(*tiles).float().split(b)
+        with torch.set_grad_enabled(grad):
+            tiles = (torch.cat([t[:, :, y:y + th, x:x + tw] for y, x in padded]) for t in inputs)
+            return fn(*tiles).float().split(b)
+
+    if workers > 1 and len(groups) >= workers:
+        with torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+            outputs = pool.map(lambda g: run(g, True), groups)
+            done = list(zip(groups, outputs))
+    else:
+        done = ((group, run(group)) for group in groups)
+    for group, results in done:
         for (y, x), res in zip(group, results):
             if out is None:
                 out = res.new_zeros(res.shape[:2] + (oh, ow))

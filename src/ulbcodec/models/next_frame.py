@@ -47,7 +47,9 @@ instead exactly as the published code does (models/nefic_decode.py): diffusers' 
 with its tiling, the whole image in one transformer pass, the published casts.
 
 Floating point: the VAE and transformer run in bfloat16 (as the published models do) on
-the CPU too; this path is NOT bit-exact across machines, unlike entropy decoding. For
+accelerators and on CPUs that compute bfloat16 natively (AMX), in float32 on the others
+(the ``dtype`` the codec passes: ulbcodec/placement.py, ``cpu_compute_dtype``); this
+path is NOT bit-exact across machines, unlike entropy decoding. For
 inference the VAE runs as a 2-D channels-last graph in that dtype throughout, GroupNorms
 included (models/single_frame.py: faster on the CPU); training, which needs
 gradients, runs diffusers' own graph under autocast. Where
@@ -200,7 +202,14 @@ class NextFramePipeline:
 
     def pixel_change(self, latent: Tensor, anchor_latent: Tensor) -> Tensor:
         """``VAE.decode(x0) − VAE.decode(A)``: what the prediction adds to the anchor frame."""
-        return self.decode_latent(latent, clamp=False) - self.decode_latent(anchor_latent, clamp=False)
+        # two independent decodes: side by side on the CPU (tiling.in_parallel)
+        on_cpu = latent.device.type == "cpu" and not self.placement.offloading
+        decode = (lambda z: lambda: self.decode_latent(z, clamp=False))  # noqa: E731
+        if on_cpu:
+            now, before = tiling.in_parallel(decode(latent), decode(anchor_latent))
+        else:
+            now, before = decode(latent)(), decode(anchor_latent)()
+        return now - before
 
     # ---------------------------------------------------------------- whole images
 
@@ -218,17 +227,20 @@ class NextFramePipeline:
 
             return nefic_decode.decode_image(self, anchor_frame, bypass_latent, record)
         use = self.placement.use  # with offloading: each module on the device for its whole stage
+        # CPU: tiles (batches of tiles) on a pool of the process's threads, one intra-op
+        # thread each (tiling.blended_tiles); an accelerator takes them one after another.
+        workers = tiling.tile_workers() if anchor_frame.device.type == "cpu" else 1
         tile = vae_tile(self.full_resolution_channels)
         with use(self.vae):
             anchor_latent = blended_tiles(self.encode_latent, anchor_frame, tile=tile, overlap=tiling.VAE_OVERLAP,
-                                          scale=Fraction(1, 8), even=True)
+                                          scale=Fraction(1, 8), even=True, workers=workers)
         with use(self.transformer):
             if steps <= 1:
                 if bypass_latent is None:
                     raise ValueError("one-step decoding needs the bypass latent")
                 latent = blended_tiles(self.predict_clean, anchor_latent, bypass_latent[:, 0],
                                        tile=self.latent_tile, overlap=self.latent_overlap,
-                                       batch=tile_batch(self.latent_tile))
+                                       batch=tile_batch(self.latent_tile), workers=workers)
             else:
                 # One seed per tile position would make tiles disagree; noise is drawn for the
                 # whole latent first (on the CPU: the same numbers on every device), then tiled.
@@ -240,7 +252,7 @@ class NextFramePipeline:
         with use(self.vae):
             if self.output == "latent":
                 return blended_tiles(self.decode_latent, latent, tile=tile // 8, overlap=tiling.VAE_OVERLAP // 8,
-                                     scale=Fraction(8), even=True)
+                                     scale=Fraction(8), even=True, workers=workers)
             change = blended_tiles(self.pixel_change, latent, anchor_latent, tile=tile // 8,
-                                   overlap=tiling.VAE_OVERLAP // 8, scale=Fraction(8), even=True)
+                                   overlap=tiling.VAE_OVERLAP // 8, scale=Fraction(8), even=True, workers=workers)
             return (anchor_frame + change).clamp(0, 1)
