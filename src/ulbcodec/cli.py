@@ -340,7 +340,8 @@ def _factory(loader, model: Optional[str], device):
 # ------------------------------------------------------------------ commands
 
 common_batch = [
-    click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file (one input)."),
+    click.option("-o", "--output", type=click.Path(), help="Output file (one input; a video decodes to a frame "
+                 "folder too)."),
     click.option("--out-dir", type=click.Path(file_okay=False), help="Output folder (several inputs, folders)."),
     click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders (mirrored under --out-dir)."),
     click.option("--device", type=_Device(), default="cpu", show_default=True,
@@ -465,6 +466,8 @@ def _encode(stdio, inputs, output, out_dir, recursive, model, device, offload, j
         tasks = [Task(Path(inputs[0]), Path(output))]  # one folder to one file: a sequence of frames
     else:
         tasks = _plan(inputs, output, out_dir, recursive, READ_EXTENSIONS | VIDEO_EXTENSIONS, ".ulb")
+    if output and output != "-" and Path(output).is_dir():
+        raise click.UsageError(f"-o {output}: is a folder; encode writes a .ulb file (use --out-dir for a folder)")
     if output and Path(output).suffix.lower() in READ_EXTENSIONS | VIDEO_EXTENSIONS:  # after the input check
         raise click.UsageError(f"-o {output}: encode writes a .ulb file, not {Path(output).suffix}; name it "
                                f"{Path(output).with_suffix('.ulb')}")

@@ -135,7 +135,8 @@ def decode_video(decoders, container, task, force: bool, video_format: str, loss
     """Frames streamed from the decoder to the output (mp4/mkv/y4m or a frame folder)."""
     from tqdm import tqdm
 
-    from ulbcodec.io import IMAGE_EXTENSIONS, OutputError, OutputExistsError, write_video
+    from ulbcodec.io import (IMAGE_EXTENSIONS, OutputError, check_frame_folder, check_output, video_output_kind,
+                             write_video)
 
     dst = task.dst
     if dst.suffix.lower() in IMAGE_EXTENSIONS:
@@ -143,8 +144,11 @@ def decode_video(decoders, container, task, force: bool, video_format: str, loss
             dst = dst.with_suffix("" if video_format == "frames" else "." + video_format)
         else:
             raise OutputError(f"{task.src} is a video; write it to .mp4, .mkv, .y4m or a folder, not {dst.suffix}")
-    if dst.exists() and not force:  # before decoding (checked again when the output is put in place)
-        raise OutputExistsError(f"{dst}: already exists (use --force to overwrite)")
+    # Before decoding (checked again when the output is put in place).
+    if video_output_kind(dst) == "frames":
+        check_frame_folder(dst, force)  # --force replaces a folder of frames, nothing else
+    else:
+        check_output(dst, force)
     h = container.header
     codec = decoders.video_for(h)
     t0 = time.perf_counter()
