@@ -264,14 +264,16 @@ def load_decoders(model: Optional[str], device):
 
 
 def batch_budget(verb: str, tasks: Sequence[Task], jobs: int, skip_existing: bool, max_memory: Optional[int],
-                 source: str):
-    """The per-process memory budget of a batch (None: no limit): ``max_memory`` bytes
-    shared by the workers that will run (``source`` names where the limit came from)."""
+                 source: str, engine: str = "local"):
+    """The memory budget of a batch (None: no limit): ``max_memory`` bytes shared by the
+    workers that will run (``source`` names where the limit came from). Local workers
+    share a pool (a file waits until its estimate fits what the others leave), Ray
+    actors an equal part each (:class:`resources.Budget`)."""
     if max_memory is None:  # 'none', or a platform that does not report its memory
         return None
     pending = sum(1 for t in tasks if not (skip_existing and t.dst.is_file()))
     workers = min(jobs, pending) if jobs > 1 and pending > 1 else 1
-    return resources.Budget.shared(max_memory, workers, verb, source)
+    return resources.Budget.shared(max_memory, workers, verb, source, pooled=engine != "ray")
 
 
 def placement(device: str, offload: str):
