@@ -361,3 +361,18 @@ def test_grey_and_16_bit_inputs_are_warned(tiny_model, photo, tmp_path):
     deep.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 16, 2, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
     assert any("16-bit" in n for n in read_image(deep)[1])
+
+
+def test_one_pixel_image_is_replicate_padded(tiny_codec):
+    """Issue 26: the 1x1 input (200,30,40) decodes far from its colour ((132,50,52) with
+    models/default at level 3). Not a padding bug: the encoder replicate-pads it to the
+    64x64 flat image, whose coded strings and decoded top-left pixel are the 1x1 file's;
+    the colour error is the synthesis transform's corner (docs/robustness.md)."""
+    import numpy as np
+
+    colour = np.array([200, 30, 40], np.uint8)
+    one = tiny_codec.encode(colour.reshape(1, 1, 3), tiny_codec.default_level, 1)
+    flat = tiny_codec.encode(np.broadcast_to(colour, (64, 64, 3)).copy(), tiny_codec.default_level, 1)
+    strings = [[c.payload for c in Container.from_bytes(r.data).chunks] for r in (one, flat)]
+    assert strings[0] == strings[1]
+    assert np.array_equal(tiny_codec.decode(one.data)[0, 0], tiny_codec.decode(flat.data)[0, 0])
