@@ -376,3 +376,19 @@ def test_one_pixel_image_is_replicate_padded(tiny_codec):
     strings = [[c.payload for c in Container.from_bytes(r.data).chunks] for r in (one, flat)]
     assert strings[0] == strings[1]
     assert np.array_equal(tiny_codec.decode(one.data)[0, 0], tiny_codec.decode(flat.data)[0, 0])
+
+
+def test_small_image_relabelled_4096_is_refused_by_max_pixels(tmp_path):
+    """Issue 26: a 5.5 KB image file relabelled 4096x4096 (3,050 coded pixels per byte)
+    passes the anchor-size floor (4,096 per byte) and the default work limits; no cheaper
+    rule is safe for valid files yet (docs/robustness.md), so --max-pixels is what refuses
+    it up front, in one line and before any decoding."""
+    header = Header(bs.MEDIA_IMAGE, 4096, 4096, b"\1" * 8, 1, 1, 0, 1, params={"downscale": 1})
+    path = tmp_path / "relabelled.ulb"
+    path.write_bytes(Container(header, [Chunk(bs.CHUNK_ANCHOR, b"\1" * 5500)]).to_bytes())
+    container = Container.from_bytes(path.read_bytes())
+    assert bs.check_work(container) == 4096 * 4096  # the default limits let it through
+    r = invoke(["decode", path, "-o", tmp_path / "out.png", "--max-pixels", "4M"])
+    assert r.exit_code == 1 and not (tmp_path / "out.png").exists()
+    assert "decoding 4096x4096" in r.stderr and "over the --max-pixels limit of 4,000,000" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
