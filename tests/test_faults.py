@@ -340,19 +340,61 @@ def test_default_memory_limit_is_a_fraction_of_the_machine(tiny_model, coded, tm
 
 
 def test_max_memory_is_shared_by_the_jobs(tiny_model, images, tmp_path):
-    """With --jobs N the limit covers the whole command: a limit that fits one process
-    refuses the files when it would have to hold two workers and the main process."""
+    """With --jobs N the limit covers the whole command (issue 26): the main process and
+    each worker keep a runtime base, the files running at once share the rest. A file over
+    an equal share per worker but within what is left while the other worker idles runs
+    (the batch runs fewer files at a time); a file over that is refused in one line."""
     from ulbcodec.packages import ModelPackage
 
     weights = resources.weights_bytes(ModelPackage.load_manifest(tiny_model), ["anchor_codec"])
     one = resources.estimate_encode(96, 64, weights=weights)
-    limit = f"{(one + resources.MiB) // resources.MiB}M"
-    r = run(["encode", images, "--out-dir", tmp_path / "one", "--model", "tiny", "--max-memory", limit])
+    base = resources.ENCODE_BASE_BYTES
+    extra = one - base
+    total = 3 * base + extra + extra // 2  # three runtimes and room for one file at a time
+    budget = resources.Budget.shared(total, 2, "encode", pooled=True)
+    assert (total - base) // 2 < one <= budget.limit  # an equal share each would refuse every file
+    r = run(["encode", images, "--out-dir", tmp_path / "two", "--model", "tiny", "--jobs", "2",
+             "--max-memory", str(total)])
     assert r.returncode == 0, r.stderr
-    budget = resources.Budget.shared(one + resources.MiB, 2, "encode")
-    assert budget.limit < one
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [f"im{i}.ulb" for i in range(4)]
+
+    r = run(["encode", images, "--out-dir", tmp_path / "none", "--model", "tiny", "--jobs", "2",
+             "--max-memory", str(3 * base + extra // 2)])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len([ln for ln in lines if ln.startswith("ulbc: error:")]) == 4, r.stderr
+    assert "one file can use under --max-memory" in lines[0] and "with --jobs 2" in lines[0]
+    assert "fewer --jobs leave more" in lines[0]
+
+    share = resources.Budget.shared(total, 2, "encode")  # Ray actors: an equal part each
     with pytest.raises(resources.MemoryLimitError, match="per job left by --max-memory .* with --jobs 2"):
-        budget.check(one, "encoding 96x64")
+        share.check(one, "encoding 96x64")
+
+
+def test_memory_pool_runs_a_file_when_its_share_is_free():
+    """The pool a local batch's workers share: a file waits (holding nothing) until its
+    share fits what the running files leave, and a budget check in a worker takes it."""
+    import multiprocessing
+    import threading
+
+    pool = resources.MemoryPool(10, multiprocessing.get_context())
+    pool.reserve(6)
+    waiter = threading.Thread(target=pool.reserve, args=(6,))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive() and pool.free == 4  # 6 + 6 > 10: the second file waits
+    pool.release(6)
+    waiter.join(60)
+    assert not waiter.is_alive() and pool.free == 4
+
+    budget = resources.Budget.shared(100 * resources.GiB, 2, "decode", pooled=True)
+    resources.install_pool(resources.MemoryPool(budget.limit - budget.base, multiprocessing.get_context()))
+    try:
+        budget.check(budget.base + resources.GiB, "decoding 4000x3000")
+        assert resources._POOL["pool"].free == budget.limit - budget.base - resources.GiB
+        resources.release_reservation()
+        assert resources._POOL["pool"].free == budget.limit - budget.base
+    finally:
+        resources.install_pool(None)
 
 
 # ------------------------------------------------------------------ unwritable / full outputs

@@ -361,3 +361,34 @@ def test_grey_and_16_bit_inputs_are_warned(tiny_model, photo, tmp_path):
     deep.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 16, 2, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
     assert any("16-bit" in n for n in read_image(deep)[1])
+
+
+def test_one_pixel_image_is_replicate_padded(tiny_codec):
+    """Issue 26: the 1x1 input (200,30,40) decodes far from its colour ((132,50,52) with
+    models/default at level 3). Not a padding bug: the encoder replicate-pads it to the
+    64x64 flat image, whose coded strings and decoded top-left pixel are the 1x1 file's;
+    the colour error is the synthesis transform's corner (docs/robustness.md)."""
+    import numpy as np
+
+    colour = np.array([200, 30, 40], np.uint8)
+    one = tiny_codec.encode(colour.reshape(1, 1, 3), tiny_codec.default_level, 1)
+    flat = tiny_codec.encode(np.broadcast_to(colour, (64, 64, 3)).copy(), tiny_codec.default_level, 1)
+    strings = [[c.payload for c in Container.from_bytes(r.data).chunks] for r in (one, flat)]
+    assert strings[0] == strings[1]
+    assert np.array_equal(tiny_codec.decode(one.data)[0, 0], tiny_codec.decode(flat.data)[0, 0])
+
+
+def test_small_image_relabelled_4096_is_refused_by_max_pixels(tmp_path):
+    """Issue 26: a 5.5 KB image file relabelled 4096x4096 (3,050 coded pixels per byte)
+    passes the anchor-size floor (4,096 per byte) and the default work limits; no cheaper
+    rule is safe for valid files yet (docs/robustness.md), so --max-pixels is what refuses
+    it up front, in one line and before any decoding."""
+    header = Header(bs.MEDIA_IMAGE, 4096, 4096, b"\1" * 8, 1, 1, 0, 1, params={"downscale": 1})
+    path = tmp_path / "relabelled.ulb"
+    path.write_bytes(Container(header, [Chunk(bs.CHUNK_ANCHOR, b"\1" * 5500)]).to_bytes())
+    container = Container.from_bytes(path.read_bytes())
+    assert bs.check_work(container) == 4096 * 4096  # the default limits let it through
+    r = invoke(["decode", path, "-o", tmp_path / "out.png", "--max-pixels", "4M"])
+    assert r.exit_code == 1 and not (tmp_path / "out.png").exists()
+    assert "decoding 4096x4096" in r.stderr and "over the --max-pixels limit of 4,000,000" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

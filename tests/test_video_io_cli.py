@@ -233,3 +233,35 @@ def test_p_frames_through_the_command_line(tmp_path, monkeypatch):
     r = _invoke(["encode", src, "-o", tmp_path / "q.ulb", "--model", "tinypvideo", "--no-predictor", "--json"])
     assert set(json.loads(r.stdout)["frame_types"]) <= {"K", "P"}
     assert _invoke(["decode", tmp_path / "q.ulb", "-o", tmp_path / "q.mkv"]).returncode == 0
+
+
+def test_decode_into_an_existing_frame_folder(env, tmp_path):
+    """Issue 26: without --force an existing frame folder is refused in one line; with
+    --force a folder of frames is replaced once the new one is complete (built beside it,
+    then swapped); a folder holding anything but frames is refused even with --force."""
+    src = write_clip(tmp_path / "clip.mkv", clip(5))
+    ulb = tmp_path / "clip.ulb"
+    assert _invoke(["encode", src, "-o", ulb, "--model", "tinyvideo", "--threshold", "10"]).returncode == 0
+    out = tmp_path / "frames"
+    assert _invoke(["decode", ulb, "-o", out]).returncode == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(first) == 5
+
+    r = _invoke(["decode", ulb, "-o", out])
+    assert r.returncode == 1 and "already exists (use --force to overwrite)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+    (out / "frame-000099.png").write_bytes(b"stale frame")  # a frame of an earlier, longer decode
+    r = _invoke(["decode", ulb, "-o", out, "--force"])
+    assert r.returncode == 0, r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mkv", "clip.ulb", "frames"]  # no temporary left
+
+    (out / "notes.txt").write_text("mine")
+    r = _invoke(["decode", ulb, "-o", out, "--force"])
+    assert r.returncode == 1 and "not decoded frames (first: 'notes.txt'); refusing to replace it" in r.stderr
+    assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mkv", "clip.ulb", "frames"]
+
+    r = _invoke(["encode", src, "-o", out, "--model", "tinyvideo"])
+    assert r.returncode == 2 and "is a folder; encode writes a .ulb file" in r.stderr

@@ -174,7 +174,10 @@ def die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="ulbc-parent-watch", daemon=True).start()
 
 
-def _init_worker(factory: Callable[[], object], parent: Optional[int] = None) -> None:
+def _init_worker(factory: Callable[[], object], parent: Optional[int] = None, memory=None) -> None:
+    from ulbcodec import resources
+
+    resources.install_pool(memory)
     signal.signal(signal.SIGTERM, _worker_signal)
     signal.signal(signal.SIGINT, _worker_signal)
     if parent is not None:
@@ -192,6 +195,7 @@ def run(
     jobs: int = 1,
     skip_existing: bool = False,
     engine: str = "local",
+    budget=None,
 ) -> Iterator[dict]:
     """Yield one record per task, in completion order for jobs>1.
 
@@ -201,7 +205,10 @@ def run(
     ``skip_existing``, tasks whose output file exists are reported as skipped first and
     never reach a worker (a job may still raise :class:`Skipped` if the output appears
     while it runs). ``engine="ray"`` runs the jobs on ``jobs`` Ray actors instead of
-    local processes (:mod:`ulbcodec.ray_batch`), with the same records.
+    local processes (:mod:`ulbcodec.ray_batch`), with the same records. A pooled
+    ``budget`` (:class:`ulbcodec.resources.Budget`, the one the jobs check) makes the local
+    workers share one memory pool: a file starts only when its estimate fits what the
+    running files leave, so large files run fewer at a time.
     """
     if skip_existing:
         todo = []
@@ -222,8 +229,16 @@ def run(
         for task in tasks:
             yield guard(job, codec, task)
         return
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), initializer=_init_worker,
-                               initargs=(factory, os.getpid()))
+    import multiprocessing
+
+    from ulbcodec.resources import MemoryPool
+
+    ctx = multiprocessing.get_context()
+    memory = None
+    if budget is not None and budget.pooled:
+        memory = MemoryPool(max(0, budget.limit - budget.base), ctx)
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx, initializer=_init_worker,
+                               initargs=(factory, os.getpid(), memory))
     futures = {}
     try:
         futures = {pool.submit(_guarded_in_worker, job, task): task for task in tasks}
@@ -272,3 +287,6 @@ def _guarded_in_worker(job, task: Task) -> dict:
         os._exit(EXIT_INTERRUPTED)  # the job has unwound (temporary file removed); nothing else to do
     finally:
         _worker_state["busy"] = False
+        from ulbcodec.resources import release_reservation
+
+        release_reservation()  # the file's share of the memory pool, if it took one

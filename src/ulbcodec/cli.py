@@ -61,7 +61,8 @@ def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosi
     # themselves to the error lines.
     show_bar = verbosity >= 0 and len(tasks) > 1 and not as_json and sys.stderr.isatty()
     bar = tqdm(total=len(tasks), unit="file", disable=not show_bar, file=sys.stderr, leave=False)
-    records = batch.run(tasks, factory, job, jobs, skip_existing=skip_existing, engine=engine)
+    records = batch.run(tasks, factory, job, jobs, skip_existing=skip_existing, engine=engine,
+                        budget=getattr(job, "keywords", {}).get("budget"))
     try:
         for record in records:
             if stdio is not None:
@@ -115,7 +116,8 @@ def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosi
         sys.exit(EXIT_FAILED)
 
 
-def _batch_limits(verb: str, tasks, jobs: int, force: bool, skip_existing: bool, max_memory: Optional[int]):
+def _batch_limits(verb: str, tasks, jobs: int, force: bool, skip_existing: bool, max_memory: Optional[int],
+                  engine: str = "local"):
     """Check --force/--skip-existing and turn --max-memory/$ULBC_MAX_MEMORY into the
     per-process budget of this batch (None: no limit)."""
     from click.core import ParameterSource
@@ -130,7 +132,7 @@ def _batch_limits(verb: str, tasks, jobs: int, force: bool, skip_existing: bool,
         max_memory, source = default_limit(), DEFAULT_SOURCE
     else:
         source = ENV_VAR if given == ParameterSource.ENVIRONMENT else "--max-memory"
-    return batch_budget(verb, tasks, jobs, skip_existing, max_memory, source)
+    return batch_budget(verb, tasks, jobs, skip_existing, max_memory, source, engine)
 
 
 class _Size(click.ParamType):
@@ -340,7 +342,8 @@ def _factory(loader, model: Optional[str], device):
 # ------------------------------------------------------------------ commands
 
 common_batch = [
-    click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file (one input)."),
+    click.option("-o", "--output", type=click.Path(), help="Output file (one input; a video decodes to a frame "
+                 "folder too)."),
     click.option("--out-dir", type=click.Path(file_okay=False), help="Output folder (several inputs, folders)."),
     click.option("-r", "--recursive", is_flag=True, help="Descend into sub-folders (mirrored under --out-dir)."),
     click.option("--device", type=_Device(), default="cpu", show_default=True,
@@ -465,6 +468,8 @@ def _encode(stdio, inputs, output, out_dir, recursive, model, device, offload, j
         tasks = [Task(Path(inputs[0]), Path(output))]  # one folder to one file: a sequence of frames
     else:
         tasks = _plan(inputs, output, out_dir, recursive, READ_EXTENSIONS | VIDEO_EXTENSIONS, ".ulb")
+    if output and output != "-" and Path(output).is_dir():
+        raise click.UsageError(f"-o {output}: is a folder; encode writes a .ulb file (use --out-dir for a folder)")
     if output and Path(output).suffix.lower() in READ_EXTENSIONS | VIDEO_EXTENSIONS:  # after the input check
         raise click.UsageError(f"-o {output}: encode writes a .ulb file, not {Path(output).suffix}; name it "
                                f"{Path(output).with_suffix('.ulb')}")
@@ -473,7 +478,7 @@ def _encode(stdio, inputs, output, out_dir, recursive, model, device, offload, j
     need_image = not all(is_video_input(t.src) for t in tasks)
     if need_video and refine_steps:
         raise click.UsageError("--refine-steps applies to images only (video keyframes are coded without it)")
-    budget = _batch_limits("encode", tasks, jobs, force, skip_existing, max_memory)
+    budget = _batch_limits("encode", tasks, jobs, force, skip_existing, max_memory, engine)
     factory = _factory(functools.partial(load_encoders, need_image, need_video), model, placement(device, offload))
     if need_video and metric == "lpips":
         from ulbcodec.metrics import available_metrics
@@ -555,7 +560,7 @@ def _decode(stdio, inputs, output, out_dir, recursive, model, device, offload, j
     if output and Path(output).suffix.lower() not in IMAGE_EXTENSIONS.keys() | VIDEO_WRITE_EXTENSIONS | {""}:
         raise click.UsageError(f"{output}: unsupported output format {Path(output).suffix}; use .png, .jpg, .webp, "
                                ".tiff (images), .mp4, .mkv, .y4m or a folder name (videos)")
-    budget = _batch_limits("decode", tasks, jobs, force, skip_existing, max_memory)
+    budget = _batch_limits("decode", tasks, jobs, force, skip_existing, max_memory, engine)
     factory = _factory(load_decoders, model, placement(device, offload))
     if anchor_only and steps > 1:
         raise click.UsageError("--steps applies to the generative decoder; drop --anchor-only")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import tempfile
 import warnings
@@ -429,16 +430,37 @@ def write_video(path, frames: Iterable[np.ndarray], fps: Fraction, force: bool =
     return count
 
 
+FRAME_NAME = re.compile(r"frame-\d{6,}\.png")
+
+
+def check_frame_folder(path, force: bool) -> None:
+    """An existing frame folder is replaced only with ``force``, and only when it holds
+    nothing but frames (``frame-NNNNNN.png`` files, as ulbc writes them): a folder with any
+    other entry is refused even with ``force``, so that no unrelated file is ever deleted."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a folder")
+    if not force:
+        raise OutputExistsError(f"{path}: already exists (use --force to overwrite)")
+    try:
+        others = sorted(e.name for e in os.scandir(path)
+                        if not (FRAME_NAME.fullmatch(e.name) and e.is_file(follow_symlinks=False)))
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot read folder ({exc.strerror or exc})") from None
+    if others:
+        raise OutputError(f"{path}: holds {len(others)} entries that are not decoded frames (first: "
+                          f"{others[0]!r}); refusing to replace it, even with --force")
+
+
 def _write_frame_folder(path: Path, frames: Iterable[np.ndarray], force: bool) -> int:
     """Frames as PNGs in a new folder, built as a hidden temporary folder and renamed into
     place; with ``force`` an existing frame folder is replaced, only after the new one is
     complete."""
     from PIL import Image
 
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{path}: exists and is not a folder")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path}: already exists (use --force to overwrite)")
+    check_frame_folder(path, force)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
@@ -451,8 +473,9 @@ def _write_frame_folder(path: Path, frames: Iterable[np.ndarray], force: bool) -
             Image.fromarray(np.ascontiguousarray(frame), "RGB").save(tmp / f"frame-{count:06d}.png", compress_level=6)
         _default_mode()  # reads the umask
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0o700 is for the temporary folder only
+        check_frame_folder(path, force)  # again: the folder may have changed while decoding
         if path.exists():
-            old = path.with_name(f".{path.name}.old.{os.getpid()}")
+            old = tmp.with_name(tmp.name + ".old")  # unique as tmp is; removed below
             os.rename(path, old)
         os.rename(tmp, path)
         return count

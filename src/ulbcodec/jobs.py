@@ -135,7 +135,8 @@ def decode_video(decoders, container, task, force: bool, video_format: str, loss
     """Frames streamed from the decoder to the output (mp4/mkv/y4m or a frame folder)."""
     from tqdm import tqdm
 
-    from ulbcodec.io import IMAGE_EXTENSIONS, OutputError, OutputExistsError, write_video
+    from ulbcodec.io import (IMAGE_EXTENSIONS, OutputError, check_frame_folder, check_output, video_output_kind,
+                             write_video)
 
     dst = task.dst
     if dst.suffix.lower() in IMAGE_EXTENSIONS:
@@ -143,8 +144,11 @@ def decode_video(decoders, container, task, force: bool, video_format: str, loss
             dst = dst.with_suffix("" if video_format == "frames" else "." + video_format)
         else:
             raise OutputError(f"{task.src} is a video; write it to .mp4, .mkv, .y4m or a folder, not {dst.suffix}")
-    if dst.exists() and not force:  # before decoding (checked again when the output is put in place)
-        raise OutputExistsError(f"{dst}: already exists (use --force to overwrite)")
+    # Before decoding (checked again when the output is put in place).
+    if video_output_kind(dst) == "frames":
+        check_frame_folder(dst, force)  # --force replaces a folder of frames, nothing else
+    else:
+        check_output(dst, force)
     h = container.header
     codec = decoders.video_for(h)
     t0 = time.perf_counter()
@@ -260,14 +264,16 @@ def load_decoders(model: Optional[str], device):
 
 
 def batch_budget(verb: str, tasks: Sequence[Task], jobs: int, skip_existing: bool, max_memory: Optional[int],
-                 source: str):
-    """The per-process memory budget of a batch (None: no limit): ``max_memory`` bytes
-    shared by the workers that will run (``source`` names where the limit came from)."""
+                 source: str, engine: str = "local"):
+    """The memory budget of a batch (None: no limit): ``max_memory`` bytes shared by the
+    workers that will run (``source`` names where the limit came from). Local workers
+    share a pool (a file waits until its estimate fits what the others leave), Ray
+    actors an equal part each (:class:`resources.Budget`)."""
     if max_memory is None:  # 'none', or a platform that does not report its memory
         return None
     pending = sum(1 for t in tasks if not (skip_existing and t.dst.is_file()))
     workers = min(jobs, pending) if jobs > 1 and pending > 1 else 1
-    return resources.Budget.shared(max_memory, workers, verb, source)
+    return resources.Budget.shared(max_memory, workers, verb, source, pooled=engine != "ray")
 
 
 def placement(device: str, offload: str):

@@ -24,7 +24,9 @@ really free. The calibration table, the fit and the checks off the calibration p
 are in docs/measurements.md ("Memory estimate").
 
 The estimate is for one process. With ``--jobs N`` the limit is shared: the main process
-keeps one runtime base, each of the N workers gets an equal part of the rest.
+and each local worker keep a runtime base and the files running at once share the rest
+(:class:`MemoryPool`: a file waits until its estimate fits, so large files run fewer at a
+time); Ray actors each get an equal part (:class:`Budget`).
 
 Without ``--max-memory`` (or ``$ULBC_MAX_MEMORY``) the limit is 3/4 of the machine's
 physical memory (:func:`default_limit`): a file the machine cannot decode is refused with
@@ -217,30 +219,54 @@ def estimate_decode_file(header, package, generative: bool) -> int:
 class Budget:
     """The memory one process may use for one file (picklable: it travels to the workers).
 
-    ``limit`` is that process's part of ``total`` (the whole limit) when ``workers > 1``;
-    ``source`` says where the limit came from, for the error message."""
+    ``limit`` is the most one file may take; ``source`` says where the limit came from,
+    for the error message. With ``workers > 1`` the whole limit ``total`` is shared:
+
+    - ``pooled`` (local process pool, :func:`ulbcodec.batch.run`): the main process and
+      each worker keep a runtime ``base``; what is left over is a pool that the files
+      running at once share (:class:`MemoryPool`): a file starts only when its estimate
+      above ``base`` fits what is left of it, so a large file makes the batch run fewer
+      files at a time instead of failing. ``limit`` (``total - workers * base``) is the
+      most one file can take while the other workers idle;
+    - not pooled (Ray actors, possibly on other machines): each worker gets an equal
+      part of ``total`` less the main process's base, for any file."""
 
     limit: int
     source: str = "--max-memory"
     workers: int = 1
     total: Optional[int] = None
+    base: int = 0
+    pooled: bool = False
 
     @classmethod
-    def shared(cls, total: int, workers: int, verb: str, source: str = "--max-memory") -> "Budget":
-        """Split ``total`` over a pool: the main process keeps its runtime base, each
-        worker gets an equal part of the rest."""
+    def shared(cls, total: int, workers: int, verb: str, source: str = "--max-memory",
+               pooled: bool = False) -> "Budget":
+        """Split ``total`` over a pool of ``workers`` (see the class)."""
         if workers <= 1:
             return cls(total, source)
         base = ENCODE_BASE_BYTES if verb == "encode" else DECODE_BASE_BYTES
-        return cls(max(0, (total - base) // workers), source, workers, total)
+        if pooled:
+            return cls(max(0, total - workers * base), source, workers, total, base, True)
+        return cls(max(0, (total - base) // workers), source, workers, total, base)
 
     def check(self, estimate: int, what: str) -> None:
         """Raise MemoryLimitError (one line) when ``estimate`` exceeds the limit.
-        ``what`` names the work, e.g. "decoding 4000x3000"."""
+        ``what`` names the work, e.g. "decoding 4000x3000". In a worker of a pooled batch,
+        then wait until the estimate fits what the running files leave of the pool and
+        take it (given back by :func:`release_reservation` when the file is done)."""
         if estimate <= self.limit:
+            if self.pooled and _POOL["pool"] is not None:
+                release_reservation()
+                need = max(0, estimate - self.base)
+                _POOL["pool"].reserve(need)
+                _POOL["held"] = need
             return
         source = "the default limit" if self.source == DEFAULT_SOURCE else self.source
-        if self.workers > 1 and self.total is not None:
+        if self.workers > 1 and self.total is not None and self.pooled:
+            bound = (f"the {format_size(self.limit)} one file can use under {source} {format_size(self.total)} "
+                     f"with --jobs {self.workers} (the main process and each worker keep {format_size(self.base)}; "
+                     f"fewer --jobs leave more)")
+        elif self.workers > 1 and self.total is not None:
             bound = (f"the {format_size(self.limit)} per job left by {source} {format_size(self.total)} "
                      f"with --jobs {self.workers}")
         elif self.source == DEFAULT_SOURCE:
@@ -249,3 +275,59 @@ class Budget:
         else:
             bound = f"the {self.source} limit of {format_size(self.limit)}"
         raise MemoryLimitError(f"{what} needs an estimated {format_size(estimate)} of memory, over {bound}")
+
+
+class MemoryPool:
+    """Bytes the files running at once in a local process pool may take above each
+    worker's runtime base: a counter under a multiprocessing condition, created by the
+    main process and handed to each worker when it starts (:func:`install_pool`). A worker
+    holds nothing while it waits, so the batch cannot deadlock: any file whose share fits
+    the pool's capacity runs once the files before it are done."""
+
+    def __init__(self, capacity: int, ctx):
+        self.capacity = capacity
+        self._cond = ctx.Condition()
+        self._free = ctx.Value("q", capacity, lock=False)
+
+    def reserve(self, n: int) -> None:
+        with self._cond:
+            while self._free.value < min(n, self.capacity):
+                self._cond.wait()
+            self._free.value -= n
+
+    def release(self, n: int) -> None:
+        if n:
+            with self._cond:
+                self._free.value += n
+                self._cond.notify_all()
+
+    @property
+    def free(self) -> int:
+        with self._cond:
+            return self._free.value
+
+
+_POOL: dict = {"pool": None, "held": 0}
+
+
+def install_pool(pool: Optional[MemoryPool]) -> None:
+    """Make ``pool`` the memory pool of this (worker) process's budget checks."""
+    _POOL["pool"], _POOL["held"] = pool, 0
+
+
+def release_reservation() -> None:
+    """Give back what this process's current file took of the pool, and the freed memory
+    to the system (the workers run under :func:`keep_freed_memory`, which would otherwise
+    keep a large file's peak for the next, smaller one)."""
+    held, _POOL["held"] = _POOL["held"], 0
+    if held and _POOL["pool"] is not None:
+        _trim_heap()
+        _POOL["pool"].release(held)
+
+
+def _trim_heap() -> None:
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
