@@ -11,7 +11,10 @@ Runs, on the held-out photographs fetched by ``ulbcodec.train.data``:
      diagnostic of its prediction (benchmarks/latent_gap.py), VMAF's elementary features
      against the best AVIF at matched bpp (benchmarks/vmaf_features.py), its speed, and the
      same with encoder-side latent refinement (generative.py --refine-steps, refine_objectives.py);
-  4. when models/video is installed: the video benchmark (benchmarks/video_rd.py) on the
+  4. the colour statistics chunk (benchmarks/color_stats.py, issue 27): model default at
+     levels 0-3 and, when installed, models/generative at levels 0 and 3, each without and
+     with the `colr` chunk;
+  5. when models/video is installed: the video benchmark (benchmarks/video_rd.py) on the
      validation clips against x264/x265/SVT-AV1/VVenC, with speed and memory;
 and writes BENCHMARKS.md with the machine, date, commands and tables. RD plots go to
 docs/benchmarks/.
@@ -152,6 +155,11 @@ What each refinement objective buys (command: `python benchmarks/refine_objectiv
 {ablation}
 
 {refined_speed}"""
+    color_argv = ["--images", str(photos / "val-768"), "--model", args.model]
+    with contextlib.suppress(packages.ModelError):
+        packages.resolve(args.generative_model)
+        color_argv += ["--generative", "--generative-model", args.generative_model]
+    color = capture("color_stats.py", [*color_argv, "--out", str(Path(args.out) / "color_stats" / "points.json")])
     video_section = "Not run: no video model installed."
     try:
         packages.resolve(args.video_model)
@@ -204,6 +212,14 @@ Command: `python benchmarks/roofline.py {' '.join(roofline_argv)}`
 ## Generative (next-frame) decoding
 
 {gen_section}
+
+## Colour statistics chunk (`colr`, issue 27)
+
+Each photograph coded without and with the chunk (the original's per-channel mean/std;
+the decoder applies NeFIC's published colour fix; src/ulbcodec/color_stats.py).
+Command: `python benchmarks/color_stats.py {" ".join(color_argv)}`
+
+{color}
 
 ## Video: keyframes + diffusion prediction against x264, x265, SVT-AV1, VVenC
 
