@@ -131,11 +131,11 @@ def test_float32_decode_matches_every_published_intermediate(packages):
 def test_lora_is_what_makes_v_match(packages, monkeypatch):
     """Without the LoRA the decode misses the published v by far more than the tolerance
     (and equals the recorded v_no_lora): the comparison above does test the LoRA."""
-    from ulbcodec.models import nefic
+    from ulbcodec.models import lora
 
     vec = _vectors()
     assert np.abs(vec["v"] - vec["v_no_lora"]).max() > 0.1
-    monkeypatch.setattr(nefic, "apply_lora", lambda *args, **kwargs: 256)
+    monkeypatch.setattr(lora, "apply_lora", lambda *args, **kwargs: 256)
     codec = _codec(packages["plain"])
     _, record = _decode(codec, _file(codec, vec))
     errors = _max_errors(record, vec, ["v"])

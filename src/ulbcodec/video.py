@@ -95,7 +95,7 @@ class VideoSettings:
     pframes: bool = True
     pframe_level: Optional[float] = None  # default: the keyframe level (one λ scale)
     predictor: bool = True  # False: never run the diffusion predictor (P frames only)
-    scene_cuts: bool = True  # False: never replace a P frame by a cheaper keyframe (ablations, tests)
+    scene_cuts: bool = True  # False: never replace a P frame by a keyframe of lower R + λD (ablations, tests)
 
 
 @dataclass
@@ -109,6 +109,10 @@ class FrameRecord:
     type: str
     bytes: int
     distance: Optional[float] = None
+
+
+def _mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean((a.astype(np.float64) - b) ** 2))
 
 
 @dataclass
@@ -242,23 +246,27 @@ class VideoCodec:
                               "a corrupted file, or a machine whose arithmetic differs from the encoder's")
         return to_uint8(out["x_hat"][..., :h, :w])
 
+    def _rd_cost(self, payload: AnchorPayload, decoded: np.ndarray, target: np.ndarray, level: int) -> float:
+        """R + λ·D of one coded frame at a level's λ, D the training objective's MSE term:
+        what the encoder compares P-frame references and keyframes by."""
+        mse = float(np.mean((decoded.astype(np.float64) - target) ** 2)) / 255**2
+        return len(payload.to_bytes()) * 8 / (target.shape[0] * target.shape[1]) + \
+            self.pframe_lambdas[level] * MSE_WEIGHT * mse
+
     def _best_pframe(self, target: np.ndarray, previous: np.ndarray, forecast: Optional[np.ndarray],
-                     level: int) -> Tuple[PFramePayload, np.ndarray, bool]:
-        """The P frame of ``target`` with the lower rate-distortion cost R + λ·D (the
-        training objective's MSE term) of the two references: the previous decoded frame,
-        and the predictor's forecast of this frame where there is one."""
-        lmbda = self.pframe_lambdas[level]
-        pixels = target.shape[0] * target.shape[1]
+                     level: int) -> Tuple[float, PFramePayload, np.ndarray, bool]:
+        """(cost, payload, decoded, forecast used) of the P frame of ``target`` with the
+        lower R + λ·D of the two references: the previous decoded frame, and the
+        predictor's forecast of this frame where there is one."""
         best = None
         for ref, is_forecast in ((previous, False), (forecast, True)):
             if ref is None:
                 continue
             payload, decoded = self._code_pframe(target, ref, level)
-            mse = float(np.mean((decoded.astype(np.float64) - target) ** 2)) / 255**2
-            cost = len(payload.to_bytes()) * 8 / pixels + lmbda * MSE_WEIGHT * mse
+            cost = self._rd_cost(payload, decoded, target, level)
             if best is None or cost < best[0]:
                 best = (cost, payload, decoded, is_forecast)
-        return best[1], best[2], best[3]
+        return best
 
     # ------------------------------------------------------------------ encode
 
@@ -323,8 +331,10 @@ class VideoCodec:
         if anchor_level not in self.image.rate_levels:
             raise ValueError(f"anchor level {anchor_level} not offered by model {self.package.name!r}")
         index, segments, payloads, size = 0, [], [], None
-        scene_cut: Optional[AnchorPayload] = None  # the keyframe a scene-cut test already coded
-        keyframe_bytes = 0
+        # A keyframe that a scene-cut test already coded (payload, decoded), and the bytes
+        # and MSE of the last keyframe: a P frame worse on either triggers that test.
+        scene_cut: Optional[Tuple[AnchorPayload, np.ndarray]] = None
+        keyframe_bytes, keyframe_error = 0, 0.0
         history: Deque[_Decoded] = collections.deque(maxlen=K)
         while fill(1):
             h, w = lookahead[0].shape[:2]
@@ -335,11 +345,13 @@ class VideoCodec:
             k = min(group, fill(group))
             for _ in range(k):  # keyframes
                 frame = lookahead.popleft()
-                payload = scene_cut or self.image.encode_anchor(frame, level)
-                scene_cut = None
+                if scene_cut is None:
+                    payload = self.image.encode_anchor(frame, level)
+                    decoded = self._keyframe_decode(payload, w, h, level, settings.generative_keyframes)
+                else:
+                    (payload, decoded), scene_cut = scene_cut, None
                 payloads.append(Chunk(bitstream.CHUNK_ANCHOR, payload.to_bytes()))
-                keyframe_bytes = len(payloads[-1].payload)
-                decoded = self._keyframe_decode(payload, w, h, level, settings.generative_keyframes)
+                keyframe_bytes, keyframe_error = len(payloads[-1].payload), _mse(decoded, frame)
                 history.append(_Decoded(decoded))
                 emit(decoded)
                 note(FrameRecord(index, "K", payloads[-1].size))
@@ -372,13 +384,16 @@ class VideoCodec:
                     continue
                 if not use_pframes:
                     break
-                payload, decoded, used_forecast = self._best_pframe(targets[0], history[-1].frame, forecast,
-                                                                    pframe_level)
+                cost, payload, decoded, used_forecast = self._best_pframe(targets[0], history[-1].frame, forecast,
+                                                                          pframe_level)
                 chunk = Chunk(bitstream.CHUNK_PFRAME, payload.to_bytes())
-                if settings.scene_cuts and len(chunk.payload) > keyframe_bytes:  # a cut: a keyframe costs less
+                # A scene cut (or a reference grown stale): a keyframe whose R + λ·D is lower.
+                if settings.scene_cuts and (len(chunk.payload) > keyframe_bytes
+                                            or _mse(decoded, targets[0]) > keyframe_error):
                     keyframe = self.image.encode_anchor(targets[0], level)
-                    if len(keyframe.to_bytes()) <= len(chunk.payload):
-                        scene_cut = keyframe
+                    key_decoded = self._keyframe_decode(keyframe, w, h, level, settings.generative_keyframes)
+                    if self._rd_cost(keyframe, key_decoded, targets[0], pframe_level) <= cost:
+                        scene_cut = (keyframe, key_decoded)
                         break
                 lookahead.popleft()
                 payloads.append(chunk)

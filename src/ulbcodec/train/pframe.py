@@ -9,8 +9,9 @@ Recipe (docs/training.md has the reasoning and the measured cost):
   ``a·x^γ`` of all three frames, so that low-light scenes are not outside the training
   distribution (the unseen night clip of issue 23);
 - for the first ``--noise-steps`` steps the decoder sees y + U(−½, ½) instead of the
-  rounded y, and the rate term's weight ramps from 0 to 1 over the first
-  ``--rate-warmup`` steps (as DCVC trains its contextual coder on distortion first):
+  rounded y; the first ``--rate-warmup`` steps train on distortion alone and the rate
+  term's weight then ramps to 1 over as many (as DCVC trains its contextual coder on
+  distortion first):
   with rounding and the rate from the start, y collapsed to zero bits and the decoder to
   copying the reference (docs/training.md);
 - the first reference stands in for a decoded keyframe: the first frame blurred by a
@@ -124,6 +125,13 @@ def distortion(x_hat: torch.Tensor, x: torch.Tensor):
                                                            win_size=MSSSIM_WINDOW)), mse
 
 
+def rate_weight(step: int, warmup: int) -> float:
+    """0 for the first ``warmup`` steps, then a linear ramp to 1 over as many: an untrained
+    model's latent costs several bits per pixel, and even a tenth of that rate outweighs
+    the distortion and collapses y before the decoder has learnt to use it."""
+    return min(1.0, max(0.0, step / warmup - 1.0))
+
+
 def optimizers(model: PFrameCodec, lr: float):
     """Adam for the network, the entropy bottleneck's density at 5x the rate (it is what
     costs the bits of a static scene, and learns slowest), Adam for its quantiles (aux)."""
@@ -149,8 +157,8 @@ def main(argv=None) -> None:
     p.add_argument("--lambdas", type=float, nargs="+", default=DEFAULT_LAMBDAS)
     p.add_argument("--noise-steps", type=int, default=1500,
                    help="steps that decode y + uniform noise instead of the rounded y")
-    p.add_argument("--rate-warmup", type=int, default=1000,
-                   help="steps over which the rate term's weight ramps from 0 to 1")
+    p.add_argument("--rate-warmup", type=int, default=600,
+                   help="steps of distortion alone, then as many over which the rate term's weight ramps to 1")
     p.add_argument("--max-frames", type=int, default=150)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -185,7 +193,7 @@ def main(argv=None) -> None:
             out = model(frames[:, j], ref, level, noisy=i < args.noise_steps)
             rate = bits_per_pixel(out["likelihoods"], frames.shape[0] * args.crop**2)
             dist, mse = distortion(out["x_hat"], frames[:, j])
-            loss = loss + min(1.0, i / args.rate_warmup) * rate + lambdas[level] * dist
+            loss = loss + rate_weight(i, args.rate_warmup) * rate + lambdas[level] * dist
             ref = quantize_uint8(out["x_hat"])
             bpp.append(rate.item())
             psnr.append(-10 * np.log10(max(mse.item(), 1e-10)))
