@@ -245,7 +245,8 @@ def main(argv=None) -> None:
     p.add_argument("--names", nargs="+", default=list(DEFAULT_CLIPS))
     p.add_argument("--frames", type=int, default=30)
     p.add_argument("--model", default="video")
-    p.add_argument("--levels", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--levels", type=int, nargs="*", default=[0, 1, 2, 3, 4],
+                   help="rate levels of ulbc with the predictor (none: only the P-frames-only curve)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.3])
     p.add_argument("--no-predictor-levels", type=int, nargs="*", default=[0, 1, 2, 3, 4],
                    help="also run ulbc without the diffusion predictor (P frames only) at these levels")
@@ -306,7 +307,7 @@ encoder's reconstruction bit for bit. Baselines: elementary-stream bytes without
 
 ### The predictor against copying the last frame (P = {codec.pred_frames} frames ahead, clean history, {codec.steps} sampler step(s))
 
-{predictor_vs_copy(codec, loaded)}
+{predictor_vs_copy(codec, loaded) if args.levels else "not run (no predictor curve)"}
 
 ### Where the frames come from
 

@@ -150,6 +150,9 @@ def main(argv=None) -> None:
     p.add_argument("--run", default="runs/pframe")
     p.add_argument("--video-model", default="video", help="package the export adds the P-frame codec to")
     p.add_argument("--export", default=None)
+    p.add_argument("--init-from", default=None,
+                   help="start a new run from this package's P-frame codec (fresh optimisers and warm-ups: "
+                        "pass --rate-warmup 0 --noise-steps 0 to continue the objective as it was)")
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--crop", type=int, default=MIN_SIDE)
@@ -176,6 +179,14 @@ def main(argv=None) -> None:
     if (run / "state.json").exists():
         meta = {**meta, **load_stage(run, {"model": model}, {}, {"opt": opt, "aux": aux_opt})}
         print(f"resumed at step {meta['step']}", flush=True)
+    elif args.init_from:  # a new run from a package's P-frame codec: how a shipped model trains further
+        from ulbcodec import packages
+
+        source = packages.ModelPackage.load_manifest(packages.resolve(args.init_from))
+        model.load_state_dict(source.build("pframe").float().state_dict())
+        meta["init_from"] = {"package": args.init_from, "digest": source.digest,
+                             "steps": source.extra.get("pframe_training", {}).get("steps")}
+        print(f"initialised from {args.init_from} ({meta['init_from']['steps']} steps)", flush=True)
     lambdas = meta["lambdas"]
     if meta["step"] < args.steps:
         clips = load_clips(Path(args.data) / "videos" / "train", args.max_frames)
@@ -233,13 +244,15 @@ def export(model: PFrameCodec, meta: dict, args) -> None:
     modules = {name: base.build(name) for name in base.components if name != "pframe"}
     modules["pframe"] = model
     extra = dict(base.extra)
-    extra["pframe_training"] = {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
+    previous = meta.get("init_from", {}).get("steps") or 0
+    extra["pframe_training"] = {"steps": previous + meta["step"], "minutes": round(meta["seconds"] / 60, 1),
+                                "init_from": meta.get("init_from"),
                                 "batch": args.batch, "crop": args.crop, "lr": args.lr, "seed": args.seed,
                                 "lambdas": meta["lambdas"], "log_tail": meta["log"][-5:]}
     pkg = packages.save_package(args.export, base.name, modules, base.rate_levels, half_parameters=True,
                                 diffusers_dtype=torch.bfloat16, extra=extra, next_frame=base.next_frame,
-                                description=base.description + "; conditional P-frame codec trained by "
-                                "ulbcodec.train.pframe")
+                                description=base.description if "pframe" in base.components else
+                                base.description + "; conditional P-frame codec trained by ulbcodec.train.pframe")
     print(json.dumps({"exported": str(pkg.root), "digest": pkg.digest[:16], "MB": pkg.size_bytes / 1e6}))
 
 
