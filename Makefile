@@ -93,7 +93,7 @@ generative-model: $(STAMP)
 # Train (or resume) the video frame predictor on top of models/generative, export models/video.
 # Train (or resume) the video model: the frame predictor on models/generative's latent space,
 # then the conditional P-frame codec, which the export adds to that package (docs/training.md).
-PFRAME_STEPS ?= 20000
+PFRAME_STEPS ?= 1113
 video-model: $(STAMP)
 	$(PY) -m ulbcodec.train.predictor --data $(DATA) --run runs/predictor --image-model generative \
 		--steps 8000 --max-frames 40 --export runs/predictor/package
