@@ -205,8 +205,8 @@ class PFrameCodec(CompressionModel):
         self.params_anchor = self._parameter_net(3 * M)
         self.params_nonanchor = self._parameter_net(5 * M)
         # He initialisation for the leaky ReLUs: torch's default shrinks each layer's output
-        # (no GDN here to renormalise), so y started near 1e-3, far below the quantisation
-        # step, and training collapsed to a latent of zero bits.
+        # and no GDN renormalises it, which starts y far below the quantisation step, where
+        # training settles on a latent of zero bits (docs/training.md).
         for name, module in self.named_modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, a=0.1, nonlinearity="leaky_relu")

@@ -7,13 +7,12 @@ Recipe (docs/training.md has the reasoning and the measured cost):
   frames ``t, t+s, t+2s`` (``s`` = 1..3: more motion than the clips have), a random crop,
   flips, time reversal, and — for a third of the samples — a darkening
   ``a·x^γ`` of all three frames, so that low-light scenes are not outside the training
-  distribution (the unseen night clip of issue 23);
+  distribution;
 - for the first ``--noise-steps`` steps the decoder sees y + U(−½, ½) instead of the
   rounded y; the first ``--rate-warmup`` steps train on distortion alone and the rate
   term's weight then ramps to 1 over as many (as DCVC trains its contextual coder on
-  distortion first):
-  with rounding and the rate from the start, y collapsed to zero bits and the decoder to
-  copying the reference (docs/training.md);
+  distortion first): both keep the decoder from learning to ignore a latent that the
+  rate term pushes to zero bits (docs/training.md: so far every run still did);
 - the first reference stands in for a decoded keyframe: the first frame blurred by a
   random down/up-scaling (the anchor codec's blur at low rates) and rounded to uint8;
 - cascaded training, as in DCVC-DC: frame 2 is coded from the *decoded* frame 1 (rounded
