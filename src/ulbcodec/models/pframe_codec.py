@@ -207,10 +207,14 @@ class PFrameCodec(CompressionModel):
         # He initialisation for the leaky ReLUs: torch's default shrinks each layer's output
         # and no GDN renormalises it, which starts y far below the quantisation step, where
         # training settles on a latent of zero bits (docs/training.md).
+        # The synthesis's last layer starts near zero, so x̂ starts at the reference: He
+        # initialised too, its residuals swamp x̂, and undoing them shrinks y first.
         for name, module in self.named_modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, a=0.1, nonlinearity="leaky_relu")
                 nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            self.g_s.out[-1].weight.mul_(0.01)
         exponents = torch.linspace(-1.0, 1.0, num_rate_levels) if num_rate_levels > 1 else torch.zeros(1)
         init = torch.pow(2.0, exponents)[:, None].repeat(1, M)
         self.gain = nn.Parameter(init.clone())
