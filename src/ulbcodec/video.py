@@ -249,9 +249,8 @@ class VideoCodec:
     def _rd_cost(self, payload: AnchorPayload, decoded: np.ndarray, target: np.ndarray, level: int) -> float:
         """R + λ·D of one coded frame at a level's λ, D the training objective's MSE term:
         what the encoder compares P-frame references and keyframes by."""
-        mse = float(np.mean((decoded.astype(np.float64) - target) ** 2)) / 255**2
         return len(payload.to_bytes()) * 8 / (target.shape[0] * target.shape[1]) + \
-            self.pframe_lambdas[level] * MSE_WEIGHT * mse
+            self.pframe_lambdas[level] * MSE_WEIGHT * (_mse(decoded, target) / 255**2)
 
     def _best_pframe(self, target: np.ndarray, previous: np.ndarray, forecast: Optional[np.ndarray],
                      level: int) -> Tuple[float, PFramePayload, np.ndarray, bool]:

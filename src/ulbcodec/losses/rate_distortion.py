@@ -37,13 +37,14 @@ def bits_per_pixel(likelihoods: Mapping[str, Tensor], num_pixels: int) -> Tensor
     return sum(-torch.log2(l.float().clamp_min(1e-9)).sum() for l in likelihoods.values()) / num_pixels
 
 
-def anchor_distortion(x_hat: Tensor, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def anchor_distortion(x_hat: Tensor, x: Tensor, win_size: int = 11) -> Tuple[Tensor, Tensor, Tensor]:
     """(D, MSE, MS-SSIM) of a decoded batch against the originals (both [B, 3, H, W] in [0, 1],
-    at least 161 px on each side for MS-SSIM's five scales); MS-SSIM on the clamped image."""
+    each side over (win_size - 1)·16 px for MS-SSIM's five scales: 161 px with the default
+    11 px window); MS-SSIM on the clamped image."""
     from pytorch_msssim import ms_ssim
 
     mse = F.mse_loss(x_hat, x)
-    msssim = ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0)
+    msssim = ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0, win_size=win_size)
     return MSE_WEIGHT * mse + MSSSIM_WEIGHT * (1 - msssim), mse, msssim
 
 

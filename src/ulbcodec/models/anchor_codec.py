@@ -115,6 +115,19 @@ _CDF_BUFFERS = {
 }
 
 
+def resize_cdf_buffers(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Resize ``model``'s CDF buffers to the shapes ``state_dict`` holds, so that a strict
+    load can follow (torch cannot load a buffer of another shape)."""
+    for name, module in model.named_modules():
+        for kind, buffer_names in _CDF_BUFFERS.items():
+            if not isinstance(module, kind):
+                continue
+            for buffer_name in buffer_names:
+                key = f"{name}.{buffer_name}"
+                if key in state_dict:
+                    getattr(module, buffer_name).resize_(state_dict[key].shape)
+
+
 def pad_to_multiple(x: Tensor, multiple: int = 64) -> Tuple[Tensor, Tuple[int, int]]:
     """Zero-pad ``x`` [B, C, H, W] at the bottom/right so H and W are multiples of ``multiple``.
 
@@ -440,14 +453,7 @@ class AnchorCodec(CheckerboardSliceLatentCodec, CompressionModel):
         the data they were built from.) Unlike the published loader, ``strict=True`` is
         the default so that a wrong architecture cannot load silently.
         """
-        for name, module in self.named_modules():
-            for kind, buffer_names in _CDF_BUFFERS.items():
-                if not isinstance(module, kind):
-                    continue
-                for buffer_name in buffer_names:
-                    key = f"{name}.{buffer_name}"
-                    if key in state_dict:
-                        getattr(module, buffer_name).resize_(state_dict[key].shape)
+        resize_cdf_buffers(self, state_dict)
         return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
 
     # ---------------------------------------------------------------- input checking

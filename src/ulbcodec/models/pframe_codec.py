@@ -49,12 +49,10 @@ reconstruction (the next frame's reference) equals the decoder's.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from ulbcodec._compressai import compressai  # noqa: F401  (must precede compressai.* imports)
@@ -66,7 +64,7 @@ from compressai.models import CompressionModel
 from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part, squeeze_part, unsqueeze_part
 from ulbcodec.entropy.coding import deterministic_entropy_path, rans_safe, symbols_crc32
 from ulbcodec.layers import rate_gains
-from ulbcodec.models.anchor_codec import _CDF_BUFFERS, _ste_round
+from ulbcodec.models.anchor_codec import _ste_round, resize_cdf_buffers
 
 __all__ = ["PFrameCodec"]
 
@@ -231,10 +229,7 @@ class PFrameCodec(CompressionModel):
     def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
         """Strict loading that first resizes the CDF buffers to the file's shapes (they
         depend on the data the tables were built from)."""
-        for name, module in self.named_modules():
-            for buffer_name in _CDF_BUFFERS.get(type(module), ()):
-                if f"{name}.{buffer_name}" in state_dict:
-                    getattr(module, buffer_name).resize_(state_dict[f"{name}.{buffer_name}"].shape)
+        resize_cdf_buffers(self, state_dict)
         return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
 
     # ---------------------------------------------------------------- pieces

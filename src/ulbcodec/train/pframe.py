@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ulbcodec.losses.rate_distortion import MSE_WEIGHT, MSSSIM_WEIGHT, bits_per_pixel
+from ulbcodec.losses.rate_distortion import anchor_distortion, bits_per_pixel
 from ulbcodec.models.pframe_codec import PFrameCodec
 from ulbcodec.train.anchor import DEFAULT_LAMBDAS, round_parameters_to_half
 from ulbcodec.train.generative import load_stage, save_stage
@@ -112,16 +112,6 @@ def quantize_uint8(x: torch.Tensor) -> torch.Tensor:
     """round(255·x)/255 with a straight-through gradient: what the next frame's reference is."""
     x = x.clamp(0, 1)
     return x + (torch.round(x * 255) / 255 - x).detach()
-
-
-def distortion(x_hat: torch.Tensor, x: torch.Tensor):
-    """(D, MSE): the anchor codec's distortion (:mod:`ulbcodec.losses.rate_distortion`) with
-    MS-SSIM's window at 7 px, so that 128 px crops (2.25x cheaper than 192) keep its five scales."""
-    from pytorch_msssim import ms_ssim
-
-    mse = F.mse_loss(x_hat, x)
-    return MSE_WEIGHT * mse + MSSSIM_WEIGHT * (1 - ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0,
-                                                           win_size=MSSSIM_WINDOW)), mse
 
 
 def rate_weight(step: int, warmup: int) -> float:
@@ -202,7 +192,7 @@ def main(argv=None) -> None:
         for j in (1, 2):
             out = model(frames[:, j], ref, level, noisy=i < args.noise_steps)
             rate = bits_per_pixel(out["likelihoods"], frames.shape[0] * args.crop**2)
-            dist, mse = distortion(out["x_hat"], frames[:, j])
+            dist, mse, _ = anchor_distortion(out["x_hat"], frames[:, j], win_size=MSSSIM_WINDOW)
             loss = loss + rate_weight(i, args.rate_warmup) * rate + lambdas[level] * dist
             ref = quantize_uint8(out["x_hat"])
             bpp.append(rate.item())
