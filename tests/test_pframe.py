@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from ulbcodec.bitstream import BitstreamError, Chunk, Container, GopStructure, PFrame, PFramePayload, Round
+import re
+
+from ulbcodec.bitstream import (CHUNK_PFRAME, BitstreamError, Chunk, Container, GopStructure, PFrame, PFramePayload,
+                                Round, pframe_chunk)
 from ulbcodec.image import DecodeError
 from ulbcodec.models.pframe_codec import PFrameCodec
 from ulbcodec.video import VideoCodec, VideoSettings
@@ -35,6 +38,22 @@ def trained_like():
     torch.nn.init.normal_(model.g_s.out[-1].weight, std=0.05)
     model.update(force=True)
     return model.eval()
+
+
+def force_residual(monkeypatch):
+    """Every inter frame coded by the P-frame codec on the previous frame (no motion, no
+    repeat): the tests of that codec's path, whatever a random model would choose."""
+    def best(self, target, previous, forecast, level, motion=True):
+        payload, decoded = self._code_pframe(target, previous, level)
+        chunk = Chunk(CHUNK_PFRAME, pframe_chunk(None, payload))
+        return self._rd_cost(8 * chunk.size, decoded, target, level), PFrame(), chunk, decoded
+
+    monkeypatch.setattr(VideoCodec, "_best_pframe", best)
+
+
+@pytest.fixture
+def residual_only(monkeypatch):
+    force_residual(monkeypatch)
 
 
 def encode(codec, frames, **kw):
@@ -112,10 +131,22 @@ def test_gop_syntax_2_round_trips_p_frames():
         gops.to_bytes(syntax=1)
     rounds_only = GopStructure([(2, [Round(3)])])
     assert rounds_only.syntax == 1  # files without P frames keep the old syntax
-    with pytest.raises(BitstreamError, match="non-zero"):
+    with pytest.raises(BitstreamError, match="invalid value"):
         GopStructure.from_bytes(bytes([1, 1, 1, 1 << 2 | 2]), 2, 2, 3, syntax=2)
     with pytest.raises(BitstreamError, match="unknown GOP syntax"):
-        GopStructure.from_bytes(rounds_only.to_bytes(), 5, 2, 3, syntax=3)
+        GopStructure.from_bytes(rounds_only.to_bytes(), 5, 2, 3, syntax=4)
+
+
+def test_gop_syntax_3_holds_motion_and_repeats():
+    units = [PFrame(False, True, False), PFrame(False, False, False), PFrame(True, True, True), PFrame()]
+    gops = GopStructure([(1, units)])
+    assert gops.syntax == 3 and gops.pframes == 4 and gops.pframe_chunks == 3
+    assert gops.frame_types() == "KPsFP"
+    assert GopStructure.from_bytes(gops.to_bytes(), 5, 2, 3, syntax=3) == gops
+    with pytest.raises(ValueError, match="syntax 2"):
+        gops.to_bytes(syntax=2)
+    with pytest.raises(BitstreamError, match="invalid value"):
+        GopStructure.from_bytes(bytes([1, 1, 1, 4 << 2 | 2]), 2, 2, 3, syntax=3)
 
 
 # ---------------------------------------------------------------------- the video codec
@@ -124,11 +155,11 @@ def test_gop_syntax_2_round_trips_p_frames():
 def test_failed_predictions_become_p_frames_and_decode_exactly(codec):
     data, gops, seen, log = encode(codec, clip(7), threshold=0.0)
     types = gops.frame_types()
-    assert types[0] == "K" and set(types[1:]) <= {"P", "F"} and gops.keyframes == 1
+    assert types[0] == "K" and set(types[1:]) <= {"P", "F", "s"} and gops.keyframes == 1
     assert [r.type for r in log] == list(types)
-    assert all(r.bytes > 0 for r in log) and all(r.distance is not None for r in log[2:])
+    assert all((r.bytes > 0) == r.type.isupper() for r in log) and all(r.distance is not None for r in log[2:])
     header = Container.from_bytes(data).header
-    assert header.params["gop_syntax"] == 2 and header.params["pframe_level"] == header.rate_level
+    assert header.params["gop_syntax"] == gops.syntax and header.params["pframe_level"] == header.rate_level
     decoded = list(codec.decode(data))
     assert len(decoded) == 7 and all(np.array_equal(a, b) for a, b in zip(seen, decoded))
     previous = torch.get_num_threads()
@@ -142,7 +173,7 @@ def test_failed_predictions_become_p_frames_and_decode_exactly(codec):
 
 def test_without_the_predictor_nothing_runs_it(codec, package):
     data, gops, seen, _ = encode(codec, clip(5), predictor=False)
-    assert gops.frame_types() == "KPPPP"
+    assert re.fullmatch("K[Ps]{4}", gops.frame_types())
     fresh = VideoCodec.from_pretrained(package)
     assert all(np.array_equal(a, b) for a, b in zip(seen, fresh.decode(data)))
     assert fresh._predictor is None
@@ -150,12 +181,13 @@ def test_without_the_predictor_nothing_runs_it(codec, package):
 
 def test_accepted_predictions_still_come_first(codec):
     _, gops, _, _ = encode(codec, clip(8), threshold=10.0, max_gop=100)
-    assert gops.frame_types() == "KP" + "ppp" + "ppp"  # the history fills with a P frame, then rounds
+    assert re.fullmatch("K[Ps]pppppp", gops.frame_types())  # the history fills with a P frame, then rounds
 
 
 def test_max_gop_and_scene_cuts_start_keyframes(codec, monkeypatch):
     _, gops, _, _ = encode(codec, clip(8), predictor=False, max_gop=3)
-    assert gops.frame_types() == "KPPPKPPP"
+    assert re.fullmatch("K[Ps]{3}K[Ps]{3}", gops.frame_types())
+    force_residual(monkeypatch)
     code = VideoCodec._code_pframe
 
     def expensive(self, frame, ref, level):  # every P frame costs more than a keyframe
@@ -168,11 +200,11 @@ def test_max_gop_and_scene_cuts_start_keyframes(codec, monkeypatch):
     assert encode(codec, clip(4), predictor=False)[1].frame_types() == "KPPP"
 
 
-def test_p_frame_chunks_are_checked(codec):
+def test_p_frame_chunks_are_checked(codec, residual_only):
     data, gops, _, _ = encode(codec, clip(4), predictor=False)
     container = Container.from_bytes(data)
     dropped = Container(container.header, container.chunks[:-1])
-    with pytest.raises(BitstreamError, match="P frames"):
+    with pytest.raises(BitstreamError, match="P-frame chunks"):
         list(codec.decode(dropped.to_bytes()))
     last = PFramePayload.from_bytes(container.chunks[-1].payload)
     wrong = PFramePayload(last.z_shape, last.z_string, last.y_string, last.symbols_check ^ 1)

@@ -152,7 +152,7 @@ PARAM_IDS: Dict[str, int] = {
     "anchor_level": 23,  # video: rate level of the anchors of anchored rounds
     "guide_timestep": 24,  # video: anchored rounds start denoising the anchor at this timestep
     "pframe_level": 25,  # video: rate level of the P frames (PFRM chunks)
-    "gop_syntax": 26,  # video: 2 = GOPS units may be P frames (absent = 1: rounds only)
+    "gop_syntax": 26,  # video: 2 = GOPS units may be P frames, 3 = with motion (absent = 1: rounds only)
 }
 PARAM_NAMES = {v: k for k, v in PARAM_IDS.items()}
 
@@ -462,6 +462,49 @@ class PFramePayload(AnchorPayload):
     what = "P-frame"
 
 
+@dataclass
+class MotionPayload:
+    """A P frame's coded motion field (:mod:`ulbcodec.motion`): node spacing in pixels,
+    the two rANS table indices (x << 4 | y), and the rANS string of the vector differences."""
+
+    spacing: int
+    tables: int
+    string: bytes
+
+    def to_bytes(self) -> bytes:
+        return bytes([self.spacing, self.tables]) + self.string
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> "MotionPayload":
+        r = Reader(payload, "motion field")
+        spacing, tables = r.u8(), r.u8()
+        return cls(spacing, tables, r.take(r.remaining))
+
+
+def pframe_chunk(motion: Optional[MotionPayload], residual: Optional[PFramePayload]) -> bytes:
+    """A PFRM chunk's payload: the motion field (uvarint length first) where the unit has
+    one, then the residual's payload where it has one."""
+    out = b""
+    if motion is not None:
+        field = motion.to_bytes()
+        out += write_uvarint(len(field)) + field
+    return out + (residual.to_bytes() if residual is not None else b"")
+
+
+def split_pframe_chunk(payload: bytes, unit: "PFrame") -> Tuple[Optional[MotionPayload], Optional[PFramePayload]]:
+    """The parts of a PFRM chunk that ``unit`` announces (the inverse of :func:`pframe_chunk`)."""
+    motion = None
+    if unit.motion:
+        r = Reader(payload, "P-frame chunk")
+        motion = MotionPayload.from_bytes(r.bytes_with_length(len(payload)))
+        payload = r.take(r.remaining)
+    if not unit.residual:
+        if payload:
+            raise BitstreamError(f"{len(payload)} unexpected trailing bytes in a motion-only P-frame chunk")
+        return motion, None
+    return motion, PFramePayload.from_bytes(payload)
+
+
 class Round(NamedTuple):
     """One prediction round: how many predicted frames the encoder accepted (1..P), and
     whether the round was guided by a small anchor of its first frame (one ANCH chunk)."""
@@ -471,15 +514,24 @@ class Round(NamedTuple):
 
 
 class PFrame(NamedTuple):
-    """One conditionally coded frame (one PFRM chunk). Its reference is the previous
-    decoded frame, or with ``forecast`` the predictor's forecast of this frame (the first
-    frame of a prediction round started at it, which the decoder runs)."""
+    """One inter-coded frame. Its reference is the previous decoded frame, or with
+    ``forecast`` the predictor's forecast of this frame (the first frame of a prediction
+    round started at it, which the decoder runs). With ``motion`` the reference is first
+    warped along a coded motion field; with ``residual`` the conditional P-frame codec
+    codes the frame given that (warped) reference. A unit with either has one PFRM chunk
+    (:func:`pframe_chunk`); one with neither repeats its reference at zero bytes."""
 
     forecast: bool = False
+    motion: bool = False
+    residual: bool = True
+
+    @property
+    def has_chunk(self) -> bool:
+        return self.motion or self.residual
 
 
 Unit = Union[Round, PFrame]
-GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES = 1, 2
+GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES, GOP_SYNTAX_MOTION = 1, 2, 3
 _UNIT_ROUND, _UNIT_ANCHORED, _UNIT_PFRAME, _UNIT_FORECAST = range(4)
 
 
@@ -495,7 +547,8 @@ class GopStructure:
     uvarint per unit. Syntax 1 (files before P frames; header without ``gop_syntax``):
     ``accepted << 1 | anchored``. Syntax 2: ``value << 2 | kind`` with kind 0 a round and
     1 an anchored round (value = accepted), 2 a P frame and 3 a forecast-conditioned
-    P frame (value = 0).
+    P frame (value = 0: a residual, no motion). Syntax 3 (motion): as 2, with a P frame's
+    value ``motion | residual << 1``.
     """
 
     segments: List[Tuple[int, List[Unit]]]
@@ -521,19 +574,29 @@ class GopStructure:
         return sum(u.accepted for _, units in self.segments for u in units if isinstance(u, Round))
 
     @property
+    def pframe_chunks(self) -> int:
+        return sum(isinstance(u, PFrame) and u.has_chunk for _, units in self.segments for u in units)
+
+    @property
     def syntax(self) -> int:
-        return GOP_SYNTAX_PFRAMES if self.pframes else GOP_SYNTAX_ROUNDS
+        """The oldest syntax that holds these units (files that need no motion stay readable
+        by ulbc versions before it)."""
+        units = [u for _, us in self.segments for u in us if isinstance(u, PFrame)]
+        if any(u.motion or not u.residual for u in units):
+            return GOP_SYNTAX_MOTION
+        return GOP_SYNTAX_PFRAMES if units else GOP_SYNTAX_ROUNDS
 
     def frame_types(self) -> str:
         """One letter per frame, capitals for frames that cost bits: K keyframe, P P frame,
         F P frame conditioned on the predictor's forecast, p predicted (zero bits), A the
-        first frame of an anchored round (predicted, guided by a small anchor)."""
+        first frame of an anchored round (predicted, guided by a small anchor), s a
+        repeated reference (zero bytes)."""
         out = []
         for k, units in self.segments:
             out.append("K" * k)
             for u in units:
                 if isinstance(u, PFrame):
-                    out.append("F" if u.forecast else "P")
+                    out.append(("F" if u.forecast else "P") if u.has_chunk else "s")
                 else:
                     out.append(("A" if u.anchored else "p") + "p" * (u.accepted - 1))
         return "".join(out)
@@ -549,7 +612,10 @@ class GopStructure:
                 if syntax == GOP_SYNTAX_ROUNDS:
                     out += write_uvarint(u.accepted << 1 | int(u.anchored))
                 elif isinstance(u, PFrame):
-                    out += write_uvarint(_UNIT_FORECAST if u.forecast else _UNIT_PFRAME)
+                    value = int(u.motion) | int(u.residual) << 1 if syntax == GOP_SYNTAX_MOTION else 0
+                    if syntax == GOP_SYNTAX_PFRAMES and (u.motion or not u.residual):
+                        raise ValueError("GOP syntax 2 cannot hold motion or repeated frames")
+                    out += write_uvarint(value << 2 | (_UNIT_FORECAST if u.forecast else _UNIT_PFRAME))
                 else:
                     out += write_uvarint(u.accepted << 2 | (_UNIT_ANCHORED if u.anchored else _UNIT_ROUND))
         return bytes(out)
@@ -559,7 +625,7 @@ class GopStructure:
                    syntax: int = GOP_SYNTAX_ROUNDS, max_gop: Optional[int] = None) -> "GopStructure":
         """Parse and check against the header: every count bounded by the frame count, and
         with ``max_gop`` every run of predicted frames (a segment's units) by it."""
-        if syntax not in (GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES):
+        if syntax not in (GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES, GOP_SYNTAX_MOTION):
             raise BitstreamError(f"unknown GOP syntax {syntax}")
         r = Reader(payload, "GOP chunk")
         count = r.uvarint()
@@ -603,8 +669,10 @@ def _read_unit(value: int, syntax: int) -> Unit:
         return Round(value >> 1, bool(value & 1))
     kind, rest = value & 3, value >> 2
     if kind in (_UNIT_PFRAME, _UNIT_FORECAST):
+        if syntax == GOP_SYNTAX_MOTION and rest <= 3:
+            return PFrame(kind == _UNIT_FORECAST, bool(rest & 1), bool(rest & 2))
         if rest:
-            raise BitstreamError(f"P-frame unit with a non-zero value {rest}")
+            raise BitstreamError(f"P-frame unit with an invalid value {rest}")
         return PFrame(kind == _UNIT_FORECAST)
     return Round(rest, kind == _UNIT_ANCHORED)
 

@@ -42,11 +42,14 @@ import torch
 
 from ulbcodec import bitstream
 from ulbcodec.bitstream import (AnchorPayload, BitstreamError, Chunk, Container, GopStructure, Header, PFrame,
-                                PFramePayload, Round)
+                                PFramePayload, Round, pframe_chunk, split_pframe_chunk)
 from ulbcodec.image import DecodeError, ImageCodec, pad_replicate, to_tensor, to_uint8
 from ulbcodec import packages
 from ulbcodec.losses.rate_distortion import MSE_WEIGHT
 from ulbcodec.models.frame_predictor import fixed_threads
+from ulbcodec.motion import coding as motion_coding
+from ulbcodec.motion.field import warp
+from ulbcodec.motion.search import best_field
 
 METRICS = {"ms-ssim": 1, "lpips": 2}
 MAX_STEPS = 100  # sampler steps a file may ask for: bounds the decoder's work per round
@@ -96,6 +99,7 @@ class VideoSettings:
     pframe_level: Optional[float] = None  # default: the keyframe level (one λ scale)
     predictor: bool = True  # False: never run the diffusion predictor (P frames only)
     scene_cuts: bool = True  # False: never replace a P frame by a keyframe of lower R + λD (ablations, tests)
+    motion: bool = True  # False: P frames without coded motion (ablations)
 
 
 @dataclass
@@ -246,26 +250,40 @@ class VideoCodec:
                               "a corrupted file, or a machine whose arithmetic differs from the encoder's")
         return to_uint8(out["x_hat"][..., :h, :w])
 
-    def _rd_cost(self, payload: AnchorPayload, decoded: np.ndarray, target: np.ndarray, level: int) -> float:
-        """R + λ·D of one coded frame at a level's λ, D the training objective's MSE term:
-        what the encoder compares P-frame references and keyframes by."""
-        return len(payload.to_bytes()) * 8 / (target.shape[0] * target.shape[1]) + \
+    def _rd_cost(self, bits: float, decoded: np.ndarray, target: np.ndarray, level: int) -> float:
+        """R + λ·D of one coded frame at a level's λ (R in bits per pixel, D the training
+        objective's MSE term): what the encoder compares P-frame modes and keyframes by."""
+        return bits / (target.shape[0] * target.shape[1]) + \
             self.pframe_lambdas[level] * MSE_WEIGHT * (_mse(decoded, target) / 255**2)
 
     def _best_pframe(self, target: np.ndarray, previous: np.ndarray, forecast: Optional[np.ndarray],
-                     level: int) -> Tuple[float, PFramePayload, np.ndarray, bool]:
-        """(cost, payload, decoded, forecast used) of the P frame of ``target`` with the
-        lower R + λ·D of the two references: the previous decoded frame, and the
-        predictor's forecast of this frame where there is one."""
-        best = None
+                     level: int, motion: bool = True) -> Tuple[float, PFrame, Optional[Chunk], np.ndarray]:
+        """(cost, unit, PFRM chunk or None, decoded) of the inter frame of ``target`` with
+        the lowest R + λ·D over two references (the previous decoded frame, and the
+        predictor's forecast of this frame where there is one) and three modes each: the
+        reference repeated (zero bytes), the reference warped along a coded motion field,
+        and the conditional P-frame codec given the (warped) reference."""
+        candidates = []
+
+        def consider(unit: PFrame, motion_payload, residual: Optional[PFramePayload], decoded: np.ndarray) -> None:
+            chunk = Chunk(bitstream.CHUNK_PFRAME, pframe_chunk(motion_payload, residual)) if unit.has_chunk else None
+            bits = 8 * chunk.size if chunk is not None else 0
+            candidates.append((self._rd_cost(bits, decoded, target, level), unit, chunk, decoded))
+
         for ref, is_forecast in ((previous, False), (forecast, True)):
             if ref is None:
                 continue
+            consider(PFrame(is_forecast, False, False), None, None, ref)
+            field = None
+            if motion:
+                field, warped, _ = best_field(target, ref, lambda bits, pred: self._rd_cost(bits, pred, target, level))
+            motion_payload = motion_coding.compress(field) if field is not None else None
+            if field is not None:
+                ref = warped
+                consider(PFrame(is_forecast, True, False), motion_payload, None, ref)
             payload, decoded = self._code_pframe(target, ref, level)
-            cost = self._rd_cost(payload, decoded, target, level)
-            if best is None or cost < best[0]:
-                best = (cost, payload, decoded, is_forecast)
-        return best
+            consider(PFrame(is_forecast, field is not None, True), motion_payload, payload, decoded)
+        return min(candidates, key=lambda c: c[0])
 
     # ------------------------------------------------------------------ encode
 
@@ -383,23 +401,25 @@ class VideoCodec:
                     continue
                 if not use_pframes:
                     break
-                cost, payload, decoded, used_forecast = self._best_pframe(targets[0], history[-1].frame, forecast,
-                                                                          pframe_level)
-                chunk = Chunk(bitstream.CHUNK_PFRAME, payload.to_bytes())
+                cost, unit, chunk, decoded = self._best_pframe(targets[0], history[-1].frame, forecast, pframe_level,
+                                                               settings.motion)
                 # A scene cut (or a reference grown stale): a keyframe whose R + λ·D is lower.
-                if settings.scene_cuts and (len(chunk.payload) > keyframe_bytes
-                                            or _mse(decoded, targets[0]) > keyframe_error):
+                chunk_bytes = len(chunk.payload) if chunk is not None else 0
+                if settings.scene_cuts and (chunk_bytes > keyframe_bytes or _mse(decoded, targets[0]) > keyframe_error):
                     keyframe = self.image.encode_anchor(targets[0], level)
                     key_decoded = self._keyframe_decode(keyframe, w, h, level, settings.generative_keyframes)
-                    if self._rd_cost(keyframe, key_decoded, targets[0], pframe_level) <= cost:
+                    if self._rd_cost(8 * Chunk(bitstream.CHUNK_ANCHOR, keyframe.to_bytes()).size, key_decoded, targets[0], pframe_level) <= cost:
                         scene_cut = (keyframe, key_decoded)
                         break
                 lookahead.popleft()
-                payloads.append(chunk)
+                if chunk is not None:
+                    payloads.append(chunk)
                 history.append(_Decoded(decoded))
                 emit(decoded)
-                note(FrameRecord(index, "F" if used_forecast else "P", chunk.size, distances[0] if distances else None))
-                units.append(PFrame(used_forecast))
+                letter = GopStructure([(1, [unit])]).frame_types()[1]
+                note(FrameRecord(index, letter, chunk.size if chunk is not None else 0,
+                                 distances[0] if distances else None))
+                units.append(unit)
                 index += 1
                 gop += 1
             segments.append((k, units))
@@ -471,8 +491,8 @@ class VideoCodec:
             raise BitstreamError(f"GOPS announces {gops.keyframes} keyframes and {gops.anchored_rounds} anchored "
                                  f"rounds, the file holds {len(anchors)} anchors")
         pframes = container.find(bitstream.CHUNK_PFRAME)
-        if len(pframes) != gops.pframes:
-            raise BitstreamError(f"GOPS announces {gops.pframes} P frames, the file holds {len(pframes)}")
+        if len(pframes) != gops.pframe_chunks:
+            raise BitstreamError(f"GOPS announces {gops.pframe_chunks} P-frame chunks, the file holds {len(pframes)}")
         pframe_level = h.params.get("pframe_level")
         if gops.pframes:
             if not self.has_pframes:
@@ -504,9 +524,14 @@ class VideoCodec:
                     if unit.forecast:
                         needs_history("a forecast-conditioned P frame")
                         ref = next(self._predict(history, h.seed, index, steps))
-                    payload = PFramePayload.from_bytes(pframes[next_pframe].payload)
-                    next_pframe += 1
-                    frame = self._decode_pframe(payload, ref, pframe_level)
+                    frame = ref
+                    if unit.has_chunk:
+                        motion, residual = split_pframe_chunk(pframes[next_pframe].payload, unit)
+                        next_pframe += 1
+                        if motion is not None:
+                            frame = warp(ref, motion_coding.decompress(motion, h.width, h.height))
+                        if residual is not None:
+                            frame = self._decode_pframe(residual, frame, pframe_level)
                     history.append(_Decoded(frame))
                     index += 1
                     yield frame

@@ -1,0 +1,149 @@
+"""Motion estimation (encoder side only): the mesh field that best predicts a frame.
+
+The decoder never runs this, so it may use floating point and any thread count; what it
+decides is written to the file and warped bit-exactly (:mod:`ulbcodec.motion.field`).
+
+Coarse to fine over a luma pyramid (1/4, 1/2, full size): at each stage every candidate
+offset δ is added to *all* node vectors, the reference is warped along the resulting
+field (bilinear), and each node keeps the δ with the lowest mean absolute error over its
+two-cell window plus a smoothness term (the L1 distance to its four neighbours' vectors,
+which the planar predictor of :mod:`ulbcodec.motion.coding` turns into few bits). The
+last stage searches quarter pels.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ulbcodec.motion.field import QUARTER, SPACINGS, MotionField, grid_shape, warp
+
+__all__ = ["estimate", "estimate_vectors", "best_field", "warp_bilinear"]
+
+# (pyramid factor, search radius, step), in full-size pixels
+STAGES = ((4, 24.0, 4.0), (2, 4.0, 2.0), (1, 2.0, 1.0), (1, 0.75, 0.25))
+_SMOOTHING_SWEEPS = 3
+SMOOTHNESS = 3.0  # grey levels of window error that one pixel of vector difference must save
+
+
+def _luma(frame: np.ndarray) -> torch.Tensor:
+    f = torch.from_numpy(np.array(frame, dtype=np.float32))
+    return (f @ torch.tensor([0.299, 0.587, 0.114]))[None, None]
+
+
+def _dense(vectors: torch.Tensor, spacing: int, height: int, width: int) -> torch.Tensor:
+    """Node vectors [B, rows, cols, 2] → bilinear flow [B, H, W, 2] with nodes every ``spacing``."""
+    rows, cols = vectors.shape[1:3]
+    dense = F.interpolate(vectors.permute(0, 3, 1, 2), size=((rows - 1) * spacing + 1, (cols - 1) * spacing + 1),
+                          mode="bilinear", align_corners=True)
+    return dense[:, :, :height, :width].permute(0, 2, 3, 1)
+
+
+def _sample(reference: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """``reference`` [B, C, H, W] bilinearly sampled at each pixel + ``flow`` [B, H, W, 2]
+    (pixels), clamped to the border."""
+    _, _, h, w = reference.shape
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                            indexing="ij")
+    gx = (xs + flow[..., 0]) * (2 / max(w - 1, 1)) - 1
+    gy = (ys + flow[..., 1]) * (2 / max(h - 1, 1)) - 1
+    return F.grid_sample(reference, torch.stack([gx, gy], -1), mode="bilinear", padding_mode="border",
+                         align_corners=True)
+
+
+def warp_bilinear(reference: torch.Tensor, vectors: torch.Tensor, spacing: int) -> torch.Tensor:
+    """A differentiable stand-in for :func:`~ulbcodec.motion.field.warp` (bilinear, float)
+    for training: ``reference`` [B, C, H, W] along node vectors [B, rows, cols, 2] in pixels."""
+    h, w = reference.shape[-2:]
+    return _sample(reference, _dense(vectors, spacing, h, w))
+
+
+def _window_error(target: torch.Tensor, reference: torch.Tensor, flow: torch.Tensor, spacing: int,
+                  shape: Tuple[int, int]) -> torch.Tensor:
+    """Mean |target − warped reference| over each node's window [rows, cols]."""
+    _, _, h, w = target.shape
+    err = (target - _sample(reference, flow)).abs()
+    rows, cols = shape
+    pad = (spacing, (cols - 1) * spacing + spacing - w, spacing, (rows - 1) * spacing + spacing - h)
+    total = F.avg_pool2d(F.pad(err, pad), 2 * spacing, spacing)
+    count = F.avg_pool2d(F.pad(torch.ones_like(err), pad), 2 * spacing, spacing)
+    return (total / count.clamp_min(1e-6))[:, 0, :rows, :cols]
+
+
+def _neighbour_cost(vectors: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Σ over the 4 neighbours of |v_neighbour − candidate|₁, per node [B, rows, cols]."""
+    total = torch.zeros(vectors.shape[:3])
+    total[:, :, 1:] += (vectors[:, :, :-1] - candidate[:, :, 1:]).abs().sum(-1)
+    total[:, :, :-1] += (vectors[:, :, 1:] - candidate[:, :, :-1]).abs().sum(-1)
+    total[:, 1:] += (vectors[:, :-1] - candidate[:, 1:]).abs().sum(-1)
+    total[:, :-1] += (vectors[:, 1:] - candidate[:, :-1]).abs().sum(-1)
+    return total
+
+
+@torch.no_grad()
+def estimate_vectors(target: torch.Tensor, reference: torch.Tensor, spacing: int,
+                     smoothness: float = SMOOTHNESS, stages: Sequence[Tuple[int, float, float]] = STAGES
+                     ) -> torch.Tensor:
+    """Node vectors [B, rows, cols, 2] (pixels, on the last stage's quarter-pel grid) along
+    which ``reference`` best predicts ``target``, both luma [B, 1, H, W] in grey levels.
+    ``stages``: (pyramid factor, search radius, step) in full-size pixels."""
+    b, _, h, w = target.shape
+    shape = grid_shape(w, h, spacing)
+    vectors = torch.zeros(b, *shape, 2)
+    for factor, radius, step in stages:
+        if factor > 1 and (min(h, w) // factor < 16 or spacing % factor):
+            continue
+        t = F.avg_pool2d(target, factor, ceil_mode=True) if factor > 1 else target
+        r = F.avg_pool2d(reference, factor, ceil_mode=True) if factor > 1 else reference
+        hl, wl = t.shape[-2:]
+        offsets = np.arange(-radius, radius + step / 2, step)
+        deltas = torch.tensor([(dx, dy) for dy in offsets for dx in offsets], dtype=torch.float32)
+        data = torch.stack([_window_error(t, r, _dense(vectors + d, spacing // factor, hl, wl) / factor,
+                                          spacing // factor, shape) for d in deltas])
+        choice = data.argmin(0)
+        for _ in range(_SMOOTHING_SWEEPS):  # iterated conditional modes over the neighbours' choices
+            chosen = vectors + deltas[choice]
+            costs = torch.stack([data[c] + smoothness * _neighbour_cost(chosen, vectors + d)
+                                 for c, d in enumerate(deltas)])
+            choice = costs.argmin(0)
+        vectors = vectors + deltas[choice]
+    return vectors
+
+
+def luma(frames: torch.Tensor) -> torch.Tensor:
+    """RGB [B, 3, H, W] in [0, 1] → luma [B, 1, H, W] in grey levels (what the search compares)."""
+    weights = torch.tensor([0.299, 0.587, 0.114], device=frames.device).view(1, 3, 1, 1)
+    return (frames * weights).sum(1, keepdim=True) * 255
+
+
+def estimate(target: np.ndarray, reference: np.ndarray, spacing: int,
+             smoothness: float = SMOOTHNESS) -> MotionField:
+    """The mesh field (at ``spacing``) along which ``reference`` best predicts ``target``
+    (HxWx3 uint8 frames)."""
+    vectors = estimate_vectors(_luma(target), _luma(reference), spacing, smoothness)[0]
+    return MotionField(spacing, torch.round(vectors * QUARTER).to(torch.int32).numpy())
+
+
+def best_field(target: np.ndarray, reference: np.ndarray,
+               cost: Callable[[float, np.ndarray], float]) -> Tuple[Optional[MotionField], np.ndarray, float]:
+    """(field or None for no motion, the warped reference, its cost) of the lowest
+    ``cost(bits, prediction)`` among no motion and a field at each node spacing; ``bits``
+    is the field's coded size (its PFRM section, length and header bytes included)."""
+    from ulbcodec.motion.coding import coded_bits
+
+    best = (None, reference, cost(0.0, reference))
+    h, w = target.shape[:2]
+    for spacing in SPACINGS:
+        if spacing > 2 * max(h, w):
+            continue
+        field = estimate(target, reference, spacing)
+        if field.is_zero:
+            continue
+        warped = warp(reference, field)
+        c = cost(coded_bits(field) + 8 * 4, warped)
+        if c < best[2]:
+            best = (field, warped, c)
+    return best
