@@ -25,7 +25,7 @@ from fractions import Fraction
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from ulbcodec.errors import BitstreamError
 
@@ -277,9 +277,10 @@ class Header:
 CHUNK_HEADER = b"HEAD"
 CHUNK_ANCHOR = b"ANCH"  # one entropy-coded anchor latent (image, or one video keyframe)
 CHUNK_GOPS = b"GOPS"  # video: which frames are keyframes, which predicted, round by round
-CHUNK_PFRAME = b"PFRM"  # video: one conditionally coded P frame (same layout as ANCH)
+CHUNK_PFRAME = b"PFRM"  # video (GOP syntax 2): one conditionally coded P frame (same layout as ANCH)
+CHUNK_INTER = b"INTR"  # video (GOP syntax 3): the inter frames of one GOP segment
 CHUNK_COLOR = b"colr"  # ancillary: the original's colour statistics, 12 bytes (ulbcodec/color_stats.py)
-KNOWN_CRITICAL = {CHUNK_HEADER, CHUNK_ANCHOR, CHUNK_GOPS, CHUNK_PFRAME}
+KNOWN_CRITICAL = {CHUNK_HEADER, CHUNK_ANCHOR, CHUNK_GOPS, CHUNK_PFRAME, CHUNK_INTER}
 
 
 @dataclass
@@ -482,8 +483,9 @@ class MotionPayload:
 
 
 def pframe_chunk(motion: Optional[MotionPayload], residual: Optional[PFramePayload]) -> bytes:
-    """A PFRM chunk's payload: the motion field (uvarint length first) where the unit has
-    one, then the residual's payload where it has one."""
+    """One P frame's coded parts: the motion field (uvarint length first) where the unit
+    has one, then the residual's payload where it has one (a PFRM chunk's payload, or one
+    frame's entry in an INTR chunk)."""
     out = b""
     if motion is not None:
         field = motion.to_bytes()
@@ -503,6 +505,40 @@ def split_pframe_chunk(payload: bytes, unit: "PFrame") -> Tuple[Optional[MotionP
             raise BitstreamError(f"{len(payload)} unexpected trailing bytes in a motion-only P-frame chunk")
         return motion, None
     return motion, PFramePayload.from_bytes(payload)
+
+
+def inter_chunk(frames: Sequence[bytes]) -> bytes:
+    """An INTR chunk's payload: each inter frame's parts (:func:`pframe_chunk`), uvarint length first."""
+    return b"".join(write_uvarint(len(f)) + f for f in frames)
+
+
+def pframe_parts(container: "Container", gops: "GopStructure") -> List[Optional[bytes]]:
+    """Each P unit's coded parts in frame order (None for a repeat), from the PFRM chunks
+    (GOP syntax 2, one per P frame) or the INTR chunks (syntax 3, one per segment with
+    coded inter frames); the chunk counts and lengths checked against the GOP structure."""
+    syntax = container.header.params.get("gop_syntax", GOP_SYNTAX_ROUNDS)
+    segments = [[u for u in units if isinstance(u, PFrame)] for _, units in gops.segments]
+    pframe_chunks, inter_chunks = container.find(CHUNK_PFRAME), container.find(CHUNK_INTER)
+    if syntax != GOP_SYNTAX_MOTION:
+        if inter_chunks or len(pframe_chunks) != gops.pframes:
+            raise BitstreamError(f"GOPS announces {gops.pframes} P frames, the file holds {len(pframe_chunks)} "
+                                 f"PFRM and {len(inter_chunks)} INTR chunks")
+        return [c.payload for c in pframe_chunks]
+    coded = [sum(u.has_chunk for u in units) for units in segments]
+    if pframe_chunks or len(inter_chunks) != sum(n > 0 for n in coded):
+        raise BitstreamError(f"GOPS announces {sum(n > 0 for n in coded)} segments with inter frames, the file "
+                             f"holds {len(inter_chunks)} INTR and {len(pframe_chunks)} PFRM chunks")
+    out, chunks = [], iter(inter_chunks)
+    for units, n in zip(segments, coded):
+        if not n:
+            out += [None] * len(units)
+            continue
+        payload = next(chunks).payload
+        r = Reader(payload, "INTR chunk")
+        for u in units:
+            out.append(r.bytes_with_length(len(payload)) if u.has_chunk else None)
+        r.expect_end()
+    return out
 
 
 class Round(NamedTuple):
@@ -761,20 +797,32 @@ def describe(container: Container) -> dict:
         types = structure.frame_types()
         desc["gop"] = {"frame_types": types, "keyframes": [i for i, t in enumerate(types) if t == "K"],
                        "anchored": [i for i, t in enumerate(types) if t == "A"],
-                       "pframes": [i for i, t in enumerate(types) if t in "PF"],
+                       "pframes": [i for i, t in enumerate(types) if t in "PFs"],
                        "rounds": [u.accepted for _, units in structure.segments for u in units
                                   if isinstance(u, Round)],
-                       "frame_bytes": _frame_bytes(types, container)}
+                       "frame_bytes": _frame_bytes(types, container, structure)}
     return desc
 
 
-def _frame_bytes(types: str, container: Container) -> List[int]:
-    """Bytes of each frame's chunk in frame order (0 for a predicted frame): ANCH chunks
-    belong to K and A frames, PFRM chunks to P and F frames."""
-    queues = {CHUNK_ANCHOR: iter(container.find(CHUNK_ANCHOR)), CHUNK_PFRAME: iter(container.find(CHUNK_PFRAME))}
+def _frame_bytes(types: str, container: Container, gops: GopStructure) -> List[int]:
+    """Bytes of each frame in frame order (0 for a predicted or repeated frame): its ANCH
+    chunk for K and A frames; for P and F frames its PFRM chunk, or (syntax 3) its entry
+    in its segment's INTR chunk, the chunk's own framing not counted."""
+    anchors = iter(container.find(CHUNK_ANCHOR))
+    syntax = container.header.params.get("gop_syntax", GOP_SYNTAX_ROUNDS)
+    try:
+        parts = iter(pframe_parts(container, gops))
+    except BitstreamError:
+        parts = iter([])
     out = []
     for t in types:
-        queue = queues[CHUNK_ANCHOR] if t in "KA" else queues[CHUNK_PFRAME] if t in "PF" else None
-        chunk = next(queue, None) if queue is not None else None
-        out.append(chunk.size if chunk is not None else 0)
+        if t in "KA":
+            chunk = next(anchors, None)
+            out.append(chunk.size if chunk is not None else 0)
+        elif t in "PFs":
+            part = next(parts, None)
+            framing = Chunk(CHUNK_PFRAME, b"").size if syntax != GOP_SYNTAX_MOTION else len(write_uvarint(len(part or b"")))
+            out.append(len(part) + framing if part is not None else 0)
+        else:
+            out.append(0)
     return out

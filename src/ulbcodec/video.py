@@ -42,7 +42,8 @@ import torch
 
 from ulbcodec import bitstream
 from ulbcodec.bitstream import (AnchorPayload, BitstreamError, Chunk, Container, GopStructure, Header, PFrame,
-                                PFramePayload, Round, pframe_chunk, split_pframe_chunk)
+                                PFramePayload, Round, inter_chunk, pframe_chunk, pframe_parts, split_pframe_chunk,
+                                write_uvarint)
 from ulbcodec.image import DecodeError, ImageCodec, pad_replicate, to_tensor, to_uint8
 from ulbcodec import packages
 from ulbcodec.losses.rate_distortion import MSE_WEIGHT
@@ -257,18 +258,19 @@ class VideoCodec:
             self.pframe_lambdas[level] * MSE_WEIGHT * (_mse(decoded, target) / 255**2)
 
     def _best_pframe(self, target: np.ndarray, previous: np.ndarray, forecast: Optional[np.ndarray],
-                     level: int, motion: bool = True) -> Tuple[float, PFrame, Optional[Chunk], np.ndarray]:
-        """(cost, unit, PFRM chunk or None, decoded) of the inter frame of ``target`` with
+                     level: int, motion: bool = True) -> Tuple[float, PFrame, Optional[bytes], np.ndarray]:
+        """(cost, unit, coded parts or None, decoded) of the inter frame of ``target`` with
         the lowest R + λ·D over two references (the previous decoded frame, and the
         predictor's forecast of this frame where there is one) and three modes each: the
         reference repeated (zero bytes), the reference warped along a coded motion field,
-        and the conditional P-frame codec given the (warped) reference."""
+        and the conditional P-frame codec given the (warped) reference. R counts the parts
+        and their length prefix in the segment's INTR chunk."""
         candidates = []
 
         def consider(unit: PFrame, motion_payload, residual: Optional[PFramePayload], decoded: np.ndarray) -> None:
-            chunk = Chunk(bitstream.CHUNK_PFRAME, pframe_chunk(motion_payload, residual)) if unit.has_chunk else None
-            bits = 8 * chunk.size if chunk is not None else 0
-            candidates.append((self._rd_cost(bits, decoded, target, level), unit, chunk, decoded))
+            part = pframe_chunk(motion_payload, residual) if unit.has_chunk else None
+            bits = 8 * (len(part) + len(write_uvarint(len(part)))) if part is not None else 0
+            candidates.append((self._rd_cost(bits, decoded, target, level), unit, part, decoded))
 
         for ref, is_forecast in ((previous, False), (forecast, True)):
             if ref is None:
@@ -284,6 +286,26 @@ class VideoCodec:
             payload, decoded = self._code_pframe(target, ref, level)
             consider(PFrame(is_forecast, field is not None, True), motion_payload, payload, decoded)
         return min(candidates, key=lambda c: c[0])
+
+    @staticmethod
+    def _chunks(entries: List, gops: GopStructure) -> List[Chunk]:
+        """The file's chunks after GOPS, in frame order, from the encoder's entries (ANCH
+        chunks, and (segment, parts) of each coded inter frame): one PFRM chunk per P frame
+        in GOP syntax 2, one INTR chunk per segment in syntax 3."""
+        if gops.syntax != bitstream.GOP_SYNTAX_MOTION:
+            return [e if isinstance(e, Chunk) else Chunk(bitstream.CHUNK_PFRAME, e[1]) for e in entries]
+        by_segment = collections.defaultdict(list)
+        for e in entries:
+            if not isinstance(e, Chunk):
+                by_segment[e[0]].append(e[1])
+        out, placed = [], set()
+        for e in entries:
+            if isinstance(e, Chunk):
+                out.append(e)
+            elif e[0] not in placed:  # the segment's inter frames, where its first one stands
+                placed.add(e[0])
+                out.append(Chunk(bitstream.CHUNK_INTER, inter_chunk(by_segment[e[0]])))
+        return out
 
     # ------------------------------------------------------------------ encode
 
@@ -401,23 +423,24 @@ class VideoCodec:
                     continue
                 if not use_pframes:
                     break
-                cost, unit, chunk, decoded = self._best_pframe(targets[0], history[-1].frame, forecast, pframe_level,
-                                                               settings.motion)
+                cost, unit, part, decoded = self._best_pframe(targets[0], history[-1].frame, forecast, pframe_level,
+                                                              settings.motion)
                 # A scene cut (or a reference grown stale): a keyframe whose R + λ·D is lower.
-                chunk_bytes = len(chunk.payload) if chunk is not None else 0
-                if settings.scene_cuts and (chunk_bytes > keyframe_bytes or _mse(decoded, targets[0]) > keyframe_error):
+                if settings.scene_cuts and (len(part or b"") > keyframe_bytes
+                                            or _mse(decoded, targets[0]) > keyframe_error):
                     keyframe = self.image.encode_anchor(targets[0], level)
                     key_decoded = self._keyframe_decode(keyframe, w, h, level, settings.generative_keyframes)
-                    if self._rd_cost(8 * Chunk(bitstream.CHUNK_ANCHOR, keyframe.to_bytes()).size, key_decoded, targets[0], pframe_level) <= cost:
+                    if self._rd_cost(8 * Chunk(bitstream.CHUNK_ANCHOR, keyframe.to_bytes()).size, key_decoded,
+                                     targets[0], pframe_level) <= cost:
                         scene_cut = (keyframe, key_decoded)
                         break
                 lookahead.popleft()
-                if chunk is not None:
-                    payloads.append(chunk)
+                if part is not None:
+                    payloads.append((len(segments), part))
                 history.append(_Decoded(decoded))
                 emit(decoded)
                 letter = GopStructure([(1, [unit])]).frame_types()[1]
-                note(FrameRecord(index, letter, chunk.size if chunk is not None else 0,
+                note(FrameRecord(index, letter, len(part) if part is not None else 0,
                                  distances[0] if distances else None))
                 units.append(unit)
                 index += 1
@@ -437,7 +460,7 @@ class VideoCodec:
             params.update(pframe_level=pframe_level, gop_syntax=gops.syntax)
         header = Header(bitstream.MEDIA_VIDEO, size[0], size[1], self.package.short_digest, level, index,
                         fps.numerator, fps.denominator, settings.seed, params)
-        chunks = [Chunk(bitstream.CHUNK_GOPS, gops.to_bytes())] + payloads
+        chunks = [Chunk(bitstream.CHUNK_GOPS, gops.to_bytes())] + self._chunks(payloads, gops)
         return Container(header, chunks).to_bytes(), gops
 
     def encode_to_bpp(self, open_frames: Callable[[], Iterable[np.ndarray]], fps: Fraction,
@@ -490,9 +513,7 @@ class VideoCodec:
         if len(anchors) != gops.keyframes + gops.anchored_rounds:
             raise BitstreamError(f"GOPS announces {gops.keyframes} keyframes and {gops.anchored_rounds} anchored "
                                  f"rounds, the file holds {len(anchors)} anchors")
-        pframes = container.find(bitstream.CHUNK_PFRAME)
-        if len(pframes) != gops.pframe_chunks:
-            raise BitstreamError(f"GOPS announces {gops.pframe_chunks} P-frame chunks, the file holds {len(pframes)}")
+        pframes = iter(pframe_parts(container, gops))  # PFRM or INTR chunks, counts checked
         pframe_level = h.params.get("pframe_level")
         if gops.pframes:
             if not self.has_pframes:
@@ -504,7 +525,7 @@ class VideoCodec:
             raise BitstreamError("anchored rounds need a valid anchor level and guide timestep in the header")
         generative = bool(h.params.get("keyframe_decoder", 0))
         history: Deque[_Decoded] = collections.deque(maxlen=K)
-        index, next_anchor, next_pframe = 0, 0, 0
+        index, next_anchor = 0, 0
 
         def needs_history(what: str) -> None:
             if len(history) < K:
@@ -525,9 +546,9 @@ class VideoCodec:
                         needs_history("a forecast-conditioned P frame")
                         ref = next(self._predict(history, h.seed, index, steps))
                     frame = ref
-                    if unit.has_chunk:
-                        motion, residual = split_pframe_chunk(pframes[next_pframe].payload, unit)
-                        next_pframe += 1
+                    part = next(pframes)
+                    if part is not None:
+                        motion, residual = split_pframe_chunk(part, unit)
                         if motion is not None:
                             frame = warp(ref, motion_coding.decompress(motion, h.width, h.height))
                         if residual is not None:
