@@ -77,9 +77,12 @@ FUZZ_MODEL_NAME = "tiny"
 FUZZ_RATE_LEVELS = 3
 # The video fuzz model: same idea, a frozen copy of tests/conftest.py's tiny video model
 # (anchor codec, CogVideoX VAE and transformer for generative keyframes, a UNet2DModel
-# predictor, K=2 -> P=3, 1 sampler step).
+# predictor, K=2 -> P=3, 1 sampler step, a P-frame codec; its levels carry λs so that
+# the encoder codes motion and residuals, not only repeats).
 FUZZ_VIDEO_NAME = "tinyvideo"
 FUZZ_VIDEO = {"cond_frames": 2, "pred_frames": 3, "steps": 1, "residual_scale": 0.5}
+FUZZ_VIDEO_LAMBDAS = (1e-3, 1e-2, 1e-1)
+FUZZ_PFRAME = dict(N=8, M=16, context_widths=[8, 8, 8], num_rate_levels=FUZZ_RATE_LEVELS)
 FUZZ_LATENT = 4
 FUZZ_VAE = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=FUZZ_LATENT,
                 temporal_compression_ratio=4, sample_height=64, sample_width=64)
@@ -122,8 +125,9 @@ def _build_video_package(root: Path) -> Path:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel, UNet2DModel
 
     from ulbcodec.models.anchor_codec import AnchorCodec
-    from ulbcodec.packages import RateLevel, save_package
     from ulbcodec.models.next_frame import SCHEDULER_CONFIG
+    from ulbcodec.models.pframe_codec import PFrameCodec
+    from ulbcodec.packages import RateLevel, save_package
 
     with torch.random.fork_rng():
         torch.manual_seed(FUZZ_MODEL_SEED)
@@ -134,7 +138,11 @@ def _build_video_package(root: Path) -> Path:
                    "scheduler": CogVideoXDDIMScheduler(**SCHEDULER_CONFIG), "prompt_embeds": torch.randn(1, 3, 8),
                    "predictor": UNet2DModel(**FUZZ_PREDICTOR).eval(),
                    "predictor_scheduler": CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)}
-    save_package(root / FUZZ_VIDEO_NAME, FUZZ_VIDEO_NAME, modules, [RateLevel(i) for i in range(FUZZ_RATE_LEVELS)],
+        modules["pframe"] = PFrameCodec(**FUZZ_PFRAME)
+        modules["pframe"].update(force=True)
+    levels = [RateLevel(i, lmbda) for i, lmbda in enumerate(FUZZ_VIDEO_LAMBDAS)]
+    save_package(root / FUZZ_VIDEO_NAME, FUZZ_VIDEO_NAME, {k: m.eval() if hasattr(m, "eval") else m
+                                                           for k, m in modules.items()}, levels,
                  extra={"video": FUZZ_VIDEO}, description="tiny random video model for fuzzing")
     return root / FUZZ_VIDEO_NAME
 

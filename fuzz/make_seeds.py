@@ -48,13 +48,18 @@ VALID = [
 
 
 # Videos, coded with the video fuzz model: (width, height, frames, rate level, settings).
-# A threshold of 0.9 accepts the random predictor's frames; 0 refuses them all.
+# A threshold of 0.9 accepts the random predictor's frames; 0 refuses them all. The
+# first five are keyframes and rounds only (GOP syntax 1), as before P frames.
 VALID_VIDEOS = [
-    (16, 16, 3, 0, dict(threshold=0.9)),
-    (64, 48, 9, 1, dict(threshold=0.9)),
-    (33, 17, 6, 2, dict(threshold=0.0)),
-    (24, 24, 8, 1, dict(threshold=0.9, generative_keyframes=True, max_gop=3)),
-    (40, 32, 7, 2, dict(threshold=0.9, seed=7)),
+    (16, 16, 3, 0, dict(threshold=0.9, pframes=False)),
+    (64, 48, 9, 1, dict(threshold=0.9, pframes=False)),
+    (33, 17, 6, 2, dict(threshold=0.0, pframes=False)),
+    (24, 24, 8, 1, dict(threshold=0.9, generative_keyframes=True, max_gop=3, pframes=False)),
+    (40, 32, 7, 2, dict(threshold=0.9, seed=7, pframes=False)),
+    # P frames (GOP syntax 3: motion, residuals, repeats in INTR chunks)
+    (64, 48, 6, 2, dict(threshold=0.0, predictor=False)),
+    (48, 40, 7, 1, dict(threshold=0.0)),
+    (40, 24, 5, 2, dict(threshold=0.0, predictor=False, motion=False)),
 ]
 
 
@@ -220,6 +225,38 @@ def video_edge_cases(valid: dict) -> dict:
             H(frames=5, count=4, params=sorted({**params, bs.PARAM_IDS["anchor_level"]: fields["rate_level"],
                                                   bs.PARAM_IDS["guide_timestep"]: 600}.items())),
             gop((2, [3 << 1 | 1])), A[0], A[1], A[0]),
+        **inter_edge_cases(valid["valid-064x048x06-q2-video.ulb"]),
+    }
+
+
+def inter_edge_cases(base: bytes) -> dict:
+    """Hand-made malformed P frames (GOP syntax 3): INTR chunks against the GOP units."""
+    container = Container.from_bytes(base)
+    gops = bs.video_gops(container)
+    head, chunks = container.header, container.chunks
+    inter = next(i for i, c in enumerate(chunks) if c.type == bs.CHUNK_INTER)
+    frames = bs.pframe_parts(container, gops)
+    coded = [f for f in frames if f is not None]
+
+    def with_chunks(new) -> bytes:
+        return Container(head, new).to_bytes()
+
+    def with_inter(payload: bytes, ctype: bytes = bs.CHUNK_INTER) -> bytes:
+        return with_chunks(chunks[:inter] + [Chunk(ctype, payload)] + chunks[inter + 1:])
+
+    units = [u for _, us in gops.segments for u in us]
+    first = next(i for i, u in enumerate(units) if u.motion)
+    motion, residual = bs.split_pframe_chunk(frames[first], units[first])
+    bad_spacing = list(coded)
+    bad_spacing[sum(f is not None for f in frames[:first])] = bs.pframe_chunk(
+        bs.MotionPayload(8, motion.tables, motion.string), residual)
+    return {
+        "edge-video-intr-missing.ulb": with_chunks(chunks[:inter] + chunks[inter + 1:]),
+        "edge-video-intr-trailing.ulb": with_inter(bs.inter_chunk(coded) + b"\0"),
+        "edge-video-intr-short.ulb": with_inter(bs.inter_chunk(coded[:-1])),
+        "edge-video-intr-as-pfrm.ulb": with_inter(bs.inter_chunk(coded), bs.CHUNK_PFRAME),
+        "edge-video-motion-spacing-8.ulb": with_inter(bs.inter_chunk(bad_spacing)),
+        "edge-video-motion-huge-length.ulb": with_inter(bs.write_uvarint(1 << 40) + bs.inter_chunk(coded)),
     }
 
 

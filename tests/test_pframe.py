@@ -184,6 +184,17 @@ def test_accepted_predictions_still_come_first(codec):
     assert re.fullmatch("K[Ps]pppppp", gops.frame_types())  # the history fills with a P frame, then rounds
 
 
+def test_a_prediction_worse_than_a_p_frame_is_refused(package):
+    """Within the threshold is not enough: a predicted frame (zero bits) must also cost no
+    more in R + λ·D than the best P frame would."""
+    codec = VideoCodec.from_pretrained(package)
+    free = encode(codec, clip(8, 64, 96), threshold=10.0, max_gop=100)[1].frame_types()
+    assert free.count("p") == 6  # λ = 0 (the tiny package's): distortion is free, every prediction kept
+    codec.pframe_lambdas = {level: 3.6e-3 for level in codec.pframe_lambdas}
+    _, gops, _, log = encode(codec, clip(8, 64, 96), threshold=10.0, max_gop=100)
+    assert gops.frame_types().count("p") < 6 and all(r.distance is not None for r in log[2:])
+
+
 def test_max_gop_and_scene_cuts_start_keyframes(codec, monkeypatch):
     _, gops, _, _ = encode(codec, clip(8), predictor=False, max_gop=3)
     assert re.fullmatch("K[Ps]{3}K[Ps]{3}", gops.frame_types())

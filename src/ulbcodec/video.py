@@ -353,14 +353,20 @@ class VideoCodec:
             return len(lookahead)
 
         def accept(targets: List[np.ndarray], predicted: Iterator[np.ndarray]) -> Tuple[List, List, Optional]:
-            """The longest prefix of predictions within the threshold of their originals, their
-            distances (with the first rejected one's), and the first rejected prediction."""
+            """The longest prefix of predictions within the threshold of their originals and,
+            with P frames, no worse in R + λ·D (at zero bits) than the best P frame from the
+            frame before; their distances (with the first rejected one's), and the first
+            rejected prediction."""
             out, distances = [], []
+            previous = history[-1].frame
             for frame, pred in zip(targets, predicted):
                 distances.append(frame_distance(frame, pred, settings.metric))
-                if distances[-1] > settings.threshold:
+                if distances[-1] > settings.threshold or (use_pframes and self._rd_cost(
+                        0, pred, frame, pframe_level) > self._best_pframe(frame, previous, None, pframe_level,
+                                                                          settings.motion)[0]):
                     return out, distances, pred
                 out.append(pred)
+                previous = pred
             return out, distances, None
 
         keyframe_group = K if settings.keyframe_group is None else settings.keyframe_group
