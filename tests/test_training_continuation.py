@@ -152,3 +152,18 @@ def test_anchor_trainer_records_remapped_lambdas(photos, one_step_anchor, tmp_pa
     assert [lv["lmbda"] for lv in manifest(out)["rate_levels"]] == new
     assert manifest(out)["extra"]["training"]["init_from"]["remapped_lambdas"] == old
     assert not torch.equal(weights(out)["gain"], weights(one_step_anchor)["gain"])
+
+
+def test_anchor_trainer_exports_into_another_package(photos, one_step_anchor, tmp_path):
+    """--into: the package comes back with only its anchor codec replaced (a video
+    package's keyframe codec fine-tuned on darkened crops, here a tiny stand-in)."""
+    out = tmp_path / "into"
+    run(["ulbcodec.train.anchor", "--data", photos, "--run", tmp_path / "run", "--init-from", one_step_anchor,
+         "--steps", "1", "--crop", "64", "--lr", "0", "--dark-fraction", "1", *TINY_RUN, "--export", out,
+         "--into", one_step_anchor], tmp_path)
+    base, new = manifest(one_step_anchor), manifest(out)
+    assert new["components"].keys() == base["components"].keys() and new["description"] == base["description"]
+    assert new["extra"]["training"] == base["extra"]["training"]
+    assert new["extra"]["keyframe_training"]["dark_fraction"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(trained(weights(one_step_anchor)).values(),
+                                                  trained(weights(out)).values()))

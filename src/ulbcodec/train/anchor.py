@@ -15,6 +15,13 @@ Recipe (docs/training.md has the reasoning and the measured cost):
 - the entropy bottleneck's quantiles are fitted by CompressAI's auxiliary loss;
 - a checkpoint (safetensors + JSON, no pickles) every ``--save-every`` seconds; running
   the same command again resumes from it;
+- ``--dark-fraction f`` darkens that fraction of the crops to ``a·x^γ`` (a in 0.25-0.8,
+  γ in 1.2-2.2, as the P-frame trainer does): the registry photographs are daylight
+  scenes, and a codec that never saw a night scene lifts its blacks and loses its
+  contrast (docs/training.md, "Dark content");
+- ``--into PACKAGE`` exports PACKAGE with its anchor codec replaced by the trained one
+  (every other component and setting unchanged): how a video package's keyframe codec is
+  fine-tuned;
 - ``--init-from PACKAGE`` starts a new run from a package's anchor codec (its weights and
   rate-level gains; the optimiser and learning-rate schedule start afresh): how a
   finished run is trained further (docs/training.md, "Training further"); with other
@@ -61,11 +68,12 @@ DEFAULT_LAMBDAS = [0.00004, 0.0001, 0.00025, 0.0006, 0.0015, 0.0036]
 class PhotoCrops:
     """Random crops of in-memory photographs at several scales (plus flips/rotations)."""
 
-    def __init__(self, files: List[Path], crop: int, seed: int):
+    def __init__(self, files: List[Path], crop: int, seed: int, dark_fraction: float = 0.0):
         from PIL import Image
 
         Image.MAX_IMAGE_PIXELS = None
         self.crop = crop
+        self.dark_fraction = dark_fraction
         self.rng = random.Random(seed)
         self.pyramids = []
         for f in files:
@@ -91,6 +99,8 @@ class PhotoCrops:
             # mild colour jitter: per-channel gain and a brightness offset
             gain = torch.tensor([self.rng.uniform(0.9, 1.1) for _ in range(3)]).view(3, 1, 1)
             t = (t * gain + self.rng.uniform(-0.05, 0.05)).clamp(0, 1)
+            if self.dark_fraction and self.rng.random() < self.dark_fraction:
+                t = self.rng.uniform(0.25, 0.8) * t.pow(self.rng.uniform(1.2, 2.2))
             out.append(t)
         return torch.stack(out)
 
@@ -231,7 +241,7 @@ def train(args, rt: TrainRuntime) -> None:
     if not files:
         raise SystemExit(f"no training photographs under {args.data}/photos/train: run `make data` first")
     seed = rt.process_seed(args.seed)  # this process's crops and levels (process 0: args.seed)
-    data = PhotoCrops(files, args.crop, seed)
+    data = PhotoCrops(files, args.crop, seed, args.dark_fraction)
     config = dict(DEFAULT_CONFIG)
     model = AnchorCodec(**config).to(rt.device)
     params, opt, aux_opt = make_optimizers(model, args.lr)
@@ -297,6 +307,8 @@ def export(model: AnchorCodec, args, meta: dict) -> None:
     round_parameters_to_half(model)
     model.update(force=True)
     levels = [RateLevel(level=i, lmbda=l) for i, l in enumerate(args.lambdas)]
+    if args.into:
+        return export_into(model, args, meta, levels)
     package = save_package(
         args.export, "default", {"anchor_codec": model}, levels,
         description="ulbc default anchor codec (NeFIC architecture, small config), trained in-project "
@@ -312,6 +324,26 @@ def export(model: AnchorCodec, args, meta: dict) -> None:
                             "log_tail": meta["log"][-10:]}},
         half_parameters=True,
     )
+    print(f"exported {package.root} digest {package.digest[:16]} ({package.size_bytes / 1e6:.1f} MB)")
+
+
+def export_into(model: AnchorCodec, args, meta: dict, levels: List[RateLevel]) -> None:
+    """``args.into``'s package with its anchor codec replaced by ``model`` (CDF tables
+    already rebuilt), every other component and setting unchanged; the anchor codec's
+    training record joins the package's extra as ``keyframe_training``."""
+    base = packages.ModelPackage.load_manifest(packages.resolve(args.into))
+    if [lv.lmbda for lv in base.rate_levels] != [lv.lmbda for lv in levels]:
+        raise SystemExit(f"--into {args.into}: its rate levels' λs differ from --lambdas")
+    modules = {name: base.build(name) for name in base.components if name != "anchor_codec"}
+    modules["anchor_codec"] = model
+    extra = dict(base.extra)
+    extra["keyframe_training"] = {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
+                                  "batch": args.batch, "crop": args.crop, "lr": args.lr,
+                                  "dark_fraction": args.dark_fraction, "init_from": meta.get("init_from"),
+                                  "log_tail": meta["log"][-5:]}
+    package = save_package(args.export, base.name, modules, base.rate_levels, half_parameters=True,
+                           diffusers_dtype=torch.bfloat16, extra=extra, next_frame=base.next_frame,
+                           description=base.description)
     print(f"exported {package.root} digest {package.digest[:16]} ({package.size_bytes / 1e6:.1f} MB)")
 
 
@@ -338,6 +370,8 @@ def main(argv=None) -> None:
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints")
     p.add_argument("--export-only", action="store_true", help="export the current checkpoint and exit")
+    p.add_argument("--dark-fraction", type=float, default=0.0, help="fraction of crops darkened to a·x^γ")
+    p.add_argument("--into", default=None, help="export this package with its anchor codec replaced")
     args = p.parse_args(argv)
     rt = TrainRuntime(args.mixed_precision or {True: "bf16", False: "no", None: None}[args.bf16])
     if args.export_only:
