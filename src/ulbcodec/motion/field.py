@@ -18,7 +18,7 @@ rounded once. Sample positions outside the frame are clamped to its border.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -63,39 +63,47 @@ class MotionField:
     def fits(self, width: int, height: int) -> bool:
         return self.vectors.shape[:2] == grid_shape(width, height, self.spacing)
 
-    def flow(self, width: int, height: int) -> np.ndarray:
+    def flow(self, width: int, height: int, rows: Optional[Tuple[int, int]] = None) -> np.ndarray:
         """The dense flow [H, W, 2] (dx, dy) in eighth pels, int64: the bilinear
-        interpolation of the node vectors, rounded half up."""
+        interpolation of the node vectors, rounded half up (of the pixel rows
+        ``rows = (first, end)`` only, when given)."""
         if not self.fits(width, height):
             raise ValueError(f"a {self.vectors.shape[:2]} node grid does not fit a {width}x{height} frame "
                              f"at spacing {self.spacing}")
         s = self.spacing
         v = self.vectors.astype(np.int64)
-        xs, ys = np.arange(width), np.arange(height)
+        first, end = rows if rows is not None else (0, height)
+        xs, ys = np.arange(width), np.arange(first, end)
         j0, ax = xs // s, (xs % s)[None, :, None]
         i0, ay = ys // s, (ys % s)[:, None, None]
         # Along x at every node row, then along y; weights multiply to s² in all.
-        rows = (s - ax) * v[:, j0] + ax * v[:, j0 + 1]  # [rows, W, 2]
-        num = (s - ay) * rows[i0] + ay * rows[i0 + 1]  # [H, W, 2], quarter pels × s²
+        node_rows = (s - ax) * v[:, j0] + ax * v[:, j0 + 1]  # [rows, W, 2]
+        num = (s - ay) * node_rows[i0] + ay * node_rows[i0 + 1]  # [H, W, 2], quarter pels × s²
         scale = s * s * QUARTER // _EIGHTH  # quarter pels × s² → eighth pels
         return (2 * num + scale) // (2 * scale)
+
+
+_BAND = 64  # rows warped at a time: int64 intermediates of 64 rows, not of the whole frame
 
 
 def warp(reference: np.ndarray, field: MotionField) -> np.ndarray:
     """``reference`` (HxWx3 uint8) sampled along ``field``: the motion-compensated
     prediction of the current frame, identical on every machine."""
     h, w = reference.shape[:2]
-    flow = field.flow(w, h)
-    x = np.arange(w, dtype=np.int64)[None, :] * _EIGHTH + flow[..., 0]
-    y = np.arange(h, dtype=np.int64)[:, None] * _EIGHTH + flow[..., 1]
-    xi, yi = x >> 3, y >> 3  # floor
-    wx, wy = _FILTERS[x & 7], _FILTERS[y & 7]  # [H, W, 4]
-    ref = reference.astype(np.int64)
-    acc = np.zeros((h, w, 3), np.int64)
-    for a in range(4):
-        rows = np.clip(yi + a - 1, 0, h - 1)
-        line = np.zeros((h, w, 3), np.int64)
-        for b in range(4):
-            line += wx[..., b, None] * ref[rows, np.clip(xi + b - 1, 0, w - 1)]
-        acc += wy[..., a, None] * line
-    return np.clip((acc + 2048) >> 12, 0, 255).astype(np.uint8)
+    out = np.empty_like(reference)
+    for first in range(0, h, _BAND):
+        end = min(h, first + _BAND)
+        flow = field.flow(w, h, (first, end))
+        x = np.arange(w, dtype=np.int64)[None, :] * _EIGHTH + flow[..., 0]
+        y = np.arange(first, end, dtype=np.int64)[:, None] * _EIGHTH + flow[..., 1]
+        xi, yi = x >> 3, y >> 3  # floor
+        wx, wy = _FILTERS[x & 7], _FILTERS[y & 7]  # [rows, W, 4]
+        acc = np.zeros((end - first, w, 3), np.int64)
+        for a in range(4):
+            rows = np.clip(yi + a - 1, 0, h - 1)
+            line = np.zeros_like(acc)
+            for b in range(4):
+                line += wx[..., b, None] * reference[rows, np.clip(xi + b - 1, 0, w - 1)]
+            acc += wy[..., a, None] * line
+        out[first:end] = np.clip((acc + 2048) >> 12, 0, 255)
+    return out
