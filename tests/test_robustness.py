@@ -272,6 +272,27 @@ def test_bad_model_packages_are_one_line_before_any_allocation(tiny_model, png, 
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: nothing of N=2^31 allocated
 
 
+def test_a_passed_shape_check_is_remembered_per_file_version(tiny_model, tmp_path, monkeypatch):
+    """The meta-device build of check_shapes runs once per package file version and
+    machine (it costs a cold start ~0.5 s of imports); a copy, or a rewritten file, is
+    checked again."""
+    import shutil
+
+    from ulbcodec import packages
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    pkg = packages.ModelPackage.load_manifest(tiny_model)
+    marker = pkg._shape_check_marker("anchor_codec")
+    assert marker is not None and not marker.exists()
+    pkg.check_shapes("anchor_codec")
+    assert marker.exists()
+    monkeypatch.setattr(packages, "_component_class", lambda name: pytest.fail("checked again"))
+    pkg.check_shapes("anchor_codec")
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy)
+    assert packages.ModelPackage.load_manifest(copy)._shape_check_marker("anchor_codec") != marker
+
+
 def test_an_edited_manifest_is_a_bad_package(tiny_model, png, tmp_path):
     root = _edited_package(tiny_model, tmp_path, lambda root, m: m.update(rate_levels=[{"levl": 0}]), redigest=False)
     r = invoke(["encode", png, "-o", tmp_path / "a.ulb", "--model", root])

@@ -225,13 +225,15 @@ def test_p_frames_through_the_command_line(tmp_path, monkeypatch):
     frame_lines = [line for line in r.stderr.splitlines() if line.lstrip().startswith("frame ")]
     assert len(frame_lines) == 5 and " K " in frame_lines[0] and all("bpp" in line for line in frame_lines)
     info = json.loads(_invoke(["info", ulb, "--json"]).stdout)
-    types = info["gop"]["frame_types"]  # random tiny models: some P frames may lose to a keyframe (a "cut")
-    assert types[0] == "K" and set(types) <= {"K", "P", "F"} and len(info["gop"]["frame_bytes"]) == 5
-    assert all(b > 0 for b in info["gop"]["frame_bytes"])
-    assert info["gop"]["pframes"] == [i for i, t in enumerate(types) if t in "PF"]
+    # random tiny models: some P frames may lose to a keyframe (a "cut"); their λ of 0 makes
+    # repeats (s, zero bytes) the cheapest inter frames
+    types = info["gop"]["frame_types"]
+    assert types[0] == "K" and set(types) <= {"K", "P", "F", "s"} and len(info["gop"]["frame_bytes"]) == 5
+    assert all((b > 0) == t.isupper() for b, t in zip(info["gop"]["frame_bytes"], types))
+    assert info["gop"]["pframes"] == [i for i, t in enumerate(types) if t in "PFs"]
     assert [line.split()[2] for line in frame_lines] == list(types)
     r = _invoke(["encode", src, "-o", tmp_path / "q.ulb", "--model", "tinypvideo", "--no-predictor", "--json"])
-    assert set(json.loads(r.stdout)["frame_types"]) <= {"K", "P"}
+    assert set(json.loads(r.stdout)["frame_types"]) <= {"K", "P", "s"}
     assert _invoke(["decode", tmp_path / "q.ulb", "-o", tmp_path / "q.mkv"]).returncode == 0
 
 

@@ -349,14 +349,21 @@ class ModelPackage:
         comp = self.components[component]
         if comp["class"] in (PROMPT_EMBEDS, LORA) or comp["class"] in DIFFUSERS_CLASSES:
             return
+        marker = self._shape_check_marker(component)
+        if marker is not None and marker.exists():
+            return
         from unittest import mock
 
         cls = _component_class(comp["class"])  # imports CompressAI (ulbcodec/_compressai.py)
         from compressai.ops.parametrizers import NonNegativeParametrizer
 
         # GDN's parametrizer mixes a CPU constant into its init, which a meta tensor refuses;
-        # only shapes are wanted here.
-        with torch.device("meta"), mock.patch.object(NonNegativeParametrizer, "init", lambda self, x: x):
+        # only shapes are wanted here. Arithmetic on meta tensors runs Python reference
+        # kernels that import sympy and torch._dynamo (~0.5 s of a cold start,
+        # docs/measurements.md), so GDN's one product (gain x identity) is done on a CPU
+        # square instead (at most 4096² floats: the constructors bound the channels).
+        with torch.device("meta"), mock.patch.object(NonNegativeParametrizer, "init", lambda self, x: x), \
+                mock.patch.object(torch, "eye", lambda n, *args, **kwargs: torch.empty(n, n, device="cpu")):
             module = cls(**comp.get("config", {}))
         # Parameters have the config's shapes; buffers (CompressAI's CDF tables) take the
         # file's shapes at load, so only their names are compared.
@@ -371,6 +378,31 @@ class ModelPackage:
                     k = sorted(wrong)[0]
                     raise ModelError(f"{file}: tensor {k} has shape {found.get(k, 'missing')}, the config makes "
                                      f"{expected.get(k, 'none')} ({len(wrong)} tensors differ)")
+        if marker is not None:
+            try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+            except OSError:
+                pass  # a read-only cache only costs the check next time
+
+    def _shape_check_marker(self, component: str) -> Optional[Path]:
+        """Where a passed :meth:`check_shapes` is remembered on this machine, so that the
+        next process skips its meta-device build (which imports sympy and torch._dynamo:
+        ~0.5 s of every cold start). Keyed by the manifest's digest, the component's entry
+        and each weight file's real path, size, mtime and inode: a changed, replaced or
+        new file is checked again. None when a file cannot be read (the check reports it)."""
+        comp = self.components[component]
+        key = hashlib.sha256(json.dumps([self.digest, component, comp], sort_keys=True).encode())
+        try:
+            for files in weight_file_sets(self.root, comp):
+                for f in files:
+                    st = os.stat(f)
+                    key.update(f"\0{os.path.realpath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+                               f"\0{st.st_dev}".encode())
+        except OSError:
+            return None
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(cache) / "ulbc" / "shape-checks" / key.hexdigest()
 
     def _build(self, component: str, device, level, dtype):
         comp = self.components[component]
