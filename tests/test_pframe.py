@@ -158,6 +158,8 @@ def test_failed_predictions_become_p_frames_and_decode_exactly(codec):
     assert types[0] == "K" and set(types[1:]) <= {"P", "F", "s"} and gops.keyframes == 1
     assert [r.type for r in log] == list(types)
     assert all((r.bytes > 0) == r.type.isupper() for r in log) and all(r.distance is not None for r in log[2:])
+    assert all(r.parts in ("motion", "residual", "motion+residual") for r in log if r.type in "PF")
+    assert not any(r.parts for r in log if r.type in "Ks")
     header = Container.from_bytes(data).header
     assert header.params["gop_syntax"] == gops.syntax and header.params["pframe_level"] == header.rate_level
     decoded = list(codec.decode(data))

@@ -94,9 +94,10 @@ def _run_batch(verb: str, tasks, factory, job, jobs: int, as_json: bool, verbosi
                            f"{record['bpp']:.5f} bpp, level {record['rate_level']}{video}, "
                            f"{record['seconds']:.2f} s {record['timings']}", err=True)
                 for frame in record.get("frame_log", []):
-                    distance = "" if frame["distance"] is None else f", distance {frame['distance']:.4f}"
+                    detail = "" if frame["distance"] is None else f", distance {frame['distance']:.4f}"
+                    detail += f", {frame['parts']}" if frame.get("parts") else ""
                     click.echo(f"  frame {frame['frame']:5d} {frame['type']} {frame['bytes']:6d} bytes "
-                               f"{frame['bpp']:.5f} bpp{distance}", err=True)
+                               f"{frame['bpp']:.5f} bpp{detail}", err=True)
     except KeyboardInterrupt:
         records.close()  # stops the workers; each removes its temporary file
         bar.close()

@@ -127,7 +127,8 @@ def encode_video_job(codec, task, quality: Optional[int], bpp: Optional[float], 
             "bytes": len(data), "bpp": round(file_bpp(data), 6), "notes": notes,
             "frame_log": [{"frame": r.index, "type": r.type, "bytes": r.bytes,
                            "bpp": round(r.bytes * 8 / (width * height), 6),
-                           "distance": None if r.distance is None else round(r.distance, 5)} for r in log],
+                           "distance": None if r.distance is None else round(r.distance, 5),
+                           **({"parts": r.parts} if r.parts else {})} for r in log],
             "timings": {"frames_per_s": round(gops.frames / seconds, 3)}}
 
 

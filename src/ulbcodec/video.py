@@ -107,13 +107,14 @@ class VideoSettings:
 class FrameRecord:
     """One coded frame, as ``ulbc encode -v`` reports it: its type letter
     (:meth:`GopStructure.frame_types`), the bytes of its chunk (0 for a predicted frame),
-    and the predictor's distance to the original that decided it (None where the
-    predictor did not run)."""
+    the predictor's distance to the original that decided it (None where the predictor
+    did not run), and for an inter frame which parts it codes."""
 
     index: int
     type: str
     bytes: int
     distance: Optional[float] = None
+    parts: str = ""  # an inter frame's coded parts: "motion", "residual", "motion+residual" ("" for a repeat)
 
 
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -447,7 +448,8 @@ class VideoCodec:
                 emit(decoded)
                 letter = GopStructure([(1, [unit])]).frame_types()[1]
                 note(FrameRecord(index, letter, len(part) if part is not None else 0,
-                                 distances[0] if distances else None))
+                                 distances[0] if distances else None,
+                                 "+".join(n for n, on in (("motion", unit.motion), ("residual", unit.residual)) if on)))
                 units.append(unit)
                 index += 1
                 gop += 1
