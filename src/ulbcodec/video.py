@@ -509,6 +509,8 @@ class VideoCodec:
         if h.media != bitstream.MEDIA_VIDEO:
             raise DecodeError(f"file holds a {h.media_name}, not a video")
         self.image.check_model(h)
+        if h.rate_level not in self.image.rate_levels:
+            raise DecodeError(f"rate level {h.rate_level} is not offered by model {self.package.name!r}")
         K, P = h.params.get("cond_frames"), h.params.get("pred_frames")
         if (K, P) != (self.cond_frames, self.pred_frames):
             raise DecodeError(f"file needs K={K}, P={P}; model {self.package.name!r} predicts "
