@@ -90,15 +90,17 @@ generative-model: $(STAMP)
 		--output anchor_residual --stage2-steps 1 --lr 0 --detail-weight 10 --adv-weight 0.02 --crop 384 --batch 2 \
 		--export models/generative
 
-# Train (or resume) the video frame predictor on top of models/generative, export models/video.
 # Train (or resume) the video model: the frame predictor on models/generative's latent space,
 # then the conditional P-frame codec, which the export adds to that package (docs/training.md).
+# PFRAME_ARGS is the recipe of the shipped P-frame codec (run 7: no motion, short warm-ups);
+# PFRAME_ARGS= trains with the trainer's defaults (run 9: motion-compensated references).
 PFRAME_STEPS ?= 1113
+PFRAME_ARGS ?= --no-motion --noise-steps 1500 --rate-warmup 600 --lr 2e-4
 video-model: $(STAMP)
 	$(PY) -m ulbcodec.train.predictor --data $(DATA) --run runs/predictor --image-model generative \
 		--steps 8000 --max-frames 40 --export runs/predictor/package
 	OMP_NUM_THREADS=1 $(PY) -m ulbcodec.train.pframe --data $(DATA) --run runs/pframe --threads 1 --batch 8 \
-		--steps $(PFRAME_STEPS) --video-model runs/predictor/package --export models/video
+		--steps $(PFRAME_STEPS) $(PFRAME_ARGS) --video-model runs/predictor/package --export models/video
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --data $(DATA) --jobs $(JOBS)
