@@ -30,6 +30,7 @@ SMOOTHNESS = 3.0  # grey levels of window error that one pixel of vector differe
 
 
 def _luma(frame: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 → luma [1, 1, H, W] in grey levels (the encoder's search input)."""
     f = torch.from_numpy(np.array(frame, dtype=np.float32))
     return (f @ torch.tensor([0.299, 0.587, 0.114]))[None, None]
 
@@ -131,7 +132,7 @@ def best_field(target: np.ndarray, reference: np.ndarray,
                cost: Callable[[float, np.ndarray], float]) -> Tuple[Optional[MotionField], np.ndarray, float]:
     """(field or None for no motion, the warped reference, its cost) of the lowest
     ``cost(bits, prediction)`` among no motion and a field at each node spacing; ``bits``
-    is the field's coded size (its PFRM section, length and header bytes included)."""
+    is the field's coded size plus ~4 bytes for its length prefix, spacing and table bytes."""
     from ulbcodec.motion.coding import coded_bits
 
     best = (None, reference, cost(0.0, reference))
