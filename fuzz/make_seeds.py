@@ -246,9 +246,9 @@ def inter_edge_cases(base: bytes) -> dict:
 
     units = [u for _, us in gops.segments for u in us]
     first = next(i for i, u in enumerate(units) if u.motion)
-    motion, residual = bs.split_pframe_chunk(frames[first], units[first])
+    motion, residual = bs.split_inter_frame(frames[first], units[first])
     bad_spacing = list(coded)
-    bad_spacing[sum(f is not None for f in frames[:first])] = bs.pframe_chunk(
+    bad_spacing[sum(f is not None for f in frames[:first])] = bs.inter_frame_bytes(
         bs.MotionPayload(8, motion.tables, motion.string), residual)
     return {
         "edge-video-intr-missing.ulb": with_chunks(chunks[:inter] + chunks[inter + 1:]),

@@ -14,7 +14,7 @@ from ulbcodec._compressai import compressai  # noqa: F401  (must precede compres
 from compressai.ans import RansEncoder
 
 from ulbcodec.bitstream import (CHUNK_INTER, BitstreamError, Chunk, Container, GopStructure, MotionPayload, PFrame,
-                                PFramePayload, inter_chunk, pframe_chunk, pframe_parts, split_pframe_chunk,
+                                PFramePayload, inter_chunk, inter_frame_bytes, pframe_parts, split_inter_frame,
                                 video_gops)
 from ulbcodec.motion import coding
 from ulbcodec.motion.field import MAX_VECTOR, MotionField, grid_shape, warp
@@ -131,9 +131,9 @@ def test_pframe_chunk_parts_round_trip():
     residual = PFramePayload((1, 2), b"zz", b"yyyy", 7)
     for unit, parts in ((PFrame(False, True, False), (motion, None)), (PFrame(False, True, True), (motion, residual)),
                         (PFrame(), (None, residual))):
-        assert split_pframe_chunk(pframe_chunk(*parts), unit) == parts
+        assert split_inter_frame(inter_frame_bytes(*parts), unit) == parts
     with pytest.raises(BitstreamError, match="trailing"):
-        split_pframe_chunk(pframe_chunk(motion, residual), PFrame(False, True, False))
+        split_inter_frame(inter_frame_bytes(motion, residual), PFrame(False, True, False))
 
 
 # ---------------------------------------------------------------------- the search
@@ -214,7 +214,7 @@ def test_inter_chunks_are_checked(codec):
     container = Container.from_bytes(data)
     units = [u for _, us in gops.segments for u in us]
     parts = pframe_parts(container, gops)
-    assert len(parts) == len(units) and [p is not None for p in parts] == [u.has_chunk for u in units]
+    assert len(parts) == len(units) and [p is not None for p in parts] == [u.has_parts for u in units]
     index = next(j for j, c in enumerate(container.chunks) if c.type == CHUNK_INTER)
     rebuilt = lambda frames: Container(container.header, container.chunks[:index] + [  # noqa: E731
         Chunk(CHUNK_INTER, inter_chunk(frames))] + container.chunks[index + 1:]).to_bytes()
@@ -225,7 +225,7 @@ def test_inter_chunks_are_checked(codec):
     with pytest.raises(BitstreamError, match="INTR"):
         list(codec.decode(Container(container.header, container.chunks[:index]).to_bytes()))
     i = next(i for i, u in enumerate(units) if u.motion)
-    motion, residual = split_pframe_chunk(parts[i], units[i])
-    parts[i] = pframe_chunk(MotionPayload(8, motion.tables, motion.string), residual)
+    motion, residual = split_inter_frame(parts[i], units[i])
+    parts[i] = inter_frame_bytes(MotionPayload(8, motion.tables, motion.string), residual)
     with pytest.raises(BitstreamError, match="spacing"):
         list(codec.decode(rebuilt([p for p in parts if p is not None])))

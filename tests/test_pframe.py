@@ -11,7 +11,7 @@ import torch
 import re
 
 from ulbcodec.bitstream import (CHUNK_PFRAME, BitstreamError, Chunk, Container, GopStructure, PFrame, PFramePayload,
-                                Round, pframe_chunk)
+                                Round, inter_frame_bytes)
 from ulbcodec.image import DecodeError
 from ulbcodec.models.pframe_codec import PFrameCodec
 from ulbcodec.video import VideoCodec, VideoSettings
@@ -45,7 +45,7 @@ def force_residual(monkeypatch):
     repeat): the tests of that codec's path, whatever a random model would choose."""
     def best(self, target, previous, forecast, level, motion=True):
         payload, decoded = self._code_pframe(target, previous, level)
-        part = pframe_chunk(None, payload)
+        part = inter_frame_bytes(None, payload)
         return self._rd_cost(8 * len(part), decoded, target, level), PFrame(), part, decoded
 
     monkeypatch.setattr(VideoCodec, "_best_pframe", best)
@@ -140,7 +140,7 @@ def test_gop_syntax_2_round_trips_p_frames():
 def test_gop_syntax_3_holds_motion_and_repeats():
     units = [PFrame(False, True, False), PFrame(False, False, False), PFrame(True, True, True), PFrame()]
     gops = GopStructure([(1, units)])
-    assert gops.syntax == 3 and gops.pframes == 4 and gops.pframe_chunks == 3
+    assert gops.syntax == 3 and gops.pframes == 4 and gops.coded_inter_frames == 3
     assert gops.frame_types() == "KPsFP"
     assert GopStructure.from_bytes(gops.to_bytes(), 5, 2, 3, syntax=3) == gops
     with pytest.raises(ValueError, match="syntax 2"):

@@ -151,7 +151,7 @@ PARAM_IDS: Dict[str, int] = {
     "keyframe_decoder": 22,  # video: 0 anchor frames as keyframes, 1 generative decoding
     "anchor_level": 23,  # video: rate level of the anchors of anchored rounds
     "guide_timestep": 24,  # video: anchored rounds start denoising the anchor at this timestep
-    "pframe_level": 25,  # video: rate level of the P frames (PFRM chunks)
+    "pframe_level": 25,  # video: rate level of the P frames (PFRM or INTR chunks)
     "gop_syntax": 26,  # video: 2 = GOPS units may be P frames, 3 = with motion (absent = 1: rounds only)
 }
 PARAM_NAMES = {v: k for k, v in PARAM_IDS.items()}
@@ -482,10 +482,10 @@ class MotionPayload:
         return cls(spacing, tables, r.take(r.remaining))
 
 
-def pframe_chunk(motion: Optional[MotionPayload], residual: Optional[PFramePayload]) -> bytes:
-    """One P frame's coded parts: the motion field (uvarint length first) where the unit
-    has one, then the residual's payload where it has one (a PFRM chunk's payload, or one
-    frame's entry in an INTR chunk)."""
+def inter_frame_bytes(motion: Optional[MotionPayload], residual: Optional[PFramePayload]) -> bytes:
+    """One inter frame's coded parts: the motion field (uvarint length first) where the
+    unit has one, then the residual's payload where it has one (a PFRM chunk's payload,
+    or one frame's entry in an INTR chunk)."""
     out = b""
     if motion is not None:
         field = motion.to_bytes()
@@ -493,22 +493,23 @@ def pframe_chunk(motion: Optional[MotionPayload], residual: Optional[PFramePaylo
     return out + (residual.to_bytes() if residual is not None else b"")
 
 
-def split_pframe_chunk(payload: bytes, unit: "PFrame") -> Tuple[Optional[MotionPayload], Optional[PFramePayload]]:
-    """The parts of a PFRM chunk that ``unit`` announces (the inverse of :func:`pframe_chunk`)."""
+def split_inter_frame(payload: bytes, unit: "PFrame") -> Tuple[Optional[MotionPayload], Optional[PFramePayload]]:
+    """The parts of an inter frame's bytes that ``unit`` announces (the inverse of
+    :func:`inter_frame_bytes`)."""
     motion = None
     if unit.motion:
-        r = Reader(payload, "P-frame chunk")
+        r = Reader(payload, "inter frame")
         motion = MotionPayload.from_bytes(r.bytes_with_length(len(payload)))
         payload = r.take(r.remaining)
     if not unit.residual:
         if payload:
-            raise BitstreamError(f"{len(payload)} unexpected trailing bytes in a motion-only P-frame chunk")
+            raise BitstreamError(f"{len(payload)} unexpected trailing bytes in a motion-only inter frame")
         return motion, None
     return motion, PFramePayload.from_bytes(payload)
 
 
 def inter_chunk(frames: Sequence[bytes]) -> bytes:
-    """An INTR chunk's payload: each inter frame's parts (:func:`pframe_chunk`), uvarint length first."""
+    """An INTR chunk's payload: each inter frame's parts (:func:`inter_frame_bytes`), uvarint length first."""
     return b"".join(write_uvarint(len(f)) + f for f in frames)
 
 
@@ -518,16 +519,16 @@ def pframe_parts(container: "Container", gops: "GopStructure") -> List[Optional[
     coded inter frames); the chunk counts and lengths checked against the GOP structure."""
     syntax = container.header.params.get("gop_syntax", GOP_SYNTAX_ROUNDS)
     segments = [[u for u in units if isinstance(u, PFrame)] for _, units in gops.segments]
-    pframe_chunks, inter_chunks = container.find(CHUNK_PFRAME), container.find(CHUNK_INTER)
+    pfrm_chunks, inter_chunks = container.find(CHUNK_PFRAME), container.find(CHUNK_INTER)
     if syntax != GOP_SYNTAX_MOTION:
-        if inter_chunks or len(pframe_chunks) != gops.pframes:
-            raise BitstreamError(f"GOPS announces {gops.pframes} P frames, the file holds {len(pframe_chunks)} "
+        if inter_chunks or len(pfrm_chunks) != gops.pframes:
+            raise BitstreamError(f"GOPS announces {gops.pframes} P frames, the file holds {len(pfrm_chunks)} "
                                  f"PFRM and {len(inter_chunks)} INTR chunks")
-        return [c.payload for c in pframe_chunks]
-    coded = [sum(u.has_chunk for u in units) for units in segments]
-    if pframe_chunks or len(inter_chunks) != sum(n > 0 for n in coded):
+        return [c.payload for c in pfrm_chunks]
+    coded = [sum(u.has_parts for u in units) for units in segments]
+    if pfrm_chunks or len(inter_chunks) != sum(n > 0 for n in coded):
         raise BitstreamError(f"GOPS announces {sum(n > 0 for n in coded)} segments with inter frames, the file "
-                             f"holds {len(inter_chunks)} INTR and {len(pframe_chunks)} PFRM chunks")
+                             f"holds {len(inter_chunks)} INTR and {len(pfrm_chunks)} PFRM chunks")
     out, chunks = [], iter(inter_chunks)
     for units, n in zip(segments, coded):
         if not n:
@@ -536,7 +537,7 @@ def pframe_parts(container: "Container", gops: "GopStructure") -> List[Optional[
         payload = next(chunks).payload
         r = Reader(payload, "INTR chunk")
         for u in units:
-            out.append(r.bytes_with_length(len(payload)) if u.has_chunk else None)
+            out.append(r.bytes_with_length(len(payload)) if u.has_parts else None)
         r.expect_end()
     return out
 
@@ -554,15 +555,16 @@ class PFrame(NamedTuple):
     ``forecast`` the predictor's forecast of this frame (the first frame of a prediction
     round started at it, which the decoder runs). With ``motion`` the reference is first
     warped along a coded motion field; with ``residual`` the conditional P-frame codec
-    codes the frame given that (warped) reference. A unit with either has one PFRM chunk
-    (:func:`pframe_chunk`); one with neither repeats its reference at zero bytes."""
+    codes the frame given that (warped) reference. A unit with either has coded parts
+    (:func:`inter_frame_bytes`: a PFRM chunk in GOP syntax 2, an entry of its segment's
+    INTR chunk in syntax 3); one with neither repeats its reference at zero bytes."""
 
     forecast: bool = False
     motion: bool = False
     residual: bool = True
 
     @property
-    def has_chunk(self) -> bool:
+    def has_parts(self) -> bool:
         return self.motion or self.residual
 
 
@@ -575,7 +577,7 @@ _UNIT_ROUND, _UNIT_ANCHORED, _UNIT_PFRAME, _UNIT_FORECAST = range(4)
 class GopStructure:
     """The frame types of a video, as segments: ``k`` keyframes (coded, one ANCH chunk
     each, in frame order) followed by units: prediction rounds (:class:`Round`) and
-    P frames (:class:`PFrame`, one PFRM chunk each). A round starting at frame i draws its
+    P frames (:class:`PFrame`: PFRM chunks, or INTR chunks with motion). A round starting at frame i draws its
     noise from (stream seed, i) alone, so the decoder replays exactly the accepted rounds.
     An anchored round's ANCH chunk stands, in frame order, among the keyframes' chunks.
 
@@ -610,8 +612,8 @@ class GopStructure:
         return sum(u.accepted for _, units in self.segments for u in units if isinstance(u, Round))
 
     @property
-    def pframe_chunks(self) -> int:
-        return sum(isinstance(u, PFrame) and u.has_chunk for _, units in self.segments for u in units)
+    def coded_inter_frames(self) -> int:
+        return sum(isinstance(u, PFrame) and u.has_parts for _, units in self.segments for u in units)
 
     @property
     def syntax(self) -> int:
@@ -632,7 +634,7 @@ class GopStructure:
             out.append("K" * k)
             for u in units:
                 if isinstance(u, PFrame):
-                    out.append(("F" if u.forecast else "P") if u.has_chunk else "s")
+                    out.append(("F" if u.forecast else "P") if u.has_parts else "s")
                 else:
                     out.append(("A" if u.anchored else "p") + "p" * (u.accepted - 1))
         return "".join(out)

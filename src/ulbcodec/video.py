@@ -42,7 +42,7 @@ import torch
 
 from ulbcodec import bitstream
 from ulbcodec.bitstream import (AnchorPayload, BitstreamError, Chunk, Container, GopStructure, Header, PFrame,
-                                PFramePayload, Round, inter_chunk, pframe_chunk, pframe_parts, split_pframe_chunk,
+                                PFramePayload, Round, inter_chunk, inter_frame_bytes, pframe_parts, split_inter_frame,
                                 write_uvarint)
 from ulbcodec.image import DecodeError, ImageCodec, pad_replicate, to_tensor, to_uint8
 from ulbcodec import packages
@@ -269,7 +269,7 @@ class VideoCodec:
         candidates = []
 
         def consider(unit: PFrame, motion_payload, residual: Optional[PFramePayload], decoded: np.ndarray) -> None:
-            part = pframe_chunk(motion_payload, residual) if unit.has_chunk else None
+            part = inter_frame_bytes(motion_payload, residual) if unit.has_parts else None
             bits = 8 * (len(part) + len(write_uvarint(len(part)))) if part is not None else 0
             candidates.append((self._rd_cost(bits, decoded, target, level), unit, part, decoded))
 
@@ -558,7 +558,7 @@ class VideoCodec:
                     frame = ref
                     part = next(pframes)
                     if part is not None:
-                        motion, residual = split_pframe_chunk(part, unit)
+                        motion, residual = split_inter_frame(part, unit)
                         if motion is not None:
                             frame = warp(ref, motion_coding.decompress(motion, h.width, h.height))
                         if residual is not None:
