@@ -155,6 +155,7 @@ class VideoCodec:
         self._predictor = None
         self.has_pframes = "pframe" in package.components
         self._pframe = None
+        self._last_candidates = None  # (key, candidates) of the last _pframe_candidates call
         # λ per P-frame level: the package's rate levels (keyframes and P frames share them)
         self.pframe_lambdas = {lv.level: lv.lmbda for lv in package.rate_levels} if self.has_pframes else {}
 
@@ -267,26 +268,38 @@ class VideoCodec:
         and the conditional P-frame codec given the (warped) reference. R counts the parts
         and their length prefix in the segment's INTR chunk."""
         candidates = []
+        for ref, is_forecast in ((previous, False), (forecast, True)):
+            if ref is not None:
+                candidates += self._pframe_candidates(target, ref, is_forecast, level, motion)
+        return min(candidates, key=lambda c: c[0])
+
+    def _pframe_candidates(self, target: np.ndarray, ref: np.ndarray, is_forecast: bool, level: int,
+                           motion: bool) -> List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]:
+        """The three modes of :meth:`_best_pframe` on one reference. The last call's result
+        is kept: the encoder asks for the same frame and reference twice when a prediction
+        loses to a P frame (once to judge it, once to code the P frame)."""
+        key = (target, ref, is_forecast, level, motion)
+        if self._last_candidates is not None and all(
+                a is b if isinstance(a, np.ndarray) else a == b for a, b in zip(key, self._last_candidates[0])):
+            return self._last_candidates[1]
+        candidates = []
 
         def consider(unit: PFrame, motion_payload, residual: Optional[PFramePayload], decoded: np.ndarray) -> None:
             part = inter_frame_bytes(motion_payload, residual) if unit.has_parts else None
             bits = 8 * (len(part) + len(write_uvarint(len(part)))) if part is not None else 0
             candidates.append((self._rd_cost(bits, decoded, target, level), unit, part, decoded))
 
-        for ref, is_forecast in ((previous, False), (forecast, True)):
-            if ref is None:
-                continue
-            consider(PFrame(is_forecast, False, False), None, None, ref)
-            field = None
-            if motion:
-                field, warped, _ = best_field(target, ref, lambda bits, pred: self._rd_cost(bits, pred, target, level))
-            motion_payload = motion_coding.compress(field) if field is not None else None
-            if field is not None:
-                ref = warped
-                consider(PFrame(is_forecast, True, False), motion_payload, None, ref)
-            payload, decoded = self._code_pframe(target, ref, level)
-            consider(PFrame(is_forecast, field is not None, True), motion_payload, payload, decoded)
-        return min(candidates, key=lambda c: c[0])
+        consider(PFrame(is_forecast, False, False), None, None, ref)
+        field, warped = None, ref
+        if motion:
+            field, warped, _ = best_field(target, ref, lambda bits, pred: self._rd_cost(bits, pred, target, level))
+        motion_payload = motion_coding.compress(field) if field is not None else None
+        if field is not None:
+            consider(PFrame(is_forecast, True, False), motion_payload, None, warped)
+        payload, decoded = self._code_pframe(target, warped, level)
+        consider(PFrame(is_forecast, field is not None, True), motion_payload, payload, decoded)
+        self._last_candidates = (key, candidates)
+        return candidates
 
     @staticmethod
     def _chunks(entries: List, gops: GopStructure) -> List[Chunk]:
@@ -321,6 +334,7 @@ class VideoCodec:
         a :class:`FrameRecord` per frame (its type, bytes and the distance that decided it)."""
         emit = reconstruction or (lambda frame: None)
         note = frame_log or (lambda record: None)
+        self._last_candidates = None
         K, P = self.cond_frames, self.pred_frames
         steps = self.steps if settings.steps is None else settings.steps
         if not 1 <= steps <= MAX_STEPS:
@@ -468,6 +482,7 @@ class VideoCodec:
             params.update(pframe_level=pframe_level, gop_syntax=gops.syntax)
         header = Header(bitstream.MEDIA_VIDEO, size[0], size[1], self.package.short_digest, level, index,
                         fps.numerator, fps.denominator, settings.seed, params)
+        self._last_candidates = None
         chunks = [Chunk(bitstream.CHUNK_GOPS, gops.to_bytes())] + self._chunks(payloads, gops)
         return Container(header, chunks).to_bytes(), gops
 
