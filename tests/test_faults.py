@@ -651,6 +651,26 @@ def _group_alive(pgid: int) -> list:
     return alive
 
 
+def _wait_group_gone(pgid: int, seconds: float) -> list:
+    """Poll until no process of the group is alive or ``seconds`` pass; what is left."""
+    deadline = time.monotonic() + seconds
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _group_alive(pgid)
+
+
+def _batch_at_first_output(images: Path, out: Path, jobs: int, seconds: float) -> subprocess.Popen:
+    """`ulbc encode images --out-dir out --jobs N` in a session of its own, returned once
+    its first output exists (or it ended, or ``seconds`` passed): a batch to interrupt."""
+    p = subprocess.Popen([sys.executable, "-m", "ulbcodec", "encode", str(images), "--out-dir", str(out),
+                          "--model", "tiny", "--jobs", str(jobs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    deadline = time.monotonic() + seconds
+    while not list(out.glob("*.ulb")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return p
+
+
 @pytest.fixture()
 def many_images(tmp_path, photo):
     src = tmp_path / "many"
@@ -667,14 +687,8 @@ def test_sigterm_during_a_batch_leaves_no_partial_file(tiny_model, many_images, 
     `kill PID` does, or to the whole group, as a scheduler does): exit 130, one line, no
     temporary file, every output complete, no worker left running."""
     out = tmp_path / "out"
-    exe = [sys.executable, "-m", "ulbcodec"]
-    p = subprocess.Popen(exe + ["encode", str(many_images), "--out-dir", str(out), "--model", "tiny",
-                                "--jobs", str(jobs)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    p = _batch_at_first_output(many_images, out, jobs, 120)
     try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("*.ulb")) and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
         assert p.poll() is None, "the batch finished before it could be interrupted"
         (os.killpg if target == "group" else os.kill)(p.pid, signal.SIGTERM)
         _, stderr = p.communicate(timeout=60)
@@ -683,10 +697,7 @@ def test_sigterm_during_a_batch_leaves_no_partial_file(tiny_model, many_images, 
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted" in stderr.splitlines()[-1]
-    deadline = time.monotonic() + 20
-    while _group_alive(p.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _group_alive(p.pid) == []
+    assert _wait_group_gone(p.pid, 20) == []
     assert temp_files(out) == []
     written = sorted(out.glob("*.ulb"))
     assert 1 <= len(written) < 24

@@ -323,28 +323,18 @@ def test_workers_die_when_the_main_process_is_killed(tiny_model, tmp_path, many_
     events; the time limits are hang guards only."""
     import os
     import signal
-    import subprocess
-    import time
 
-    from test_faults import _group_alive
+    from test_faults import _batch_at_first_output, _group_alive, _wait_group_gone
 
     out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "-m", "ulbcodec", "encode", str(many_images), "--out-dir", str(out), "--model",
-                          "tiny", "--jobs", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         start_new_session=True)
+    p = _batch_at_first_output(many_images, out, 2, 600)
     try:
-        deadline = time.monotonic() + 600
-        while not list(out.glob("*.ulb")) and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
         assert p.poll() is None, "the batch finished before it could be killed"
         workers = [pid for pid in _group_alive(p.pid) if pid != p.pid]
         assert workers
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
-        deadline = time.monotonic() + 600
-        while _group_alive(p.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _group_alive(p.pid) == []
+        assert _wait_group_gone(p.pid, 600) == []
     finally:
         if _group_alive(p.pid):
             os.killpg(p.pid, signal.SIGKILL)
