@@ -334,16 +334,12 @@ def export_into(model: AnchorCodec, args, meta: dict, levels: List[RateLevel]) -
     base = packages.ModelPackage.load_manifest(packages.resolve(args.into))
     if [lv.lmbda for lv in base.rate_levels] != [lv.lmbda for lv in levels]:
         raise SystemExit(f"--into {args.into}: its rate levels' λs differ from --lambdas")
-    modules = {name: base.build(name) for name in base.components if name != "anchor_codec"}
-    modules["anchor_codec"] = model
-    extra = dict(base.extra)
-    extra["keyframe_training"] = {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
-                                  "batch": args.batch, "crop": args.crop, "lr": args.lr,
-                                  "dark_fraction": args.dark_fraction, "init_from": meta.get("init_from"),
-                                  "log_tail": meta["log"][-5:]}
-    package = save_package(args.export, base.name, modules, base.rate_levels, half_parameters=True,
-                           diffusers_dtype=torch.bfloat16, extra=extra, next_frame=base.next_frame,
-                           description=base.description)
+    training = {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
+                "batch": args.batch, "crop": args.crop, "lr": args.lr,
+                "dark_fraction": args.dark_fraction, "init_from": meta.get("init_from"),
+                "log_tail": meta["log"][-5:]}
+    package = packages.save_derived_package(base, args.export, {"anchor_codec": model},
+                                            {"keyframe_training": training})
     print(f"exported {package.root} digest {package.digest[:16]} ({package.size_bytes / 1e6:.1f} MB)")
 
 

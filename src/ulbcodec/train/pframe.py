@@ -295,18 +295,15 @@ def export(model: PFrameCodec, meta: dict, args) -> None:
     round_parameters_to_half(model)  # stored as float16: the CDF tables are built from what is stored
     model.update(force=True)
     base = packages.ModelPackage.load_manifest(packages.resolve(args.video_model))
-    modules = {name: base.build(name) for name in base.components if name != "pframe"}
-    modules["pframe"] = model
-    extra = dict(base.extra)
     previous = meta.get("init_from", {}).get("steps") or 0
-    extra["pframe_training"] = {"steps": previous + meta["step"], "minutes": round(meta["seconds"] / 60, 1),
-                                "init_from": meta.get("init_from"),
-                                "batch": args.batch, "crop": args.crop, "lr": args.lr, "seed": args.seed,
-                                "lambdas": meta["lambdas"], "log_tail": meta["log"][-5:]}
-    pkg = packages.save_package(args.export, base.name, modules, base.rate_levels, half_parameters=True,
-                                diffusers_dtype=torch.bfloat16, extra=extra, next_frame=base.next_frame,
-                                description=base.description if "pframe" in base.components else
-                                base.description + "; conditional P-frame codec trained by ulbcodec.train.pframe")
+    training = {"steps": previous + meta["step"], "minutes": round(meta["seconds"] / 60, 1),
+                "init_from": meta.get("init_from"),
+                "batch": args.batch, "crop": args.crop, "lr": args.lr, "seed": args.seed,
+                "lambdas": meta["lambdas"], "log_tail": meta["log"][-5:]}
+    pkg = packages.save_derived_package(
+        base, args.export, {"pframe": model}, {"pframe_training": training},
+        description=base.description if "pframe" in base.components else
+        base.description + "; conditional P-frame codec trained by ulbcodec.train.pframe")
     print(json.dumps({"exported": str(pkg.root), "digest": pkg.digest[:16], "MB": pkg.size_bytes / 1e6}))
 
 

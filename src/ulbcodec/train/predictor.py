@@ -196,20 +196,17 @@ def main(argv=None) -> None:
 
 def export(image, unet, scheduler, meta: Dict, args) -> None:
     base = image.package
-    modules = {name: base.build(name) for name in base.components}
-    modules.update(predictor=unet, predictor_scheduler=scheduler)
-    extra = dict(base.extra)
-    extra["video"] = {"cond_frames": COND_FRAMES, "pred_frames": PRED_FRAMES, "steps": args.sampler_steps,
-                      "residual_scale": meta["residual_scale"]}
-    extra["predictor_training"] = {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
-                                   "batch": args.batch, "crop_latents": args.crop, "lr": args.lr,
-                                   "seed": args.seed, "image_model_digest": base.digest,
-                                   **training_runtime(meta, args.batch),
-                                   "log_tail": meta["log"][-5:]}
-    pkg = packages.save_package(args.export, "video", modules, base.rate_levels, half_parameters=True,
-                                diffusers_dtype=torch.bfloat16, extra=extra, next_frame=base.next_frame,
-                                description="ulbc default video model: the generative image model plus a "
-                                "latent frame predictor trained by ulbcodec.train.predictor")
+    extra = {"video": {"cond_frames": COND_FRAMES, "pred_frames": PRED_FRAMES, "steps": args.sampler_steps,
+                       "residual_scale": meta["residual_scale"]},
+             "predictor_training": {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
+                                    "batch": args.batch, "crop_latents": args.crop, "lr": args.lr,
+                                    "seed": args.seed, "image_model_digest": base.digest,
+                                    **training_runtime(meta, args.batch),
+                                    "log_tail": meta["log"][-5:]}}
+    pkg = packages.save_derived_package(base, args.export, {"predictor": unet, "predictor_scheduler": scheduler},
+                                        extra, name="video",
+                                        description="ulbc default video model: the generative image model plus "
+                                        "a latent frame predictor trained by ulbcodec.train.predictor")
     print(json.dumps({"exported": str(pkg.root), "digest": pkg.digest[:16], "MB": pkg.size_bytes / 1e6}))
 
 
