@@ -79,23 +79,25 @@ def _from_differences(d: np.ndarray) -> np.ndarray:
     return steps.cumsum(0).cumsum(1)
 
 
-def _bits(symbols: Sequence[int], index: int) -> float:
-    """Exact cost of ``symbols`` under table ``index``, escapes at their bypass length."""
+def _bits(histogram: Sequence[Tuple[int, int]], index: int) -> float:
+    """Exact cost of the symbols of ``histogram`` ((value, count) pairs) under table
+    ``index``, escapes at their bypass length."""
     cdf = _table(index)
     escape = -math.log2((cdf[-1] - cdf[-2]) / (1 << _PRECISION))
     total = 0.0
-    for value, count in zip(*np.unique(np.asarray(symbols), return_counts=True)):
-        k = int(value) + _HALF
+    for value, count in histogram:
+        k = value + _HALF
         if 0 <= k <= 2 * _HALF:
             total += count * -math.log2((cdf[k + 1] - cdf[k]) / (1 << _PRECISION))
         else:
-            raw = 2 * abs(int(value)) + 1
+            raw = 2 * abs(value) + 1
             total += count * (escape + 4 * (1 + (raw.bit_length() + 3) // 4) + 4)
     return total
 
 
 def _best_table(symbols: Sequence[int]) -> Tuple[int, float]:
-    costs = [_bits(symbols, t) for t in range(len(_DECAYS))]
+    histogram = [(int(v), int(c)) for v, c in zip(*np.unique(np.asarray(symbols), return_counts=True))]
+    costs = [_bits(histogram, t) for t in range(len(_DECAYS))]
     best = int(np.argmin(costs))
     return best, costs[best]
 
