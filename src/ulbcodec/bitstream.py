@@ -567,6 +567,11 @@ class PFrame(NamedTuple):
     def has_parts(self) -> bool:
         return self.motion or self.residual
 
+    @property
+    def letter(self) -> str:
+        """Its letter in :meth:`GopStructure.frame_types`."""
+        return ("F" if self.forecast else "P") if self.has_parts else "s"
+
 
 Unit = Union[Round, PFrame]
 GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES, GOP_SYNTAX_MOTION = 1, 2, 3
@@ -634,7 +639,7 @@ class GopStructure:
             out.append("K" * k)
             for u in units:
                 if isinstance(u, PFrame):
-                    out.append(("F" if u.forecast else "P") if u.has_parts else "s")
+                    out.append(u.letter)
                 else:
                     out.append(("A" if u.anchored else "p") + "p" * (u.accepted - 1))
         return "".join(out)

@@ -460,8 +460,7 @@ class VideoCodec:
                     payloads.append((len(segments), part))
                 history.append(_Decoded(decoded))
                 emit(decoded)
-                letter = GopStructure([(1, [unit])]).frame_types()[1]
-                note(FrameRecord(index, letter, len(part) if part is not None else 0,
+                note(FrameRecord(index, unit.letter, len(part) if part is not None else 0,
                                  distances[0] if distances else None,
                                  "+".join(n for n, on in (("motion", unit.motion), ("residual", unit.residual)) if on)))
                 units.append(unit)
