@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -65,9 +66,11 @@ def make_tiny_generative_package(root: Path, name: str = "tinygen", seed: int = 
 TINY_VIDEO = {"cond_frames": 2, "pred_frames": 3, "steps": 2, "residual_scale": 0.5}
 
 
-def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, pframe: bool = False) -> Path:
+def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, pframe: bool = False,
+                            pframe_levels: Optional[int] = None) -> Path:
     """The tiny generative image model plus a tiny UNet2DModel frame predictor (and with
-    ``pframe`` a tiny random P-frame codec)."""
+    ``pframe`` a tiny random P-frame codec, with ``pframe_levels`` rate levels: default
+    as many as the keyframe codec)."""
     from diffusers import CogVideoXDDIMScheduler, UNet2DModel
 
     from ulbcodec.packages import ModelPackage, save_package
@@ -85,7 +88,7 @@ def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, 
     if pframe:
         from ulbcodec.models.pframe_codec import PFrameCodec
 
-        modules["pframe"] = PFrameCodec(N=8, M=16, context_widths=[8, 8, 8], num_rate_levels=len(image.rate_levels))
+        modules["pframe"] = PFrameCodec(N=8, M=16, context_widths=[8, 8, 8], num_rate_levels=pframe_levels or len(image.rate_levels))
         with torch.no_grad():  # a small latent: P frames cheaper than keyframes, as a trained model's are
             modules["pframe"].g_a.down4.weight.mul_(0.01)
         modules["pframe"].update(force=True)

@@ -173,6 +173,19 @@ def test_failed_predictions_become_p_frames_and_decode_exactly(codec):
     assert all(np.array_equal(a, b) for a, b in zip(decoded, again))
 
 
+def test_keyframe_levels_above_the_p_frame_codecs_use_its_top_level(tmp_path_factory, residual_only):
+    """A package whose keyframe codec offers more rate levels than its P-frame codec (a
+    video package given higher keyframe rates): at such a level the P frames use the
+    codec's top gains, and the file decodes exactly."""
+    codec = VideoCodec.from_pretrained(str(make_tiny_video_package(tmp_path_factory.mktemp("pvideo-levels"),
+                                                                   pframe=True, pframe_levels=2)))
+    top = codec.image.rate_levels[-1]
+    assert codec.pframe_codec.num_rate_levels == 2 < len(codec.image.rate_levels)
+    data, gops, seen, _ = encode(codec, clip(4), predictor=False, rate_level=top)
+    assert gops.frame_types() == "KPPP" and Container.from_bytes(data).header.params["pframe_level"] == top
+    assert all(np.array_equal(a, b) for a, b in zip(seen, codec.decode(data)))
+
+
 def test_without_the_predictor_nothing_runs_it(codec, package):
     data, gops, seen, _ = encode(codec, clip(5), predictor=False)
     assert re.fullmatch("K[Ps]{4}", gops.frame_types())

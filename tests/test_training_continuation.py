@@ -125,22 +125,44 @@ def test_anchor_trainer_records_its_perceptual_weight(photos, one_step_anchor, t
 
 def test_remapped_rate_levels_take_the_gains_at_their_lambda():
     """A continuation with other λs starts each level at the gains the model has for its λ:
-    the same λs change nothing, λs one level lower shift the gains by one level, and a λ
-    below the lowest extrapolates geometrically."""
+    the same λs change nothing, λs one level lower shift the gains by one level, a λ
+    below the lowest extrapolates geometrically, and extra levels above the top extend
+    the range the same way."""
     from ulbcodec import packages
     from ulbcodec.train.anchor import remap_rate_levels
 
     package = packages.ModelPackage.load_manifest(packages.resolve("default"))
     lambdas = [lv.lmbda for lv in package.rate_levels]
     codec = package.build("anchor_codec")
-    before = {name: getattr(codec, name).detach().abs().clone() for name in ("gain", "inverse_gain")}
-    remap_rate_levels(codec, lambdas, lambdas)
-    assert all(torch.allclose(getattr(codec, n), before[n], rtol=1e-5) for n in before)
-    remap_rate_levels(codec, lambdas, [lambdas[0] ** 2 / lambdas[1], *lambdas[:-1]])
-    for name, old in before.items():
-        new = getattr(codec, name)
-        assert torch.allclose(new[1:], old[:-1], rtol=1e-5)
-        assert torch.allclose(new[0], old[0] ** 2 / old[1], rtol=1e-4)
+    old = {name: getattr(codec, name).detach().abs().clone() for name in ("gain", "inverse_gain")}
+    same = remap_rate_levels(old["gain"], old["inverse_gain"], lambdas, lambdas)
+    assert all(torch.allclose(new, old[n], rtol=1e-5) for new, n in zip(same, old))
+    lower = remap_rate_levels(old["gain"], old["inverse_gain"], lambdas, [lambdas[0] ** 2 / lambdas[1], *lambdas[:-1]])
+    for new, name in zip(lower, old):
+        assert torch.allclose(new[1:], old[name][:-1], rtol=1e-5)
+        assert torch.allclose(new[0], old[name][0] ** 2 / old[name][1], rtol=1e-4)
+    more = remap_rate_levels(old["gain"], old["inverse_gain"], lambdas, [*lambdas, lambdas[-1] ** 2 / lambdas[-2]])
+    for new, name in zip(more, old):
+        assert new.shape[0] == len(lambdas) + 1
+        assert torch.allclose(new[:-1], old[name], rtol=1e-5)
+        assert torch.allclose(new[-1], old[name][-1] ** 2 / old[name][-2], rtol=1e-4)
+
+
+def test_anchor_trainer_adds_rate_levels_above_the_packages(photos, one_step_anchor, tmp_path):
+    """--init-from with more λs than the package has levels (a video package's keyframe
+    codec given higher rates, exported --into it): the exported package has a level per λ,
+    the old ones kept."""
+    out = tmp_path / "more"
+    old = [lv["lmbda"] for lv in manifest(one_step_anchor)["rate_levels"]]
+    new = [*old, old[-1] * 2.5]
+    run(["ulbcodec.train.anchor", "--data", photos, "--run", tmp_path / "run", "--init-from", one_step_anchor,
+         "--steps", "1", "--crop", "64", "--lr", "0", "--lambdas", *new, *TINY_RUN, "--export", out,
+         "--into", one_step_anchor], tmp_path)
+    assert [lv["lmbda"] for lv in manifest(out)["rate_levels"]] == new
+    assert manifest(out)["components"]["anchor_codec"]["config"]["num_rate_levels"] == len(new)
+    gains = weights(out)["gain"]
+    assert gains.shape[0] == len(new)
+    assert torch.equal(gains[:len(old)], weights(one_step_anchor)["gain"])
 
 
 def test_anchor_trainer_records_remapped_lambdas(photos, one_step_anchor, tmp_path):

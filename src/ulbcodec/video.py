@@ -156,7 +156,8 @@ class VideoCodec:
         self.has_pframes = "pframe" in package.components
         self._pframe = None
         self._last_candidates = None  # (key, candidates) of the last _pframe_candidates call
-        # λ per P-frame level: the package's rate levels (keyframes and P frames share them)
+        # λ per P-frame level: the package's rate levels (keyframes and P frames share them;
+        # a package may offer keyframe levels above the P-frame codec's own, _codec_level)
         self.pframe_lambdas = {lv.level: lv.lmbda for lv in package.rate_levels} if self.has_pframes else {}
 
     @classmethod
@@ -224,6 +225,12 @@ class VideoCodec:
         """The latent of an anchored round's anchor frame (decoded without the generative decoder)."""
         return self._latent(self.image.decode_anchor(payload, width, height, level, anchor_only=True))
 
+    def _codec_level(self, level: float) -> float:
+        """The P-frame codec's gain level for a P-frame level: the level itself, or the
+        codec's top level when the package's keyframe codec offers higher ones (their λ
+        still steers the encoder's choices, :meth:`_rd_cost`)."""
+        return min(level, self.pframe_codec.num_rate_levels - 1)
+
     def _padded(self, frame: np.ndarray) -> torch.Tensor:
         return pad_replicate(to_tensor(frame), self.pframe_codec.required_multiple).to(self.image.placement.home)
 
@@ -231,7 +238,7 @@ class VideoCodec:
         """(payload, the frame as the decoder will rebuild it) of ``frame`` coded given ``ref``."""
         h, w = frame.shape[:2]
         with fixed_threads():  # g_s is not thread-count invariant; the entropy path is (models/pframe_codec.py)
-            out = self.pframe_codec.compress(self._padded(frame), self._padded(ref), level)
+            out = self.pframe_codec.compress(self._padded(frame), self._padded(ref), self._codec_level(level))
         y_string, z_string = out["strings"]
         payload = PFramePayload(tuple(out["shape"]), z_string, y_string, out["symbols_crc32"] & 0xFFFF)
         return payload.padded_for(w, h), to_uint8(out["x_hat"][..., :h, :w])
@@ -245,7 +252,7 @@ class VideoCodec:
         with fixed_threads():
             try:
                 out = self.pframe_codec.decompress([payload.y_string, payload.z_string], payload.z_shape,
-                                                   self._padded(ref), level)
+                                                   self._padded(ref), self._codec_level(level))
             except (RuntimeError, ValueError, IndexError) as exc:
                 raise DecodeError(f"P-frame entropy decoding failed ({exc})") from None
         if out["symbols_crc32"] & 0xFFFF != payload.symbols_check:

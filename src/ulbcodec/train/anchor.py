@@ -39,7 +39,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import ContextManager, Dict, List
+from typing import ContextManager, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -184,46 +184,53 @@ def widen_gain_spread(model: AnchorCodec, low: float = -2.6) -> None:
         model.inverse_gain.div_(scale[:, None])
 
 
-def remap_rate_levels(model: AnchorCodec, old_lambdas: List[float], new_lambdas: List[float]) -> None:
-    """Give each rate level the gains the model already has for its new λ.
+def remap_rate_levels(gain: torch.Tensor, inverse_gain: torch.Tensor, old_lambdas: List[float],
+                      new_lambdas: List[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The gain tables ``[len(new_lambdas), M]`` that give each new λ the gains the model
+    already has there.
 
     Log-gains are linear in the level (fractional levels, Cui et al. 2021) and the levels
     are about evenly spaced in log λ, so a new λ maps to the fractional old level at the
     same place in log λ (linearly extrapolated past either end), and its gains are the
-    geometric interpolation there. A continuation with other λs then starts at about the
-    rates it is asked for instead of walking its gains there, which Adam does slowly
-    (see :func:`widen_gain_spread`)."""
+    geometric interpolation there. A continuation with other λs (or more levels) then
+    starts at about the rates it is asked for instead of walking its gains there, which
+    Adam does slowly (see :func:`widen_gain_spread`)."""
     old = np.log(np.asarray(old_lambdas, dtype=np.float64))
     segments = []  # (i, t): between old levels i and i + 1, t outside [0, 1] past either end
     for lmbda in np.log(np.asarray(new_lambdas, dtype=np.float64)):
         i = int(np.clip(np.searchsorted(old, lmbda) - 1, 0, len(old) - 2))
         segments.append((i, float((lmbda - old[i]) / (old[i + 1] - old[i]))))
     with torch.no_grad():
-        for name in ("gain", "inverse_gain"):
-            table = getattr(model, name)
+        tables = []
+        for table in (gain, inverse_gain):
             logs = table.abs().log()
-            table.copy_(torch.stack([logs[i] + t * (logs[i + 1] - logs[i]) for i, t in segments]).exp())
+            tables.append(torch.stack([logs[i] + t * (logs[i + 1] - logs[i]) for i, t in segments]).exp())
+    return tables[0], tables[1]
 
 
 def init_from_package(model: AnchorCodec, name_or_path: str, lambdas: List[float]) -> dict:
-    """Load a package's anchor codec into ``model`` (same config); returns what to record.
+    """Load a package's anchor codec into ``model`` (same config but for the number of
+    rate levels); returns what to record.
 
     Its gains are taken as they are (already widened), remapped when ``lambdas`` differ
-    from the package's (:func:`remap_rate_levels`), and its training history is kept so
-    the exported manifest accounts for every step the weights have seen."""
+    from the package's (:func:`remap_rate_levels`: more levels than the package's extend
+    its range, e.g. higher rates for a video package's keyframes), and its training
+    history is kept so the exported manifest accounts for every step the weights have seen."""
     pkg = packages.ModelPackage.load_manifest(packages.resolve(name_or_path))
     codec = pkg.build("anchor_codec")
-    if codec.config != model.config:
+    if {**codec.config, "num_rate_levels": 0} != {**model.config, "num_rate_levels": 0}:
         raise SystemExit(f"--init-from {name_or_path}: anchor codec config {codec.config} is not {model.config}")
-    model.load_state_dict(codec.state_dict(), strict=True)
+    state = codec.state_dict()
     record = {"package": str(name_or_path), "digest": pkg.digest, "training": pkg.extra.get("training", {})}
     old_lambdas = [lv.lmbda for lv in pkg.rate_levels]
     if list(lambdas) != old_lambdas:
-        if len(old_lambdas) < 2 or len(lambdas) != len(old_lambdas) or min(old_lambdas) <= 0:
+        if len(old_lambdas) < 2 or min(old_lambdas) <= 0 or len(old_lambdas) != state["gain"].shape[0]:
             raise SystemExit(f"--init-from {name_or_path}: its rate levels {old_lambdas} cannot be remapped "
-                             f"onto --lambdas {list(lambdas)} (same number of levels, each with its λ)")
-        remap_rate_levels(model, old_lambdas, lambdas)
+                             f"onto --lambdas {list(lambdas)} (each level needs its λ)")
+        state["gain"], state["inverse_gain"] = remap_rate_levels(state["gain"], state["inverse_gain"],
+                                                                 old_lambdas, lambdas)
         record["remapped_lambdas"] = old_lambdas
+    model.load_state_dict(state, strict=True)
     return record
 
 
@@ -242,7 +249,7 @@ def train(args, rt: TrainRuntime) -> None:
         raise SystemExit(f"no training photographs under {args.data}/photos/train: run `make data` first")
     seed = rt.process_seed(args.seed)  # this process's crops and levels (process 0: args.seed)
     data = PhotoCrops(files, args.crop, seed, args.dark_fraction)
-    config = dict(DEFAULT_CONFIG)
+    config = dict(DEFAULT_CONFIG, num_rate_levels=len(args.lambdas))
     model = AnchorCodec(**config).to(rt.device)
     params, opt, aux_opt = make_optimizers(model, args.lr)
     aux_params = aux_opt.param_groups[0]["params"]
@@ -330,16 +337,18 @@ def export(model: AnchorCodec, args, meta: dict) -> None:
 def export_into(model: AnchorCodec, args, meta: dict, levels: List[RateLevel]) -> None:
     """``args.into``'s package with its anchor codec replaced by ``model`` (CDF tables
     already rebuilt), every other component and setting unchanged; the anchor codec's
-    training record joins the package's extra as ``keyframe_training``."""
+    training record joins the package's extra as ``keyframe_training``. ``--lambdas`` may
+    add levels above the package's (higher keyframe rates for a video package); the
+    levels it has keep their λs."""
     base = packages.ModelPackage.load_manifest(packages.resolve(args.into))
-    if [lv.lmbda for lv in base.rate_levels] != [lv.lmbda for lv in levels]:
+    if [lv.lmbda for lv in base.rate_levels] != [lv.lmbda for lv in levels][:len(base.rate_levels)]:
         raise SystemExit(f"--into {args.into}: its rate levels' λs differ from --lambdas")
     training = {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
                 "batch": args.batch, "crop": args.crop, "lr": args.lr,
                 "dark_fraction": args.dark_fraction, "init_from": meta.get("init_from"),
                 "log_tail": meta["log"][-5:]}
     package = packages.save_derived_package(base, args.export, {"anchor_codec": model},
-                                            {"keyframe_training": training})
+                                            {"keyframe_training": training}, rate_levels=levels)
     print(f"exported {package.root} digest {package.digest[:16]} ({package.size_bytes / 1e6:.1f} MB)")
 
 
@@ -372,7 +381,7 @@ def main(argv=None) -> None:
     rt = TrainRuntime(args.mixed_precision or {True: "bf16", False: "no", None: None}[args.bf16])
     if args.export_only:
         if rt.is_main:
-            model = AnchorCodec(**DEFAULT_CONFIG)
+            model = AnchorCodec(**dict(DEFAULT_CONFIG, num_rate_levels=len(args.lambdas)))
             _, opt, aux_opt = make_optimizers(model, args.lr)
             meta = load_checkpoint(Path(args.run), model, opt, aux_opt)
             export(model, args, meta)
