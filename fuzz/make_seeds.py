@@ -13,6 +13,7 @@ script again gives the same bytes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -56,10 +57,11 @@ VALID_VIDEOS = [
     (33, 17, 6, 2, dict(threshold=0.0, pframes=False)),
     (24, 24, 8, 1, dict(threshold=0.9, generative_keyframes=True, max_gop=3, pframes=False)),
     (40, 32, 7, 2, dict(threshold=0.9, seed=7, pframes=False)),
-    # P frames (GOP syntax 3: motion, residuals, repeats in INTR chunks)
-    (64, 48, 6, 2, dict(threshold=0.0, predictor=False)),
-    (48, 40, 7, 1, dict(threshold=0.0)),
-    (40, 24, 5, 2, dict(threshold=0.0, predictor=False, motion=False)),
+    # P frames (GOP syntax 3: motion, residuals, repeats in INTR chunks; syntax 4, the
+    # long-term reference, among the hand-made cases)
+    (64, 48, 6, 2, dict(threshold=0.0, predictor=False, long_term=False)),
+    (48, 40, 7, 1, dict(threshold=0.0, long_term=False)),
+    (40, 24, 5, 2, dict(threshold=0.0, predictor=False, motion=False, long_term=False)),
 ]
 
 
@@ -230,7 +232,9 @@ def video_edge_cases(valid: dict) -> dict:
 
 
 def inter_edge_cases(base: bytes) -> dict:
-    """Hand-made malformed P frames (GOP syntax 3): INTR chunks against the GOP units."""
+    """Hand-made malformed P frames (GOP syntax 3): INTR chunks against the GOP units; and
+    the same P frames from the last keyframe (GOP syntax 4, valid), or so marked in a
+    syntax-3 file (refused)."""
     container = Container.from_bytes(base)
     gops = bs.video_gops(container)
     head, chunks = container.header, container.chunks
@@ -250,7 +254,15 @@ def inter_edge_cases(base: bytes) -> dict:
     bad_spacing = list(coded)
     bad_spacing[sum(f is not None for f in frames[:first])] = bs.inter_frame_bytes(
         bs.MotionPayload(8, motion.tables, motion.string), residual)
+    long_term = bs.GopStructure([(k, [u._replace(long_term=True) if isinstance(u, bs.PFrame) and not u.forecast
+                                      else u for u in us]) for k, us in gops.segments])
+    gops_at = next(i for i, c in enumerate(chunks) if c.type == bs.CHUNK_GOPS)
+    with_long_term = chunks[:gops_at] + [Chunk(bs.CHUNK_GOPS, long_term.to_bytes())] + chunks[gops_at + 1:]
     return {
+        "edge-video-long-term.ulb": Container(
+            dataclasses.replace(head, params={**head.params, "gop_syntax": bs.GOP_SYNTAX_LONG_TERM}),
+            with_long_term).to_bytes(),
+        "edge-video-long-term-in-syntax-3.ulb": with_chunks(with_long_term),
         "edge-video-intr-missing.ulb": with_chunks(chunks[:inter] + chunks[inter + 1:]),
         "edge-video-intr-trailing.ulb": with_inter(bs.inter_chunk(coded) + b"\0"),
         "edge-video-intr-short.ulb": with_inter(bs.inter_chunk(coded[:-1])),

@@ -111,7 +111,7 @@ def test_corpus_input_is_clean(path, fuzz_codec):
     outcome = dc.check_input(path.read_bytes(), fuzz_codec, dc.NO_LIMITS, strict=True)  # as the CLI decodes
     if path.name.startswith("valid-") or path.name in (
         "edge-unknown-ancillary-chunk.ulb", "edge-reserved-params.ulb", "edge-y-extra-words.ulb",
-        "edge-gops-in-image.ulb", "edge-video-anchored-round.ulb",
+        "edge-gops-in-image.ulb", "edge-video-anchored-round.ulb", "edge-video-long-term.ulb",
     ):
         assert outcome.status == "decoded", outcome
     elif path.name.startswith("edge-"):

@@ -43,7 +43,7 @@ def trained_like():
 def force_residual(monkeypatch):
     """Every inter frame coded by the P-frame codec on the previous frame (no motion, no
     repeat): the tests of that codec's path, whatever a random model would choose."""
-    def best(self, target, previous, forecast, level, motion=True):
+    def best(self, target, previous, forecast, level, motion=True, keyframe=None):
         payload, decoded = self._code_pframe(target, previous, level)
         part = inter_frame_bytes(None, payload)
         return self._rd_cost(8 * len(part), decoded, target, level), PFrame(), part, decoded
@@ -134,7 +134,7 @@ def test_gop_syntax_2_round_trips_p_frames():
     with pytest.raises(BitstreamError, match="invalid value"):
         GopStructure.from_bytes(bytes([1, 1, 1, 1 << 2 | 2]), 2, 2, 3, syntax=2)
     with pytest.raises(BitstreamError, match="unknown GOP syntax"):
-        GopStructure.from_bytes(rounds_only.to_bytes(), 5, 2, 3, syntax=4)
+        GopStructure.from_bytes(rounds_only.to_bytes(), 5, 2, 3, syntax=5)
 
 
 def test_gop_syntax_3_holds_motion_and_repeats():
@@ -149,16 +149,33 @@ def test_gop_syntax_3_holds_motion_and_repeats():
         GopStructure.from_bytes(bytes([1, 1, 1, 4 << 2 | 2]), 2, 2, 3, syntax=3)
 
 
+def test_gop_syntax_4_holds_long_term_references():
+    units = [PFrame(False, True, False, True), PFrame(False, False, False, True), PFrame(False, True, False),
+             PFrame(False, True, True, True)]
+    gops = GopStructure([(1, units)])
+    assert gops.syntax == 4 and gops.coded_inter_frames == 3
+    assert gops.frame_types() == "KLlPL"
+    assert GopStructure.from_bytes(gops.to_bytes(), 5, 2, 3, syntax=4) == gops
+    with pytest.raises(ValueError, match="syntax 3"):
+        gops.to_bytes(syntax=3)
+    with pytest.raises(ValueError, match="long-term"):
+        GopStructure([(1, [PFrame(True, True, False, True)])]).to_bytes()
+    for bad in (4 << 2 | 3, 8 << 2 | 2):  # a long-term forecast; a value past the flags
+        with pytest.raises(BitstreamError, match="invalid value"):
+            GopStructure.from_bytes(bytes([1, 1, 1, bad]), 2, 2, 3, syntax=4)
+
+
 # ---------------------------------------------------------------------- the video codec
 
 
 def test_failed_predictions_become_p_frames_and_decode_exactly(codec):
     data, gops, seen, log = encode(codec, clip(7), threshold=0.0)
     types = gops.frame_types()
-    assert types[0] == "K" and set(types[1:]) <= {"P", "F", "s"} and gops.keyframes == 1
+    assert types[0] == "K" and set(types[1:]) <= {"P", "F", "L", "s", "l"} and gops.keyframes == 1
     assert [r.type for r in log] == list(types)
     assert all((r.bytes > 0) == r.type.isupper() for r in log) and all(r.distance is not None for r in log[2:])
     assert all(r.parts in ("motion", "residual", "motion+residual") for r in log if r.type in "PF")
+    assert all(r.parts.startswith("long-term") for r in log if r.type in "Ll")
     assert not any(r.parts for r in log if r.type in "Ks")
     header = Container.from_bytes(data).header
     assert header.params["gop_syntax"] == gops.syntax and header.params["pframe_level"] == header.rate_level
@@ -184,6 +201,26 @@ def test_keyframe_levels_above_the_p_frame_codecs_use_its_top_level(tmp_path_fac
     data, gops, seen, _ = encode(codec, clip(4), predictor=False, rate_level=top)
     assert gops.frame_types() == "KPPP" and Container.from_bytes(data).header.params["pframe_level"] == top
     assert all(np.array_equal(a, b) for a, b in zip(seen, codec.decode(data)))
+
+
+def test_a_return_to_the_keyframe_takes_it_as_reference(package, monkeypatch):
+    """A scene that comes back to the keyframe's content (A B A B A) is best predicted from
+    the last keyframe, not from the previous frame: such P frames (L, or l at zero bytes)
+    make a GOP syntax 4 file that decodes exactly; --no-long-term keeps to syntax 3. (The
+    tiny random keyframe codec decodes to noise, so a stand-in for a good one decodes
+    every keyframe to A, on both sides.)"""
+    a, b = clip(1)[0], 255 - clip(1)[0]
+    monkeypatch.setattr(VideoCodec, "_keyframe_decode", lambda self, payload, w, h, level, generative: a.copy())
+    codec = VideoCodec.from_pretrained(package)
+    codec.pframe_lambdas = {level: 3.6e-3 for level in codec.pframe_lambdas}  # λ = 0 would always repeat
+    frames = [a, b, a, b, a]
+    data, gops, seen, log = encode(codec, frames, predictor=False)
+    types = gops.frame_types()
+    assert re.fullmatch("KP[Ll]P[Ll]", types) and gops.syntax == 4
+    assert [r.type for r in log] == list(types) and log[2].parts.startswith("long-term")
+    assert all(np.array_equal(x, y) for x, y in zip(seen, codec.decode(data)))
+    _, without, _, _ = encode(codec, frames, predictor=False, long_term=False)
+    assert not set(without.frame_types()) & {"L", "l"} and without.syntax == 3
 
 
 def test_without_the_predictor_nothing_runs_it(codec, package):

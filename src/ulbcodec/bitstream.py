@@ -520,7 +520,7 @@ def pframe_parts(container: "Container", gops: "GopStructure") -> List[Optional[
     syntax = container.header.params.get("gop_syntax", GOP_SYNTAX_ROUNDS)
     segments = [[u for u in units if isinstance(u, PFrame)] for _, units in gops.segments]
     pfrm_chunks, inter_chunks = container.find(CHUNK_PFRAME), container.find(CHUNK_INTER)
-    if syntax != GOP_SYNTAX_MOTION:
+    if syntax not in INTER_CHUNK_SYNTAXES:
         if inter_chunks or len(pfrm_chunks) != gops.pframes:
             raise BitstreamError(f"GOPS announces {gops.pframes} P frames, the file holds {len(pfrm_chunks)} "
                                  f"PFRM and {len(inter_chunks)} INTR chunks")
@@ -553,7 +553,9 @@ class Round(NamedTuple):
 class PFrame(NamedTuple):
     """One inter-coded frame. Its reference is the previous decoded frame, or with
     ``forecast`` the predictor's forecast of this frame (the first frame of a prediction
-    round started at it, which the decoder runs). With ``motion`` the reference is first
+    round started at it, which the decoder runs), or with ``long_term`` the last decoded
+    keyframe (a warp from it blurs less than a chain of warps from frame to frame, each
+    of which interpolates again). With ``motion`` the reference is first
     warped along a coded motion field; with ``residual`` the conditional P-frame codec
     codes the frame given that (warped) reference. A unit with either has coded parts
     (:func:`inter_frame_bytes`: a PFRM chunk in GOP syntax 2, an entry of its segment's
@@ -562,6 +564,7 @@ class PFrame(NamedTuple):
     forecast: bool = False
     motion: bool = False
     residual: bool = True
+    long_term: bool = False
 
     @property
     def has_parts(self) -> bool:
@@ -570,11 +573,14 @@ class PFrame(NamedTuple):
     @property
     def letter(self) -> str:
         """Its letter in :meth:`GopStructure.frame_types`."""
+        if self.long_term:
+            return "L" if self.has_parts else "l"
         return ("F" if self.forecast else "P") if self.has_parts else "s"
 
 
 Unit = Union[Round, PFrame]
-GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES, GOP_SYNTAX_MOTION = 1, 2, 3
+GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES, GOP_SYNTAX_MOTION, GOP_SYNTAX_LONG_TERM = 1, 2, 3, 4
+INTER_CHUNK_SYNTAXES = (GOP_SYNTAX_MOTION, GOP_SYNTAX_LONG_TERM)  # inter frames in INTR chunks
 _UNIT_ROUND, _UNIT_ANCHORED, _UNIT_PFRAME, _UNIT_FORECAST = range(4)
 
 
@@ -591,7 +597,8 @@ class GopStructure:
     ``accepted << 1 | anchored``. Syntax 2: ``value << 2 | kind`` with kind 0 a round and
     1 an anchored round (value = accepted), 2 a P frame and 3 a forecast-conditioned
     P frame (value = 0: a residual, no motion). Syntax 3 (motion): as 2, with a P frame's
-    value ``motion | residual << 1``.
+    value ``motion | residual << 1``. Syntax 4 (long-term reference): as 3, with
+    ``| long_term << 2`` (not on a forecast-conditioned P frame).
     """
 
     segments: List[Tuple[int, List[Unit]]]
@@ -625,15 +632,18 @@ class GopStructure:
         """The oldest syntax that holds these units (files that need no motion stay readable
         by ulbc versions before it)."""
         units = [u for _, us in self.segments for u in us if isinstance(u, PFrame)]
+        if any(u.long_term for u in units):
+            return GOP_SYNTAX_LONG_TERM
         if any(u.motion or not u.residual for u in units):
             return GOP_SYNTAX_MOTION
         return GOP_SYNTAX_PFRAMES if units else GOP_SYNTAX_ROUNDS
 
     def frame_types(self) -> str:
         """One letter per frame, capitals for frames that cost bits: K keyframe, P P frame,
-        F P frame conditioned on the predictor's forecast, p predicted (zero bits), A the
-        first frame of an anchored round (predicted, guided by a small anchor), s a
-        repeated reference (zero bytes)."""
+        F P frame conditioned on the predictor's forecast, L P frame from the last
+        keyframe, p predicted (zero bits), A the first frame of an anchored round
+        (predicted, guided by a small anchor), s a repeated reference and l a repeated
+        last keyframe (zero bytes)."""
         out = []
         for k, units in self.segments:
             out.append("K" * k)
@@ -655,9 +665,12 @@ class GopStructure:
                 if syntax == GOP_SYNTAX_ROUNDS:
                     out += write_uvarint(u.accepted << 1 | int(u.anchored))
                 elif isinstance(u, PFrame):
-                    value = int(u.motion) | int(u.residual) << 1 if syntax == GOP_SYNTAX_MOTION else 0
+                    value = int(u.motion) | int(u.residual) << 1 | int(u.long_term) << 2 \
+                        if syntax in INTER_CHUNK_SYNTAXES else 0
                     if syntax == GOP_SYNTAX_PFRAMES and (u.motion or not u.residual):
                         raise ValueError("GOP syntax 2 cannot hold motion or repeated frames")
+                    if u.long_term and (syntax != GOP_SYNTAX_LONG_TERM or u.forecast):
+                        raise ValueError(f"GOP syntax {syntax} cannot hold this long-term P frame")
                     out += write_uvarint(value << 2 | (_UNIT_FORECAST if u.forecast else _UNIT_PFRAME))
                 else:
                     out += write_uvarint(u.accepted << 2 | (_UNIT_ANCHORED if u.anchored else _UNIT_ROUND))
@@ -668,7 +681,7 @@ class GopStructure:
                    syntax: int = GOP_SYNTAX_ROUNDS, max_gop: Optional[int] = None) -> "GopStructure":
         """Parse and check against the header: every count bounded by the frame count, and
         with ``max_gop`` every run of predicted frames (a segment's units) by it."""
-        if syntax not in (GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES, GOP_SYNTAX_MOTION):
+        if syntax not in (GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES, *INTER_CHUNK_SYNTAXES):
             raise BitstreamError(f"unknown GOP syntax {syntax}")
         r = Reader(payload, "GOP chunk")
         count = r.uvarint()
@@ -712,8 +725,10 @@ def _read_unit(value: int, syntax: int) -> Unit:
         return Round(value >> 1, bool(value & 1))
     kind, rest = value & 3, value >> 2
     if kind in (_UNIT_PFRAME, _UNIT_FORECAST):
-        if syntax == GOP_SYNTAX_MOTION and rest <= 3:
+        if syntax in INTER_CHUNK_SYNTAXES and rest <= 3:
             return PFrame(kind == _UNIT_FORECAST, bool(rest & 1), bool(rest & 2))
+        if syntax == GOP_SYNTAX_LONG_TERM and rest <= 7 and kind == _UNIT_PFRAME:
+            return PFrame(False, bool(rest & 1), bool(rest & 2), True)
         if rest:
             raise BitstreamError(f"P-frame unit with an invalid value {rest}")
         return PFrame(kind == _UNIT_FORECAST)
@@ -826,9 +841,9 @@ def _frame_bytes(types: str, container: Container, gops: GopStructure) -> List[i
         if t in "KA":
             chunk = next(anchors, None)
             out.append(chunk.size if chunk is not None else 0)
-        elif t in "PFs":
+        elif t in "PFLsl":
             part = next(parts, None)
-            framing = Chunk(CHUNK_PFRAME, b"").size if syntax != GOP_SYNTAX_MOTION else len(write_uvarint(len(part or b"")))
+            framing = Chunk(CHUNK_PFRAME, b"").size if syntax not in INTER_CHUNK_SYNTAXES else len(write_uvarint(len(part or b"")))
             out.append(len(part) + framing if part is not None else 0)
         else:
             out.append(0)

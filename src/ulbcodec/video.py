@@ -101,6 +101,7 @@ class VideoSettings:
     predictor: bool = True  # False: never run the diffusion predictor (P frames only)
     scene_cuts: bool = True  # False: never replace a P frame by a keyframe of lower R + λD (ablations, tests)
     motion: bool = True  # False: P frames without coded motion (ablations)
+    long_term: bool = True  # False: P frames never reference the last keyframe (ablations; GOP syntax 3 files)
 
 
 @dataclass
@@ -114,7 +115,7 @@ class FrameRecord:
     type: str
     bytes: int
     distance: Optional[float] = None
-    parts: str = ""  # an inter frame's coded parts: "motion", "residual", "motion+residual" ("" for a repeat)
+    parts: str = ""  # an inter frame's reference and coded parts: "motion", "long-term+motion+residual", ...
 
 
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -267,25 +268,30 @@ class VideoCodec:
             self.pframe_lambdas[level] * MSE_WEIGHT * (_mse(decoded, target) / 255**2)
 
     def _best_pframe(self, target: np.ndarray, previous: np.ndarray, forecast: Optional[np.ndarray],
-                     level: int, motion: bool = True) -> Tuple[float, PFrame, Optional[bytes], np.ndarray]:
+                     level: int, motion: bool = True, keyframe: Optional[np.ndarray] = None
+                     ) -> Tuple[float, PFrame, Optional[bytes], np.ndarray]:
         """(cost, unit, coded parts or None, decoded) of the inter frame of ``target`` with
-        the lowest R + λ·D over two references (the previous decoded frame, and the
-        predictor's forecast of this frame where there is one) and three modes each: the
+        the lowest R + λ·D over up to three references (the previous decoded frame, the
+        predictor's forecast of this frame where there is one, and the last decoded
+        keyframe where it is not the previous frame) and three modes each: the
         reference repeated (zero bytes), the reference warped along a coded motion field,
         and the conditional P-frame codec given the (warped) reference. R counts the parts
         and their length prefix in the segment's INTR chunk."""
         candidates = []
-        for ref, is_forecast in ((previous, False), (forecast, True)):
+        if keyframe is previous:
+            keyframe = None
+        for ref, kind in ((previous, PFrame(residual=False)), (forecast, PFrame(forecast=True, residual=False)),
+                          (keyframe, PFrame(residual=False, long_term=True))):
             if ref is not None:
-                candidates += self._pframe_candidates(target, ref, is_forecast, level, motion)
+                candidates += self._pframe_candidates(target, ref, kind, level, motion)
         return min(candidates, key=lambda c: c[0])
 
-    def _pframe_candidates(self, target: np.ndarray, ref: np.ndarray, is_forecast: bool, level: int,
+    def _pframe_candidates(self, target: np.ndarray, ref: np.ndarray, reference: PFrame, level: int,
                            motion: bool) -> List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]:
         """The three modes of :meth:`_best_pframe` on one reference. The last call's result
         is kept: the encoder asks for the same frame and reference twice when a prediction
         loses to a P frame (once to judge it, once to code the P frame)."""
-        key = (target, ref, is_forecast, level, motion)
+        key = (target, ref, reference, level, motion)
         if self._last_candidates is not None and all(
                 a is b if isinstance(a, np.ndarray) else a == b for a, b in zip(key, self._last_candidates[0])):
             return self._last_candidates[1]
@@ -296,15 +302,15 @@ class VideoCodec:
             bits = 8 * (len(part) + len(write_uvarint(len(part)))) if part is not None else 0
             candidates.append((self._rd_cost(bits, decoded, target, level), unit, part, decoded))
 
-        consider(PFrame(is_forecast, False, False), None, None, ref)
+        consider(reference, None, None, ref)
         field, warped = None, ref
         if motion:
             field, warped, _ = best_field(target, ref, lambda bits, pred: self._rd_cost(bits, pred, target, level))
         motion_payload = motion_coding.compress(field) if field is not None else None
         if field is not None:
-            consider(PFrame(is_forecast, True, False), motion_payload, None, warped)
+            consider(reference._replace(motion=True), motion_payload, None, warped)
         payload, decoded = self._code_pframe(target, warped, level)
-        consider(PFrame(is_forecast, field is not None, True), motion_payload, payload, decoded)
+        consider(reference._replace(motion=field is not None, residual=True), motion_payload, payload, decoded)
         self._last_candidates = (key, candidates)
         return candidates
 
@@ -313,7 +319,7 @@ class VideoCodec:
         """The file's chunks after GOPS, in frame order, from the encoder's entries (ANCH
         chunks, and (segment, parts) of each coded inter frame): one PFRM chunk per P frame
         in GOP syntax 2, one INTR chunk per segment in syntax 3."""
-        if gops.syntax != bitstream.GOP_SYNTAX_MOTION:
+        if gops.syntax not in bitstream.INTER_CHUNK_SYNTAXES:
             return [e if isinstance(e, Chunk) else Chunk(bitstream.CHUNK_PFRAME, e[1]) for e in entries]
         by_segment = collections.defaultdict(list)
         for e in entries:
@@ -385,7 +391,7 @@ class VideoCodec:
                 distances.append(frame_distance(frame, pred, settings.metric))
                 if distances[-1] > settings.threshold or (use_pframes and self._rd_cost(
                         0, pred, frame, pframe_level) > self._best_pframe(frame, previous, None, pframe_level,
-                                                                          settings.motion)[0]):
+                                                                          settings.motion, last_keyframe)[0]):
                     return out, distances, pred
                 out.append(pred)
                 previous = pred
@@ -402,6 +408,7 @@ class VideoCodec:
         # and MSE of the last keyframe: a P frame worse on either triggers that test.
         scene_cut: Optional[Tuple[AnchorPayload, np.ndarray]] = None
         keyframe_bytes, keyframe_error = 0, 0.0
+        last_keyframe: Optional[np.ndarray] = None  # the long-term reference of P frames
         history: Deque[_Decoded] = collections.deque(maxlen=K)
         while fill(1):
             h, w = lookahead[0].shape[:2]
@@ -419,6 +426,7 @@ class VideoCodec:
                     (payload, decoded), scene_cut = scene_cut, None
                 payloads.append(Chunk(bitstream.CHUNK_ANCHOR, payload.to_bytes()))
                 keyframe_bytes, keyframe_error = len(payloads[-1].payload), _mse(decoded, frame)
+                last_keyframe = decoded if settings.long_term else None
                 history.append(_Decoded(decoded))
                 emit(decoded)
                 note(FrameRecord(index, "K", payloads[-1].size))
@@ -452,7 +460,7 @@ class VideoCodec:
                 if not use_pframes:
                     break
                 cost, unit, part, decoded = self._best_pframe(targets[0], history[-1].frame, forecast, pframe_level,
-                                                              settings.motion)
+                                                              settings.motion, last_keyframe)
                 # A scene cut (or a reference grown stale): a keyframe whose R + λ·D is lower.
                 if settings.scene_cuts and (len(part or b"") > keyframe_bytes
                                             or _mse(decoded, targets[0]) > keyframe_error):
@@ -469,7 +477,8 @@ class VideoCodec:
                 emit(decoded)
                 note(FrameRecord(index, unit.letter, len(part) if part is not None else 0,
                                  distances[0] if distances else None,
-                                 "+".join(n for n, on in (("motion", unit.motion), ("residual", unit.residual)) if on)))
+                                 "+".join(n for n, on in (("long-term", unit.long_term), ("motion", unit.motion),
+                                                          ("residual", unit.residual)) if on)))
                 units.append(unit)
                 index += 1
                 gop += 1
@@ -556,7 +565,7 @@ class VideoCodec:
             raise BitstreamError("anchored rounds need a valid anchor level and guide timestep in the header")
         generative = bool(h.params.get("keyframe_decoder", 0))
         history: Deque[_Decoded] = collections.deque(maxlen=K)
-        index, next_anchor = 0, 0
+        index, next_anchor, last_keyframe = 0, 0, None
 
         def needs_history(what: str) -> None:
             if len(history) < K:
@@ -566,13 +575,13 @@ class VideoCodec:
             for _ in range(k):
                 payload = AnchorPayload.from_bytes(anchors[next_anchor].payload)
                 next_anchor += 1
-                frame = self._keyframe_decode(payload, h.width, h.height, h.rate_level, generative)
+                frame = last_keyframe = self._keyframe_decode(payload, h.width, h.height, h.rate_level, generative)
                 history.append(_Decoded(frame))
                 index += 1
                 yield frame
             for unit in units:
                 if isinstance(unit, PFrame):
-                    ref = history[-1].frame
+                    ref = last_keyframe if unit.long_term else history[-1].frame
                     if unit.forecast:
                         needs_history("a forecast-conditioned P frame")
                         ref = next(self._predict(history, h.seed, index, steps))
