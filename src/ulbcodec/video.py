@@ -156,7 +156,8 @@ class VideoCodec:
         self._predictor = None
         self.has_pframes = "pframe" in package.components
         self._pframe = None
-        self._last_candidates = None  # (key, candidates) of the last _pframe_candidates call
+        # (key, candidates) of the last _pframe_candidates calls, one per reference kind
+        self._last_candidates: Deque[Tuple[tuple, list]] = collections.deque(maxlen=3)
         # λ per P-frame level: the package's rate levels (keyframes and P frames share them;
         # a package may offer keyframe levels above the P-frame codec's own, _codec_level)
         self.pframe_lambdas = {lv.level: lv.lmbda for lv in package.rate_levels} if self.has_pframes else {}
@@ -288,13 +289,13 @@ class VideoCodec:
 
     def _pframe_candidates(self, target: np.ndarray, ref: np.ndarray, reference: PFrame, level: int,
                            motion: bool) -> List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]:
-        """The three modes of :meth:`_best_pframe` on one reference. The last call's result
-        is kept: the encoder asks for the same frame and reference twice when a prediction
-        loses to a P frame (once to judge it, once to code the P frame)."""
+        """The three modes of :meth:`_best_pframe` on one reference. The last results of
+        each reference are kept: the encoder asks for the same frame and references twice
+        when a prediction loses to a P frame (once to judge it, once to code the P frame)."""
         key = (target, ref, reference, level, motion)
-        if self._last_candidates is not None and all(
-                a is b if isinstance(a, np.ndarray) else a == b for a, b in zip(key, self._last_candidates[0])):
-            return self._last_candidates[1]
+        for last_key, last in self._last_candidates:
+            if all(a is b if isinstance(a, np.ndarray) else a == b for a, b in zip(key, last_key)):
+                return last
         candidates = []
 
         def consider(unit: PFrame, motion_payload, residual: Optional[PFramePayload], decoded: np.ndarray) -> None:
@@ -311,7 +312,7 @@ class VideoCodec:
             consider(reference._replace(motion=True), motion_payload, None, warped)
         payload, decoded = self._code_pframe(target, warped, level)
         consider(reference._replace(motion=field is not None, residual=True), motion_payload, payload, decoded)
-        self._last_candidates = (key, candidates)
+        self._last_candidates.append((key, candidates))
         return candidates
 
     @staticmethod
@@ -347,7 +348,7 @@ class VideoCodec:
         a :class:`FrameRecord` per frame (its type, bytes and the distance that decided it)."""
         emit = reconstruction or (lambda frame: None)
         note = frame_log or (lambda record: None)
-        self._last_candidates = None
+        self._last_candidates.clear()
         K, P = self.cond_frames, self.pred_frames
         steps = self.steps if settings.steps is None else settings.steps
         if not 1 <= steps <= MAX_STEPS:
@@ -497,7 +498,7 @@ class VideoCodec:
             params.update(pframe_level=pframe_level, gop_syntax=gops.syntax)
         header = Header(bitstream.MEDIA_VIDEO, size[0], size[1], self.package.short_digest, level, index,
                         fps.numerator, fps.denominator, settings.seed, params)
-        self._last_candidates = None
+        self._last_candidates.clear()
         chunks = [Chunk(bitstream.CHUNK_GOPS, gops.to_bytes())] + self._chunks(payloads, gops)
         return Container(header, chunks).to_bytes(), gops
 

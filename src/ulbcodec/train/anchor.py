@@ -234,6 +234,13 @@ def init_from_package(model: AnchorCodec, name_or_path: str, lambdas: List[float
     return record
 
 
+def model_config(args) -> dict:
+    """The codec's config: the default, with ``--width``/``--latent`` where given (a wider
+    keyframe codec for higher rates) and a rate level per λ."""
+    return dict(DEFAULT_CONFIG, num_rate_levels=len(args.lambdas),
+                **{k: v for k, v in (("N", args.width), ("M", args.latent)) if v is not None})
+
+
 def make_optimizers(model: AnchorCodec, lr: float):
     """Adam for the network; a separate Adam for the entropy bottleneck's quantiles."""
     params = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
@@ -249,7 +256,7 @@ def train(args, rt: TrainRuntime) -> None:
         raise SystemExit(f"no training photographs under {args.data}/photos/train: run `make data` first")
     seed = rt.process_seed(args.seed)  # this process's crops and levels (process 0: args.seed)
     data = PhotoCrops(files, args.crop, seed, args.dark_fraction)
-    config = dict(DEFAULT_CONFIG, num_rate_levels=len(args.lambdas))
+    config = model_config(args)
     model = AnchorCodec(**config).to(rt.device)
     params, opt, aux_opt = make_optimizers(model, args.lr)
     aux_params = aux_opt.param_groups[0]["params"]
@@ -368,6 +375,9 @@ def main(argv=None) -> None:
                    help="weight of the detail and VIF losses in the distortion (0: D alone; "
                    "ulbc encode --refine-steps uses 500)")
     p.add_argument("--lambdas", type=float, nargs="+", default=DEFAULT_LAMBDAS)
+    p.add_argument("--width", type=int, default=None, help=f"N, the transforms' width (default {DEFAULT_CONFIG['N']})")
+    p.add_argument("--latent", type=int, default=None,
+                   help=f"M, the latent's channels (default {DEFAULT_CONFIG['M']}; a multiple of num_slices)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="older spelling of --mixed-precision bf16 (--no-bf16: no)")
     add_runtime_arguments(p)
@@ -381,7 +391,7 @@ def main(argv=None) -> None:
     rt = TrainRuntime(args.mixed_precision or {True: "bf16", False: "no", None: None}[args.bf16])
     if args.export_only:
         if rt.is_main:
-            model = AnchorCodec(**dict(DEFAULT_CONFIG, num_rate_levels=len(args.lambdas)))
+            model = AnchorCodec(**model_config(args))
             _, opt, aux_opt = make_optimizers(model, args.lr)
             meta = load_checkpoint(Path(args.run), model, opt, aux_opt)
             export(model, args, meta)
