@@ -389,6 +389,30 @@ def test_one_pixel_image_is_replicate_padded(tiny_codec):
     assert np.array_equal(tiny_codec.decode(one.data)[0, 0], tiny_codec.decode(flat.data)[0, 0])
 
 
+def test_image_relabelled_to_4096_is_refused_after_its_z_string(tmp_path):
+    """Issue 26: a 5.3 KB file of the shipped model relabelled 4096x4096 (3,140 coded
+    pixels per byte: it passes the anchor-size floor and the default work limits) is
+    refused in one line once its z string, decoded for the larger grid, fails to re-encode
+    to itself: before the y decode that cost 46 s and 2.1 GB at that size."""
+    import dataclasses
+
+    from ulbcodec.bitstream import AnchorPayload
+
+    photo = Path(__file__).resolve().parents[1] / "src" / "ulbcodec" / "data" / "coffee.png"
+    coded = tmp_path / "coffee.ulb"
+    assert invoke(["encode", photo, "-o", coded, "--quality", "5"]).exit_code == 0
+    container = Container.from_bytes(coded.read_bytes())
+    payload = AnchorPayload.from_bytes(container.chunks[0].payload)
+    payload.z_shape = (64, 64)
+    relabelled = dataclasses.replace(container.header, width=4096, height=4096)
+    path = tmp_path / "relabelled.ulb"
+    path.write_bytes(Container(relabelled, [Chunk(bs.CHUNK_ANCHOR, payload.to_bytes())]).to_bytes())
+    assert bs.check_work(Container.from_bytes(path.read_bytes())) == 4096 * 4096  # the limits let it through
+    r = invoke(["decode", path, "-o", tmp_path / "out.png"])
+    assert r.exit_code == 1 and not (tmp_path / "out.png").exists()
+    assert "(a corrupted file, or one relabelled to another size)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_small_image_relabelled_4096_is_refused_by_max_pixels(tmp_path):
     """Issue 26: a 5.5 KB image file relabelled 4096x4096 (3,050 coded pixels per byte)
     passes the anchor-size floor (4,096 per byte) and the default work limits; no cheaper

@@ -1,5 +1,6 @@
 """The bit-exact side of entropy coding: the deterministic path every computation between
-``y`` and the bitstream runs in, the symbol check, and the rANS buffer guard.
+``y`` and the bitstream runs in, the symbol check, the rANS buffer guard, and the check
+that a z string is exactly the coding of the symbols it decodes to.
 
 Why: the rANS coder needs the encoder and the decoder to compute *identical* scales and
 means, whatever machine or thread count either side has, so the entropy path runs in
@@ -89,3 +90,32 @@ def rans_safe(string: bytes, symbols: int) -> bytes:
     for the duration of the call (~75 MB at 12 MP with models/default).
     """
     return string + bytes(32 * len(string) + 16 * symbols + 4096)
+
+
+Z_SYMBOL_LIMIT = 1 << 16  # |z symbol| a file may hold: h_a's outputs stay within a few hundred
+
+
+def check_z_symbols(entropy_bottleneck, z: Tensor, why: str = "(an encoder input far outside the model's range)") -> None:
+    """Raise ValueError if a symbol of ``z`` as ``entropy_bottleneck`` codes it lies beyond
+    ±:data:`Z_SYMBOL_LIMIT`: the encoder never writes one, the decoder refuses one."""
+    symbols = entropy_bottleneck.quantize(z, "symbols", entropy_bottleneck._get_medians())
+    if symbols.numel() and int(symbols.abs().max()) > Z_SYMBOL_LIMIT:
+        raise ValueError(f"a z symbol beyond ±{Z_SYMBOL_LIMIT} {why}")
+
+
+def check_z_string(entropy_bottleneck, z_hat: Tensor, z_string: bytes) -> None:
+    """Raise ValueError unless ``z_string`` is exactly what ``entropy_bottleneck`` writes
+    for ``z_hat`` (the symbols just decoded from it), each within ±:data:`Z_SYMBOL_LIMIT`.
+
+    Why: rANS decoding is the inverse of encoding, so an encoder's z string re-encodes to
+    itself, byte for byte. A string decoded for more symbols than it was coded for (a
+    file relabelled to a larger size) runs into :func:`rans_safe`'s padding and decodes
+    the rest to symbols that re-encode to a longer string, or to absurd escape values
+    (which CompressAI's encoder would take minutes to write, hence the limit first). This
+    catches it after z, which costs ~1/100 of y, instead of after the whole y decode
+    (seconds and GBs at 4096x4096). The factorized prior's tables are integers, so the
+    check is exact on every machine."""
+    check_z_symbols(entropy_bottleneck, z_hat, "(a corrupted file, or one relabelled to another size)")
+    if entropy_bottleneck.compress(z_hat)[0] != z_string:
+        raise ValueError("the z string is not the coding of the symbols it holds (a corrupted file, or one "
+                         "relabelled to another size)")

@@ -27,7 +27,8 @@ from ulbcodec._compressai import compressai  # noqa: F401  (must precede compres
 from compressai.ans import BufferedRansEncoder, RansDecoder
 
 from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part, squeeze_part, unsqueeze_part
-from ulbcodec.entropy.coding import Both, deterministic_entropy_path, rans_safe, side_thread, symbols_crc32
+from ulbcodec.entropy.coding import (Both, check_z_string, check_z_symbols, deterministic_entropy_path, rans_safe,
+                                     side_thread, symbols_crc32)
 from ulbcodec.entropy.context import local_attention_mask
 
 # quantize(slice_index, anchor_part, scales, means) -> quantised part on the full grid
@@ -131,6 +132,7 @@ class CheckerboardSliceLatentCodec:
         with deterministic_entropy_path(y.device) as threads:
             y = y.float()
             z = self.h_a(y)
+            check_z_symbols(self.entropy_bottleneck, z)
             z_strings = self.entropy_bottleneck.compress(z)
             z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
             hyper = self.h_s(z_hat)
@@ -172,14 +174,16 @@ class CheckerboardSliceLatentCodec:
             raise ValueError(f"shape must be the positive (height, width) of z, got {shape!r}")
         shape = (int(shape[0]), int(shape[1]))
         positions = shape[0] * shape[1]
+        coded_z = z_string
         z_string = rans_safe(z_string, self.entropy_bottleneck.channels * positions)
-        y_string = rans_safe(y_string, self.M * 16 * positions)
         self._check_entropy_dtype()
         device = self.h_s.increase[0].weight.device
         gc = self.gaussian_conditional
         symbols: List[int] = []
         with deterministic_entropy_path(device) as threads:
             z_hat = self.entropy_bottleneck.decompress([z_string], shape)
+            check_z_string(self.entropy_bottleneck, z_hat, coded_z)
+            y_string = rans_safe(y_string, self.M * 16 * positions)
             hyper = self.h_s(z_hat)
             cdf, cdf_lengths, offsets = self._cdf_tables()
             decoder = RansDecoder()

@@ -62,7 +62,7 @@ from compressai.layers import conv3x3, subpel_conv3x3
 from compressai.models import CompressionModel
 
 from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part, squeeze_part, unsqueeze_part
-from ulbcodec.entropy.coding import deterministic_entropy_path, rans_safe, symbols_crc32
+from ulbcodec.entropy.coding import check_z_string, check_z_symbols, deterministic_entropy_path, rans_safe, symbols_crc32
 from ulbcodec.layers import rate_gains
 from ulbcodec.models.anchor_codec import _ste_round, resize_cdf_buffers
 
@@ -323,6 +323,7 @@ class PFrameCodec(CompressionModel):
         indexes: List[int] = []
         with deterministic_entropy_path(x.device):
             z = self.h_a(y)
+            check_z_symbols(self.entropy_bottleneck, z)
             z_strings = self.entropy_bottleneck.compress(z)
             z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
             hyper = self.h_s(z_hat)
@@ -363,6 +364,7 @@ class PFrameCodec(CompressionModel):
         symbols: List[int] = []
         with deterministic_entropy_path(ref.device):
             z_hat = self.entropy_bottleneck.decompress([z_string], (h, w))
+            check_z_string(self.entropy_bottleneck, z_hat, bytes(strings[1]))
             hyper = self.h_s(z_hat)
             cdf = self._cdf_tables()
             decoder = RansDecoder()
