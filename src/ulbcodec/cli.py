@@ -615,7 +615,8 @@ def info(files, as_json):
             if gop["anchored"]:
                 click.echo(f"  {'anchored':13s} {len(gop['anchored'])} rounds at frames {_abridged(gop['anchored'])}")
             click.echo(f"  {'frame types':13s} {_abridged(gop['frame_types'])}  (K keyframe, P P frame, F P frame on "
-                       "the predictor's forecast, s repeated frame, p predicted, A anchored round)")
+                       "the predictor's forecast, L P frame from the last keyframe, s repeated frame, l repeated "
+                       "last keyframe, p predicted, A anchored round)")
             click.echo(f"  {'frame bytes':13s} {_abridged(gop['frame_bytes'], 40)}")
         if "color_stats" in desc:  # the colr chunk: the original's colour statistics
             stats = desc["color_stats"]
