@@ -189,3 +189,14 @@ def test_anchor_trainer_exports_into_another_package(photos, one_step_anchor, tm
     assert new["extra"]["keyframe_training"]["dark_fraction"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(trained(weights(one_step_anchor)).values(),
                                                   trained(weights(out)).values()))
+
+
+def test_a_wider_anchor_codec_exports_from_its_run_alone(photos, tmp_path):
+    """--width/--latent give a run its codec's size; resuming or exporting it takes the
+    size from the run's checkpoint, so the command needs no more than --run."""
+    run_dir, out = tmp_path / "run", tmp_path / "wide"
+    run(["ulbcodec.train.anchor", "--data", photos, "--run", run_dir, "--steps", "1", "--crop", "64",
+         "--width", "32", "--latent", "64", *TINY_RUN], tmp_path)
+    run(["ulbcodec.train.anchor", "--data", photos, "--run", run_dir, "--export-only", "--export", out], tmp_path)
+    config = manifest(out)["components"]["anchor_codec"]["config"]
+    assert (config["N"], config["M"]) == (32, 64)

@@ -235,8 +235,12 @@ def init_from_package(model: AnchorCodec, name_or_path: str, lambdas: List[float
 
 
 def model_config(args) -> dict:
-    """The codec's config: the default, with ``--width``/``--latent`` where given (a wider
-    keyframe codec for higher rates) and a rate level per λ."""
+    """The codec's config: a run's own once it has a checkpoint (so that resuming or
+    exporting needs no more than ``--run``), else the default with ``--width``/``--latent``
+    where given (a wider keyframe codec for higher rates) and a rate level per λ."""
+    state = Path(args.run) / "state.json"
+    if state.exists() and json.loads(state.read_text()).get("config"):
+        return dict(json.loads(state.read_text())["config"])
     return dict(DEFAULT_CONFIG, num_rate_levels=len(args.lambdas),
                 **{k: v for k, v in (("N", args.width), ("M", args.latent)) if v is not None})
 
