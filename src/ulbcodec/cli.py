@@ -614,9 +614,8 @@ def info(files, as_json):
             click.echo(f"  {'keyframes':13s} {len(gop['keyframes'])} at frames {_abridged(gop['keyframes'])}")
             if gop["anchored"]:
                 click.echo(f"  {'anchored':13s} {len(gop['anchored'])} rounds at frames {_abridged(gop['anchored'])}")
-            click.echo(f"  {'frame types':13s} {_abridged(gop['frame_types'])}  (K keyframe, P P frame, F P frame on "
-                       "the predictor's forecast, L P frame from the last keyframe, s repeated frame, l repeated "
-                       "last keyframe, p predicted, A anchored round)")
+            click.echo(f"  {'frame types':13s} {_abridged(gop['frame_types'])}  (K keyframe; P, F, L P frame on the "
+                       "previous frame, forecast, last keyframe; s, l their repeats; p predicted; A anchored round)")
             click.echo(f"  {'frame bytes':13s} {_abridged(gop['frame_bytes'], 40)}")
         if "color_stats" in desc:  # the colr chunk: the original's colour statistics
             stats = desc["color_stats"]
