@@ -152,7 +152,7 @@ PARAM_IDS: Dict[str, int] = {
     "anchor_level": 23,  # video: rate level of the anchors of anchored rounds
     "guide_timestep": 24,  # video: anchored rounds start denoising the anchor at this timestep
     "pframe_level": 25,  # video: rate level of the P frames (PFRM or INTR chunks)
-    "gop_syntax": 26,  # video: 2 = GOPS units may be P frames, 3 = with motion (absent = 1: rounds only)
+    "gop_syntax": 26,  # video: 2 = GOPS units may be P frames, 3 = with motion, 4 = long-term (absent = 1: rounds)
 }
 PARAM_NAMES = {v: k for k, v in PARAM_IDS.items()}
 
@@ -569,6 +569,13 @@ class PFrame(NamedTuple):
     @property
     def has_parts(self) -> bool:
         return self.motion or self.residual
+
+    @property
+    def parts(self) -> str:
+        """Its reference and coded parts as ``ulbc encode -v`` names them, e.g.
+        ``long-term+motion`` ("" for a repeat of the previous frame)."""
+        return "+".join(n for n, on in (("long-term", self.long_term), ("motion", self.motion),
+                                        ("residual", self.residual)) if on)
 
     @property
     def letter(self) -> str:

@@ -575,9 +575,10 @@ def save_derived_package(base: "ModelPackage", root, components: Dict[str, torch
                          rate_levels: Optional[List[RateLevel]] = None) -> "ModelPackage":
     """``base`` written to ``root`` with ``components`` added or replacing its own; every
     other component, its rate levels (unless ``rate_levels`` are given) and next-frame
-    settings unchanged, ``extra`` merged into its extra. Stored as the shipped packages are: parameters in float16 (round them
-    and rebuild CDF tables first), diffusers models in bfloat16. How trainers add a model
-    (a predictor, a P-frame codec, a fine-tuned keyframe codec) to a package."""
+    settings unchanged, ``extra`` merged into its extra. Stored as the shipped packages
+    are: parameters in float16 (round them and rebuild CDF tables first), diffusers
+    models in bfloat16. How trainers add a model (a predictor, a P-frame codec, a
+    fine-tuned keyframe codec) to a package."""
     modules = {n: base.build(n) for n in base.components if n not in components}
     modules.update(components)
     return save_package(root, name or base.name, modules, rate_levels or base.rate_levels, half_parameters=True,

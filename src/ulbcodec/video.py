@@ -477,9 +477,7 @@ class VideoCodec:
                 history.append(_Decoded(decoded))
                 emit(decoded)
                 note(FrameRecord(index, unit.letter, len(part) if part is not None else 0,
-                                 distances[0] if distances else None,
-                                 "+".join(n for n, on in (("long-term", unit.long_term), ("motion", unit.motion),
-                                                          ("residual", unit.residual)) if on)))
+                                 distances[0] if distances else None, unit.parts))
                 units.append(unit)
                 index += 1
                 gop += 1

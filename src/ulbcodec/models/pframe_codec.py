@@ -357,7 +357,6 @@ class PFrameCodec(CompressionModel):
             raise ValueError(f"z shape {h}x{w} does not match a {tuple(ref.shape[-2:])} reference")
         _, inverse = self.gains(rate_level)
         positions = h * w
-        y_string = rans_safe(bytes(strings[0]), self.M * 16 * positions)
         z_string = rans_safe(bytes(strings[1]), self.N * positions)
         context, prior = self._context_and_prior(ref)
         gc = self.gaussian_conditional
@@ -365,6 +364,7 @@ class PFrameCodec(CompressionModel):
         with deterministic_entropy_path(ref.device):
             z_hat = self.entropy_bottleneck.decompress([z_string], (h, w))
             check_z_string(self.entropy_bottleneck, z_hat, bytes(strings[1]))
+            y_string = rans_safe(bytes(strings[0]), self.M * 16 * positions)
             hyper = self.h_s(z_hat)
             cdf = self._cdf_tables()
             decoder = RansDecoder()

@@ -239,8 +239,9 @@ def model_config(args) -> dict:
     exporting needs no more than ``--run``), else the default with ``--width``/``--latent``
     where given (a wider keyframe codec for higher rates) and a rate level per λ."""
     state = Path(args.run) / "state.json"
-    if state.exists() and json.loads(state.read_text()).get("config"):
-        return dict(json.loads(state.read_text())["config"])
+    saved = json.loads(state.read_text()).get("config") if state.exists() else None
+    if saved:
+        return dict(saved)
     return dict(DEFAULT_CONFIG, num_rate_levels=len(args.lambdas),
                 **{k: v for k, v in (("N", args.width), ("M", args.latent)) if v is not None})
 

@@ -32,9 +32,10 @@ Recipe (docs/training.md has the reasoning and the measured cost):
 ``--validate`` measures the run's checkpoint as a file would see it (eval mode, real
 entropy coding, the codec's own motion search and warp) on the first frames of validation
 clips, each given a 4x-blurred stand-in for a decoded keyframe, at every rate level: bytes
-of y + z, PSNR of the decoded frame, and PSNR of its motion-compensated reference alone. The training log's bpp comes from the uniform-noise
-likelihoods and charges a collapsed latent ~0.06 bpp, so only this tells whether the codec
-codes anything beyond its reference (docs/training.md).
+of y + z, PSNR of the decoded frame, and PSNR of its motion-compensated reference alone.
+The training log's bpp comes from the uniform-noise likelihoods and charges a collapsed
+latent ~0.06 bpp, so only this tells whether the codec codes anything beyond its
+reference (docs/training.md).
 
 ``--export DIR`` writes ``--video-model``'s package with the P-frame codec added as the
 component ``pframe`` (``PFrameCodec``), every other component unchanged.
