@@ -81,6 +81,22 @@ def test_generative_continuation_moves_the_decoder_onto_another_anchor_codec(pho
     assert training["continuation"]["anchor_model_digest"] == manifest(anchor)["digest"]
 
 
+def test_generative_stage2_trains_with_the_ssimulacra2_and_grid_losses_and_a_multiscale_critic(photos, tmp_path):
+    """``--ssimulacra2-weight --grid-weight --disc-scales 2``: both terms are logged each
+    step, the checkpoint holds two PatchGANs, the package records the recipe."""
+    out = tmp_path / "generative"
+    log = run(["ulbcodec.train.generative", "--data", photos, "--run", tmp_path / "run", "--anchor-model", "generative",
+               "--init-from", "generative", "--output", "anchor_residual", "--stage2-steps", "2", "--crop", "192",
+               "--ssimulacra2-weight", "5", "--grid-weight", "10", "--disc-scales", "2", *TINY_RUN, "--export", out],
+              tmp_path)
+    steps = [line for line in log.splitlines() if line.startswith("stage2 step")]
+    assert len(steps) == 2 and all("'ssimu2'" in line and "'grid'" in line and "'g_adv'" in line for line in steps)
+    critic = load_file(str(tmp_path / "run" / "stage2" / "weights.safetensors"))
+    assert {k.split(".")[2] for k in critic if k.startswith("disc.scales.")} == {"0", "1"}
+    recipe = manifest(out)["extra"]["training"]["continuation"]
+    assert (recipe["ssimulacra2_weight"], recipe["grid_weight"], recipe["disc_scales"]) == (5.0, 10.0, 2)
+
+
 def test_anchor_rd_loss_adds_the_perceptual_terms_at_their_weight(photos):
     """``--perceptual-weight w``: the loss is R + λ·(D + w·(detail + VIF losses)), the
     refinement objective, and its gradient reaches the codec's synthesis."""

@@ -20,7 +20,10 @@ Three stages, each a checkpoint directory under ``--run`` that the same command 
           of the original's wavelet detail the image fails to restore,
           :mod:`ulbcodec.losses.detail_loss`; 0 by default) + ``--vif-weight``·VIF loss (the
           share of the original's visual information lost at four scales, contrast gains
-          capped at 1, :mod:`ulbcodec.losses.vif_loss`; 0 by default). The anchor codec's encoder and entropy
+          capped at 1, :mod:`ulbcodec.losses.vif_loss`; 0 by default) + ``--ssimulacra2-weight``·
+          (100 − SSIMULACRA 2)/100 (:mod:`ulbcodec.losses.ssimulacra2_loss`) + ``--grid-weight``·
+          the gradient energy added on an 8/16 px grid (:mod:`ulbcodec.losses.grid_loss`);
+          ``--disc-scales 2|3`` makes the discriminator multi-scale. The anchor codec's encoder and entropy
           model stay frozen (they are ``--anchor-model``'s, trained by
           :mod:`ulbcodec.train.anchor`), so the rate term of the paper's stage II is a
           constant here and is left out.
@@ -51,9 +54,12 @@ from typing import Dict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 from safetensors.torch import load_file, save_file
 
 from ulbcodec.losses.detail_loss import detail_loss
+from ulbcodec.losses.grid_loss import grid_loss
+from ulbcodec.losses.ssimulacra2_loss import ssimulacra2_loss
 from ulbcodec.losses.rate_distortion import anchor_distortion
 from ulbcodec.losses.vif_loss import vif_loss
 from ulbcodec import packages
@@ -112,6 +118,39 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x):
         return self.net(x * 2 - 1)
+
+
+class MultiScaleDiscriminator(nn.Module):
+    """PatchGANs on the image and its 2x, 4x, ... average-pooled copies (pix2pixHD, HiFiC):
+    the coarser ones judge the layout of texture over ~80-160 px, where a single PatchGAN
+    sees only ~40 px patches. Returns one logit map per scale."""
+
+    def __init__(self, scales: int, width: int = 32):
+        super().__init__()
+        self.scales = nn.ModuleList(PatchDiscriminator(width) for _ in range(scales))
+
+    def forward(self, x):
+        out = []
+        for i, d in enumerate(self.scales):
+            out.append(d(F.avg_pool2d(x, 2**i) if i else x))
+        return out
+
+
+def build_discriminator(scales: int) -> nn.Module:
+    """One PatchGAN (the checkpoints of runs before ``--disc-scales``) or several."""
+    return PatchDiscriminator() if scales == 1 else MultiScaleDiscriminator(scales)
+
+
+def hinge_terms(disc: nn.Module, x_hat: Tensor, x: Tensor | None = None) -> Tensor:
+    """The generator's hinge term −D(x̂) when ``x`` is None, else the discriminator's
+    relu(1 − D(x)) + relu(1 + D(x̂)); means over every scale's logits."""
+    fake = disc(x_hat)
+    fake = fake if isinstance(fake, list) else [fake]
+    if x is None:
+        return sum(-f.mean() for f in fake) / len(fake)
+    real = disc(x)
+    real = real if isinstance(real, list) else [real]
+    return sum(F.relu(1 - r).mean() + F.relu(1 + f).mean() for r, f in zip(real, fake)) / len(fake)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -179,7 +218,7 @@ class Trainer:
         self.base = base
         self.codec = base.build("anchor_codec", device=str(rt.device))
         self.levels = [lv.level for lv in base.rate_levels]
-        self.disc = PatchDiscriminator().to(rt.device)
+        self.disc = build_discriminator(args.disc_scales).to(rt.device)
         rt.decorrelate_global_rng(args.seed)
 
     def pipeline(self) -> NextFramePipeline:
@@ -393,8 +432,16 @@ class Trainer:
                 vif = vif_loss(x_hat, x)
                 loss = loss + self.args.vif_weight * vif
                 logs["vif"] = vif.item()
+            if self.args.ssimulacra2_weight:
+                ssimu2 = ssimulacra2_loss(x_hat, x)
+                loss = loss + self.args.ssimulacra2_weight * ssimu2
+                logs["ssimu2"] = 100 * (1 - ssimu2.item())
+            if self.args.grid_weight:
+                grid = grid_loss(x_hat, x)
+                loss = loss + self.args.grid_weight * grid
+                logs["grid"] = grid.item()
             if i >= gan_start:
-                g_adv = -self.disc(x_hat).mean()
+                g_adv = hinge_terms(self.disc, x_hat)
                 loss = loss + self.args.adv_weight * g_adv
                 logs["g_adv"] = g_adv.item()
             opt.zero_grad(set_to_none=True)
@@ -402,7 +449,7 @@ class Trainer:
             rt.clip_grad_norm_(gen_params, 1.0)
             opt.step()
             if i >= gan_start // 2:  # discriminator warms up before it is used
-                d_loss = F.relu(1 - self.disc(x)).mean() + F.relu(1 + self.disc(x_hat.detach())).mean()
+                d_loss = hinge_terms(self.disc, x_hat.detach(), x)
                 opt_d.zero_grad(set_to_none=True)
                 rt.backward(d_loss, disc_params)
                 opt_d.step()
@@ -435,7 +482,9 @@ class Trainer:
                     for s, m in meta.items()}
         training.update(command="make generative-model", batch=self.args.batch, crop=self.args.crop,
                         lr=self.args.lr, seed=self.args.seed, adv_weight=self.args.adv_weight,
-                        detail_weight=self.args.detail_weight, vif_weight=self.args.vif_weight, output=self.args.output,
+                        detail_weight=self.args.detail_weight, vif_weight=self.args.vif_weight,
+                        ssimulacra2_weight=self.args.ssimulacra2_weight, grid_weight=self.args.grid_weight,
+                        disc_scales=self.args.disc_scales, output=self.args.output,
                         anchor_model=self.base.name, anchor_model_digest=self.base.digest)
         if init is not None:  # a continuation: what it continued, then this run's stage II
             training = {"continued": {"package": init.name, "digest": init.digest,
@@ -468,6 +517,12 @@ def main(argv=None) -> None:
                    help="weight of the detail loss in stage II (ulbcodec.losses.detail_loss)")
     p.add_argument("--vif-weight", type=float, default=0.0,
                    help="weight of the information-fidelity loss in stage II (ulbcodec.losses.vif_loss)")
+    p.add_argument("--ssimulacra2-weight", type=float, default=0.0,
+                   help="weight of the SSIMULACRA 2 loss in stage II (ulbcodec.losses.ssimulacra2_loss)")
+    p.add_argument("--grid-weight", type=float, default=0.0,
+                   help="weight of the block-grid loss in stage II (ulbcodec.losses.grid_loss)")
+    p.add_argument("--disc-scales", type=int, default=1, choices=(1, 2, 3),
+                   help="scales of the stage II discriminator: 1 PatchGAN, or 2-3 (multi-scale)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", choices=NEXT_FRAME_SETTINGS["output"], default="latent",
                    help="what the VAE-decoded prediction becomes (models/next_frame.py)")
