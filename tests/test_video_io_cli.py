@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ulbcodec import io
+from ulbcodec.bitstream import PFRAME_LETTERS
 from ulbcodec.video import VideoCodec, VideoSettings
 
 from conftest import make_tiny_video_package
@@ -230,7 +231,7 @@ def test_p_frames_through_the_command_line(tmp_path, monkeypatch):
     types = info["gop"]["frame_types"]
     assert types[0] == "K" and set(types) <= {"K", "P", "F", "s"} and len(info["gop"]["frame_bytes"]) == 5
     assert all((b > 0) == t.isupper() for b, t in zip(info["gop"]["frame_bytes"], types))
-    assert info["gop"]["pframes"] == [i for i, t in enumerate(types) if t in "PFs"]
+    assert info["gop"]["pframes"] == [i for i, t in enumerate(types) if t in PFRAME_LETTERS]
     assert [line.split()[2] for line in frame_lines] == list(types)
     r = _invoke(["encode", src, "-o", tmp_path / "q.ulb", "--model", "tinypvideo", "--no-predictor", "--json"])
     assert set(json.loads(r.stdout)["frame_types"]) <= {"K", "P", "s"}

@@ -586,6 +586,7 @@ class PFrame(NamedTuple):
 
 
 Unit = Union[Round, PFrame]
+PFRAME_LETTERS = "PFLsl"  # every letter a PFrame unit can have (PFrame.letter)
 GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES, GOP_SYNTAX_MOTION, GOP_SYNTAX_LONG_TERM = 1, 2, 3, 4
 INTER_CHUNK_SYNTAXES = (GOP_SYNTAX_MOTION, GOP_SYNTAX_LONG_TERM)  # inter frames in INTR chunks
 _UNIT_ROUND, _UNIT_ANCHORED, _UNIT_PFRAME, _UNIT_FORECAST = range(4)
@@ -826,7 +827,7 @@ def describe(container: Container) -> dict:
         types = structure.frame_types()
         desc["gop"] = {"frame_types": types, "keyframes": [i for i, t in enumerate(types) if t == "K"],
                        "anchored": [i for i, t in enumerate(types) if t == "A"],
-                       "pframes": [i for i, t in enumerate(types) if t in "PFs"],
+                       "pframes": [i for i, t in enumerate(types) if t in PFRAME_LETTERS],
                        "rounds": [u.accepted for _, units in structure.segments for u in units
                                   if isinstance(u, Round)],
                        "frame_bytes": _frame_bytes(types, container, structure)}
@@ -835,8 +836,8 @@ def describe(container: Container) -> dict:
 
 def _frame_bytes(types: str, container: Container, gops: GopStructure) -> List[int]:
     """Bytes of each frame in frame order (0 for a predicted or repeated frame): its ANCH
-    chunk for K and A frames; for P and F frames its PFRM chunk, or (syntax 3) its entry
-    in its segment's INTR chunk, the chunk's own framing not counted."""
+    chunk for K and A frames; for P, F and L frames its PFRM chunk, or (syntax 3 and 4) its
+    entry in its segment's INTR chunk, the chunk's own framing not counted."""
     anchors = iter(container.find(CHUNK_ANCHOR))
     syntax = container.header.params.get("gop_syntax", GOP_SYNTAX_ROUNDS)
     try:
@@ -848,7 +849,7 @@ def _frame_bytes(types: str, container: Container, gops: GopStructure) -> List[i
         if t in "KA":
             chunk = next(anchors, None)
             out.append(chunk.size if chunk is not None else 0)
-        elif t in "PFLsl":
+        elif t in PFRAME_LETTERS:
             part = next(parts, None)
             framing = Chunk(CHUNK_PFRAME, b"").size if syntax not in INTER_CHUNK_SYNTAXES else len(write_uvarint(len(part or b"")))
             out.append(len(part) + framing if part is not None else 0)
