@@ -358,12 +358,14 @@ class PFrameCodec(CompressionModel):
         _, inverse = self.gains(rate_level)
         positions = h * w
         z_string = rans_safe(bytes(strings[1]), self.N * positions)
+        with deterministic_entropy_path(ref.device):
+            z_hat = self.entropy_bottleneck.decompress([z_string], (h, w))
+            check_z_string(self.entropy_bottleneck, z_hat, bytes(strings[1]))
+        # the context networks run only for a z string that passed its check
         context, prior = self._context_and_prior(ref)
         gc = self.gaussian_conditional
         symbols: List[int] = []
         with deterministic_entropy_path(ref.device):
-            z_hat = self.entropy_bottleneck.decompress([z_string], (h, w))
-            check_z_string(self.entropy_bottleneck, z_hat, bytes(strings[1]))
             y_string = rans_safe(bytes(strings[0]), self.M * 16 * positions)
             hyper = self.h_s(z_hat)
             cdf = self._cdf_tables()
