@@ -64,8 +64,9 @@ ANCHOR_PERCEPTUAL := --mse-warmup 0 --perceptual-weight 500 --lr 1e-4 \
 # (models/default); last, that anchor codec continued with the detail and VIF losses at
 # lambdas one level lower (1200 steps, then 1500 more with a fresh optimiser), and the
 # decoder moved onto it unchanged (one stage II step at lr 0; 400 trained steps traded
-# VMAF for PSNR), which the exported package carries (docs/training.md; models/default
-# itself is unchanged).
+# VMAF for PSNR); last, stage II on that anchor codec with the SSIMULACRA 2 and block-grid
+# losses and a 3-scale discriminator, which models/generative ships (docs/training.md;
+# models/default itself is unchanged).
 generative-model: $(STAMP)
 	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative --anchor-model runs/default/package \
 		--export runs/generative/package
@@ -88,7 +89,11 @@ generative-model: $(STAMP)
 	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-moved2 \
 		--anchor-model runs/anchor-perceptual2/package --init-from runs/generative-anchor3/package \
 		--output anchor_residual --stage2-steps 1 --lr 0 --detail-weight 10 --adv-weight 0.02 --crop 384 --batch 2 \
-		--export models/generative
+		--export runs/generative-moved2/package
+	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-ssimu2 \
+		--anchor-model runs/generative-moved2/package --init-from runs/generative-moved2/package \
+		--output anchor_residual --stage2-steps 1000 --lr 1e-4 --detail-weight 5 --ssimulacra2-weight 5 \
+		--grid-weight 10 --disc-scales 3 --adv-weight 0.02 --crop 384 --batch 2 --export models/generative
 
 # Train (or resume) the video model: the frame predictor on models/generative's latent space,
 # then the conditional P-frame codec, which the export adds to that package (docs/training.md).

@@ -12,7 +12,7 @@ energy; lower is better); per level, the block-grid measure and colour drift
 (``ulbcodec.metrics``: blockiness, delta_e, color_shift).
 
 Outputs in OUT: points.csv / points.json, rd_<metric>.png, summary.md, and a crop sheet
-(original / anchor / generative / AVIF at matched bpp) written to ``--sheet``. It also
+(original / anchor / generative / AVIF at matched bpp, per ``--sheet-bpp`` rate) written to ``--sheet``. It also
 measures seams: one image decoded with the normal latent tiles and untiled.
 """
 
@@ -98,37 +98,40 @@ def plot(curves, metric, lo, hi, path: Path) -> None:
     plt.close(fig)
 
 
-def crop_sheet(model: str, path: str, target_bpp: float, out: Path) -> str:
-    """Original / anchor / generative / AVIF (best variant at <= the ulbc file's bpp), 256² crops."""
+def crop_sheet(model: str, path: str, target_bpps, out: Path) -> str:
+    """Per target rate, two rows of 256² crops: original / anchor-only / generative (one
+    file, ``encode_to_bpp``) / AVIF (its best variant at <= that file's bpp)."""
     from ulbcodec import baselines
     from ulbcodec.image import ImageCodec
 
     codec = ImageCodec.from_pretrained(model)
     ref = load_image(path)
-    result, _ = codec.encode_to_bpp(ref, target_bpp, downscales=(1,))
-    gen, anchor = codec.decode(result.data), codec.decode(result.data, anchor_only=True)
-    best = None
+    h, w = ref.shape[:2]
+    avif = []  # every AVIF variant once: (bytes, decoded, downscale, quality)
     for f in (1, 2, 4):
         for q in baselines.QUALITIES["avif"]:
             stream, dec = baselines.avif(ref, q, f)
-            if baselines.bpp(stream, ref.shape) <= result.bpp and (best is None or len(stream) > best[0]):
-                best = (len(stream), dec, f, q)
-    h, w = ref.shape[:2]
-    if best is None:
-        avif_note = "AVIF (no variant reaches this rate: grey panel)"
-        best = (0, np.full_like(ref, 128), 0, 0)
-    avif_bytes, avif_dec, f, q = best
-    if avif_bytes:
-        avif_note = f"AVIF q{q} at 1/{f} size ({avif_bytes * 8 / (h * w):.4f} bpp)"
+            avif.append((len(stream), dec, f, q))
     s = 256
     crops = [(h // 2 - s // 2, w // 2 - s // 2), (h // 4, w // 8)]
-    panels = [ref, anchor, gen, avif_dec]
-    rows = [np.concatenate([p[y : y + s, x : x + s] for p in panels], axis=1) for y, x in crops]
-    sheet = np.concatenate(rows, axis=0)
+    rows, notes = [], []
+    for target in target_bpps:
+        result, _ = codec.encode_to_bpp(ref, target, downscales=(1,))
+        gen, anchor = codec.decode(result.data), codec.decode(result.data, anchor_only=True)
+        fits = [v for v in avif if v[0] * 8 / (h * w) <= result.bpp]
+        if fits:
+            size, avif_dec, f, q = max(fits, key=lambda v: v[0])
+            avif_note = f"AVIF q{q} at 1/{f} size ({size * 8 / (h * w):.4f} bpp)"
+        else:
+            avif_dec, avif_note = np.full_like(ref, 128), "AVIF (no variant reaches this rate: grey panel)"
+        panels = [ref, anchor, gen, avif_dec]
+        rows += [np.concatenate([p[y : y + s, x : x + s] for p in panels], axis=1) for y, x in crops]
+        notes.append(f"rows {len(rows) - 1}-{len(rows)}: ulbc {result.bpp:.4f} bpp (level {result.rate_level}), "
+                     f"{avif_note}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sheet).save(out)
-    return (f"{Path(path).name}: columns original | ulbc anchor-only | ulbc generative (same file, "
-            f"{result.bpp:.4f} bpp, level {result.rate_level}) | {avif_note}")
+    Image.fromarray(np.concatenate(rows, axis=0)).save(out)
+    return (f"{Path(path).name}: columns original | ulbc anchor-only | ulbc generative (the same file) | AVIF; "
+            + "; ".join(notes))
 
 
 def _steps(img: np.ndarray, axis: int) -> np.ndarray:
@@ -211,6 +214,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-bpp", type=float, default=0.06)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--sheet", default=None, help="write the crop sheet PNG here")
+    p.add_argument("--sheet-bpp", default="0.02,0.055", help="comma list of the crop sheet's target rates")
     p.add_argument("--refine-steps", type=int, default=0,
                    help="encode with latent refinement (ulbcodec.refinement), this many steps")
     p.add_argument("--levels", default=None, help="comma list of rate levels [default: all]")
@@ -276,7 +280,8 @@ def main(argv=None) -> None:
                   f"{', '.join(map(str, wins[m])) or 'none'})" for m in wins) + "."]
     if args.sheet:
         middle = paths[len(paths) // 2]
-        lines += ["", f"Crop sheet `{args.sheet}`: " + crop_sheet(args.model, middle, 0.02, Path(args.sheet))]
+        targets = [float(v) for v in args.sheet_bpp.split(",")]
+        lines += ["", f"Crop sheet `{args.sheet}`: " + crop_sheet(args.model, middle, targets, Path(args.sheet))]
     lines += ["", "Seams: " + seam_check(args.model, paths[0])]
     summary = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(summary)
