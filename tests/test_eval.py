@@ -75,7 +75,10 @@ def test_outputs_exist_and_rates_are_real_bytes(first_run):
     video = [row for row in rows if row["kind"] == "video"]
     assert {(row["width"], row["height"], row["frames"]) for row in video} == {(64, 64, 6)}  # --frames 6
     ulbc_images = [row for row in rows if row["kind"] == "image" and row["codec"] == "ulbc"]
-    assert len(ulbc_images) == 2 * 3 * 3  # 2 images x 3 rate levels x downscale 1, 2, 4
+    # 2 images x 5 settings x downscale 1, 2, 4: the tiny codec's rate is continuous, so the
+    # half levels 0.5 and 1.5 run between its 3 levels
+    assert len(ulbc_images) == 2 * 5 * 3
+    assert sorted({row["setting"] for row in ulbc_images}) == [0, 0.5, 1, 1.5, 2]
     assert len([row for row in video if row["codec"] == "ulbc"]) == 2  # levels 0, 1 x threshold 0.3
     csv_rows = read_csv(out / "points.csv")
     assert len(csv_rows) == len(rows) and float(csv_rows[0]["psnr"]) == rows[0]["psnr"]

@@ -665,7 +665,7 @@ def _comma_list(convert=str):
               help="Videos: ulbc's perceptual thresholds.")
 @click.option("--levels", callback=_comma_list(int),
               help="Videos: ulbc's keyframe rate levels [default: the model's lowest and default]; images run "
-                   "every level.")
+                   "every level, and the half levels between where the model's rate is continuous.")
 @click.option("--model", default="default", show_default=True, help="ulbc's image model.")
 @click.option("--video-model", default="video", show_default=True, help="ulbc's video model.")
 @click.option("--frames", default=30, show_default=True, type=click.IntRange(1),

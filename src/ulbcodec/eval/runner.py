@@ -147,7 +147,7 @@ class EvalConfig:
     metrics: Optional[tuple] = None
     max_bpp: Optional[float] = None
     thresholds: tuple = DEFAULT_THRESHOLDS
-    levels: Optional[tuple] = None  # video keyframe levels; images always run every level
+    levels: Optional[tuple] = None  # video keyframe levels; images run every level (and half level)
     image_model: str = "default"
     video_model: str = "video"
     frames: int = DEFAULT_FRAMES
@@ -362,7 +362,7 @@ def _decoded_frame(row: dict, item: Item, config: EvalConfig, stream_dir: Path) 
     return frames[len(frames) // 2]
 
 
-def _ulbc_setup(kind: str, config: EvalConfig) -> tuple[list[int], str]:
+def _ulbc_setup(kind: str, config: EvalConfig) -> tuple[list, str]:
     """(rate levels to run, model digest) of ulbc for one media kind; a model that cannot
     be loaded is an EvalError (evaluating ulbc is the point; --codecs can leave it out)."""
     from ulbcodec.packages import ModelError
@@ -373,8 +373,9 @@ def _ulbc_setup(kind: str, config: EvalConfig) -> tuple[list[int], str]:
     except ModelError as exc:
         raise EvalError(f"{exc} (leave ulbc out with --codecs to evaluate the baselines alone)") from None
     levels = image.rate_levels
-    if kind == IMAGE:
-        return levels, image.package.digest
+    if kind == IMAGE:  # every level, and the half levels between on a continuous-rate codec
+        halves = [lv + 0.5 for lv in levels[:-1]] if image.continuous_levels else []
+        return sorted(levels + halves), image.package.digest
     chosen = list(config.levels) if config.levels else sorted({levels[0], image.default_level})
     bad = [lv for lv in chosen if lv not in levels]
     if bad:
