@@ -35,10 +35,10 @@ def _stats_error(rgb, original):
 
 def test_chunk_is_optional_counted_and_applied(tiny_codec, photo):
     rgb = photo[:96, :128]
-    plain = tiny_codec.encode(rgb, 1)  # ulbc's own models: off by default
-    assert tiny_codec.color_stats_default is False
+    assert tiny_codec.color_stats_default is True
+    with_stats = tiny_codec.encode(rgb, 1)  # on by default
+    plain = tiny_codec.encode(rgb, 1, color_stats=False)
     assert not Container.from_bytes(plain.data).find(bitstream.CHUNK_COLOR)
-    with_stats = tiny_codec.encode(rgb, 1, color_stats=True)
     chunks = Container.from_bytes(with_stats.data).find(bitstream.CHUNK_COLOR)
     assert len(chunks) == 1 and len(chunks[0].payload) == 12
     assert len(with_stats.data) == len(plain.data) + chunks[0].size == len(plain.data) + 21  # counted in the bpp
@@ -51,7 +51,7 @@ def test_chunk_is_optional_counted_and_applied(tiny_codec, photo):
 
 
 def test_bad_chunk_is_refused_in_one_line(tiny_codec, photo):
-    data = tiny_codec.encode(photo[:64, :64], 0)
+    data = tiny_codec.encode(photo[:64, :64], 0, color_stats=False)
     container = Container.from_bytes(data.data)
     for payload, message in ((b"\x00" * 11, "colr chunk of 11 bytes, expected 12"),
                              (b"\x80\x00" * 3 + b"\x00\x00" * 3, "zero standard deviation")):
@@ -66,7 +66,7 @@ def test_bad_chunk_is_refused_in_one_line(tiny_codec, photo):
 
 def test_cli_flag_and_info(tiny_model, photo, tmp_path):
     Image.fromarray(photo[:64, :96]).save(tmp_path / "a.png")
-    for flag, expect in (([], False), (["--color-stats"], True), (["--no-color-stats"], False)):
+    for flag, expect in (([], True), (["--color-stats"], True), (["--no-color-stats"], False)):
         out = tmp_path / f"a{len(flag)}{expect}.ulb"
         r = _invoke(["encode", tmp_path / "a.png", "-o", out, "--model", "tiny", "--quality", "1", *flag])
         assert r.exit_code == 0, r.output

@@ -53,13 +53,15 @@ def test_refinement_lowers_the_coded_objective_and_restores_detail(default_codec
 
 
 def test_a_refined_file_is_an_ordinary_file(default_codec, photo):
-    """Same decoder: the file decodes to what the refined latent synthesises, and a
-    refined encode is reproducible byte for byte."""
+    """Same decoder: the file decodes to what the refined latent synthesises (written
+    without the colour statistics, whose fix would change the pixels), and a refined
+    encode is reproducible byte for byte."""
     rgb = np.ascontiguousarray(photo[:128, :192])
-    plain = default_codec.encode(rgb, 2)
-    refined = default_codec.encode(rgb, 2, refine=RefineSettings(steps=4))
+    plain = default_codec.encode(rgb, 2, color_stats=False)
+    refined = default_codec.encode(rgb, 2, refine=RefineSettings(steps=4), color_stats=False)
     assert refined.data != plain.data and "refine_s" in refined.timings
-    assert default_codec.encode(rgb, 2, refine=RefineSettings(steps=4)).data == refined.data
+    again = default_codec.encode(rgb, 2, refine=RefineSettings(steps=4), color_stats=False)
+    assert again.data == refined.data
     decoded = default_codec.decode(refined.data)
     assert decoded.shape == rgb.shape
     y = refine_latent(default_codec.model, to_tensor(rgb), default_codec.analyze(rgb, 2), 2,

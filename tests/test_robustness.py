@@ -378,15 +378,19 @@ def test_one_pixel_image_is_replicate_padded(tiny_codec):
     """Issue 26: the 1x1 input (200,30,40) decodes far from its colour ((132,50,52) with
     models/default at level 3). Not a padding bug: the encoder replicate-pads it to the
     64x64 flat image, whose coded strings and decoded top-left pixel are the 1x1 file's;
-    the colour error is the synthesis transform's corner (docs/robustness.md)."""
+    the colour error is the synthesis transform's corner (docs/robustness.md). The colour
+    statistics chunk, on by default, carries the pixel's colour and fixes it."""
     import numpy as np
 
     colour = np.array([200, 30, 40], np.uint8)
-    one = tiny_codec.encode(colour.reshape(1, 1, 3), tiny_codec.default_level, 1)
-    flat = tiny_codec.encode(np.broadcast_to(colour, (64, 64, 3)).copy(), tiny_codec.default_level, 1)
+    one = tiny_codec.encode(colour.reshape(1, 1, 3), tiny_codec.default_level, 1, color_stats=False)
+    flat = tiny_codec.encode(np.broadcast_to(colour, (64, 64, 3)).copy(), tiny_codec.default_level, 1,
+                             color_stats=False)
     strings = [[c.payload for c in Container.from_bytes(r.data).chunks] for r in (one, flat)]
     assert strings[0] == strings[1]
     assert np.array_equal(tiny_codec.decode(one.data)[0, 0], tiny_codec.decode(flat.data)[0, 0])
+    fixed = tiny_codec.decode(tiny_codec.encode(colour.reshape(1, 1, 3), tiny_codec.default_level, 1).data)
+    assert np.abs(fixed[0, 0].astype(int) - colour).max() <= 1
 
 
 def test_image_relabelled_to_4096_is_refused_after_its_z_string(tmp_path):

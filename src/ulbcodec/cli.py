@@ -409,8 +409,7 @@ def cli() -> None:
                    "memory-hungry, up to 1080p; the same decoder). BENCHMARKS.md measures 30.")
 @click.option("--color-stats/--no-color-stats", "color_stats", default=None,
               help="Images: store the image's colour statistics (12 bytes, counted in the file size) for the "
-                   "decoder's colour fix (NeFIC's, published) [default: on for imported NeFIC models, off for "
-                   "ulbc's own].")
+                   "decoder's colour fix (NeFIC's, published) [default: on].")
 @click.option("--threshold", type=click.FloatRange(min=0), default=0.4, show_default=True,
               help="Video: largest perceptual distance of an accepted predicted frame (0: none is accepted; the "
                    "frame is coded: a P frame, or keyframes with a model without P frames).")

@@ -47,7 +47,9 @@ def measure(x: Tensor) -> Tuple[Tensor, Tensor]:
     in float32 on multiples of 1/65535."""
     flat = x.float().reshape(x.shape[0], x.shape[1], -1)
     mean = flat.mean(dim=2)
-    std = (flat.var(dim=2) + EPS).sqrt()
+    # one pixel has no unbiased variance (published: NaN); ulbc takes 0, so σ = sqrt(1e-5)
+    var = flat.var(dim=2) if flat.shape[2] > 1 else torch.zeros_like(mean)
+    std = (var + EPS).sqrt()
     return (torch.round(mean * LEVELS) / LEVELS)[0], (torch.round(std * LEVELS) / LEVELS)[0]
 
 

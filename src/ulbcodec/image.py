@@ -202,11 +202,11 @@ class ImageCodec:
 
     @property
     def color_stats_default(self) -> bool:
-        """Whether files carry colour statistics by default: yes for packages that decode
-        as the published NeFIC (its outputs include the colour fix), no for ulbc's own."""
-        from ulbcodec.models.nefic_decode import is_published
-
-        return is_published(self.package)
+        """Whether files carry colour statistics by default: yes. The published NeFIC's
+        outputs include the colour fix; on ulbc's own models its 21 bytes buy more than
+        they cost on every measure but MS-SSIM (BENCHMARKS.md, "Colour statistics chunk").
+        ``encode(color_stats=False)`` (``--no-color-stats``) leaves them out."""
+        return True
 
     @property
     def default_level(self) -> int:
