@@ -1,6 +1,6 @@
 """The stage II losses written after the issue's judges of generative detail: SSIMULACRA 2
 (ulbcodec.losses.ssimulacra2_loss) against the PyPI package that ``ulbc eval`` scores with,
-and the block-grid loss (ulbcodec.losses.grid_loss) against ``metrics.blockiness``."""
+and the block-grid loss (ulbcodec.losses.grid_loss), which ``metrics.blockiness`` reports."""
 
 from __future__ import annotations
 

@@ -483,13 +483,6 @@ def grid_energy_ratio(img: np.ndarray, period: int) -> float:
     return (on / n_on + 1e-6) / (off / n_off + 1e-6)
 
 
-def _line_energies(img: np.ndarray) -> list[np.ndarray]:
-    """Mean squared luma step across each column boundary and each row boundary:
-    ``[E_x (W-1,), E_y (H-1,)]``, entry j between pixel j and j + 1."""
-    y = luma_bt601(img)
-    return [np.mean(np.diff(y, axis=1) ** 2, axis=0), np.mean(np.diff(y, axis=0) ** 2, axis=1)]
-
-
 def blockiness(ref: np.ndarray, dist: np.ndarray) -> float:
     """How much block grid the decoder added, relative to the original (1 = none).
 
@@ -503,18 +496,20 @@ def blockiness(ref: np.ndarray, dist: np.ndarray) -> float:
     lines like the rest (a blur lowers every r alike); 1.05: 5 % more gradient energy on
     the grid, relative to elsewhere, than the original has. A coarse JPEG is well above
     1. Lower is better (floor about 1). Needs each side > 16 px.
+
+    Computed by :func:`ulbcodec.losses.grid_loss.grid_excess` (in float64), the one
+    implementation, which stage II of the generative decoder also trains against.
     """
+    import torch
+
+    from ulbcodec.losses.grid_loss import grid_excess
+
     _check_pair(ref, dist)
     if min(ref.shape[:2]) <= max(BLOCK_PERIODS):
         raise ValueError(f"blockiness needs each side > {max(BLOCK_PERIODS)} px, got {ref.shape[1]}x{ref.shape[0]}")
-    ratios = [(d + 1.0) / (r + 1.0) for d, r in zip(_line_energies(dist), _line_energies(ref))]
-    worst = 0.0
-    for period in BLOCK_PERIODS:
-        masks = [(np.arange(len(r)) + 1) % period == 0 for r in ratios]
-        on = np.concatenate([r[m] for r, m in zip(ratios, masks)]).mean()
-        off = np.concatenate([r[~m] for r, m in zip(ratios, masks)]).mean()
-        worst = max(worst, float(on / off))
-    return worst
+    dist_t, ref_t = (torch.from_numpy(np.array(img, dtype=np.float64)).permute(2, 0, 1)[None] / 255
+                     for img in (dist, ref))
+    return 1.0 + float(grid_excess(dist_t, ref_t, BLOCK_PERIODS))
 
 
 # --------------------------------------------------------------------------- colour drift

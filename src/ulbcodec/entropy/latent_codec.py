@@ -174,15 +174,14 @@ class CheckerboardSliceLatentCodec:
             raise ValueError(f"shape must be the positive (height, width) of z, got {shape!r}")
         shape = (int(shape[0]), int(shape[1]))
         positions = shape[0] * shape[1]
-        coded_z = z_string
-        z_string = rans_safe(z_string, self.entropy_bottleneck.channels * positions)
+        padded_z = rans_safe(z_string, self.entropy_bottleneck.channels * positions)
         self._check_entropy_dtype()
         device = self.h_s.increase[0].weight.device
         gc = self.gaussian_conditional
         symbols: List[int] = []
         with deterministic_entropy_path(device) as threads:
-            z_hat = self.entropy_bottleneck.decompress([z_string], shape)
-            check_z_string(self.entropy_bottleneck, z_hat, coded_z)
+            z_hat = self.entropy_bottleneck.decompress([padded_z], shape)
+            check_z_string(self.entropy_bottleneck, z_hat, z_string)
             y_string = rans_safe(y_string, self.M * 16 * positions)
             hyper = self.h_s(z_hat)
             cdf, cdf_lengths, offsets = self._cdf_tables()

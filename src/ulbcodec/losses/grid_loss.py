@@ -1,7 +1,8 @@
 """Block-grid loss: gradient energy a decoder adds on an 8 or 16 px grid, relative to the original.
 
-The differentiable form of :func:`ulbcodec.metrics.blockiness`, the measure the generative
-issue's "no block grid" target is stated in::
+The measure the generative issue's "no block grid" target is stated in, in torch so that
+a decoder can be trained against it; :func:`ulbcodec.metrics.blockiness` reports it
+(``1 + grid_excess``) for uint8 images::
 
     luma Y (BT.601, 8-bit units) of x̂ and x
     per column boundary j (and per row boundary):
@@ -23,17 +24,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ulbcodec.losses.detail_loss import luma
+
 PERIODS = (8, 16)
-LUMA_BT601 = (0.299, 0.587, 0.114)
 
 
-def _luma_255(x: Tensor) -> Tensor:
-    w = torch.tensor(LUMA_BT601, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x.clamp(0, 1) * w).sum(dim=1) * 255.0
-
-
-def _line_energies(y: Tensor) -> tuple[Tensor, Tensor]:
-    """[B, W-1] column-boundary and [B, H-1] row-boundary mean squared luma steps."""
+def _line_energies(x: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, W-1] column-boundary and [B, H-1] row-boundary mean squared luma steps of a
+    [B, 3, H, W] batch in [0, 1] (luma in 8-bit units)."""
+    y = luma(x.clamp(0, 1))[:, 0]
     cols = (y[..., :, 1:] - y[..., :, :-1]).pow(2).mean(dim=-2)
     rows = (y[..., 1:, :] - y[..., :-1, :]).pow(2).mean(dim=-1)
     return cols, rows
@@ -47,7 +46,7 @@ def grid_excess(dist: Tensor, ref: Tensor, periods: tuple[int, ...] = PERIODS) -
                          f"{tuple(dist.shape)} and {tuple(ref.shape)}")
     if min(dist.shape[-2:]) <= max(periods):
         raise ValueError(f"grid_excess needs each side > {max(periods)} px, got {dist.shape[-1]}x{dist.shape[-2]}")
-    ratios = [(d + 1.0) / (r + 1.0) for d, r in zip(_line_energies(_luma_255(dist)), _line_energies(_luma_255(ref)))]
+    ratios = [(d + 1.0) / (r + 1.0) for d, r in zip(_line_energies(dist), _line_energies(ref))]
     worst = []
     for p in periods:
         on, off = [], []

@@ -357,10 +357,10 @@ class PFrameCodec(CompressionModel):
             raise ValueError(f"z shape {h}x{w} does not match a {tuple(ref.shape[-2:])} reference")
         _, inverse = self.gains(rate_level)
         positions = h * w
-        z_string = rans_safe(bytes(strings[1]), self.N * positions)
+        z_string = bytes(strings[1])
         with deterministic_entropy_path(ref.device):
-            z_hat = self.entropy_bottleneck.decompress([z_string], (h, w))
-            check_z_string(self.entropy_bottleneck, z_hat, bytes(strings[1]))
+            z_hat = self.entropy_bottleneck.decompress([rans_safe(z_string, self.N * positions)], (h, w))
+            check_z_string(self.entropy_bottleneck, z_hat, z_string)
         # the context networks run only for a z string that passed its check
         context, prior = self._context_and_prior(ref)
         gc = self.gaussian_conditional
