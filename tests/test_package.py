@@ -78,3 +78,22 @@ def test_registry_resolves_names_and_digests(tiny_model):
 def test_manifest_records_the_given_name(tmp_path):
     pkg = save_package(tmp_path / "m", "my-model", {"anchor_codec": _model()}, [RateLevel(0)], half_parameters=True)
     assert pkg.name == "my-model"
+
+
+def test_build_skips_random_init_and_restores_it(tmp_path):
+    """A built component is exactly its weights although torch.nn.init drew nothing for it;
+    the initialisers are torch's own again afterwards (also after a failed build)."""
+    originals = {name: getattr(torch.nn.init, name) for name in packages._INITIALISERS}
+    pkg = save_package(tmp_path / "m", "m", {"anchor_codec": _model()}, [RateLevel(0), RateLevel(1)])
+    torch.manual_seed(1)
+    before = torch.rand(4)
+    torch.manual_seed(1)
+    loaded = ModelPackage.load_manifest(pkg.root).build("anchor_codec")
+    assert torch.equal(torch.rand(4), before)  # no random draw while building
+    assert all(getattr(torch.nn.init, name) is f for name, f in originals.items())
+    for name, tensor in _model().state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    with pytest.raises(RuntimeError), packages.skipped_weight_init():
+        assert torch.equal(torch.nn.init.ones_(torch.zeros(2)), torch.zeros(2))
+        raise RuntimeError("build failed")
+    assert all(getattr(torch.nn.init, name) is f for name, f in originals.items())

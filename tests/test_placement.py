@@ -50,14 +50,19 @@ def test_precision_policy():
 
 
 def test_cpu_compute_dtype_is_decided_in_one_place(monkeypatch, generative):
-    """bfloat16 autocast only where the CPU computes it natively (AMX); float32 on AVX2 /
-    AVX-512 (even with avx512_bf16); $ULBC_CPU_DTYPE overrides; accelerators: bf16 weights."""
+    """bfloat16 autocast only where the CPU computes it natively (AMX, or AVX512_BF16 while
+    torch runs its AVX-512 kernels); float32 on AVX2 / AVX-512 without bf16 and wherever
+    torch runs AVX2 or plain kernels; $ULBC_CPU_DTYPE overrides; accelerators: bf16 weights."""
     from ulbcodec import placement
 
     monkeypatch.delenv(placement.CPU_DTYPE_ENV, raising=False)
-    assert placement.cpu_compute_dtype(frozenset({"avx2", "fma"})) == torch.float32
-    assert placement.cpu_compute_dtype(frozenset({"avx2", "avx512f", "avx512_bf16"})) == torch.float32
-    assert placement.cpu_compute_dtype(frozenset({"avx512f", "amx_tile", "amx_bf16"})) == torch.bfloat16
+    dtype = placement.cpu_compute_dtype
+    assert dtype(frozenset({"avx2", "fma"}), "AVX2") == torch.float32
+    assert dtype(frozenset({"avx2", "avx512f"}), "AVX512") == torch.float32
+    assert dtype(frozenset({"avx2", "avx512f", "avx512_bf16"}), "AVX512") == torch.bfloat16
+    assert dtype(frozenset({"avx2", "avx512f", "avx512_bf16"}), "AVX2") == torch.float32  # ATEN_CPU_CAPABILITY=avx2
+    assert dtype(frozenset({"avx512f", "amx_tile", "amx_bf16"}), "AVX512") == torch.bfloat16
+    assert dtype(frozenset({"avx512f", "amx_tile", "amx_bf16"}), "DEFAULT") == torch.float32
     monkeypatch.setenv(placement.CPU_DTYPE_ENV, "bfloat16")
     assert placement.cpu_compute_dtype(frozenset()) == torch.bfloat16
     assert Placement(torch.device("cpu")).compute_dtype == torch.bfloat16

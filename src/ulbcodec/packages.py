@@ -44,12 +44,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import contextlib
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -144,6 +146,29 @@ def _component_class(name: str) -> Callable:
 
         return getattr(diffusers, name)
     raise ModelError(f"unknown component class {name!r}")
+
+
+# torch.nn.init's in-place initialisers: a module built only to receive a whole checked
+# state dict need not draw random weights first (most of the anchor codec's build time).
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                 "sparse_")
+_INIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def skipped_weight_init() -> Iterator[None]:
+    """Within: torch.nn.init's initialisers leave their tensor as allocated. Only for a
+    module whose every parameter and buffer a strict ``load_state_dict`` then fills."""
+    with _INIT_LOCK:  # one build at a time swaps them, so the originals are always what is restored
+        saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+        try:
+            for name in _INITIALISERS:
+                setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+            yield
+        finally:
+            for name, function in saved.items():
+                setattr(torch.nn.init, name, function)
 
 
 def _component_files(root: Path, comp: dict) -> List[Path]:
@@ -363,7 +388,8 @@ class ModelPackage:
         # docs/measurements.md), so GDN's one product (gain x identity) is done on a CPU
         # square instead (at most 4096² floats: the constructors bound the channels).
         with torch.device("meta"), mock.patch.object(NonNegativeParametrizer, "init", lambda self, x: x), \
-                mock.patch.object(torch, "eye", lambda n, *args, **kwargs: torch.empty(n, n, device="cpu")):
+                mock.patch.object(torch, "eye", lambda n, *args, **kwargs: torch.empty(n, n, device="cpu")), \
+                skipped_weight_init():
             module = cls(**comp.get("config", {}))
         # Parameters have the config's shapes; buffers (CompressAI's CDF tables) take the
         # file's shapes at load, so only their names are compared.
@@ -430,9 +456,10 @@ class ModelPackage:
                 return _load_diffusers(cls, self.root / comp["diffusers"], device, dtype)
             if comp.get("external"):
                 return _load_diffusers(cls, Path(comp["external"]["path"]), device, dtype)
-            module = cls(**comp.get("config", {}))
+            with skipped_weight_init():
+                module = cls(**comp.get("config", {}))
             state = load_file(str(weights), device="cpu")
-            module.load_state_dict(state, strict=True)
+            module.load_state_dict(state, strict=True)  # every parameter and buffer: none left unset
             return module.to(device).eval()
 
 

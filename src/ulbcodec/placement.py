@@ -7,7 +7,8 @@ reproduce exactly, so it stays in float32 everywhere::
     component                      cpu                              cuda (any accelerator)
     anchor codec (entropy params)  float32                          float32
     VAE, transformer               float32 weights; bf16 autocast   bfloat16 weights and compute
-                                   where native (AMX), else float32 (as published; half the memory)
+                                   where native (AMX,              (as published; half the memory)
+                                   AVX512_BF16), else float32
                                    (cpu_compute_dtype)
     predictor                      float32                          bfloat16 weights and compute
 
@@ -52,11 +53,12 @@ WHOLE_IMAGE_BYTES_PER_PIXEL = 64  # padded input/anchor/output frames in fp32 + 
 LIVE_TILE_TENSORS = 8  # activations alive at once at the VAE's widest full-resolution layer
 
 
-# The CPU flags under which bfloat16 matmuls and convolutions run natively in oneDNN (AMX
-# tiles: Intel Sapphire Rapids and later). Elsewhere they are emulated or run at float32
-# speed at best, with bfloat16's rounding on top (issue 28: an AVX2 EPYC ran the next-frame
-# stage in 11.7 s in bfloat16, 10.1 s in float32).
-NATIVE_BF16_FLAGS = ("amx_bf16",)
+# The CPU flags under which bfloat16 matmuls and convolutions run natively in oneDNN, each
+# with the torch kernel capability that must be active to use it: AMX tiles (Intel Sapphire
+# Rapids and later) and AVX512_BF16's dot products (AMD Zen 4, Intel Cooper Lake), the
+# latter only while torch runs its AVX-512 kernels. Elsewhere bfloat16 is emulated, slower
+# than float32 and rounded on top (docs/measurements.md, "CPUs without AMX").
+NATIVE_BF16 = (("amx_bf16", ("AVX512", "AVX2")), ("avx512_bf16", ("AVX512",)))
 CPU_DTYPE_ENV = "ULBC_CPU_DTYPE"  # float32 | bfloat16: overrides cpu_compute_dtype()
 
 
@@ -72,20 +74,21 @@ def cpu_flags() -> frozenset:
     return frozenset()
 
 
-def cpu_compute_dtype(flags: Optional[frozenset] = None) -> torch.dtype:
+def cpu_compute_dtype(flags: Optional[frozenset] = None, capability: Optional[str] = None) -> torch.dtype:
     """The precision of the diffusion stages (VAE, transformer) on this CPU, decided in
-    this one place: bfloat16 autocast where the CPU computes bfloat16 natively (AMX),
-    float32 elsewhere (faster there, and exact to the weights). ``$ULBC_CPU_DTYPE``
-    overrides. The anchor codec's entropy path is float32 whatever this says
-    (entropy/coding.py)."""
+    this one place: bfloat16 autocast where the CPU computes bfloat16 natively (AMX, or
+    AVX512_BF16 under torch's AVX-512 kernels), float32 elsewhere (faster there, and exact
+    to the weights). ``$ULBC_CPU_DTYPE`` overrides. The anchor codec's entropy path is
+    float32 whatever this says (entropy/coding.py)."""
     forced = os.environ.get(CPU_DTYPE_ENV, "").strip().lower()
     if forced in ("float32", "bfloat16"):
         return getattr(torch, forced)
     if forced:
         raise ValueError(f"${CPU_DTYPE_ENV} must be float32 or bfloat16, got {forced!r}")
     flags = cpu_flags() if flags is None else flags
-    native = any(flag in flags for flag in NATIVE_BF16_FLAGS)
-    return torch.bfloat16 if native and torch.backends.cpu.get_cpu_capability() != "DEFAULT" else torch.float32
+    capability = torch.backends.cpu.get_cpu_capability() if capability is None else capability
+    native = any(flag in flags and capability in kernels for flag, kernels in NATIVE_BF16)
+    return torch.bfloat16 if native else torch.float32
 
 
 class DeviceError(ValueError):
