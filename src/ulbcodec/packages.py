@@ -42,9 +42,9 @@ digest too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
-import contextlib
 import json
 import math
 import os
