@@ -44,12 +44,14 @@ data: $(STAMP)
 	PYTHON=$(PY) scripts/get-data $(DATA)
 
 # Train (or resume training) the shipped default model; see docs/training.md: the first
-# run, then two continuations from its package (fresh optimiser and schedule each time).
+# run, then three continuations from its package (fresh optimiser and schedule each time).
 models: $(STAMP)
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default --export runs/default/package
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default-continued --init-from runs/default/package \
 		--steps 3000 --mse-warmup 0 --export runs/default-continued/package
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default-continued2 --init-from runs/default-continued/package \
+		--steps 3000 --mse-warmup 0 --export runs/default-continued2/package
+	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default-continued3 --init-from runs/default-continued2/package \
 		--steps 3000 --mse-warmup 0 --export models/default
 
 # The settings of both perceptual anchor runs below, written once: the second continues the
@@ -60,8 +62,8 @@ ANCHOR_PERCEPTUAL := --mse-warmup 0 --perceptual-weight 500 --lr 1e-4 \
 # Train (or resume) the generative decoder, export models/generative: on the first anchor
 # codec (runs/default/package), the three stages with the published output (VAE decode of the
 # prediction), then stage II continued with the anchor_residual output, again with the detail
-# loss, and once more on 384 px crops; then stage II once more on the final anchor codec
-# (models/default); last, that anchor codec continued with the detail and VIF losses at
+# loss, and once more on 384 px crops; then stage II once more on the anchor codec after two
+# continuations (runs/default-continued2); last, that anchor codec continued with the detail and VIF losses at
 # lambdas one level lower (1200 steps, then 1500 more with a fresh optimiser), and the
 # decoder moved onto it unchanged (one stage II step at lr 0; 400 trained steps traded
 # VMAF for PSNR); last, stage II on that anchor codec with the SSIMULACRA 2 and block-grid
@@ -79,10 +81,10 @@ generative-model: $(STAMP)
 	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-crop384 --anchor-model runs/default/package \
 		--init-from runs/generative-detail/package --output anchor_residual --stage2-steps 1100 \
 		--detail-weight 10 --adv-weight 0.02 --crop 384 --batch 2 --export runs/generative-crop384/package
-	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-anchor3 --anchor-model default \
+	$(PY) -m ulbcodec.train.generative --data $(DATA) --run runs/generative-anchor3 --anchor-model runs/default-continued2/package \
 		--init-from runs/generative-crop384/package --output anchor_residual --stage2-steps 600 \
 		--detail-weight 10 --adv-weight 0.02 --crop 384 --batch 2 --export runs/generative-anchor3/package
-	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/anchor-perceptual --init-from default \
+	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/anchor-perceptual --init-from runs/default-continued2/package \
 		--steps 1200 $(ANCHOR_PERCEPTUAL) --export runs/anchor-perceptual/package
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/anchor-perceptual2 --init-from runs/anchor-perceptual/package \
 		--steps 1500 $(ANCHOR_PERCEPTUAL) --export runs/anchor-perceptual2/package
