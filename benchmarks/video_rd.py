@@ -54,7 +54,8 @@ def measure(ref: np.ndarray, dist: np.ndarray) -> dict:
 
 
 def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresholds, out: Path,
-             anchored: bool = False, predictor: bool = True, long_term: bool = True) -> list[dict]:
+             anchored: bool = False, predictor: bool = True, long_term: bool = True,
+             pframe_offset: int = 0) -> list[dict]:
     from ulbcodec.video import VideoSettings
 
     rows = []
@@ -63,7 +64,8 @@ def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresh
     for level in levels:
         for threshold in thresholds if predictor else [0.0]:
             settings = VideoSettings(threshold=threshold, rate_level=level, anchored=anchored, predictor=predictor,
-                                     long_term=long_term)
+                                     long_term=long_term,
+                                     pframe_level=max(level - pframe_offset, 0) if pframe_offset else None)
             path = out / f"{name}-{curve}-q{level}-t{threshold}.ulb"
             _, gops, decoded, encode_s, decode_s = ulbc_video_round_trip(codec, frames, fps, settings, path)
             rows.append({"clip": name, "codec": curve, "setting": f"q{level} t{threshold}",
@@ -276,6 +278,8 @@ def main(argv=None) -> None:
     p.add_argument("--speed", action="store_true")
     p.add_argument("--no-long-term", dest="long_term", action="store_false",
                    help="P frames never reference the last keyframe (the ablation of that reference)")
+    p.add_argument("--pframe-offset", type=int, default=0,
+                   help="P frames this many rate levels below the keyframes (ulbc encode --pframe-level)")
     p.add_argument("--anchored-levels", type=int, nargs="*", default=[],
                    help="also run ulbc with anchored rounds at these keyframe levels")
     p.add_argument("--anchored-thresholds", type=float, nargs="*", default=[0.5],
@@ -290,13 +294,14 @@ def main(argv=None) -> None:
         frames, fps = read_clip(args.clips / f"{name}.mkv", args.frames)
         shapes[name], loaded[name] = frames.shape, frames
         print(f"{name}: {frames.shape[2]}x{frames.shape[1]}, {len(frames)} frames", file=sys.stderr, flush=True)
-        rows += run_ulbc(codec, name, frames, fps, args.levels, args.thresholds, args.out, long_term=args.long_term)
+        rows += run_ulbc(codec, name, frames, fps, args.levels, args.thresholds, args.out, long_term=args.long_term,
+                         pframe_offset=args.pframe_offset)
         if args.no_predictor_levels:
             rows += run_ulbc(codec, name, frames, fps, args.no_predictor_levels, [], args.out, predictor=False,
-                             long_term=args.long_term)
+                             long_term=args.long_term, pframe_offset=args.pframe_offset)
         if args.anchored_levels:
             rows += run_ulbc(codec, name, frames, fps, args.anchored_levels, args.anchored_thresholds, args.out,
-                             anchored=True, long_term=args.long_term)
+                             anchored=True, long_term=args.long_term, pframe_offset=args.pframe_offset)
         rows += run_baselines(name, frames, fps, args.codecs, args.max_bpp)
     keys = sorted({k for r in rows for k in r})
     with open(args.out / "points.csv", "w", newline="") as f:
