@@ -16,12 +16,8 @@ import numpy as np
 
 from ulbcodec.eval.rd import bd_rate
 from ulbcodec.image import ImageCodec
-from ulbcodec.metrics import ms_ssim
+from ulbcodec.metrics import ms_ssim, psnr
 from ulbcodec.train.video_data import read_frames
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255**2 / np.mean((a.astype(np.float64) - b) ** 2)))
 
 
 def curve(codec: ImageCodec, frame: np.ndarray) -> list[tuple[float, float, float]]:

@@ -14,11 +14,8 @@ import numpy as np
 
 from ulbcodec.color_stats import ColorStats, color_fix
 from ulbcodec.image import ImageCodec, to_tensor, to_uint8
+from ulbcodec.metrics import psnr
 from ulbcodec.train.video_data import read_frames
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255**2 / np.mean((a.astype(np.float64) - b) ** 2)))
 
 
 def main(argv=None) -> None:

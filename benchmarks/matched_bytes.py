@@ -19,6 +19,7 @@ import json
 import math
 from typing import Optional
 
+from model_bd import load_points  # the sibling script: its reader of color_stats files
 from ulbcodec.eval.rd import envelope
 
 
@@ -42,8 +43,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     targets = [float(t) for t in args.targets.split(",")]
     ulbc: dict[str, list[dict]] = {}
-    for point in json.load(open(args.ulbc_points))["points"]:
-        ulbc.setdefault(point["image"], []).append(point[args.variant])
+    for point in load_points(args.ulbc_points, args.variant)[1]:
+        ulbc.setdefault(point["item"], []).append(point)
     base: dict[str, list[dict]] = {}
     for point in json.load(open(args.baseline_points))["points"]:
         if point["codec"] == args.baseline:

@@ -1,8 +1,15 @@
-"""BD-rate of one image model against another from two ``benchmarks/color_stats.py --out``
-files (same photos and levels): per photograph over the levels, then the mean, for the
-files as ``ulbc encode`` writes them (with the ``colr`` chunk; ``--variant off``: without).
+"""BD-rate of one ulbc model (or setting) against another, per item and averaged, from two
+benchmark point files of the same items:
 
-    PYTHONPATH=src python benchmarks/model_bd.py ANCHOR_POINTS.json TEST_POINTS.json [--variant on|off]
+* ``benchmarks/color_stats.py --out`` files (images): the files as ``ulbc encode`` writes
+  them (with the ``colr`` chunk; ``--variant off``: without);
+* ``benchmarks/video_rd.py`` points.json files (clips): the rows of ``--codec``
+  (default ``ulbc-no-predictor``, P frames only).
+
+    PYTHONPATH=src python benchmarks/model_bd.py ANCHOR_POINTS.json TEST_POINTS.json [--variant on|off] [--codec C]
+
+Each item's curves are its monotone envelopes and the mean is over the items where they
+overlap: ``ulbcodec.eval.rd``'s protocol, as in every other BD-rate of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -10,37 +17,37 @@ from __future__ import annotations
 import argparse
 import json
 
-from ulbcodec.eval.rd import bd_rate
+from ulbcodec.eval.rd import bd_cell, envelope, mean_bd_rate
 
 METRICS = ("psnr", "ms_ssim", "vmaf", "vmaf_neg", "ssimulacra2")
 
 
-def curves(path: str, variant: str) -> dict[str, list[dict]]:
-    by_image: dict[str, list[dict]] = {}
-    for point in json.load(open(path))["points"]:
-        by_image.setdefault(point["image"], []).append(point[variant])
-    return {image: sorted(points, key=lambda p: p["bpp"]) for image, points in by_image.items()}
+def load_points(path: str, variant: str = "on", codec: str = "ulbc-no-predictor") -> tuple[str, list[dict]]:
+    """("photo" or "clip", every point of one model in a benchmark file, each with its ``item``)."""
+    data = json.load(open(path))
+    if "points" in data:  # benchmarks/color_stats.py
+        return "photo", [{**p[variant], "item": p["image"]} for p in data["points"]]
+    return "clip", [{**r, "item": r["clip"]} for r in data["rows"] if r["codec"] == codec]  # benchmarks/video_rd.py
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("anchor")
     p.add_argument("test")
-    p.add_argument("--variant", choices=("on", "off"), default="on")
+    p.add_argument("--variant", choices=("on", "off"), default="on", help="color_stats files: with or without colr")
+    p.add_argument("--codec", default="ulbc-no-predictor", help="video_rd files: the curve compared")
     args = p.parse_args(argv)
-    anchor, test = curves(args.anchor, args.variant), curves(args.test, args.variant)
-    images = sorted(set(anchor) & set(test))
-    print("| photo | " + " | ".join(METRICS) + " |\n|---" * 1 + "|---" * len(METRICS) + "|")
-    means = {m: [] for m in METRICS}
-    for image in images:
-        a, t = anchor[image], test[image]
-        cells = []
-        for m in METRICS:
-            value = bd_rate([q["bpp"] for q in a], [q[m] for q in a], [q["bpp"] for q in t], [q[m] for q in t])
-            means[m].append(value)
-            cells.append(f"{value:+.1f}%")
-        print(f"| {image} | " + " | ".join(cells) + " |")
-    print("| mean | " + " | ".join(f"{sum(v) / len(v):+.1f}%" for v in means.values()) + " |")
+    (kind, anchor), (_, test) = (load_points(path, args.variant, args.codec) for path in (args.anchor, args.test))
+    metrics = [m for m in METRICS if all(m in q for q in anchor + test)]
+    rows = [{**q, "codec": "anchor"} for q in anchor] + [{**q, "codec": "test"} for q in test]
+    print(f"| {kind} | " + " | ".join(metrics) + " |")
+    print("|---" * (len(metrics) + 1) + "|")
+    for item in sorted({q["item"] for q in anchor} & {q["item"] for q in test}):
+        cells = [bd_cell(envelope([q for q in anchor if q["item"] == item], m),
+                         envelope([q for q in test if q["item"] == item], m), m) for m in metrics]
+        print(f"| {item} | " + " | ".join(cells) + " |")
+    means = [mean_bd_rate(rows, "test", "anchor", m) for m in metrics]
+    print("| mean | " + " | ".join(f"{bd.value:+.1f}%" if bd.value is not None else "n/a" for bd in means) + " |")
 
 
 if __name__ == "__main__":
