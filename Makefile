@@ -100,21 +100,26 @@ generative-model: $(STAMP)
 		--grid-weight 10 --disc-scales 3 --adv-weight 0.02 --crop 384 --batch 2 --export models/generative
 
 # Train (or resume) the video model: the frame predictor on models/generative's latent space,
-# then the conditional P-frame codec, which the export adds to that package; last, the
+# then the conditional P-frame codec, which the export adds to that package; then the
 # package's keyframe codec replaced by the default anchor codec after three continuations,
 # unchanged (same architecture and λs, longer trained: keyframes -16 to -29 % BD-rate;
-# docs/training.md; the fourth continuation, models/default now, is not measured on video yet).
+# docs/training.md; the fourth continuation, models/default now, is not measured on video yet);
+# last, the P-frame codec replaced by the latent-conditional one on that keyframe codec
+# (its transforms frozen, its conditional entropy model trained on the rate alone).
 # PFRAME_ARGS is the recipe of the shipped P-frame codec (run 7: no motion, short warm-ups);
 # PFRAME_ARGS= trains with the trainer's defaults (run 9: motion-compensated references).
 PFRAME_STEPS ?= 1113
 PFRAME_ARGS ?= --no-motion --noise-steps 1500 --rate-warmup 600 --lr 2e-4
+PFRAME_LATENT_STEPS ?= 2500
 video-model: $(STAMP)
 	$(PY) -m ulbcodec.train.predictor --data $(DATA) --run runs/predictor --image-model generative \
 		--steps 8000 --max-frames 40 --export runs/predictor/package
 	OMP_NUM_THREADS=1 $(PY) -m ulbcodec.train.pframe --data $(DATA) --run runs/pframe --threads 1 --batch 8 \
 		--steps $(PFRAME_STEPS) $(PFRAME_ARGS) --video-model runs/predictor/package --export runs/pframe/package
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/video-keyframes --init-from runs/default-continued3/package --steps 0 \
-		--into runs/pframe/package --export models/video
+		--into runs/pframe/package --export runs/video-keyframes/package
+	OMP_NUM_THREADS=1 $(PY) -m ulbcodec.train.pframe_latent --data $(DATA) --run runs/pframe-latent --threads 1 \
+		--steps $(PFRAME_LATENT_STEPS) --video-model runs/video-keyframes/package --export models/video
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --data $(DATA) --jobs $(JOBS)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import pytest
@@ -66,11 +66,12 @@ def make_tiny_generative_package(root: Path, name: str = "tinygen", seed: int = 
 TINY_VIDEO = {"cond_frames": 2, "pred_frames": 3, "steps": 2, "residual_scale": 0.5}
 
 
-def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, pframe: bool = False,
+def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, pframe: Union[bool, str] = False,
                             pframe_levels: Optional[int] = None) -> Path:
     """The tiny generative image model plus a tiny UNet2DModel frame predictor (and with
     ``pframe`` a tiny random P-frame codec, with ``pframe_levels`` rate levels: default
-    as many as the keyframe codec)."""
+    as many as the keyframe codec; ``pframe="latent"`` a latent-conditional codec on the
+    keyframe codec's transforms)."""
     from diffusers import CogVideoXDDIMScheduler, UNet2DModel
 
     from ulbcodec.packages import ModelPackage, save_package
@@ -85,7 +86,12 @@ def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, 
                                        up_block_types=("UpBlock2D", "UpBlock2D"), block_out_channels=(8, 8),
                                        layers_per_block=1, add_attention=False, norm_num_groups=4).eval()
     modules["predictor_scheduler"] = CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
-    if pframe:
+    if pframe == "latent":
+        from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec
+
+        modules["pframe"] = LatentConditionalCodec.from_anchor_codec(modules["anchor_codec"], hyper_channels=8).eval()
+        modules["pframe"].update(force=True)
+    elif pframe:
         from ulbcodec.models.pframe_codec import PFrameCodec
 
         modules["pframe"] = PFrameCodec(N=8, M=16, context_widths=[8, 8, 8], num_rate_levels=pframe_levels or len(image.rate_levels))

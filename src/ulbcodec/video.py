@@ -289,7 +289,9 @@ class VideoCodec:
 
     def _pframe_candidates(self, target: np.ndarray, ref: np.ndarray, reference: PFrame, level: int,
                            motion: bool) -> List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]:
-        """The three modes of :meth:`_best_pframe` on one reference. The last results of
+        """The modes of :meth:`_best_pframe` on one reference (and, for a P-frame codec whose
+        reconstruction does not depend on its reference, that codec given the unwarped
+        reference as well). The last results of
         each reference are kept: the encoder asks for the same frame and references twice
         when a prediction loses to a P frame (once to judge it, once to code the P frame)."""
         key = (target, ref, reference, level, motion)
@@ -312,6 +314,11 @@ class VideoCodec:
             consider(reference._replace(motion=True), motion_payload, None, warped)
         payload, decoded = self._code_pframe(target, warped, level)
         consider(reference._replace(motion=field is not None, residual=True), motion_payload, payload, decoded)
+        if field is not None and self.pframe_codec.reconstruction_ignores_reference:
+            # the reference only informs its entropy model: the motion's bytes may cost
+            # more than the prediction they save
+            payload, decoded = self._code_pframe(target, ref, level)
+            consider(reference._replace(motion=False, residual=True), None, payload, decoded)
         self._last_candidates.append((key, candidates))
         return candidates
 

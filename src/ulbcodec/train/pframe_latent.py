@@ -1,0 +1,187 @@
+"""Train the latent-conditional P-frame codec (resumable, CPU) and add it to a video package.
+
+Recipe (docs/training.md has the reasoning and the measured cost):
+
+- the codec starts as a copy of the video package's keyframe codec
+  (:meth:`~ulbcodec.models.latent_conditional_codec.LatentConditionalCodec.from_anchor_codec`):
+  its transforms and gains stay frozen, only the conditional entropy model trains;
+- data: the training clips and samples of :mod:`ulbcodec.train.pframe` (three frames
+  ``t, t+s, t+2s``, random crops, flips, time reversal, a third of them darkened);
+- the reference of frame ``t+s`` is frame ``t`` *as the keyframe codec decodes it* at the
+  batch's rate level, on uint8 levels, and half the time warped along the mesh motion that
+  predicts the target best (the encoder tries both); frame ``t+2s`` is coded the same way
+  from frame ``t+s``: a P frame decodes exactly as a keyframe at its level would, so a
+  keyframe's decode stands in for a decoded P frame;
+- the loss is the rate alone (bits of y and z, uniform-noise likelihoods): the
+  distortion is fixed by the frozen transforms, so there is no trade to collapse;
+- every batch draws a rate level, fractional ones included;
+- a checkpoint (safetensors + JSON) every ``--save-every`` seconds; the same command resumes.
+
+``--validate`` codes frame t+1 of validation clips given the keyframe codec's decode of
+frame t, with real entropy coding, and prints its bytes beside the keyframe codec's own
+bytes for that frame (the P frame's saving) at every level.
+
+``--export DIR`` writes ``--video-model``'s package with this codec as its component
+``pframe``, every other component unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ulbcodec import packages
+from ulbcodec.losses.rate_distortion import bits_per_pixel
+from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec
+from ulbcodec.train.anchor import round_parameters_to_half
+from ulbcodec.train.generative import load_stage, save_stage
+from ulbcodec.train.pframe import MIN_SIDE, VALIDATION_CLIPS, load_clips, motion_compensated, quantize_uint8, sample_batch
+
+
+def keyframe_codec(video_model: str):
+    """The video package's keyframe codec (float32, eval mode, frozen) and the package."""
+    package = packages.ModelPackage.load_manifest(packages.resolve(video_model))
+    anchor = package.build("anchor_codec").float().eval().requires_grad_(False)
+    return anchor, package
+
+
+@torch.no_grad()
+def decoded_keyframe(anchor, x: torch.Tensor, level: float) -> torch.Tensor:
+    """``x`` as the keyframe codec decodes it at ``level`` (eval mode rounds y and z as the
+    file does), on uint8 levels."""
+    return quantize_uint8(anchor(x, rate_level=level, with_bypass=False)["anchor_frame"])
+
+
+@torch.no_grad()
+def validate(model: LatentConditionalCodec, anchor, folder: Path, frames: int = 3) -> None:
+    """One JSON line per (clip, level): frame t+1 given the keyframe decode of frame t
+    (t = 0..frames-2), y + z bytes against the keyframe codec's bytes for that frame."""
+    from ulbcodec.image import pad_replicate, to_tensor
+    from ulbcodec.train.video_data import read_frames
+
+    model.eval().update(force=True)
+    for name in VALIDATION_CLIPS:
+        path = folder / f"{name}.mkv"
+        if not path.exists():
+            continue
+        clip = [pad_replicate(to_tensor(f), model.required_multiple)
+                for _, f in zip(range(frames), read_frames(path))]
+        h, w = clip[0].shape[-2:]
+        for level in range(model.num_rate_levels):
+            rows = []
+            for ref, target in zip(clip, clip[1:]):
+                ref = decoded_keyframe(anchor, ref, level)
+                coded = model.compress(target, ref, level)
+                intra = anchor.compress(target, rate_level=level)
+                rows.append((sum(len(s) for s in coded["strings"]),
+                             len(intra["strings"][0][0]) + len(intra["strings"][1][0])))
+            conditional, keyframe = np.mean(rows, 0)
+            print(json.dumps({"clip": name, "level": level, "bytes": round(float(conditional), 1),
+                              "keyframe_bytes": round(float(keyframe), 1),
+                              "ratio": round(float(conditional / keyframe), 3)}), flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Train the ulbc latent-conditional P-frame codec (resumable).")
+    p.add_argument("--data", default=os.path.expanduser("~/.cache/ulbc"))
+    p.add_argument("--run", default="runs/pframe-latent")
+    p.add_argument("--video-model", default="video", help="package whose keyframe codec the codec starts from, "
+                                                          "and which the export adds it to")
+    p.add_argument("--export", default=None)
+    p.add_argument("--validate", action="store_true", help="measure the checkpoint on validation clips and stop")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--crop", type=int, default=MIN_SIDE)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--hyper-channels", type=int, default=64)
+    p.add_argument("--max-frames", type=int, default=150)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--save-every", type=float, default=300.0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    run = Path(args.run)
+    anchor, package = keyframe_codec(args.video_model)
+    model = LatentConditionalCodec.from_anchor_codec(anchor, args.hyper_channels)
+    trainable = dict(model.trainable_parameters())
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    main_params = [q for n, q in trainable.items() if not n.endswith(".quantiles")]
+    opt = torch.optim.Adam(main_params, lr=args.lr)
+    aux_opt = torch.optim.Adam([q for n, q in trainable.items() if n.endswith(".quantiles")], lr=1e-3)
+    meta = {"step": 0, "seconds": 0.0, "log": [], "done": False, "config": model.config,
+            "keyframe_codec": package.components["anchor_codec"].get("weights"), "video_model": args.video_model}
+    if (run / "state.json").exists():
+        meta = {**meta, **load_stage(run, {"model": model}, {}, {"opt": opt, "aux": aux_opt})}
+        print(f"resumed at step {meta['step']}", flush=True)
+    if args.validate:
+        return validate(model, anchor, Path(args.data) / "videos" / "val")
+    if meta["step"] < args.steps:
+        clips = load_clips(Path(args.data) / "videos" / "train", args.max_frames)
+        print(f"{len(clips)} clips, {sum(c.shape[0] for c in clips)} frames", flush=True)
+    started, last_save, window = time.time(), time.time(), []
+    model.train()
+    top = model.num_rate_levels - 1
+    while meta["step"] < args.steps:
+        i = meta["step"]
+        rng = random.Random(args.seed * 1_000_003 + i)
+        frames = sample_batch(clips, args.batch, args.crop, rng)
+        level = rng.randrange(top + 1) if rng.random() < 0.7 else rng.uniform(0, top)
+        bpp = []
+        loss = 0.0
+        for j in (1, 2):
+            ref = decoded_keyframe(anchor, frames[:, j - 1], level)
+            if rng.random() < 0.5:
+                ref = motion_compensated(ref, frames[:, j])
+            out = model(frames[:, j], ref, level)
+            rate = bits_per_pixel(out["likelihoods"], frames.shape[0] * args.crop**2)
+            loss = loss + rate
+            bpp.append(rate.item())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(main_params, 1.0)
+        opt.step()
+        aux_opt.zero_grad(set_to_none=True)
+        model.aux_loss().backward()
+        aux_opt.step()
+        window.append((level, *bpp))
+        meta["step"] = i + 1
+        if meta["step"] % args.log_every == 0:
+            elapsed = meta["seconds"] + time.time() - started
+            rows = np.array(window)
+            entry = {"step": meta["step"], "minutes": round(elapsed / 60, 2),
+                     "bpp": round(float(rows[:, 1:].mean()), 5)}
+            meta["log"].append(entry)
+            print(json.dumps(entry), flush=True)
+            window = []
+        if time.time() - last_save > args.save_every or meta["step"] == args.steps:
+            meta["seconds"] += time.time() - started
+            started = last_save = time.time()
+            meta["done"] = meta["step"] >= args.steps
+            save_stage(run, {"model": model}, {}, {"opt": opt, "aux": aux_opt}, meta)
+    if args.export:
+        export(model.eval(), package, meta, args)
+
+
+def export(model: LatentConditionalCodec, package, meta: dict, args) -> None:
+    round_parameters_to_half(model)  # stored as float16: the CDF tables are built from what is stored
+    model.update(force=True)
+    training = {"trainer": "ulbcodec.train.pframe_latent", "steps": meta["step"],
+                "minutes": round(meta["seconds"] / 60, 1), "batch": args.batch, "crop": args.crop, "lr": args.lr,
+                "seed": args.seed, "log_tail": meta["log"][-5:]}
+    pkg = packages.save_derived_package(package, args.export, {"pframe": model}, {"pframe_training": training})
+    print(json.dumps({"exported": str(pkg.root), "digest": pkg.digest[:16], "MB": pkg.size_bytes / 1e6}))
+
+
+if __name__ == "__main__":
+    main()
