@@ -70,8 +70,8 @@ def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, 
                             pframe_levels: Optional[int] = None) -> Path:
     """The tiny generative image model plus a tiny UNet2DModel frame predictor (and with
     ``pframe`` a tiny random P-frame codec, with ``pframe_levels`` rate levels: default
-    as many as the keyframe codec; ``pframe="latent"`` a latent-conditional codec on the
-    keyframe codec's transforms)."""
+    as many as the keyframe codec; ``pframe="latent"`` an untrained temporal prior over
+    the keyframe codec's symbols)."""
     from diffusers import CogVideoXDDIMScheduler, UNet2DModel
 
     from ulbcodec.packages import ModelPackage, save_package
@@ -87,10 +87,9 @@ def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, 
                                        layers_per_block=1, add_attention=False, norm_num_groups=4).eval()
     modules["predictor_scheduler"] = CogVideoXDDIMScheduler(**SCHEDULER_CONFIG)
     if pframe == "latent":
-        from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec
+        from ulbcodec.models.latent_conditional_codec import TemporalLatentPrior
 
-        modules["pframe"] = LatentConditionalCodec.from_anchor_codec(modules["anchor_codec"], hyper_channels=8).eval()
-        modules["pframe"].update(force=True)
+        modules["pframe"] = TemporalLatentPrior(M=TINY_CONFIG["M"], num_slices=TINY_CONFIG["num_slices"], width=8)
     elif pframe:
         from ulbcodec.models.pframe_codec import PFrameCodec
 

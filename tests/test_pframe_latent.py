@@ -1,5 +1,5 @@
-"""The latent-conditional P-frame codec: the keyframe codec's latent coded given the
-reference's (tiny random models)."""
+"""Latent-conditional P frames: the keyframe codec's symbols coded under a temporal prior
+(tiny random models)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ulbcodec.losses.rate_distortion import bits_per_pixel
 from ulbcodec.models.anchor_codec import AnchorCodec
-from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec
+from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec, TemporalLatentPrior
 from ulbcodec.packages import ModelPackage
 from ulbcodec.video import VideoCodec
 
@@ -19,110 +18,131 @@ from test_video_codec import clip
 
 
 @pytest.fixture(scope="module")
-def anchor():
+def keyframe_codec():
     torch.manual_seed(11)
-    return AnchorCodec(**TINY_CONFIG).eval()
+    codec = AnchorCodec(**TINY_CONFIG)
+    with torch.no_grad():  # a random g_a's y is far below the quantisation step: scale it up
+        codec.gain.mul_(30)
+    codec.update(force=True)
+    return codec.eval()
+
+
+def random_prior(seed: int = 12) -> TemporalLatentPrior:
+    """A prior whose output layers are not at their (keyframe-equivalent) start."""
+    torch.manual_seed(seed)
+    prior = TemporalLatentPrior(M=TINY_CONFIG["M"], num_slices=TINY_CONFIG["num_slices"], width=8)
+    for net in prior.nets:
+        torch.nn.init.normal_(net[-1].weight, std=0.1)
+        torch.nn.init.zeros_(net[-1].bias)
+    return prior.eval()
 
 
 @pytest.fixture(scope="module")
-def model(anchor):
-    torch.manual_seed(12)
-    model = LatentConditionalCodec.from_anchor_codec(anchor, hyper_channels=8)
-    for net in (model.params_anchor, model.params_nonanchor):  # a trained-like, not an initial, entropy model
-        torch.nn.init.normal_(net[-1].weight, std=0.02)
-    model.update(force=True)
-    return model.eval()
+def codec(keyframe_codec):
+    return LatentConditionalCodec(keyframe_codec, random_prior())
 
 
-def test_compress_decompress_round_trip(model):
+def test_compress_decompress_round_trip(codec):
     x, ref = frames_tensor(0), frames_tensor(1)
-    coded = model.compress(x, ref, 1)
-    out = model.decompress(coded["strings"], coded["shape"], ref, 1)
+    coded = codec.compress(x, ref, 1)
+    out = codec.decompress(coded["strings"], coded["shape"], ref, 1)
     assert out["symbols_crc32"] == coded["symbols_crc32"]
     assert torch.equal(out["x_hat"], coded["x_hat"])
 
 
-def test_a_p_frame_decodes_as_the_keyframe_codecs_synthesis_of_its_latent(model, anchor):
-    """The transforms and gains are the keyframe codec's: forward's ŷ through the keyframe
-    codec's own synthesis gives the coded reconstruction."""
+def test_a_p_frame_decodes_to_the_keyframe_of_the_same_frame(codec, keyframe_codec):
+    """Only the symbols' distribution changes: ŷ, and so the decoded frame, are the keyframe's."""
     x, ref = frames_tensor(2), frames_tensor(3)
-    assert torch.equal(model.g_a(x), anchor.g_a(x)) and torch.equal(model.gain, anchor.gain)
-    with torch.no_grad():
-        y_hat = model(x, ref, 2)["y_hat"]
-        via_anchor = anchor.synthesize(y_hat, 2, with_bypass=False)[0]
-    assert torch.allclose(via_anchor, model.compress(x, ref, 2)["x_hat"], atol=1e-4)
+    keyframe = keyframe_codec.compress(x, rate_level=2)
+    expected = keyframe_codec.decompress(keyframe["strings"], keyframe["shape"], rate_level=2)["anchor_frame"]
+    coded = codec.compress(x, ref, 2)
+    assert torch.equal(coded["x_hat"], expected)
+    assert coded["strings"][1] == keyframe["strings"][1][0]  # the same z string
+    assert coded["strings"][0] != keyframe["strings"][0][0]  # y coded differently
 
 
-def test_the_reference_lowers_the_rate(model):
-    """The untrained entropy model predicts y from the reference's latent (μ = p): a frame
-    coded given itself costs fewer bytes than given an unrelated frame."""
-    fresh = LatentConditionalCodec.from_anchor_codec(AnchorCodec(**TINY_CONFIG), hyper_channels=8)
-    with torch.no_grad():  # a random g_a's y is far below the quantisation step: scale it up
-        fresh.gain.mul_(50)
-    fresh.update(force=True)
+def test_an_untrained_prior_codes_exactly_as_a_keyframe(keyframe_codec):
+    untrained = LatentConditionalCodec(keyframe_codec, TemporalLatentPrior(TINY_CONFIG["M"], TINY_CONFIG["num_slices"]))
     x = frames_tensor(4)
-    same = fresh.eval().compress(x, x, 2)
-    other = fresh.compress(x, frames_tensor(5), 2)
-    assert len(same["strings"][0]) < len(other["strings"][0])
+    keyframe = keyframe_codec.compress(x, rate_level=1)
+    coded = untrained.compress(x, frames_tensor(5), 1)
+    assert coded["strings"] == [keyframe["strings"][0][0], keyframe["strings"][1][0]]
 
 
-def test_entropy_path_is_thread_count_invariant(model):
-    x, ref = frames_tensor(6), frames_tensor(7)
+def test_training_lowers_the_rate_of_a_predictable_frame(keyframe_codec):
+    """A few steps on a frame whose reference is itself: the prior learns to trust the
+    reference and the conditional bits fall below the keyframe's."""
+    codec = LatentConditionalCodec(keyframe_codec, TemporalLatentPrior(TINY_CONFIG["M"], TINY_CONFIG["num_slices"],
+                                                                       width=8).train())
+    opt = torch.optim.Adam(codec.prior.parameters(), lr=3e-2)
+    x = frames_tensor(6, (2, 3, 64, 64))
+    first = None
+    for _ in range(30):
+        bits, keyframe_bits = codec.rates(x, x, 2)
+        first = first if first is not None else (bits.item(), keyframe_bits.item())
+        opt.zero_grad()
+        bits.backward()
+        opt.step()
+    assert first[0] == pytest.approx(first[1], rel=1e-4)  # untrained: the keyframe's rate
+    assert bits.item() < 0.7 * keyframe_bits.item()
+    assert all(p.grad is None for p in keyframe_codec.parameters())
+
+
+def test_entropy_path_is_thread_count_invariant(codec):
+    x, ref = frames_tensor(7), frames_tensor(8)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = model.compress(x, ref, 0)
+        one = codec.compress(x, ref, 0)
         torch.set_num_threads(2)
-        two = model.compress(x, ref, 0)
+        two = codec.compress(x, ref, 0)
     finally:
         torch.set_num_threads(previous)
     assert one["strings"] == two["strings"] and one["symbols_crc32"] == two["symbols_crc32"]
 
 
-def test_training_moves_only_the_entropy_model(anchor):
-    model = LatentConditionalCodec.from_anchor_codec(anchor, hyper_channels=8).train()
-    trainable = dict(model.trainable_parameters())
-    assert trainable and not any(n.startswith(("g_a.", "g_s.")) or n in ("gain", "inverse_gain") for n in trainable)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in trainable}
-    before = {n: p.detach().clone() for n, p in trainable.items()}
-    opt = torch.optim.Adam([p for n, p in trainable.items() if not n.endswith(".quantiles")], lr=1e-2)
-    x, ref = frames_tensor(8, (2, 3, 64, 64)), frames_tensor(9, (2, 3, 64, 64))
-    out = model(x, ref, 1.5)
-    bits_per_pixel(out["likelihoods"], 2 * 64 * 64).backward()
-    opt.step()
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
-    assert any(not torch.equal(p, before[n]) for n, p in trainable.items() if not n.endswith(".quantiles"))
+def test_a_wrong_reference_desynchronises_and_the_check_sees_it(codec):
+    x, ref = frames_tensor(9), frames_tensor(10)
+    coded = codec.compress(x, ref, 2)
+    out = codec.decompress(coded["strings"], coded["shape"], frames_tensor(11), 2)
+    assert out["symbols_crc32"] != coded["symbols_crc32"]
 
 
-def test_bad_inputs_are_refused(model):
+def test_bad_inputs_are_refused(codec, keyframe_codec):
     with pytest.raises(ValueError, match="multiples of 64"):
-        model.compress(torch.zeros(1, 3, 60, 64), torch.zeros(1, 3, 60, 64))
+        codec.compress(torch.zeros(1, 3, 60, 64), torch.zeros(1, 3, 60, 64))
     with pytest.raises(ValueError, match="rate_level"):
-        model.compress(frames_tensor(0), frames_tensor(1), 5)
-    coded = model.compress(frames_tensor(0), frames_tensor(1), 0)
+        codec.compress(frames_tensor(0), frames_tensor(1), 5)
+    coded = codec.compress(frames_tensor(0), frames_tensor(1), 0)
     with pytest.raises(ValueError, match="does not match"):
-        model.decompress(coded["strings"], (2, 2), frames_tensor(1), 0)
-    with pytest.raises(ValueError, match="no VAE latent"):
-        LatentConditionalCodec.from_anchor_codec(AnchorCodec(**{**TINY_CONFIG, "vae_channels": 4}))
+        codec.decompress(coded["strings"], (2, 2), frames_tensor(1), 0)
+    with pytest.raises(ValueError, match="slices"):
+        LatentConditionalCodec(keyframe_codec, TemporalLatentPrior(M=TINY_CONFIG["M"], num_slices=1))
+    with pytest.raises(ValueError, match="multiple of num_slices"):
+        TemporalLatentPrior(M=10, num_slices=4)
 
 
 def test_a_video_package_with_it_decodes_exactly(tmp_path_factory, monkeypatch):
-    """P frames by the latent-conditional codec in a file: the decoder rebuilds exactly the
-    encoder's reconstruction, on any thread count, and the package round-trips its config."""
+    """P frames under the temporal prior in a file: the decoder rebuilds exactly the
+    encoder's reconstruction, on any thread count."""
     root = make_tiny_video_package(tmp_path_factory.mktemp("lvideo"), pframe="latent")
-    assert ModelPackage.load_manifest(root).components["pframe"]["class"] == "LatentConditionalCodec"
+    assert ModelPackage.load_manifest(root).components["pframe"]["class"] == "TemporalLatentPrior"
     codec = VideoCodec.from_pretrained(str(root))
+    assert isinstance(codec.pframe_codec, LatentConditionalCodec)
+    with torch.no_grad():  # a prior that is not a keyframe's coding
+        for net in codec.pframe_codec.prior.nets:
+            torch.nn.init.normal_(net[-1].weight, std=0.1)
     force_residual(monkeypatch)
     data, gops, seen, log = encode(codec, clip(5), threshold=0.0)
     assert gops.frame_types() == "KPPPP" and all(r.parts == "residual" for r in log[1:])
-    decoded = list(codec.decode(data))
+    fresh = VideoCodec.from_pretrained(str(root))
+    fresh.pframe_codec.prior.load_state_dict(codec.pframe_codec.prior.state_dict())
+    decoded = list(fresh.decode(data))
     assert all(np.array_equal(a, b) for a, b in zip(seen, decoded))
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        again = list(VideoCodec.from_pretrained(str(root)).decode(data))
+        again = list(fresh.decode(data))
     finally:
         torch.set_num_threads(previous)
     assert all(np.array_equal(a, b) for a, b in zip(decoded, again))

@@ -128,7 +128,7 @@ DIFFUSERS_SUFFIXES = (".json", ".safetensors")
 # A fixed table: a manifest can only name these classes (never a module path to import).
 DIFFUSERS_CLASSES = ("AutoencoderKLCogVideoX", "CogVideoXTransformer3DModel", "CogVideoXDDIMScheduler",
                      "CogVideoXDPMScheduler", "UNet2DModel")
-KNOWN_CLASSES = ("AnchorCodec", "PFrameCodec", "LatentConditionalCodec", PROMPT_EMBEDS, LORA) + DIFFUSERS_CLASSES
+KNOWN_CLASSES = ("AnchorCodec", "PFrameCodec", "TemporalLatentPrior", PROMPT_EMBEDS, LORA) + DIFFUSERS_CLASSES
 
 
 def _component_class(name: str) -> Callable:
@@ -141,10 +141,10 @@ def _component_class(name: str) -> Callable:
         from ulbcodec.models.pframe_codec import PFrameCodec
 
         return PFrameCodec
-    if name == "LatentConditionalCodec":
-        from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec
+    if name == "TemporalLatentPrior":
+        from ulbcodec.models.latent_conditional_codec import TemporalLatentPrior
 
-        return LatentConditionalCodec
+        return TemporalLatentPrior
     if name in DIFFUSERS_CLASSES:
         import diffusers
 

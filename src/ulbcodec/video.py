@@ -48,6 +48,7 @@ from ulbcodec.image import DecodeError, ImageCodec, pad_replicate, to_tensor, to
 from ulbcodec import packages
 from ulbcodec.losses.rate_distortion import MSE_WEIGHT
 from ulbcodec.models.frame_predictor import fixed_threads
+from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec, TemporalLatentPrior
 from ulbcodec.motion import coding as motion_coding
 from ulbcodec.motion.field import warp
 from ulbcodec.motion.search import best_field
@@ -195,10 +196,17 @@ class VideoCodec:
 
     @property
     def pframe_codec(self):
-        """The conditional P-frame codec (:mod:`ulbcodec.models.pframe_codec`), or None for
-        a package without one (its files use keyframes and predictions only)."""
+        """The conditional P-frame codec (:mod:`ulbcodec.models.pframe_codec`, or the keyframe
+        codec with a temporal prior over its symbols: :mod:`ulbcodec.models.latent_conditional_codec`),
+        or None for a package without one (its files use keyframes and predictions only)."""
         if self._pframe is None and self.has_pframes:
-            self._pframe = self.package.build("pframe", device=str(self.image.placement.home))
+            component = self.package.build("pframe", device=str(self.image.placement.home))
+            if isinstance(component, TemporalLatentPrior):  # P frames in the keyframe codec's own latent
+                if self.image._model_level is not None:
+                    raise packages.ModelError(f"model {self.package.name!r}: a temporal latent prior needs one "
+                                              "keyframe codec for every level, not one per level")
+                component = LatentConditionalCodec(self.image.model, component)
+            self._pframe = component
         return self._pframe
 
     def _keyframe_decode(self, payload: AnchorPayload, width: int, height: int, level: int, generative: bool):

@@ -17,7 +17,7 @@ released checkpoints. It uses the model's ``h_a``, ``h_s``, ``entropy_bottleneck
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +33,22 @@ from ulbcodec.entropy.context import local_attention_mask
 
 # quantize(slice_index, anchor_part, scales, means) -> quantised part on the full grid
 PartQuantizer = Callable[[int, bool, Tensor, Tensor], Tensor]
+# symbol_model(slice_index, anchor_part, scales, means) -> (offsets, scales) on the full grid:
+# each symbol k = round(y − μ) is coded as k − offset (offsets integer-valued) under a
+# zero-mean Gaussian of the given scale, with the model's own CDF tables. A conditional
+# probability model for the same ŷ (ulbcodec.models.latent_conditional_codec).
+SymbolModel = Callable[[int, bool, Tensor, Tensor], Tuple[Tensor, Tensor]]
+
+
+def _coding_distribution(symbol_model: Optional[SymbolModel], i: int, anchor: bool, scales: Tensor,
+                         means: Tensor) -> Tuple[Tensor, Tensor]:
+    """(offsets, scales) of one part's symbols, squeezed: zero offsets and the context
+    model's scales, or what ``symbol_model`` gives."""
+    if symbol_model is None:
+        scales = squeeze_part(scales, anchor)
+        return torch.zeros(scales.shape, dtype=torch.int32, device=scales.device), scales
+    offsets, coding_scales = symbol_model(i, anchor, scales, means)
+    return squeeze_part(offsets, anchor).round().int(), squeeze_part(coding_scales, anchor)
 
 
 class CheckerboardSliceLatentCodec:
@@ -113,14 +129,17 @@ class CheckerboardSliceLatentCodec:
     # ---------------------------------------------------------------- entropy coding
 
     @torch.no_grad()
-    def encode_latent(self, y: Tensor, return_symbols: bool = False) -> Dict[str, Any]:
+    def encode_latent(self, y: Tensor, return_symbols: bool = False,
+                      symbol_model: Optional[SymbolModel] = None) -> Dict[str, Any]:
         """Entropy-code y [1, M, h, w] (h, w multiples of 4; already gained).
 
         Returns ``{"strings": [[y_string], [z_string]], "shape": (h/4, w/4),
         "symbols_crc32": int, "y_hat": Tensor}``; ``y_hat`` is exactly what
         :meth:`decode_latent` will reconstruct. With ``return_symbols`` the int32 arrays
         ``"y_symbols"`` and ``"y_indexes"`` given to the rANS coder (coding order) are
-        added, for diagnostics and conformance tests.
+        added, for diagnostics and conformance tests. ``symbol_model`` replaces the
+        distribution each part's symbols are coded with (not ŷ, which stays
+        ``round(y − μ) + μ``): :data:`SymbolModel`.
         """
         self._check_y(y)
         if y.shape[0] != 1:
@@ -141,8 +160,9 @@ class CheckerboardSliceLatentCodec:
             def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
                 values, means_sq = squeeze_part(y_parts[i], anchor), squeeze_part(means, anchor)
                 part_symbols = gc.quantize(values, "symbols", means_sq)
-                symbols.extend(part_symbols.reshape(-1).tolist())
-                indexes.extend(gc.build_indexes(squeeze_part(scales, anchor)).reshape(-1).tolist())
+                offsets, coding_scales = _coding_distribution(symbol_model, i, anchor, scales, means)
+                symbols.extend((part_symbols - offsets).reshape(-1).tolist())
+                indexes.extend(gc.build_indexes(coding_scales).reshape(-1).tolist())
                 return unsqueeze_part(part_symbols + means_sq, anchor)
 
             y_hat, _, _ = self._run_slices(hyper, quantize, workers=threads)
@@ -162,8 +182,10 @@ class CheckerboardSliceLatentCodec:
         return out
 
     @torch.no_grad()
-    def decode_latent(self, strings: Sequence[Sequence[bytes]], shape: Sequence[int]) -> Dict[str, Any]:
-        """Entropy-decode ``strings = [[y_string], [z_string]]`` with z of spatial ``shape``.
+    def decode_latent(self, strings: Sequence[Sequence[bytes]], shape: Sequence[int],
+                      symbol_model: Optional[SymbolModel] = None) -> Dict[str, Any]:
+        """Entropy-decode ``strings = [[y_string], [z_string]]`` with z of spatial ``shape``
+        (and the encoder's ``symbol_model``).
 
         Returns ``{"y_hat": [1, M, 4·shape], "symbols_crc32": int}`` (ŷ in the gained
         domain: the rate level is not needed here, only by :meth:`synthesize`). Compare
@@ -189,12 +211,14 @@ class CheckerboardSliceLatentCodec:
             decoder.set_stream(y_string)
 
             def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
-                part_indexes = gc.build_indexes(squeeze_part(scales, anchor))
+                symbol_offsets, coding_scales = _coding_distribution(symbol_model, i, anchor, scales, means)
+                part_indexes = gc.build_indexes(coding_scales)
                 values = decoder.decode_stream(part_indexes.reshape(-1).tolist(), cdf, cdf_lengths, offsets)
                 symbols.extend(values)
                 values = torch.tensor(values, dtype=torch.float32, device=scales.device)
                 means_sq = squeeze_part(means, anchor)
-                return unsqueeze_part(values.reshape(means_sq.shape) + means_sq, anchor)
+                values = values.reshape(means_sq.shape) + symbol_offsets
+                return unsqueeze_part(values + means_sq, anchor)
 
             y_hat, _, _ = self._run_slices(hyper, quantize, workers=threads)
         return {"y_hat": y_hat, "symbols_crc32": symbols_crc32(symbols)}

@@ -1,215 +1,227 @@
-"""Latent-conditional P-frame codec: the keyframe codec's own latent, entropy coded given
-the latent of the reference frame.
+"""Latent-conditional P frames: the keyframe codec's own symbols, entropy coded given the
+latent of the reference frame.
 
 Conditional entropy coding of video (Liu, Wang, Mu, Lin and Urtasun, "Conditional Entropy
 Coding for Efficient Video Compression", ECCV 2020): every frame goes through the *image*
-codec's analysis and synthesis transforms, and the temporal redundancy is removed by the
-entropy model alone, whose means and scales see the latent of the previous decoded frame.
-Here those transforms are the keyframe codec's (:class:`~ulbcodec.models.anchor_codec.AnchorCodec`),
-copied and frozen: a P frame decodes to what a keyframe at its level would, and training
-minimises the rate alone, so nothing can trade the latent away for a copy of the
-reference (the collapse of every learnt residual so far, docs/training.md).
+codec, and the temporal redundancy is removed by the entropy model alone. Here the image
+codec is the video package's keyframe codec (:class:`~ulbcodec.models.anchor_codec.AnchorCodec`)
+and its whole latent codec stays as it is — hyperprior, slices, checkerboard, means μ,
+latent residual prediction — so a P frame's ŷ, and its decoded frame, are exactly what
+the same frame coded as a keyframe would give. Only the distribution that each symbol
+``k = round(y − μ)`` is coded with changes: a small network, :class:`TemporalLatentPrior`,
+predicts ``k`` from ``r = p − μ``, where ``p`` is the reference's latent, and narrows its
+scale where the reference is a good prediction.
+
+Why not the keyframe codec's transforms with a new entropy model (and new means): at
+this project's rates its synthesis decodes only latents of the form its own entropy model
+produces (ŷ close to its hyperprior's means); the unquantised y decodes 7 dB worse at the
+lowest level (docs/training.md). Keeping μ keeps the decoder on its own distribution.
 
 Data flow (B=1 for entropy coding; H, W multiples of 64)::
 
-            ┌─────┐       ┌───────┐  p [M, H/16] (rounded to 1/32)
-    x_ref ─►┤ g_a ├─×gain─┤ round ├──────────────┬───────────────────────┐
-            └─────┘       └───────┘              │                       │
-            ┌─────┐                               │ ┌─────┐             │
-     x ───►─┤ g_a ├─×gain─► y ──┬── cat(y, p) ───┴─┤ h_a ├─ z ···EB··· ẑ ─► h_s ─► hyper
-            └─────┘             │                   └─────┘                          │
-                                │   ┌────────────────────────────────────────────────┴───┐
-                                └─►─┤ checkerboard, 2 parts:                             │
-                                    │   σ, Δ = params(hyper, prior_net(p)                │
-                                    │                 [, ctx(ŷ − p on the anchors)])     │
-                                    │   μ = p + Δ;  ŷ = round(y−μ)+μ  ···rANS(σ)···     │
-                                    └───────────────────────┬────────────────────────────┘
-                                                            │ ŷ ×inverse_gain
-                                              ┌─────┐       │
-                                      x̂ ◄────┤ g_s ├───────┘
-                                              └─────┘
+            ┌─────┐       ┌───────────────┐
+    x_ref ─►┤ g_a ├─×gain─┤ round to 1/32 ├─► p [M, H/16]                      (reference)
+            └─────┘       └───────────────┘   │
+            ┌─────┐                            │    the keyframe codec's latent codec:
+     x ───►─┤ g_a ├─×gain─► y ─► h_a ─► z ···EB··· ẑ ─► h_s ─► for each slice, part:
+            └─────┘                            │          μ, σ = context models
+                                               ▼          k = round(y − μ)
+                     ┌────────────────────────────────┐    │
+                     │ TemporalLatentPrior[slice,part]│◄───┤ μ, σ
+                     │  (r = p − μ, log σ) ─► m, σ'   │    │
+                     └──────────────┬─────────────────┘    ▼
+                                    └──────► k − round(m) ···rANS(σ')···  ŷ = k + μ (+ LRP)
+                                                                            │ ×inverse_gain
+                                                                 x̂ ◄── g_s ─┘
 
-``···`` is what the bitstream carries (the same layout as
-:class:`~ulbcodec.models.pframe_codec.PFrameCodec`: one z string, one y string). ``g_a``,
-``g_s`` and the per-level gains are the keyframe codec's, frozen; the hyperprior,
-``prior_net``, the spatial context and the parameter networks are trained.
-Determinism: ``g_a(x_ref)`` runs in the deterministic entropy path (one thread, float32),
-and ``p`` is rounded to 1/32 before anything else sees it
-(:mod:`ulbcodec.entropy.conditional_latent_codec`).
+``···`` is what the bitstream carries: the keyframe codec's z string and one y string,
+whose symbols are offset by ``round(m)`` and coded under σ' with the keyframe codec's
+own CDF tables. Untrained (the output layers start at zero), ``m = 0`` and ``σ' = σ``: a
+P frame codes exactly as a keyframe.
+
+Determinism: ``p`` comes from ``g_a`` run in the deterministic entropy path (one
+thread, float32) and is rounded to 1/32; the prior networks run inside that path too,
+so the offsets and scale indexes are the same on both sides; the decoded-symbol CRC
+catches any difference.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Tuple, Union
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ulbcodec._compressai import compressai  # noqa: F401  (must precede compressai.* imports)
-from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-from compressai.layers import conv3x3, subpel_conv3x3
-from compressai.models import CompressionModel
+from compressai.layers import conv3x3
 
-from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part
-from ulbcodec.entropy.conditional_latent_codec import ConditionalCheckerboardLatentCodec, round_prior
-from ulbcodec.layers import rate_gains
-from ulbcodec.models.anchor_codec import AnchorAnalysis, AnchorCodec, AnchorSynthesis, _ste_round, resize_cdf_buffers
+from ulbcodec.entropy.checkerboard import keep_part
+from ulbcodec.entropy.coding import deterministic_entropy_path
+from ulbcodec.models.anchor_codec import AnchorCodec, _ste_round
 
-__all__ = ["LatentConditionalCodec"]
+__all__ = ["TemporalLatentPrior", "LatentConditionalCodec"]
 
-RateLevel = Union[int, float]
-FROZEN_PREFIXES = ("g_a.", "g_s.", "gain", "inverse_gain")  # the keyframe codec's parts
-INITIAL_SCALE = 1.0  # σ of an untrained model: about the spread of y − p at low levels
+PRIOR_STEP = 1.0 / 32  # grid of the reference's latent as it enters the prior
+SCALE_BOUND = 0.11  # CompressAI's lower bound on a Gaussian's scale
+LIKELIHOOD_BOUND = 1e-9
 
 
-def _act() -> nn.Module:
-    return nn.LeakyReLU(0.1, inplace=True)
+def symbol_likelihood(symbols: Tensor, scales: Tensor) -> Tensor:
+    """P(symbol) under a zero-mean Gaussian of ``scales`` integrated over [s − ½, s + ½]
+    (CompressAI's GaussianConditional, in its numerically stable form)."""
+    scales = scales.clamp_min(SCALE_BOUND)
+    values = symbols.abs()
+    normal = torch.distributions.Normal(0.0, 1.0)
+    upper = normal.cdf((0.5 - values) / scales)
+    lower = normal.cdf((-0.5 - values) / scales)
+    return (upper - lower).clamp_min(LIKELIHOOD_BOUND)
 
 
-class LatentConditionalCodec(ConditionalCheckerboardLatentCodec, CompressionModel):
-    """Latent-conditional P-frame codec (see the module docstring for the data flow).
+class TemporalLatentPrior(nn.Module):
+    """(offset m, scale σ') of every symbol of the keyframe codec given the reference.
+
+    Per slice and checkerboard part, a small network sees ``r = p − μ`` (where the
+    reference's latent lies relative to this frame's means) and ``log σ`` (the context
+    model's own uncertainty), over a 3x3 neighbourhood of latent positions (±16 px of
+    motion left after the warp), and gives a gate g, a mean shift Δm and a log-scale
+    shift Δs per channel: ``m = sigmoid(g)·r + Δm``, ``σ' = σ·exp(Δs)``.
 
     Args:
-        N, M, token_channels, num_token_blocks: the keyframe codec's transforms
-            (:class:`~ulbcodec.models.anchor_codec.AnchorCodec` without a VAE latent).
-        hyper_channels: channels of z.
-        num_rate_levels: the keyframe codec's gain-vector rate levels.
-
-    Build one from a trained keyframe codec with :meth:`from_anchor_codec`.
+        M: channels of the keyframe codec's y.
+        num_slices: its channel slices (M must divide evenly).
+        width: hidden channels of each network.
     """
 
-    #: x̂ is the keyframe codec's synthesis of ŷ: the reference steers only the rate (and,
-    #: through the means, which side of a rounding boundary ŷ falls on)
-    reconstruction_ignores_reference = True
-
-    def __init__(self, N: int = 48, M: int = 96, token_channels: int = 64, num_token_blocks: int = 3,
-                 hyper_channels: int = 64, num_rate_levels: int = 6):
+    def __init__(self, M: int = 96, num_slices: int = 4, width: int = 64):
         super().__init__()
-        for name, value in (("N", N), ("M", M), ("token_channels", token_channels),
-                            ("num_token_blocks", num_token_blocks), ("hyper_channels", hyper_channels),
-                            ("num_rate_levels", num_rate_levels)):
+        for name, value in (("M", M), ("num_slices", num_slices), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
-                raise ValueError(f"LatentConditionalCodec: {name} must be an int in 1..4096, got {value!r}")
-        self.config: Dict[str, Any] = {"N": N, "M": M, "token_channels": token_channels,
-                                       "num_token_blocks": num_token_blocks, "hyper_channels": hyper_channels,
-                                       "num_rate_levels": num_rate_levels}
-        self.N, self.M, self.num_rate_levels = hyper_channels, M, num_rate_levels
-        self.g_a = AnchorAnalysis(N, M, 0, token_channels, num_token_blocks)
-        self.g_s = AnchorSynthesis(N, M)
-        self.gain = nn.Parameter(torch.ones(num_rate_levels, M))
-        self.inverse_gain = nn.Parameter(torch.ones(num_rate_levels, M))
-        Nh = hyper_channels
-        self.h_a = nn.Sequential(nn.Conv2d(2 * M, Nh, 3, stride=2, padding=1), _act(),
-                                 nn.Conv2d(Nh, Nh, 3, stride=2, padding=1))
-        self.h_s = nn.Sequential(subpel_conv3x3(Nh, Nh, 2), _act(), subpel_conv3x3(Nh, M, 2), _act(),
-                                 conv3x3(M, 2 * M))
-        self.entropy_bottleneck = EntropyBottleneck(Nh)
-        self.gaussian_conditional = GaussianConditional(None)
-        # Two 3x3 layers: each latent position sees ±2 positions (±32 px) of the reference's
-        # latent, the motion that the coded mesh warp has not already removed.
-        self.prior_net = nn.Sequential(conv3x3(M, M), _act(), conv3x3(M, M), _act())
-        self.spatial_context = nn.Conv2d(M, 2 * M, 5, padding=2)
-        self.params_anchor = self._parameter_net(3 * M)
-        self.params_nonanchor = self._parameter_net(5 * M)
-        # Untrained, μ = p and σ = INITIAL_SCALE: the reference's latent as the prediction.
-        for net in (self.params_anchor, self.params_nonanchor):
-            last = net[-1]
+                raise ValueError(f"TemporalLatentPrior: {name} must be an int in 1..4096, got {value!r}")
+        if M % num_slices:
+            raise ValueError(f"TemporalLatentPrior: M={M} is not a multiple of num_slices={num_slices}")
+        self.config: Dict[str, Any] = {"M": M, "num_slices": num_slices, "width": width}
+        self.M, self.num_slices = M, num_slices
+        C = M // num_slices
+        self.nets = nn.ModuleList(self._net(C, width) for _ in range(2 * num_slices))  # [slice, anchor part first]
+        for net in self.nets:
             with torch.no_grad():
-                last.weight.mul_(0.01)
-                last.bias.zero_()
-                last.bias[:M].fill_(INITIAL_SCALE)
+                net[-1].weight.zero_()
+                net[-1].bias.zero_()
+                net[-1].bias[:C].fill_(-6.0)  # gate closed: m = 0, σ' = σ (a keyframe's coding)
 
-    def _parameter_net(self, in_ch: int) -> nn.Module:
-        return nn.Sequential(nn.Conv2d(in_ch, 2 * self.M, 1), _act(), nn.Conv2d(2 * self.M, 2 * self.M, 1), _act(),
-                             nn.Conv2d(2 * self.M, 2 * self.M, 1))
+    @staticmethod
+    def _net(C: int, width: int) -> nn.Module:
+        return nn.Sequential(conv3x3(2 * C, width), nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(width, width, 1),
+                             nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(width, 3 * C, 1))
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "LatentConditionalCodec":
+    def from_config(cls, config: Mapping[str, Any]) -> "TemporalLatentPrior":
         return cls(**dict(config))
 
-    @classmethod
-    def from_anchor_codec(cls, anchor: AnchorCodec, hyper_channels: int = 64) -> "LatentConditionalCodec":
-        """A codec whose transforms and gains are copies of ``anchor``'s (which must have
-        rate levels and no VAE latent); its entropy model is untrained."""
-        config = anchor.config if hasattr(anchor, "config") else AnchorCodec.infer_config(anchor.state_dict())
-        if config.get("vae_channels", 0) or not config.get("num_rate_levels", 0):
+    def forward(self, slice_index: int, anchor: bool, prior: Tensor, scales: Tensor,
+                means: Tensor) -> Tuple[Tensor, Tensor]:
+        """(m, σ') on the full grid for one slice part; ``prior`` is the whole p [B, M, h, w]."""
+        C = self.M // self.num_slices
+        r = prior[:, slice_index * C:(slice_index + 1) * C] - means
+        net = self.nets[2 * slice_index + (0 if anchor else 1)]
+        gate, shift, log_scale = net(torch.cat([r, scales.clamp_min(SCALE_BOUND).log()], 1)).chunk(3, 1)
+        return torch.sigmoid(gate) * r + shift, scales.clamp_min(SCALE_BOUND) * log_scale.exp()
+
+
+class LatentConditionalCodec:
+    """A P-frame codec made of the keyframe codec and a :class:`TemporalLatentPrior` (see
+    the module docstring). The same interface as
+    :class:`~ulbcodec.models.pframe_codec.PFrameCodec`: ``compress(x, ref, level)`` and
+    ``decompress(strings, shape, ref, level)`` on [1, 3, H, W] frames in [0, 1] with H, W
+    multiples of :attr:`required_multiple`, the reference on uint8 levels."""
+
+    required_multiple = 64
+    #: x̂ is what the keyframe codec decodes from ŷ; the reference steers only the rate
+    reconstruction_ignores_reference = True
+
+    def __init__(self, keyframe_codec: AnchorCodec, prior: TemporalLatentPrior):
+        if keyframe_codec.num_rate_levels < 1 or keyframe_codec.vae_channels:
             raise ValueError("a latent-conditional codec needs a keyframe codec with rate levels and no VAE latent")
-        model = cls(config["N"], config["M"], config["token_channels"], config["num_token_blocks"],
-                    hyper_channels, config["num_rate_levels"])
-        model.g_a.load_state_dict(anchor.g_a.state_dict())
-        model.g_s.load_state_dict(anchor.g_s.state_dict())
+        if (prior.M, prior.num_slices) != (keyframe_codec.M, keyframe_codec.num_slices):
+            raise ValueError(f"the temporal prior is for M={prior.M} in {prior.num_slices} slices, the keyframe "
+                             f"codec has M={keyframe_codec.M} in {keyframe_codec.num_slices}")
+        self.keyframe_codec, self.prior = keyframe_codec, prior
+        self.num_rate_levels = keyframe_codec.num_rate_levels
+
+    def _check(self, *frames: Tensor) -> None:
+        for x in frames:
+            if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[:2] != (1, 3):
+                raise ValueError(f"frames must be [1, 3, H, W] tensors, got {getattr(x, 'shape', type(x))}")
+            if x.shape[-2] % self.required_multiple or x.shape[-1] % self.required_multiple:
+                raise ValueError(f"frame sides must be multiples of {self.required_multiple}, got {tuple(x.shape)}")
+        if len({tuple(x.shape) for x in frames}) > 1:
+            raise ValueError(f"frame and reference differ in shape: {[tuple(x.shape) for x in frames]}")
+
+    def reference_latent(self, ref: Tensor, rate_level) -> Tensor:
+        """p: the reference's gained latent on a grid of 1/32, computed identically on both sides."""
+        with deterministic_entropy_path(ref.device):
+            return torch.round(self.keyframe_codec.analyze(ref, rate_level=rate_level) / PRIOR_STEP) * PRIOR_STEP
+
+    def _symbol_model(self, prior: Tensor):
+        return lambda i, anchor, scales, means: self.prior(i, anchor, prior, scales, means)
+
+    @torch.no_grad()
+    def compress(self, x: Tensor, ref: Tensor, rate_level=0) -> Dict[str, Any]:
+        """``{"strings": [y, z], "shape": z's (h, w), "symbols_crc32", "x_hat"}``; ``x_hat``
+        (unclamped) is exactly what :meth:`decompress` returns on the same thread count."""
+        self._check(x, ref)
+        codec = self.keyframe_codec
+        y = codec.analyze(x, rate_level=rate_level)
+        prior = self.reference_latent(ref, rate_level)
+        out = codec.encode_latent(y, symbol_model=self._symbol_model(prior))
+        x_hat, _ = codec.synthesize(out["y_hat"], rate_level, with_bypass=False)
+        return {"strings": [out["strings"][0][0], out["strings"][1][0]], "shape": out["shape"],
+                "symbols_crc32": out["symbols_crc32"], "x_hat": x_hat}
+
+    @torch.no_grad()
+    def decompress(self, strings: Sequence[bytes], shape: Sequence[int], ref: Tensor, rate_level=0) -> Dict[str, Any]:
+        """Decode :meth:`compress` output given the same ``ref``: ``{"x_hat", "symbols_crc32"}``."""
+        self._check(ref)
+        if len(strings) != 2 or not all(isinstance(s, (bytes, bytearray)) for s in strings):
+            raise ValueError("strings must be [y_string, z_string]")
+        h, w = (int(s) for s in shape)
+        if (h * self.required_multiple, w * self.required_multiple) != tuple(ref.shape[-2:]):
+            raise ValueError(f"z shape {h}x{w} does not match a {tuple(ref.shape[-2:])} reference")
+        codec = self.keyframe_codec
+        codec._gains(rate_level)  # a bad level is refused before any work
+        prior = self.reference_latent(ref, rate_level)
+        out = codec.decode_latent([[bytes(strings[0])], [bytes(strings[1])]], (h, w),
+                                  symbol_model=self._symbol_model(prior))
+        x_hat, _ = codec.synthesize(out["y_hat"], rate_level, with_bypass=False)
+        return {"x_hat": x_hat, "symbols_crc32": out["symbols_crc32"]}
+
+    def rates(self, x: Tensor, ref: Tensor, rate_level) -> Tuple[Tensor, Tensor]:
+        """Training: (bits with the temporal prior, bits of the keyframe coding) of the y
+        symbols of a batch [B, 3, H, W], summed. The keyframe codec runs without
+        gradients, rounding as a file does; the bits are exact for the symbols a file
+        would hold, differentiable in the prior's outputs (the offset rounds with a
+        straight-through gradient)."""
+        codec = self.keyframe_codec
+        parts = []
         with torch.no_grad():
-            model.gain.copy_(anchor.gain)
-            model.inverse_gain.copy_(anchor.inverse_gain)
-        return model.float()
+            y = codec.analyze(x, rate_level=rate_level)
+            prior = torch.round(codec.analyze(ref, rate_level=rate_level) / PRIOR_STEP) * PRIOR_STEP
+            z = codec.h_a(y)
+            medians = codec.entropy_bottleneck._get_medians()
+            hyper = codec.h_s(torch.round(z - medians) + medians)
+            y_slices = y.chunk(codec.num_slices, dim=1)
 
-    def trainable_parameters(self):
-        """(name, parameter) of everything but the keyframe codec's frozen parts."""
-        return [(n, p) for n, p in self.named_parameters() if not n.startswith(FROZEN_PREFIXES)]
+            def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
+                symbols = torch.round(y_slices[i] - means)
+                parts.append((i, anchor, scales, means, symbols))
+                return keep_part(symbols + means, anchor)
 
-    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
-        """Strict loading that first resizes the CDF buffers to the file's shapes."""
-        resize_cdf_buffers(self, state_dict)
-        return nn.Module.load_state_dict(self, state_dict, strict=strict, assign=assign)
-
-    def gains(self, rate_level: RateLevel) -> Tuple[Tensor, Tensor]:
-        """(gain, inverse_gain) [1, M, 1, 1]; fractional levels interpolate in the log domain."""
-        if isinstance(rate_level, bool) or not isinstance(rate_level, (int, float)):
-            raise ValueError(f"rate_level must be an int or float, got {rate_level!r}")
-        return rate_gains(self.gain, self.inverse_gain, rate_level)
-
-    # ---------------------------------------------------------------- hooks of the latent codec
-
-    def _reference_context(self, ref: Tensor, rate_level: RateLevel) -> Tuple[None, Tensor]:
-        gain, _ = self.gains(rate_level)
-        return None, round_prior(self.g_a(ref) * gain)
-
-    def _analyze(self, x: Tensor, ref: Tensor, context: None) -> Tensor:
-        return self.g_a(x)
-
-    def _hyper_input(self, y: Tensor, prior: Tensor) -> Tensor:
-        return torch.cat([y, prior], 1)
-
-    def _synthesize(self, y_hat: Tensor, ref: Tensor, context: None) -> Tensor:
-        return self.g_s(y_hat)[0]
-
-    def _entropy_parameters(self, hyper: Tensor, prior: Tensor, quantize) -> Tuple[Tensor, Tensor, Tensor]:
-        """The two-part checkerboard shared by forward/compress/decompress; ``quantize(anchor,
-        scales, means)`` returns that part's ŷ on the full grid (zeros elsewhere)."""
-        base = torch.cat([hyper, self.prior_net(prior)], 1)
-        scales_a, delta_a = self.params_anchor(base).chunk(2, 1)
-        means_a = prior + delta_a
-        anchors = quantize(True, scales_a, means_a)
-        ctx = self.spatial_context(anchors - keep_part(prior, True))
-        scales_n, delta_n = self.params_nonanchor(torch.cat([base, ctx], 1)).chunk(2, 1)
-        means_n = prior + delta_n
-        y_hat = anchors + quantize(False, scales_n, means_n)
-        is_anchor = checkerboard_mask(y_hat.shape[-2], y_hat.shape[-1], True, y_hat.device)
-        return y_hat, torch.where(is_anchor, scales_a, scales_n), torch.where(is_anchor, means_a, means_n)
-
-    # ---------------------------------------------------------------- training
-
-    def forward(self, x: Tensor, ref: Tensor, rate_level: RateLevel = 0, with_x_hat: bool = False) -> Dict[str, Any]:
-        """Training pass: ``{"likelihoods", "y_hat"[, "x_hat"]}``. The frozen transforms run
-        without gradients; the likelihoods follow the entropy models' training flag (uniform
-        noise in training mode, Ballé et al. 2017), ŷ is y rounded around the means."""
-        self._check_frames(x, ref)
-        gain, inverse = self.gains(rate_level)
-        with torch.no_grad():
-            y = self.g_a(x) * gain
-            prior = round_prior(self.g_a(ref) * gain)
-        z = self.h_a(self._hyper_input(y, prior))
-        _, z_likelihoods = self.entropy_bottleneck(z)
-        medians = self.entropy_bottleneck._get_medians()
-        hyper = self.h_s(_ste_round(z - medians) + medians)
-
-        def quantize(anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
-            return keep_part(_ste_round(y - means) + means, anchor)
-
-        y_hat, scales, means = self._entropy_parameters(hyper, prior, quantize)
-        _, y_likelihoods = self.gaussian_conditional(y, scales, means)
-        out = {"likelihoods": {"y": y_likelihoods, "z": z_likelihoods}, "y_hat": y_hat}
-        if with_x_hat:
-            out["x_hat"] = self.g_s(y_hat * inverse)[0]
-        return out
+            codec._run_slices(hyper, quantize)
+        conditional = keyframe = x.new_zeros(())
+        for i, anchor, scales, means, symbols in parts:
+            m, coding_scales = self.prior(i, anchor, prior, scales, means)
+            bits = -torch.log2(symbol_likelihood(symbols - _ste_round(m), coding_scales))
+            conditional = conditional + keep_part(bits, anchor).sum()
+            keyframe = keyframe + keep_part(-torch.log2(symbol_likelihood(symbols, scales)), anchor).sum()
+        return conditional, keyframe

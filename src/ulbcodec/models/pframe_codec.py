@@ -49,25 +49,27 @@ reconstruction (the next frame's reference) equals the decoder's.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from ulbcodec._compressai import compressai  # noqa: F401  (must precede compressai.* imports)
+from compressai.ans import BufferedRansEncoder, RansDecoder
 from compressai.entropy_models import EntropyBottleneck, GaussianConditional
 from compressai.layers import conv3x3, subpel_conv3x3
 from compressai.models import CompressionModel
 
-from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part
-from ulbcodec.entropy.conditional_latent_codec import ConditionalCheckerboardLatentCodec, round_prior
+from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part, squeeze_part, unsqueeze_part
+from ulbcodec.entropy.coding import check_z_string, check_z_symbols, deterministic_entropy_path, rans_safe, symbols_crc32
 from ulbcodec.layers import rate_gains
 from ulbcodec.models.anchor_codec import _ste_round, resize_cdf_buffers
 
 __all__ = ["PFrameCodec"]
 
 RateLevel = Union[int, float]
+PRIOR_STEP = 1.0 / 32  # grid of the temporal prior as it enters the entropy model
 
 
 def _act() -> nn.Module:
@@ -159,7 +161,7 @@ class ConditionalSynthesis(nn.Module):
         return ref + self.out(torch.cat([self.up0(h), ref], 1))
 
 
-class PFrameCodec(ConditionalCheckerboardLatentCodec, CompressionModel):
+class PFrameCodec(CompressionModel):
     """Conditional P-frame codec (see the module docstring for the data flow).
 
     Args:
@@ -172,6 +174,8 @@ class PFrameCodec(ConditionalCheckerboardLatentCodec, CompressionModel):
     (the caller pads). The reference must be a decoded frame quantised to uint8 levels
     (``round(255·x)/255``) on the entropy-coding side, as the decoder sees it.
     """
+
+    required_multiple = 64
 
     reconstruction_ignores_reference = False  # x̂ = x_ref + g_s(...)
 
@@ -238,23 +242,20 @@ class PFrameCodec(ConditionalCheckerboardLatentCodec, CompressionModel):
             raise ValueError(f"rate_level must be an int or float, got {rate_level!r}")
         return rate_gains(self.gain, self.inverse_gain, rate_level)
 
+    def _check_frames(self, *frames: Tensor) -> None:
+        shape = None
+        for x in frames:
+            if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != 3:
+                raise ValueError(f"frames must be [B, 3, H, W] tensors, got {getattr(x, 'shape', type(x))}")
+            if x.shape[-2] % self.required_multiple or x.shape[-1] % self.required_multiple:
+                raise ValueError(f"frame sides must be multiples of {self.required_multiple}, got {tuple(x.shape)}")
+            if shape is not None and x.shape != shape:
+                raise ValueError(f"frame and reference differ in shape: {tuple(shape)} vs {tuple(x.shape)}")
+            shape = x.shape
+
     def _prior(self, c3: Tensor) -> Tensor:
-        return round_prior(self.context.temporal_prior(c3))
-
-    # ---------------------------------------------------------------- hooks of the latent codec
-
-    def _reference_context(self, ref: Tensor, rate_level: RateLevel) -> Tuple[Tuple[Tensor, Tensor, Tensor], Tensor]:
-        context = self.context.features(ref)
-        return context, self._prior(context[2])
-
-    def _analyze(self, x: Tensor, ref: Tensor, context: Sequence[Tensor]) -> Tensor:
-        return self.g_a(x, ref, context)
-
-    def _hyper_input(self, y: Tensor, prior: Tensor) -> Tensor:
-        return y
-
-    def _synthesize(self, y_hat: Tensor, ref: Tensor, context: Sequence[Tensor]) -> Tensor:
-        return self.g_s(y_hat, ref, context)
+        prior = self.context.temporal_prior(c3)
+        return _ste_round(prior / PRIOR_STEP) * PRIOR_STEP
 
     def _entropy_parameters(self, hyper: Tensor, prior: Tensor, quantize) -> Tuple[Tensor, Tensor, Tensor]:
         """The two-part checkerboard shared by forward/compress/decompress; ``quantize(anchor,
@@ -294,3 +295,92 @@ class PFrameCodec(ConditionalCheckerboardLatentCodec, CompressionModel):
         _, y_likelihoods = self.gaussian_conditional(y, scales, means)
         x_hat = self.g_s(y_hat * inverse, ref, context)
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
+
+    # ---------------------------------------------------------------- entropy coding
+
+    def _cdf_tables(self) -> Tuple[List[List[int]], List[int], List[int]]:
+        gc = self.gaussian_conditional
+        if gc.quantized_cdf.numel() == 0:
+            raise RuntimeError("PFrameCodec: CDF tables are empty; load weights that include them or call update()")
+        return gc.quantized_cdf.tolist(), gc.cdf_length.reshape(-1).int().tolist(), gc.offset.reshape(-1).int().tolist()
+
+    def _context_and_prior(self, ref: Tensor) -> Tuple[Tuple[Tensor, Tensor, Tensor], Tensor]:
+        with deterministic_entropy_path(ref.device):
+            context = self.context.features(ref.float())
+            return context, self._prior(context[2])
+
+    @torch.no_grad()
+    def compress(self, x: Tensor, ref: Tensor, rate_level: RateLevel = 0) -> Dict[str, Any]:
+        """Code ``x`` [1, 3, H, W] given the decoded ``ref``. Returns ``{"strings": [y, z],
+        "shape": z's (h, w), "symbols_crc32", "x_hat"}``; ``x_hat`` (unclamped) is exactly
+        what :meth:`decompress` returns on the same machine and thread count."""
+        self._check_frames(x, ref)
+        if x.shape[0] != 1:
+            raise ValueError(f"entropy coding handles one frame at a time (B=1), got B={x.shape[0]}")
+        gain, inverse = self.gains(rate_level)
+        context, prior = self._context_and_prior(ref)
+        y = self.g_a(x, ref, context).float() * gain
+        gc = self.gaussian_conditional
+        symbols: List[int] = []
+        indexes: List[int] = []
+        with deterministic_entropy_path(x.device):
+            z = self.h_a(y)
+            check_z_symbols(self.entropy_bottleneck, z)
+            z_strings = self.entropy_bottleneck.compress(z)
+            z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+            hyper = self.h_s(z_hat)
+
+            def quantize(anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
+                means_sq = squeeze_part(means, anchor)
+                part = gc.quantize(squeeze_part(y, anchor), "symbols", means_sq)
+                symbols.extend(part.reshape(-1).tolist())
+                indexes.extend(gc.build_indexes(squeeze_part(scales, anchor)).reshape(-1).tolist())
+                return unsqueeze_part(part + means_sq, anchor)
+
+            y_hat, _, _ = self._entropy_parameters(hyper, prior, quantize)
+            encoder = BufferedRansEncoder()
+            encoder.encode_with_indexes(symbols, indexes, *self._cdf_tables())
+            y_string = encoder.flush()
+        x_hat = self.g_s(y_hat * inverse, ref, context)
+        return {"strings": [y_string, z_strings[0]], "shape": tuple(int(s) for s in z.shape[-2:]),
+                "symbols_crc32": symbols_crc32(symbols), "x_hat": x_hat}
+
+    @torch.no_grad()
+    def decompress(self, strings: Sequence[bytes], shape: Sequence[int], ref: Tensor,
+                   rate_level: RateLevel = 0) -> Dict[str, Any]:
+        """Decode :meth:`compress` output given the same ``ref``: ``{"x_hat", "symbols_crc32"}``."""
+        self._check_frames(ref)
+        if ref.shape[0] != 1:
+            raise ValueError(f"entropy decoding handles one frame at a time (B=1), got B={ref.shape[0]}")
+        if len(strings) != 2 or not all(isinstance(s, (bytes, bytearray)) for s in strings):
+            raise ValueError("strings must be [y_string, z_string]")
+        h, w = (int(s) for s in shape)
+        if (h * 64, w * 64) != tuple(ref.shape[-2:]):
+            raise ValueError(f"z shape {h}x{w} does not match a {tuple(ref.shape[-2:])} reference")
+        _, inverse = self.gains(rate_level)
+        positions = h * w
+        z_string = bytes(strings[1])
+        with deterministic_entropy_path(ref.device):
+            z_hat = self.entropy_bottleneck.decompress([rans_safe(z_string, self.N * positions)], (h, w))
+            check_z_string(self.entropy_bottleneck, z_hat, z_string)
+        # the context networks run only for a z string that passed its check
+        context, prior = self._context_and_prior(ref)
+        gc = self.gaussian_conditional
+        symbols: List[int] = []
+        with deterministic_entropy_path(ref.device):
+            y_string = rans_safe(bytes(strings[0]), self.M * 16 * positions)
+            hyper = self.h_s(z_hat)
+            cdf = self._cdf_tables()
+            decoder = RansDecoder()
+            decoder.set_stream(y_string)
+
+            def quantize(anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
+                means_sq = squeeze_part(means, anchor)
+                values = decoder.decode_stream(gc.build_indexes(squeeze_part(scales, anchor)).reshape(-1).tolist(), *cdf)
+                symbols.extend(values)
+                values = torch.tensor(values, dtype=torch.float32, device=ref.device).reshape(means_sq.shape)
+                return unsqueeze_part(values + means_sq, anchor)
+
+            y_hat, _, _ = self._entropy_parameters(hyper, prior, quantize)
+        x_hat = self.g_s(y_hat * inverse, ref, context)
+        return {"x_hat": x_hat, "symbols_crc32": symbols_crc32(symbols)}

@@ -1,10 +1,11 @@
-"""Train the latent-conditional P-frame codec (resumable, CPU) and add it to a video package.
+"""Train the temporal latent prior of the latent-conditional P frames (resumable, CPU) and
+add it to a video package.
 
 Recipe (docs/training.md has the reasoning and the measured cost):
 
-- the codec starts as a copy of the video package's keyframe codec
-  (:meth:`~ulbcodec.models.latent_conditional_codec.LatentConditionalCodec.from_anchor_codec`):
-  its transforms and gains stay frozen, only the conditional entropy model trains;
+- the video package's keyframe codec is used as it is, without gradients; only the
+  :class:`~ulbcodec.models.latent_conditional_codec.TemporalLatentPrior` trains, which
+  starts where a P frame codes exactly as a keyframe;
 - data: the training clips and samples of :mod:`ulbcodec.train.pframe` (three frames
   ``t, t+s, t+2s``, random crops, flips, time reversal, a third of them darkened);
 - the reference of frame ``t+s`` is frame ``t`` *as the keyframe codec decodes it* at the
@@ -12,8 +13,8 @@ Recipe (docs/training.md has the reasoning and the measured cost):
   predicts the target best (the encoder tries both); frame ``t+2s`` is coded the same way
   from frame ``t+s``: a P frame decodes exactly as a keyframe at its level would, so a
   keyframe's decode stands in for a decoded P frame;
-- the loss is the rate alone (bits of y and z, uniform-noise likelihoods): the
-  distortion is fixed by the frozen transforms, so there is no trade to collapse;
+- the loss is the rate alone: the exact bits of the y symbols a file would hold (the
+  decoded frame does not depend on the prior, so there is no trade to collapse);
 - every batch draws a rate level, fractional ones included;
 - a checkpoint (safetensors + JSON) every ``--save-every`` seconds; the same command resumes.
 
@@ -21,7 +22,7 @@ Recipe (docs/training.md has the reasoning and the measured cost):
 frame t, with real entropy coding, and prints its bytes beside the keyframe codec's own
 bytes for that frame (the P frame's saving) at every level.
 
-``--export DIR`` writes ``--video-model``'s package with this codec as its component
+``--export DIR`` writes ``--video-model``'s package with the prior as its component
 ``pframe``, every other component unchanged.
 """
 
@@ -38,8 +39,7 @@ import numpy as np
 import torch
 
 from ulbcodec import packages
-from ulbcodec.losses.rate_distortion import bits_per_pixel
-from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec
+from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec, TemporalLatentPrior
 from ulbcodec.train.anchor import round_parameters_to_half
 from ulbcodec.train.generative import load_stage, save_stage
 from ulbcodec.train.pframe import MIN_SIDE, VALIDATION_CLIPS, load_clips, motion_compensated, quantize_uint8, sample_batch
@@ -60,28 +60,26 @@ def decoded_keyframe(anchor, x: torch.Tensor, level: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(model: LatentConditionalCodec, anchor, folder: Path, frames: int = 3) -> None:
-    """One JSON line per (clip, level): frame t+1 given the keyframe decode of frame t
-    (t = 0..frames-2), y + z bytes against the keyframe codec's bytes for that frame."""
+def validate(codec: LatentConditionalCodec, folder: Path, frames: int = 3) -> None:
+    """One JSON line per (clip, level): frame t+1 coded given the keyframe decode of frame t
+    (t = 0..frames-2), its bytes against the keyframe codec's for the same frame (the
+    decoded frames are the same)."""
     from ulbcodec.image import pad_replicate, to_tensor
     from ulbcodec.train.video_data import read_frames
 
-    model.eval().update(force=True)
+    anchor = codec.keyframe_codec
     for name in VALIDATION_CLIPS:
         path = folder / f"{name}.mkv"
         if not path.exists():
             continue
-        clip = [pad_replicate(to_tensor(f), model.required_multiple)
+        clip = [pad_replicate(to_tensor(f), codec.required_multiple)
                 for _, f in zip(range(frames), read_frames(path))]
-        h, w = clip[0].shape[-2:]
-        for level in range(model.num_rate_levels):
+        for level in range(codec.num_rate_levels):
             rows = []
             for ref, target in zip(clip, clip[1:]):
-                ref = decoded_keyframe(anchor, ref, level)
-                coded = model.compress(target, ref, level)
+                coded = codec.compress(target, decoded_keyframe(anchor, ref, level), level)
                 intra = anchor.compress(target, rate_level=level)
-                rows.append((sum(len(s) for s in coded["strings"]),
-                             len(intra["strings"][0][0]) + len(intra["strings"][1][0])))
+                rows.append((sum(len(s) for s in coded["strings"]), sum(len(s[0]) for s in intra["strings"])))
             conditional, keyframe = np.mean(rows, 0)
             print(json.dumps({"clip": name, "level": level, "bytes": round(float(conditional), 1),
                               "keyframe_bytes": round(float(keyframe), 1),
@@ -89,18 +87,19 @@ def validate(model: LatentConditionalCodec, anchor, folder: Path, frames: int = 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Train the ulbc latent-conditional P-frame codec (resumable).")
+    p = argparse.ArgumentParser(description="Train the ulbc temporal latent prior (latent-conditional P frames; "
+                                            "resumable).")
     p.add_argument("--data", default=os.path.expanduser("~/.cache/ulbc"))
     p.add_argument("--run", default="runs/pframe-latent")
-    p.add_argument("--video-model", default="video", help="package whose keyframe codec the codec starts from, "
+    p.add_argument("--video-model", default="video", help="package whose keyframe codec the prior is for, "
                                                           "and which the export adds it to")
     p.add_argument("--export", default=None)
     p.add_argument("--validate", action="store_true", help="measure the checkpoint on validation clips and stop")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=MIN_SIDE)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--hyper-channels", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--width", type=int, default=64, help="hidden channels of the prior's networks")
     p.add_argument("--max-frames", type=int, default=150)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -112,55 +111,47 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     run = Path(args.run)
     anchor, package = keyframe_codec(args.video_model)
-    model = LatentConditionalCodec.from_anchor_codec(anchor, args.hyper_channels)
-    trainable = dict(model.trainable_parameters())
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
-    main_params = [q for n, q in trainable.items() if not n.endswith(".quantiles")]
-    opt = torch.optim.Adam(main_params, lr=args.lr)
-    aux_opt = torch.optim.Adam([q for n, q in trainable.items() if n.endswith(".quantiles")], lr=1e-3)
-    meta = {"step": 0, "seconds": 0.0, "log": [], "done": False, "config": model.config,
-            "keyframe_codec": package.components["anchor_codec"].get("weights"), "video_model": args.video_model}
+    prior = TemporalLatentPrior(anchor.M, anchor.num_slices, args.width)
+    codec = LatentConditionalCodec(anchor, prior)
+    opt = torch.optim.Adam(prior.parameters(), lr=args.lr)
+    meta = {"step": 0, "seconds": 0.0, "log": [], "done": False, "config": prior.config,
+            "video_model": args.video_model, "keyframe_codec_digest": package.digest[:16]}
     if (run / "state.json").exists():
-        meta = {**meta, **load_stage(run, {"model": model}, {}, {"opt": opt, "aux": aux_opt})}
+        meta = {**meta, **load_stage(run, {"prior": prior}, {}, {"opt": opt})}
         print(f"resumed at step {meta['step']}", flush=True)
     if args.validate:
-        return validate(model, anchor, Path(args.data) / "videos" / "val")
+        return validate(codec, Path(args.data) / "videos" / "val")
     if meta["step"] < args.steps:
         clips = load_clips(Path(args.data) / "videos" / "train", args.max_frames)
         print(f"{len(clips)} clips, {sum(c.shape[0] for c in clips)} frames", flush=True)
     started, last_save, window = time.time(), time.time(), []
-    model.train()
-    top = model.num_rate_levels - 1
+    prior.train()
+    top = codec.num_rate_levels - 1
+    pixels = args.batch * args.crop**2
     while meta["step"] < args.steps:
         i = meta["step"]
         rng = random.Random(args.seed * 1_000_003 + i)
         frames = sample_batch(clips, args.batch, args.crop, rng)
         level = rng.randrange(top + 1) if rng.random() < 0.7 else rng.uniform(0, top)
-        bpp = []
-        loss = 0.0
+        loss, row = 0.0, []
         for j in (1, 2):
             ref = decoded_keyframe(anchor, frames[:, j - 1], level)
             if rng.random() < 0.5:
                 ref = motion_compensated(ref, frames[:, j])
-            out = model(frames[:, j], ref, level)
-            rate = bits_per_pixel(out["likelihoods"], frames.shape[0] * args.crop**2)
-            loss = loss + rate
-            bpp.append(rate.item())
+            bits, keyframe_bits = codec.rates(frames[:, j], ref, level)
+            loss = loss + bits / pixels
+            row += [bits.item() / pixels, keyframe_bits.item() / pixels]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(main_params, 1.0)
+        torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
         opt.step()
-        aux_opt.zero_grad(set_to_none=True)
-        model.aux_loss().backward()
-        aux_opt.step()
-        window.append((level, *bpp))
+        window.append(row)
         meta["step"] = i + 1
         if meta["step"] % args.log_every == 0:
             elapsed = meta["seconds"] + time.time() - started
             rows = np.array(window)
             entry = {"step": meta["step"], "minutes": round(elapsed / 60, 2),
-                     "bpp": round(float(rows[:, 1:].mean()), 5)}
+                     "bpp": round(float(rows[:, 0::2].mean()), 5), "keyframe_bpp": round(float(rows[:, 1::2].mean()), 5)}
             meta["log"].append(entry)
             print(json.dumps(entry), flush=True)
             window = []
@@ -168,18 +159,18 @@ def main(argv=None) -> None:
             meta["seconds"] += time.time() - started
             started = last_save = time.time()
             meta["done"] = meta["step"] >= args.steps
-            save_stage(run, {"model": model}, {}, {"opt": opt, "aux": aux_opt}, meta)
+            save_stage(run, {"prior": prior}, {}, {"opt": opt}, meta)
     if args.export:
-        export(model.eval(), package, meta, args)
+        export(prior.eval(), package, meta, args)
 
 
-def export(model: LatentConditionalCodec, package, meta: dict, args) -> None:
-    round_parameters_to_half(model)  # stored as float16: the CDF tables are built from what is stored
-    model.update(force=True)
+def export(prior: TemporalLatentPrior, package, meta: dict, args) -> None:
+    round_parameters_to_half(prior)  # stored as float16
     training = {"trainer": "ulbcodec.train.pframe_latent", "steps": meta["step"],
                 "minutes": round(meta["seconds"] / 60, 1), "batch": args.batch, "crop": args.crop, "lr": args.lr,
-                "seed": args.seed, "log_tail": meta["log"][-5:]}
-    pkg = packages.save_derived_package(package, args.export, {"pframe": model}, {"pframe_training": training})
+                "seed": args.seed, "keyframe_codec_digest": meta["keyframe_codec_digest"],
+                "log_tail": meta["log"][-5:]}
+    pkg = packages.save_derived_package(package, args.export, {"pframe": prior}, {"pframe_training": training})
     print(json.dumps({"exported": str(pkg.root), "digest": pkg.digest[:16], "MB": pkg.size_bytes / 1e6}))
 
 
