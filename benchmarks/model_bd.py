@@ -6,7 +6,8 @@ benchmark point files of the same items:
 * ``benchmarks/video_rd.py`` points.json files (clips): the rows of ``--codec``
   (default ``ulbc-no-predictor``, P frames only).
 
-    PYTHONPATH=src python benchmarks/model_bd.py ANCHOR_POINTS.json TEST_POINTS.json [--variant on|off] [--codec C]
+    PYTHONPATH=src python benchmarks/model_bd.py ANCHOR_POINTS.json TEST_POINTS.json... [--variant on|off] [--codec C]
+                                                 [--anchor-codec C2]
 
 Each item's curves are its monotone envelopes and the mean is over the items where they
 overlap: ``ulbcodec.eval.rd``'s protocol, as in every other BD-rate of BENCHMARKS.md.
@@ -33,11 +34,14 @@ def load_points(path: str, variant: str = "on", codec: str = "ulbc-no-predictor"
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("anchor")
-    p.add_argument("test")
+    p.add_argument("test", nargs="+", help="one file, or several of different items (e.g. clips split over processes)")
     p.add_argument("--variant", choices=("on", "off"), default="on", help="color_stats files: with or without colr")
     p.add_argument("--codec", default="ulbc-no-predictor", help="video_rd files: the curve compared")
+    p.add_argument("--anchor-codec", default=None,
+                   help="video_rd files: the anchor file's curve, when it is another codec's (e.g. x265)")
     args = p.parse_args(argv)
-    (kind, anchor), (_, test) = (load_points(path, args.variant, args.codec) for path in (args.anchor, args.test))
+    kind, anchor = load_points(args.anchor, args.variant, args.anchor_codec or args.codec)
+    test = [q for path in args.test for q in load_points(path, args.variant, args.codec)[1]]
     metrics = [m for m in METRICS if all(m in q for q in anchor + test)]
     rows = [{**q, "codec": "anchor"} for q in anchor] + [{**q, "codec": "test"} for q in test]
     print(f"| {kind} | " + " | ".join(metrics) + " |")

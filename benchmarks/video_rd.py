@@ -271,7 +271,10 @@ def main(argv=None) -> None:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.3])
     p.add_argument("--no-predictor-levels", type=int, nargs="*", default=[0, 1, 2, 3, 4],
                    help="also run ulbc without the diffusion predictor (P frames only) at these levels")
-    p.add_argument("--codecs", nargs="+", default=list(video_baselines.CODECS))
+    p.add_argument("--codecs", nargs="*", default=list(video_baselines.CODECS))
+    p.add_argument("--baselines-from", type=Path, default=None,
+                   help="take the baselines' rows of these clips from an earlier run's points.json (same clips "
+                        "and --frames; the baselines are deterministic) instead of encoding them again")
     p.add_argument("--max-bpp", type=float, default=0.1)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "bench" / "video")
     p.add_argument("--plots", type=Path, default=None, help="copy the RD plots here (docs/benchmarks)")
@@ -302,7 +305,13 @@ def main(argv=None) -> None:
         if args.anchored_levels:
             rows += run_ulbc(codec, name, frames, fps, args.anchored_levels, args.anchored_thresholds, args.out,
                              anchored=True, long_term=args.long_term, pframe_offset=args.pframe_offset)
-        rows += run_baselines(name, frames, fps, args.codecs, args.max_bpp)
+        if args.baselines_from:
+            earlier = json.loads(args.baselines_from.read_text())
+            if int(earlier["args"]["frames"]) != args.frames:
+                raise SystemExit(f"{args.baselines_from}: measured on {earlier['args']['frames']} frames, not {args.frames}")
+            rows += [r for r in earlier["rows"] if r["clip"] == name and r["codec"] in args.codecs]
+        else:
+            rows += run_baselines(name, frames, fps, args.codecs, args.max_bpp)
     keys = sorted({k for r in rows for k in r})
     with open(args.out / "points.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)

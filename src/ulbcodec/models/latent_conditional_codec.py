@@ -85,7 +85,8 @@ class TemporalLatentPrior(nn.Module):
     reference's latent lies relative to this frame's means) and ``log σ`` (the context
     model's own uncertainty), over a 3x3 neighbourhood of latent positions (±16 px of
     motion left after the warp), and gives a gate g, a mean shift Δm and a log-scale
-    shift Δs per channel: ``m = sigmoid(g)·r + Δm``, ``σ' = σ·exp(Δs)``.
+    shift Δs per channel: ``m = g·r + Δm``, ``σ' = σ·exp(Δs)`` (g = 1: the reference's
+    symbol is the prediction).
 
     Args:
         M: channels of the keyframe codec's y.
@@ -104,11 +105,10 @@ class TemporalLatentPrior(nn.Module):
         self.M, self.num_slices = M, num_slices
         C = M // num_slices
         self.nets = nn.ModuleList(self._net(C, width) for _ in range(2 * num_slices))  # [slice, anchor part first]
-        for net in self.nets:
+        for net in self.nets:  # zero output: m = 0, σ' = σ, a keyframe's coding
             with torch.no_grad():
                 net[-1].weight.zero_()
                 net[-1].bias.zero_()
-                net[-1].bias[:C].fill_(-6.0)  # gate closed: m = 0, σ' = σ (a keyframe's coding)
 
     @staticmethod
     def _net(C: int, width: int) -> nn.Module:
@@ -126,7 +126,7 @@ class TemporalLatentPrior(nn.Module):
         r = prior[:, slice_index * C:(slice_index + 1) * C] - means
         net = self.nets[2 * slice_index + (0 if anchor else 1)]
         gate, shift, log_scale = net(torch.cat([r, scales.clamp_min(SCALE_BOUND).log()], 1)).chunk(3, 1)
-        return torch.sigmoid(gate) * r + shift, scales.clamp_min(SCALE_BOUND) * log_scale.exp()
+        return gate * r + shift, scales.clamp_min(SCALE_BOUND) * log_scale.exp()
 
 
 class LatentConditionalCodec:

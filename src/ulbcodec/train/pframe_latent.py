@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=MIN_SIDE)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--width", type=int, default=64, help="hidden channels of the prior's networks")
     p.add_argument("--max-frames", type=int, default=150)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
