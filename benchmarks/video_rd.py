@@ -273,8 +273,8 @@ def main(argv=None) -> None:
                    help="also run ulbc without the diffusion predictor (P frames only) at these levels")
     p.add_argument("--codecs", nargs="*", default=list(video_baselines.CODECS))
     p.add_argument("--baselines-from", type=Path, default=None,
-                   help="take the baselines' rows of these clips from an earlier run's points.json (same clips "
-                        "and --frames; the baselines are deterministic) instead of encoding them again")
+                   help="take the baselines' rows from an earlier run's points.json (same --frames; the baselines "
+                        "are deterministic) instead of encoding them again; what it lacks is encoded")
     p.add_argument("--max-bpp", type=float, default=0.1)
     p.add_argument("--out", type=Path, default=ROOT / "out" / "bench" / "video")
     p.add_argument("--plots", type=Path, default=None, help="copy the RD plots here (docs/benchmarks)")
@@ -305,13 +305,14 @@ def main(argv=None) -> None:
         if args.anchored_levels:
             rows += run_ulbc(codec, name, frames, fps, args.anchored_levels, args.anchored_thresholds, args.out,
                              anchored=True, long_term=args.long_term, pframe_offset=args.pframe_offset)
+        reused = []
         if args.baselines_from:
             earlier = json.loads(args.baselines_from.read_text())
             if int(earlier["args"]["frames"]) != args.frames:
                 raise SystemExit(f"{args.baselines_from}: measured on {earlier['args']['frames']} frames, not {args.frames}")
-            rows += [r for r in earlier["rows"] if r["clip"] == name and r["codec"] in args.codecs]
-        else:
-            rows += run_baselines(name, frames, fps, args.codecs, args.max_bpp)
+            reused = [r for r in earlier["rows"] if r["clip"] == name and r["codec"] in args.codecs]
+        done = {r["codec"] for r in reused}
+        rows += reused + run_baselines(name, frames, fps, [c for c in args.codecs if c not in done], args.max_bpp)
     keys = sorted({k for r in rows for k in r})
     with open(args.out / "points.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=keys)

@@ -72,5 +72,19 @@ pins[video.package.digest[:16]] = {
     "frame_types": gops.frame_types(),
 }
 save_reference(frames, "video.png")
+# P frames coded by the package's P-frame codec: the pan without a motion field or the predictor
+log = []
+pan = [np.ascontiguousarray(photo[:128, 2 * t : 2 * t + 192]) for t in range(6)]
+data, gops = video.encode(iter(pan), Fraction(25), VideoSettings(rate_level=4, predictor=False, motion=False),
+                          frame_log=log.append)
+frames = np.stack(list(video.decode(data)))
+pins[video.package.digest[:16]]["pframes"] = {
+    "bitstream": short_digest(data),
+    "pixels": short_digest(frames.tobytes()),
+    "bytes": len(data),
+    "frame_types": gops.frame_types(),
+    "parts": [r.parts for r in log],
+}
+save_reference(frames, "video-pframes.png")
 PINS.write_text(json.dumps(pins, indent=1) + "\n")
 print(PINS, *(pins[c.package.digest[:16]] for c in (codec, generative, video)))

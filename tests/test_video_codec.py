@@ -146,8 +146,9 @@ def test_info_describes_a_bad_gop_chunk_without_failing(codec):
 
 
 def test_shipped_video_model_conformance_pins():
-    """Bitstream and decoded-frame digests of models/video on a fixed pan
-    (scripts/pin_default_model.py records them): any change to video coding shows here."""
+    """Bitstream and decoded-frame digests of models/video on a fixed pan, with its default
+    settings and with P frames coded by its P-frame codec (scripts/pin_default_model.py
+    records them): any change to video coding shows here."""
     import hashlib
     import json
 
@@ -165,6 +166,16 @@ def test_shipped_video_model_conformance_pins():
     assert gops.frame_types() == pins["frame_types"] and len(data) == pins["bytes"]
     assert hashlib.sha256(data).hexdigest()[:16] == pins["bitstream"]
     assert_pixels_pinned(decoded, pins["pixels"], "video.png", "video")
+
+    # P frames coded by the package's P-frame codec (no motion field, no predictor)
+    pinned, log = pins["pframes"], []
+    pan = [np.ascontiguousarray(photo[:128, 2 * t : 2 * t + 192]) for t in range(6)]
+    data, gops = codec.encode(iter(pan), Fraction(25), VideoSettings(rate_level=4, predictor=False, motion=False),
+                              frame_log=log.append)
+    assert gops.frame_types() == pinned["frame_types"] and [r.parts for r in log] == pinned["parts"]
+    assert "residual" in pinned["parts"] and len(data) == pinned["bytes"]
+    assert hashlib.sha256(data).hexdigest()[:16] == pinned["bitstream"]
+    assert_pixels_pinned(np.stack(list(codec.decode(data))), pinned["pixels"], "video-pframes.png", "video")
 
 
 def test_smaller_keyframe_groups_after_the_first(codec):

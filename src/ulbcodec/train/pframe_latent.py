@@ -170,7 +170,10 @@ def export(prior: TemporalLatentPrior, package, meta: dict, args) -> None:
                 "minutes": round(meta["seconds"] / 60, 1), "batch": args.batch, "crop": args.crop, "lr": args.lr,
                 "seed": args.seed, "keyframe_codec_digest": meta["keyframe_codec_digest"],
                 "log_tail": meta["log"][-5:]}
-    pkg = packages.save_derived_package(package, args.export, {"pframe": prior}, {"pframe_training": training})
+    base = package.description.split("; conditional P-frame codec")[0].split("; P frames:")[0]
+    pkg = packages.save_derived_package(package, args.export, {"pframe": prior}, {"pframe_training": training},
+                                        description=base + "; P frames: the keyframe codec under a temporal latent "
+                                                           "prior trained by ulbcodec.train.pframe_latent")
     print(json.dumps({"exported": str(pkg.root), "digest": pkg.digest[:16], "MB": pkg.size_bytes / 1e6}))
 
 
