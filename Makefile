@@ -110,7 +110,7 @@ generative-model: $(STAMP)
 # PFRAME_ARGS= trains with the trainer's defaults (run 9: motion-compensated references).
 PFRAME_STEPS ?= 1113
 PFRAME_ARGS ?= --no-motion --noise-steps 1500 --rate-warmup 600 --lr 2e-4
-PFRAME_LATENT_STEPS ?= 2500
+PFRAME_LATENT_STEPS ?= 808
 video-model: $(STAMP)
 	$(PY) -m ulbcodec.train.predictor --data $(DATA) --run runs/predictor --image-model generative \
 		--steps 8000 --max-frames 40 --export runs/predictor/package
