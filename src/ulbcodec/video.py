@@ -202,7 +202,7 @@ class VideoCodec:
         if self._pframe is None and self.has_pframes:
             component = self.package.build("pframe", device=str(self.image.placement.home))
             if isinstance(component, TemporalLatentPrior):  # P frames in the keyframe codec's own latent
-                if self.image._model_level is not None:
+                if self.package.per_level("anchor_codec"):
                     raise packages.ModelError(f"model {self.package.name!r}: a temporal latent prior needs one "
                                               "keyframe codec for every level, not one per level")
                 component = LatentConditionalCodec(self.image.model, component)

@@ -529,7 +529,7 @@ class AnchorCodec(CheckerboardSliceLatentCodec, CompressionModel):
         dtype = self.g_a.analysis_transform[6].weight.dtype
         if vae_latent is not None:
             vae_latent = vae_latent.to(dtype)
-        # channels-last activations: oneDNN's convolutions run ~30 % faster on them (BENCHMARKS.md)
+        # channels-last activations: oneDNN's faster layout for these convolutions (BENCHMARKS.md, issue 28)
         y = self.g_a(x.to(dtype).contiguous(memory_format=torch.channels_last), vae_latent).float().contiguous()
         return y if gain is None else y * gain
 
@@ -555,7 +555,7 @@ class AnchorCodec(CheckerboardSliceLatentCodec, CompressionModel):
         if not with_bypass:
             return anchor_frame, None
         bypass = apply_per_pixel(mid, self.project_in, self.information_transformer_layes, self.spatial_ch_projs)
-        return anchor_frame.float(), bypass.unsqueeze(1).float()
+        return anchor_frame, bypass.unsqueeze(1).float()
 
     # ---------------------------------------------------------------- CompressAI API
 

@@ -192,6 +192,23 @@ def validate(model: PFrameCodec, folder: Path, frames: int = 3) -> None:
                               "psnr_reference": round(float(reference), 2)}), flush=True)
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments every video-codec trainer shares: data size, threads, seed, logging, checkpoints."""
+    p.add_argument("--max-frames", type=int, default=150)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--save-every", type=float, default=300.0)
+
+
+def start_run(args: argparse.Namespace) -> Path:
+    """Threads and seed as ``args`` say; the run's folder."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return Path(args.run)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Train the ulbc P-frame codec (resumable).")
     p.add_argument("--data", default=os.path.expanduser("~/.cache/ulbc"))
@@ -213,16 +230,9 @@ def main(argv=None) -> None:
                    help="steps of distortion alone, then as many over which the rate term's weight ramps to 1")
     p.add_argument("--no-motion", dest="motion", action="store_false",
                    help="condition on the unwarped reference (the codec before coded motion)")
-    p.add_argument("--max-frames", type=int, default=150)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--save-every", type=float, default=300.0)
+    add_run_arguments(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    run = Path(args.run)
+    run = start_run(args)
     model = PFrameCodec(**DEFAULT_CONFIG)
     opt, aux_opt, params = optimizers(model, args.lr)
     meta = {"step": 0, "seconds": 0.0, "log": [], "done": False, "config": DEFAULT_CONFIG,

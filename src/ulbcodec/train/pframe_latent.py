@@ -42,7 +42,8 @@ from ulbcodec import packages
 from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec, TemporalLatentPrior
 from ulbcodec.train.anchor import round_parameters_to_half
 from ulbcodec.train.generative import load_stage, save_stage
-from ulbcodec.train.pframe import MIN_SIDE, VALIDATION_CLIPS, load_clips, motion_compensated, quantize_uint8, sample_batch
+from ulbcodec.train.pframe import (MIN_SIDE, VALIDATION_CLIPS, add_run_arguments, load_clips, motion_compensated,
+                                   quantize_uint8, sample_batch, start_run)
 
 
 def keyframe_codec(video_model: str):
@@ -100,16 +101,9 @@ def main(argv=None) -> None:
     p.add_argument("--crop", type=int, default=MIN_SIDE)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--width", type=int, default=64, help="hidden channels of the prior's networks")
-    p.add_argument("--max-frames", type=int, default=150)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--save-every", type=float, default=300.0)
+    add_run_arguments(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    run = Path(args.run)
+    run = start_run(args)
     anchor, package = keyframe_codec(args.video_model)
     prior = TemporalLatentPrior(anchor.M, anchor.num_slices, args.width)
     codec = LatentConditionalCodec(anchor, prior)
