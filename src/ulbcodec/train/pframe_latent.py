@@ -112,7 +112,9 @@ def main(argv=None) -> None:
             "video_model": args.video_model, "keyframe_codec_digest": package.digest[:16]}
     if (run / "state.json").exists():
         meta = {**meta, **load_stage(run, {"prior": prior}, {}, {"opt": opt})}
-        print(f"resumed at step {meta['step']}", flush=True)
+        for group in opt.param_groups:  # a resumed run goes on at --lr: how the rate decays in steps
+            group["lr"] = args.lr
+        print(f"resumed at step {meta['step']} (lr {args.lr})", flush=True)
     if args.validate:
         return validate(codec, Path(args.data) / "videos" / "val")
     if meta["step"] < args.steps:
