@@ -67,6 +67,11 @@ SCALE_BOUND = 0.11  # CompressAI's lower bound on a Gaussian's scale
 LIKELIHOOD_BOUND = 1e-9
 
 
+def on_prior_grid(latent: Tensor) -> Tensor:
+    """``latent`` rounded to the grid of :data:`PRIOR_STEP`, as the prior sees it."""
+    return torch.round(latent / PRIOR_STEP) * PRIOR_STEP
+
+
 def symbol_likelihood(symbols: Tensor, scales: Tensor) -> Tensor:
     """P(symbol) under a zero-mean Gaussian of ``scales`` integrated over [s − ½, s + ½]
     (CompressAI's GaussianConditional, in its numerically stable form)."""
@@ -161,7 +166,7 @@ class LatentConditionalCodec:
     def reference_latent(self, ref: Tensor, rate_level) -> Tensor:
         """p: the reference's gained latent on a grid of 1/32, computed identically on both sides."""
         with deterministic_entropy_path(ref.device):
-            return torch.round(self.keyframe_codec.analyze(ref, rate_level=rate_level) / PRIOR_STEP) * PRIOR_STEP
+            return on_prior_grid(self.keyframe_codec.analyze(ref, rate_level=rate_level))
 
     def _symbol_model(self, prior: Tensor):
         return lambda i, anchor, scales, means: self.prior(i, anchor, prior, scales, means)
@@ -206,7 +211,7 @@ class LatentConditionalCodec:
         parts = []
         with torch.no_grad():
             y = codec.analyze(x, rate_level=rate_level)
-            prior = torch.round(codec.analyze(ref, rate_level=rate_level) / PRIOR_STEP) * PRIOR_STEP
+            prior = on_prior_grid(codec.analyze(ref, rate_level=rate_level))
             z = codec.h_a(y)
             medians = codec.entropy_bottleneck._get_medians()
             hyper = codec.h_s(torch.round(z - medians) + medians)
