@@ -67,11 +67,12 @@ TINY_VIDEO = {"cond_frames": 2, "pred_frames": 3, "steps": 2, "residual_scale": 
 
 
 def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, pframe: Union[bool, str] = False,
-                            pframe_levels: Optional[int] = None) -> Path:
+                            pframe_levels: Optional[int] = None, half_parameters: bool = False) -> Path:
     """The tiny generative image model plus a tiny UNet2DModel frame predictor (and with
     ``pframe`` a tiny random P-frame codec, with ``pframe_levels`` rate levels: default
     as many as the keyframe codec; ``pframe="latent"`` an untrained temporal prior over
-    the keyframe codec's symbols)."""
+    the keyframe codec's symbols). ``half_parameters``: parameters stored in float16, as
+    shipped packages are (what trainers' exports derive from)."""
     from diffusers import CogVideoXDDIMScheduler, UNet2DModel
 
     from ulbcodec.packages import ModelPackage, save_package
@@ -97,8 +98,17 @@ def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, 
         with torch.no_grad():  # a small latent: P frames cheaper than keyframes, as a trained model's are
             modules["pframe"].g_a.down4.weight.mul_(0.01)
         modules["pframe"].update(force=True)
+    if half_parameters:
+        from ulbcodec.packages import DIFFUSERS_CLASSES
+        from ulbcodec.train.anchor import round_parameters_to_half
+
+        for module in modules.values():
+            if isinstance(module, torch.nn.Module) and type(module).__name__ not in DIFFUSERS_CLASSES:
+                round_parameters_to_half(module)
+                if hasattr(module, "update"):  # CDF tables from the rounded entropy models
+                    module.update(force=True)
     save_package(root / name, name, modules, image.rate_levels, extra={"video": TINY_VIDEO},
-                 description="tiny random video model for tests")
+                 description="tiny random video model for tests", half_parameters=half_parameters)
     return root / name
 
 

@@ -13,7 +13,7 @@ from ulbcodec.packages import ModelPackage
 from ulbcodec.video import VideoCodec
 
 from conftest import TINY_CONFIG, make_tiny_video_package
-from test_pframe import encode, force_residual, frames_tensor
+from test_pframe import assert_thread_count_invariant, encode, force_residual, frames_tensor
 from test_video_codec import clip
 
 
@@ -61,6 +61,26 @@ def test_a_p_frame_decodes_to_the_keyframe_of_the_same_frame(codec, keyframe_cod
     assert coded["strings"][0] != keyframe["strings"][0][0]  # y coded differently
 
 
+def test_rate_distortion_optimised_symbols_decode_exactly_and_cost_fewer_bytes(codec):
+    """The encoder's quantisation towards the prior's prediction needs nothing of the
+    decoder: it rebuilds the encoder's frame from the chosen symbols; a smaller λ moves
+    more symbols and saves bytes, and a precomputed y codes the same file."""
+    x, ref = frames_tensor(4), frames_tensor(5)
+    plain = codec.compress(x, ref, 1)
+    sizes = []
+    for rdo_lambda in (100.0, 1.0):
+        coded = codec.compress(x, ref, 1, y=codec.analyze(x, 1), rdo_lambda=rdo_lambda)
+        assert coded["strings"] == codec.compress(x, ref, 1, rdo_lambda=rdo_lambda)["strings"]
+        out = codec.decompress(coded["strings"], coded["shape"], ref, 1)
+        assert out["symbols_crc32"] == coded["symbols_crc32"]
+        assert torch.equal(out["x_hat"], coded["x_hat"])
+        sizes.append(len(coded["strings"][0]))
+    assert len(plain["strings"][0]) >= sizes[0] >= sizes[1] and sizes[1] < len(plain["strings"][0])
+    assert not torch.equal(coded["x_hat"], plain["x_hat"])
+    with pytest.raises(ValueError, match="rdo_lambda"):
+        codec.compress(x, ref, 1, rdo_lambda=-1.0)
+
+
 def test_an_untrained_prior_codes_exactly_as_a_keyframe(keyframe_codec):
     untrained = LatentConditionalCodec(keyframe_codec, TemporalLatentPrior(TINY_CONFIG["M"], TINY_CONFIG["num_slices"]))
     x = frames_tensor(4)
@@ -88,17 +108,53 @@ def test_training_lowers_the_rate_of_a_predictable_frame(keyframe_codec):
     assert all(p.grad is None for p in keyframe_codec.parameters())
 
 
+def random_context_prior(seed: int = 13) -> TemporalLatentPrior:
+    """A prior that sees the decoded parts, with every weight random."""
+    torch.manual_seed(seed)
+    prior = TemporalLatentPrior.with_decoded_context(random_prior(seed))
+    for net in prior.nets:
+        torch.nn.init.normal_(net[0].weight, std=0.05)
+    return prior.eval()
+
+
+def test_a_prior_extended_to_decoded_context_codes_as_before(codec, keyframe_codec):
+    extended = LatentConditionalCodec(keyframe_codec, TemporalLatentPrior.with_decoded_context(codec.prior))
+    assert extended.prior.config["decoded_context"] is True and "decoded_context" not in codec.prior.config
+    x, ref = frames_tensor(12), frames_tensor(13)
+    assert extended.compress(x, ref, 1)["strings"] == codec.compress(x, ref, 1)["strings"]
+
+
+def test_decoded_context_round_trips_and_training_sees_what_the_coder_sees(keyframe_codec, monkeypatch):
+    context = LatentConditionalCodec(keyframe_codec, random_context_prior())
+    x, ref = frames_tensor(14), frames_tensor(15)
+    ref = torch.where(torch.rand_like(x) < 0.8, x, ref)  # a reference that mostly agrees
+    coded = context.compress(x, ref, 1)
+    out = context.decompress(coded["strings"], coded["shape"], ref, 1)
+    assert out["symbols_crc32"] == coded["symbols_crc32"] and torch.equal(out["x_hat"], coded["x_hat"])
+    assert_thread_count_invariant(context, x, ref)
+    C = TINY_CONFIG["M"] // TINY_CONFIG["num_slices"]
+    with pytest.raises(ValueError, match="decoded parts"):
+        context.prior(0, True, torch.zeros(1, TINY_CONFIG["M"], 4, 8), torch.ones(1, C, 4, 8), torch.zeros(1, C, 4, 8))
+    seen = {"coder": [], "training": []}
+    forward = TemporalLatentPrior.forward
+
+    def record(self, i, anchor, prior, scales, means, decoded=None):
+        seen[path].append(self._decoded_context(i, anchor, prior, decoded))
+        return forward(self, i, anchor, prior, scales, means, decoded)
+
+    monkeypatch.setattr(TemporalLatentPrior, "forward", record)
+    path = "coder"
+    context.compress(x, ref, 1)
+    path = "training"
+    with torch.no_grad():
+        context.rates(x, ref, 1)
+    assert len(seen["coder"]) == len(seen["training"]) == 2 * TINY_CONFIG["num_slices"]
+    assert all(torch.equal(a, b) for a, b in zip(seen["coder"], seen["training"]))
+    assert seen["coder"][-1].abs().sum() > 0  # the last part sees every earlier one
+
+
 def test_entropy_path_is_thread_count_invariant(codec):
-    x, ref = frames_tensor(7), frames_tensor(8)
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = codec.compress(x, ref, 0)
-        torch.set_num_threads(2)
-        two = codec.compress(x, ref, 0)
-    finally:
-        torch.set_num_threads(previous)
-    assert one["strings"] == two["strings"] and one["symbols_crc32"] == two["symbols_crc32"]
+    assert_thread_count_invariant(codec, frames_tensor(7), frames_tensor(8))
 
 
 def test_a_wrong_reference_desynchronises_and_the_check_sees_it(codec):
@@ -146,3 +202,36 @@ def test_a_video_package_with_it_decodes_exactly(tmp_path_factory, monkeypatch):
     finally:
         torch.set_num_threads(previous)
     assert all(np.array_equal(a, b) for a, b in zip(decoded, again))
+
+
+def test_the_trainer_resumes_at_a_new_rate_and_exports_without_training_further(tmp_path):
+    """train.pframe_latent: two steps, two more at a smaller learning rate (recorded in the
+    schedule), then an export alone, which must not take another step."""
+    import json
+
+    from ulbcodec.train import pframe_latent
+    from ulbcodec.train.video_data import write_lossless
+
+    package = make_tiny_video_package(tmp_path / "models", pframe="latent", half_parameters=True)
+    clips = tmp_path / "data" / "videos" / "train"
+    clips.mkdir(parents=True)
+    write_lossless(clips / "pan.mkv", iter(clip(4, 64, 96)), (96, 64), 25)
+    run = tmp_path / "run"
+    common = ["--data", str(tmp_path / "data"), "--run", str(run), "--video-model", str(package), "--threads", "1",
+              "--batch", "2", "--crop", "64", "--log-every", "1", "--save-every", "0"]
+    pframe_latent.main(common + ["--steps", "2"])
+    pframe_latent.main(common + ["--steps", "4", "--lr", "1e-4"])
+    state = json.loads((run / "state.json").read_text())
+    assert state["step"] == 4 and state["lr_schedule"] == [[0, 3e-3], [2, 1e-4]]
+    weights = (run / "weights.safetensors").read_bytes()
+    pframe_latent.main(common + ["--export", str(tmp_path / "exported")])
+    assert (run / "weights.safetensors").read_bytes() == weights
+    training = ModelPackage.load_manifest(tmp_path / "exported").extra["pframe_training"]
+    assert training["steps"] == 4 and training["lr_schedule"] == [[0, 3e-3], [2, 1e-4]]
+    with pytest.raises(SystemExit):
+        pframe_latent.main(common)
+    extended = [a if a != str(run) else str(tmp_path / "extended") for a in common]
+    pframe_latent.main(extended + ["--steps", "1", "--init-from", str(tmp_path / "exported"), "--decoded-context"])
+    state = json.loads((tmp_path / "extended" / "state.json").read_text())
+    assert state["config"]["decoded_context"] is True and state["init_from"]["steps"] == 4
+    pframe_latent.main(extended + ["--steps", "2"])  # resumes with the run's own architecture

@@ -33,22 +33,35 @@ from ulbcodec.entropy.context import local_attention_mask
 
 # quantize(slice_index, anchor_part, scales, means) -> quantised part on the full grid
 PartQuantizer = Callable[[int, bool, Tensor, Tensor], Tensor]
-# symbol_model(slice_index, anchor_part, scales, means) -> (offsets, scales) on the full grid:
-# each symbol k = round(y − μ) is coded as k − offset (offsets integer-valued) under a
-# zero-mean Gaussian of the given scale, with the model's own CDF tables. A conditional
-# probability model for the same ŷ (ulbcodec.models.latent_conditional_codec).
-SymbolModel = Callable[[int, bool, Tensor, Tensor], Tuple[Tensor, Tensor]]
+# symbol_model(slice_index, anchor_part, scales, means, decoded) -> (offsets, scales) on the
+# full grid: each symbol k = round(y − μ) is coded as k − offset (offsets integer-valued)
+# under a zero-mean Gaussian of the given scale, with the model's own CDF tables. A
+# conditional probability model for the same ŷ (ulbcodec.models.latent_conditional_codec).
+# ``decoded`` [B, M, h, w]: ŷ of the parts coded before this one (symbols + μ, before the
+# latent residual prediction), zeros where nothing is decoded yet.
+SymbolModel = Callable[[int, bool, Tensor, Tensor, Tensor], Tuple[Tensor, Tensor]]
+# choose_symbols(residuals, symbols, offsets, coding_scales) -> symbols, all squeezed parts:
+# the encoder's choice of each symbol given y − μ, its rounding, and the distribution it
+# is coded with (rate-distortion optimised quantisation; the decoder needs none).
+SymbolChooser = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def _coding_distribution(symbol_model: Optional[SymbolModel], i: int, anchor: bool, scales: Tensor,
-                         means: Tensor) -> Tuple[Tensor, Tensor]:
+                         means: Tensor, decoded: Tensor) -> Tuple[Tensor, Tensor]:
     """(offsets, scales) of one part's symbols, squeezed: zero offsets and the context
     model's scales, or what ``symbol_model`` gives."""
     if symbol_model is None:
         scales = squeeze_part(scales, anchor)
         return torch.zeros(scales.shape, dtype=torch.int32, device=scales.device), scales
-    offsets, coding_scales = symbol_model(i, anchor, scales, means)
+    offsets, coding_scales = symbol_model(i, anchor, scales, means, decoded)
     return squeeze_part(offsets, anchor).round().int(), squeeze_part(coding_scales, anchor)
+
+
+def record_part(decoded: Tensor, slice_index: int, part: Tensor) -> None:
+    """Add one decoded part (full grid, zeros at the other part) to ``decoded``, in place:
+    what a :data:`SymbolModel` sees of the parts before the next one."""
+    C = part.shape[1]
+    decoded[:, slice_index * C:(slice_index + 1) * C] += part
 
 
 class CheckerboardSliceLatentCodec:
@@ -130,7 +143,8 @@ class CheckerboardSliceLatentCodec:
 
     @torch.no_grad()
     def encode_latent(self, y: Tensor, return_symbols: bool = False,
-                      symbol_model: Optional[SymbolModel] = None) -> Dict[str, Any]:
+                      symbol_model: Optional[SymbolModel] = None,
+                      choose_symbols: Optional[SymbolChooser] = None) -> Dict[str, Any]:
         """Entropy-code y [1, M, h, w] (h, w multiples of 4; already gained).
 
         Returns ``{"strings": [[y_string], [z_string]], "shape": (h/4, w/4),
@@ -139,7 +153,9 @@ class CheckerboardSliceLatentCodec:
         ``"y_symbols"`` and ``"y_indexes"`` given to the rANS coder (coding order) are
         added, for diagnostics and conformance tests. ``symbol_model`` replaces the
         distribution each part's symbols are coded with (not ŷ, which stays
-        ``round(y − μ) + μ``): :data:`SymbolModel`.
+        ``round(y − μ) + μ``): :data:`SymbolModel`. ``choose_symbols`` replaces the
+        rounding (ŷ becomes the chosen symbols + μ, still exactly what the decoder
+        rebuilds): :data:`SymbolChooser`.
         """
         self._check_y(y)
         if y.shape[0] != 1:
@@ -157,13 +173,19 @@ class CheckerboardSliceLatentCodec:
             hyper = self.h_s(z_hat)
             y_parts = y.chunk(self.num_slices, dim=1)
 
+            decoded = torch.zeros_like(y)
+
             def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
                 values, means_sq = squeeze_part(y_parts[i], anchor), squeeze_part(means, anchor)
                 part_symbols = gc.quantize(values, "symbols", means_sq)
-                offsets, coding_scales = _coding_distribution(symbol_model, i, anchor, scales, means)
+                offsets, coding_scales = _coding_distribution(symbol_model, i, anchor, scales, means, decoded)
+                if choose_symbols is not None:
+                    part_symbols = choose_symbols(values - means_sq, part_symbols, offsets, coding_scales).int()
                 symbols.extend((part_symbols - offsets).reshape(-1).tolist())
                 indexes.extend(gc.build_indexes(coding_scales).reshape(-1).tolist())
-                return unsqueeze_part(part_symbols + means_sq, anchor)
+                part = unsqueeze_part(part_symbols + means_sq, anchor)
+                record_part(decoded, i, part)
+                return part
 
             y_hat, _, _ = self._run_slices(hyper, quantize, workers=threads)
             cdf, cdf_lengths, offsets = self._cdf_tables()
@@ -210,15 +232,19 @@ class CheckerboardSliceLatentCodec:
             decoder = RansDecoder()
             decoder.set_stream(y_string)
 
+            decoded = hyper.new_zeros(hyper.shape[0], self.M, *hyper.shape[-2:])
+
             def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
-                symbol_offsets, coding_scales = _coding_distribution(symbol_model, i, anchor, scales, means)
+                symbol_offsets, coding_scales = _coding_distribution(symbol_model, i, anchor, scales, means, decoded)
                 part_indexes = gc.build_indexes(coding_scales)
                 values = decoder.decode_stream(part_indexes.reshape(-1).tolist(), cdf, cdf_lengths, offsets)
                 symbols.extend(values)
                 values = torch.tensor(values, dtype=torch.float32, device=scales.device)
                 means_sq = squeeze_part(means, anchor)
                 values = values.reshape(means_sq.shape) + symbol_offsets
-                return unsqueeze_part(values + means_sq, anchor)
+                part = unsqueeze_part(values + means_sq, anchor)
+                record_part(decoded, i, part)
+                return part
 
             y_hat, _, _ = self._run_slices(hyper, quantize, workers=threads)
         return {"y_hat": y_hat, "symbols_crc32": symbols_crc32(symbols)}

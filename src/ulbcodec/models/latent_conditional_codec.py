@@ -47,7 +47,7 @@ catches any difference.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -56,11 +56,12 @@ from torch import Tensor
 from ulbcodec._compressai import compressai  # noqa: F401  (must precede compressai.* imports)
 from compressai.layers import conv3x3
 
-from ulbcodec.entropy.checkerboard import keep_part
+from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part
 from ulbcodec.entropy.coding import deterministic_entropy_path
+from ulbcodec.entropy.latent_codec import record_part
 from ulbcodec.models.anchor_codec import AnchorCodec, _ste_round
 
-__all__ = ["TemporalLatentPrior", "LatentConditionalCodec"]
+__all__ = ["TemporalLatentPrior", "LatentConditionalCodec", "rdo_symbol_chooser"]
 
 PRIOR_STEP = 1.0 / 32  # grid of the reference's latent as it enters the prior
 SCALE_BOUND = 0.11  # CompressAI's lower bound on a Gaussian's scale
@@ -83,6 +84,22 @@ def symbol_likelihood(symbols: Tensor, scales: Tensor) -> Tensor:
     return (upper - lower).clamp_min(LIKELIHOOD_BOUND)
 
 
+def rdo_symbol_chooser(rdo_lambda: float):
+    """Rate-distortion optimised quantisation towards the prior's prediction (an
+    encoder-only choice, :data:`~ulbcodec.entropy.latent_codec.SymbolChooser`): each
+    symbol k moves one step towards its offset o where the bits saved under the coding
+    scale exceed ``rdo_lambda`` × the squared error added to ŷ (in the gained domain,
+    where every channel's quantisation step is 1). Where the reference is a good
+    prediction, the ±1 symbols that rounding leaves around it become free zeros."""
+    def choose(residuals: Tensor, symbols: Tensor, offsets: Tensor, scales: Tensor) -> Tensor:
+        symbols, offsets = symbols.float(), offsets.float()
+        moved = symbols + torch.sign(offsets - symbols)
+        saved = torch.log2(symbol_likelihood(moved - offsets, scales) / symbol_likelihood(symbols - offsets, scales))
+        added = (residuals - moved) ** 2 - (residuals - symbols) ** 2
+        return torch.where((moved != symbols) & (saved > rdo_lambda * added), moved, symbols)
+    return choose
+
+
 class TemporalLatentPrior(nn.Module):
     """(offset m, scale σ') of every symbol of the keyframe codec given the reference.
 
@@ -93,44 +110,89 @@ class TemporalLatentPrior(nn.Module):
     shift Δs per channel: ``m = g·r + Δm``, ``σ' = σ·exp(Δs)`` (g = 1: the reference's
     symbol is the prediction).
 
+    With ``decoded_context`` it also sees how well the reference predicted what is
+    already decoded: ``ŷ − p`` of the earlier parts (zeros elsewhere) and its mean
+    absolute value over the frame, both on the grid of :data:`PRIOR_STEP` — so that it
+    trusts a good reference more and stops trusting a poor one.
+
     Args:
         M: channels of the keyframe codec's y.
         num_slices: its channel slices (M must divide evenly).
         width: hidden channels of each network.
+        decoded_context: condition on the parts decoded before (M + 1 more input channels).
     """
 
-    def __init__(self, M: int = 96, num_slices: int = 4, width: int = 64):
+    def __init__(self, M: int = 96, num_slices: int = 4, width: int = 64, decoded_context: bool = False):
         super().__init__()
         for name, value in (("M", M), ("num_slices", num_slices), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
                 raise ValueError(f"TemporalLatentPrior: {name} must be an int in 1..4096, got {value!r}")
         if M % num_slices:
             raise ValueError(f"TemporalLatentPrior: M={M} is not a multiple of num_slices={num_slices}")
+        if not isinstance(decoded_context, bool):
+            raise ValueError(f"TemporalLatentPrior: decoded_context must be a bool, got {decoded_context!r}")
         self.config: Dict[str, Any] = {"M": M, "num_slices": num_slices, "width": width}
-        self.M, self.num_slices = M, num_slices
+        if decoded_context:  # older configs have no key: their files decode as before
+            self.config["decoded_context"] = True
+        self.M, self.num_slices, self.decoded_context = M, num_slices, decoded_context
         C = M // num_slices
-        self.nets = nn.ModuleList(self._net(C, width) for _ in range(2 * num_slices))  # [slice, anchor part first]
+        inputs = 2 * C + (M + 1 if decoded_context else 0)
+        self.nets = nn.ModuleList(self._net(inputs, C, width) for _ in range(2 * num_slices))  # [slice, anchor first]
         for net in self.nets:  # zero output: m = 0, σ' = σ, a keyframe's coding
             with torch.no_grad():
                 net[-1].weight.zero_()
                 net[-1].bias.zero_()
 
     @staticmethod
-    def _net(C: int, width: int) -> nn.Module:
-        return nn.Sequential(conv3x3(2 * C, width), nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(width, width, 1),
+    def _net(inputs: int, C: int, width: int) -> nn.Module:
+        return nn.Sequential(conv3x3(inputs, width), nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(width, width, 1),
                              nn.LeakyReLU(0.1, inplace=True), nn.Conv2d(width, 3 * C, 1))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "TemporalLatentPrior":
         return cls(**dict(config))
 
-    def forward(self, slice_index: int, anchor: bool, prior: Tensor, scales: Tensor,
-                means: Tensor) -> Tuple[Tensor, Tensor]:
-        """(m, σ') on the full grid for one slice part; ``prior`` is the whole p [B, M, h, w]."""
+    @classmethod
+    def with_decoded_context(cls, prior: "TemporalLatentPrior") -> "TemporalLatentPrior":
+        """``prior`` extended to see the decoded parts, its outputs unchanged: the new
+        inputs' weights start at zero (how a trained prior learns to use them)."""
+        out = cls(prior.M, prior.num_slices, prior.config["width"], decoded_context=True)
+        state = prior.state_dict()
+        with torch.no_grad():
+            for name, value in out.state_dict().items():
+                old = state[name]
+                value.zero_()
+                value[tuple(slice(0, n) for n in old.shape)] = old
+        return out
+
+    def _decoded_context(self, slice_index: int, anchor: bool, prior: Tensor, decoded: Tensor) -> Tensor:
+        """[ŷ − p on the grid where decoded, zeros elsewhere; its mean |·| over those
+        positions, broadcast] for the part (slice_index, anchor). The mean is an exact sum
+        of grid multiples (float64), the same on every CPU."""
+        C = self.M // self.num_slices
+        done = torch.zeros(1, self.M, *decoded.shape[-2:], dtype=torch.bool, device=decoded.device)
+        done[:, :slice_index * C] = True
+        if not anchor:
+            done[0, slice_index * C:(slice_index + 1) * C] = checkerboard_mask(*decoded.shape[-2:], True, decoded.device)
+        error = torch.where(done, on_prior_grid(decoded - prior), torch.zeros((), device=decoded.device))
+        steps = (error.abs() / PRIOR_STEP).round().double().flatten(1).sum(1)
+        mean = on_prior_grid((steps * PRIOR_STEP / max(int(done.sum()), 1)).float())
+        return torch.cat([error, mean[:, None, None, None].expand(-1, 1, *decoded.shape[-2:])], 1)
+
+    def forward(self, slice_index: int, anchor: bool, prior: Tensor, scales: Tensor, means: Tensor,
+                decoded: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(m, σ') on the full grid for one slice part; ``prior`` is the whole p [B, M, h, w],
+        ``decoded`` the parts before this one (:data:`~ulbcodec.entropy.latent_codec.SymbolModel`;
+        needed with ``decoded_context``)."""
         C = self.M // self.num_slices
         r = prior[:, slice_index * C:(slice_index + 1) * C] - means
         net = self.nets[2 * slice_index + (0 if anchor else 1)]
-        gate, shift, log_scale = net(torch.cat([r, scales.clamp_min(SCALE_BOUND).log()], 1)).chunk(3, 1)
+        inputs = [r, scales.clamp_min(SCALE_BOUND).log()]
+        if self.decoded_context:
+            if decoded is None:
+                raise ValueError("a prior with decoded_context needs the decoded parts")
+            inputs.append(self._decoded_context(slice_index, anchor, prior, decoded))
+        gate, shift, log_scale = net(torch.cat(inputs, 1)).chunk(3, 1)
         return gate * r + shift, scales.clamp_min(SCALE_BOUND) * log_scale.exp()
 
 
@@ -169,17 +231,34 @@ class LatentConditionalCodec:
             return on_prior_grid(self.keyframe_codec.analyze(ref, rate_level=rate_level))
 
     def _symbol_model(self, prior: Tensor):
-        return lambda i, anchor, scales, means: self.prior(i, anchor, prior, scales, means)
+        return lambda i, anchor, scales, means, decoded: self.prior(i, anchor, prior, scales, means, decoded)
+
+    def analyze(self, x: Tensor, rate_level=0) -> Tensor:
+        """y of a frame [1, 3, H, W], as :meth:`compress` codes it: an encoder that tries
+        several references for one frame analyses it once."""
+        self._check(x)
+        with torch.no_grad():
+            return self.keyframe_codec.analyze(x, rate_level=rate_level)
 
     @torch.no_grad()
-    def compress(self, x: Tensor, ref: Tensor, rate_level=0) -> Dict[str, Any]:
+    def compress(self, x: Tensor, ref: Tensor, rate_level=0, y: Optional[Tensor] = None,
+                 rdo_lambda: float = 0.0) -> Dict[str, Any]:
         """``{"strings": [y, z], "shape": z's (h, w), "symbols_crc32", "x_hat"}``; ``x_hat``
-        (unclamped) is exactly what :meth:`decompress` returns on the same thread count."""
+        (unclamped) is exactly what :meth:`decompress` returns on the same thread count.
+
+        ``y``: :meth:`analyze` of ``x``, where the caller has it. ``rdo_lambda > 0`` moves
+        symbols one step towards the prior's prediction wherever that saves more bits
+        than ``rdo_lambda`` times the squared error it adds to ŷ (:func:`rdo_symbol_chooser`);
+        0 codes the keyframe's symbols."""
         self._check(x, ref)
+        if not rdo_lambda >= 0:
+            raise ValueError(f"rdo_lambda must be non-negative, got {rdo_lambda!r}")
         codec = self.keyframe_codec
-        y = codec.analyze(x, rate_level=rate_level)
+        if y is None:
+            y = codec.analyze(x, rate_level=rate_level)
         prior = self.reference_latent(ref, rate_level)
-        out = codec.encode_latent(y, symbol_model=self._symbol_model(prior))
+        chooser = rdo_symbol_chooser(rdo_lambda) if rdo_lambda > 0 else None
+        out = codec.encode_latent(y, symbol_model=self._symbol_model(prior), choose_symbols=chooser)
         x_hat, _ = codec.synthesize(out["y_hat"], rate_level, with_bypass=False)
         return {"strings": [out["strings"][0][0], out["strings"][1][0]], "shape": out["shape"],
                 "symbols_crc32": out["symbols_crc32"], "x_hat": x_hat}
@@ -224,8 +303,11 @@ class LatentConditionalCodec:
 
             codec._run_slices(hyper, quantize)
         conditional = keyframe = x.new_zeros(())
+        decoded = torch.zeros_like(y)
         for i, anchor, scales, means, symbols in parts:
-            m, coding_scales = self.prior(i, anchor, prior, scales, means)
+            m, coding_scales = self.prior(i, anchor, prior, scales, means, decoded)
+            decoded = decoded.clone()
+            record_part(decoded, i, keep_part(symbols + means, anchor))
             bits = -torch.log2(symbol_likelihood(symbols - _ste_round(m), coding_scales))
             conditional = conditional + keep_part(bits, anchor).sum()
             keyframe = keyframe + keep_part(-torch.log2(symbol_likelihood(symbols, scales)), anchor).sum()

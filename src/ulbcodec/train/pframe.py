@@ -49,7 +49,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import List
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
@@ -209,6 +209,34 @@ def start_run(args: argparse.Namespace) -> Path:
     return Path(args.run)
 
 
+class RunProgress:
+    """The loop bookkeeping every video-codec trainer shares: after each step, a JSON line
+    every ``--log-every`` steps (``summary`` of the rows since the last one, appended to
+    ``meta["log"]``) and a checkpoint every ``--save-every`` seconds and at the last step."""
+
+    def __init__(self, run: Path, meta: dict, args: argparse.Namespace,
+                 summary: Callable[[np.ndarray], Dict[str, float]]):
+        self.run, self.meta, self.args, self.summary = run, meta, args, summary
+        self.started = self.last_save = time.time()
+        self.window: List[tuple] = []
+
+    def step_done(self, row: tuple, modules: Dict[str, torch.nn.Module],
+                  optimizers: Dict[str, torch.optim.Optimizer]) -> None:
+        meta, args = self.meta, self.args
+        self.window.append(row)
+        if meta["step"] % args.log_every == 0:
+            elapsed = meta["seconds"] + time.time() - self.started
+            entry = {"step": meta["step"], "minutes": round(elapsed / 60, 2), **self.summary(np.array(self.window))}
+            meta["log"].append(entry)
+            print(json.dumps(entry), flush=True)
+            self.window = []
+        if time.time() - self.last_save > args.save_every or meta["step"] == args.steps:
+            meta["seconds"] += time.time() - self.started
+            self.started = self.last_save = time.time()
+            meta["done"] = meta["step"] >= args.steps
+            save_stage(self.run, modules, {}, optimizers, meta)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Train the ulbc P-frame codec (resumable).")
     p.add_argument("--data", default=os.path.expanduser("~/.cache/ulbc"))
@@ -254,7 +282,9 @@ def main(argv=None) -> None:
     if meta["step"] < args.steps:
         clips = load_clips(Path(args.data) / "videos" / "train", args.max_frames)
         print(f"{len(clips)} clips, {sum(c.shape[0] for c in clips)} frames", flush=True)
-    started, last_save, window = time.time(), time.time(), []
+    progress = RunProgress(run, meta, args, lambda rows: {
+        "bpp1": round(float(rows[:, 1].mean()), 5), "bpp2": round(float(rows[:, 2].mean()), 5),
+        "psnr1": round(float(rows[:, 3].mean()), 2), "psnr2": round(float(rows[:, 4].mean()), 2)})
     model.train()
     while meta["step"] < args.steps:
         i = meta["step"]
@@ -280,22 +310,9 @@ def main(argv=None) -> None:
         aux_opt.zero_grad(set_to_none=True)
         model.aux_loss().backward()
         aux_opt.step()
-        window.append((level, bpp[0], bpp[1], psnr[0], psnr[1]))
         meta["step"] = i + 1
-        if meta["step"] % args.log_every == 0:
-            elapsed = meta["seconds"] + time.time() - started
-            rows = np.array(window)
-            entry = {"step": meta["step"], "minutes": round(elapsed / 60, 2),
-                     "bpp1": round(float(rows[:, 1].mean()), 5), "bpp2": round(float(rows[:, 2].mean()), 5),
-                     "psnr1": round(float(rows[:, 3].mean()), 2), "psnr2": round(float(rows[:, 4].mean()), 2)}
-            meta["log"].append(entry)
-            print(json.dumps(entry), flush=True)
-            window = []
-        if time.time() - last_save > args.save_every or meta["step"] == args.steps:
-            meta["seconds"] += time.time() - started
-            started = last_save = time.time()
-            meta["done"] = meta["step"] >= args.steps
-            save_stage(run, {"model": model}, {}, {"opt": opt, "aux": aux_opt}, meta)
+        progress.step_done((level, bpp[0], bpp[1], psnr[0], psnr[1]), {"model": model},
+                           {"opt": opt, "aux": aux_opt})
     if args.export:
         export(model.eval(), meta, args)
 

@@ -42,8 +42,8 @@ from ulbcodec import packages
 from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec, TemporalLatentPrior
 from ulbcodec.train.anchor import round_parameters_to_half
 from ulbcodec.train.generative import load_stage, save_stage
-from ulbcodec.train.pframe import (MIN_SIDE, VALIDATION_CLIPS, add_run_arguments, load_clips, motion_compensated,
-                                   quantize_uint8, sample_batch, start_run)
+from ulbcodec.train.pframe import (MIN_SIDE, VALIDATION_CLIPS, RunProgress, add_run_arguments, load_clips,
+                                   motion_compensated, quantize_uint8, sample_batch, start_run)
 
 
 def keyframe_codec(video_model: str):
@@ -96,35 +96,58 @@ def main(argv=None) -> None:
                                                           "and which the export adds it to")
     p.add_argument("--export", default=None)
     p.add_argument("--validate", action="store_true", help="measure the checkpoint on validation clips and stop")
-    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--steps", type=int, default=None,
+                   help="train up to this step (without it: only --validate or --export the checkpoint)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=MIN_SIDE)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--width", type=int, default=64, help="hidden channels of the prior's networks")
+    p.add_argument("--decoded-context", action="store_true",
+                   help="a prior that also sees the parts decoded before each one (TemporalLatentPrior)")
+    p.add_argument("--init-from", default=None,
+                   help="start a new run from this package's prior (with --decoded-context: extended to the "
+                        "decoded parts, its outputs unchanged at the start)")
     add_run_arguments(p)
     args = p.parse_args(argv)
     run = start_run(args)
     anchor, package = keyframe_codec(args.video_model)
-    prior = TemporalLatentPrior(anchor.M, anchor.num_slices, args.width)
+    init = None
+    if (run / "state.json").exists():  # resumed: the run's own architecture
+        prior = TemporalLatentPrior.from_config(json.loads((run / "state.json").read_text())["config"])
+    elif args.init_from:  # a new run from a package's prior
+        source = packages.ModelPackage.load_manifest(packages.resolve(args.init_from))
+        prior = source.build("pframe").float()
+        if args.decoded_context and not prior.decoded_context:
+            prior = TemporalLatentPrior.with_decoded_context(prior)
+        init = {"package": args.init_from, "digest": source.digest,
+                "steps": source.extra.get("pframe_training", {}).get("steps")}
+        print(f"initialised from {args.init_from} ({init['steps']} steps)", flush=True)
+    else:
+        prior = TemporalLatentPrior(anchor.M, anchor.num_slices, args.width, decoded_context=args.decoded_context)
     codec = LatentConditionalCodec(anchor, prior)
     opt = torch.optim.Adam(prior.parameters(), lr=args.lr)
     meta = {"step": 0, "seconds": 0.0, "log": [], "done": False, "config": prior.config,
-            "video_model": args.video_model, "keyframe_codec_digest": package.digest[:16]}
+            "video_model": args.video_model, "keyframe_codec_digest": package.digest[:16],
+            **({"init_from": init} if init else {})}
     if (run / "state.json").exists():
         meta = {**meta, **load_stage(run, {"prior": prior}, {}, {"opt": opt})}
-        for group in opt.param_groups:  # a resumed run goes on at --lr: how the rate decays in steps
-            group["lr"] = args.lr
-        print(f"resumed at step {meta['step']} (lr {args.lr})", flush=True)
+        print(f"resumed at step {meta['step']}", flush=True)
     if args.validate:
         return validate(codec, Path(args.data) / "videos" / "val")
-    if meta["step"] < args.steps:
+    if args.steps is None and not args.export:
+        p.error("nothing to do: give --steps, --validate or --export")
+    if args.steps is not None and meta["step"] < args.steps:
+        for group in opt.param_groups:  # a resumed run goes on at --lr: how the rate decays in steps
+            group["lr"] = args.lr
+        meta.setdefault("lr_schedule", []).append([meta["step"], args.lr])
         clips = load_clips(Path(args.data) / "videos" / "train", args.max_frames)
         print(f"{len(clips)} clips, {sum(c.shape[0] for c in clips)} frames", flush=True)
-    started, last_save, window = time.time(), time.time(), []
+    progress = RunProgress(run, meta, args, lambda rows: {
+        "bpp": round(float(rows[:, 0::2].mean()), 5), "keyframe_bpp": round(float(rows[:, 1::2].mean()), 5)})
     prior.train()
     top = codec.num_rate_levels - 1
     pixels = args.batch * args.crop**2
-    while meta["step"] < args.steps:
+    while args.steps is not None and meta["step"] < args.steps:
         i = meta["step"]
         rng = random.Random(args.seed * 1_000_003 + i)
         frames = sample_batch(clips, args.batch, args.crop, rng)
@@ -141,21 +164,8 @@ def main(argv=None) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
         opt.step()
-        window.append(row)
         meta["step"] = i + 1
-        if meta["step"] % args.log_every == 0:
-            elapsed = meta["seconds"] + time.time() - started
-            rows = np.array(window)
-            entry = {"step": meta["step"], "minutes": round(elapsed / 60, 2),
-                     "bpp": round(float(rows[:, 0::2].mean()), 5), "keyframe_bpp": round(float(rows[:, 1::2].mean()), 5)}
-            meta["log"].append(entry)
-            print(json.dumps(entry), flush=True)
-            window = []
-        if time.time() - last_save > args.save_every or meta["step"] == args.steps:
-            meta["seconds"] += time.time() - started
-            started = last_save = time.time()
-            meta["done"] = meta["step"] >= args.steps
-            save_stage(run, {"prior": prior}, {}, {"opt": opt}, meta)
+        progress.step_done(tuple(row), {"prior": prior}, {"opt": opt})
     if args.export:
         export(prior.eval(), package, meta, args)
 
@@ -163,7 +173,8 @@ def main(argv=None) -> None:
 def export(prior: TemporalLatentPrior, package, meta: dict, args) -> None:
     round_parameters_to_half(prior)  # stored as float16
     training = {"trainer": "ulbcodec.train.pframe_latent", "steps": meta["step"],
-                "minutes": round(meta["seconds"] / 60, 1), "batch": args.batch, "crop": args.crop, "lr": args.lr,
+                "minutes": round(meta["seconds"] / 60, 1), "batch": args.batch, "crop": args.crop,
+                "lr_schedule": meta.get("lr_schedule", [[0, args.lr]]),
                 "seed": args.seed, "keyframe_codec_digest": meta["keyframe_codec_digest"],
                 "log_tail": meta["log"][-5:]}
     base = package.description.split("; conditional P-frame codec")[0].split("; P frames:")[0]
