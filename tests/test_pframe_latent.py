@@ -81,6 +81,29 @@ def test_rate_distortion_optimised_symbols_decode_exactly_and_cost_fewer_bytes(c
         codec.compress(x, ref, 1, rdo_lambda=-1.0)
 
 
+def test_an_encoder_trying_several_references_runs_each_transform_once(keyframe_codec, monkeypatch):
+    """One target against two references: its ŷ (and so x̂) is the same, so the synthesis
+    runs once; each reference is analysed once, however often it recurs."""
+    codec = LatentConditionalCodec(keyframe_codec, random_prior())
+    x, refs = frames_tensor(16), [frames_tensor(17), frames_tensor(18)]
+    expected = [codec.compress(x, ref, 1) for ref in refs]
+    fresh = LatentConditionalCodec(keyframe_codec, codec.prior)
+    calls = {"analyze": 0, "synthesize": 0}
+    for name in calls:
+        original = getattr(AnchorCodec, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(AnchorCodec, name, counted)
+    y = fresh.analyze(x, 1)
+    got = [fresh.compress(x, ref.clone(), 1, y=y) for ref in refs + refs]
+    assert calls == {"analyze": 1 + 2, "synthesize": 1}
+    assert all(g["strings"] == e["strings"] and torch.equal(g["x_hat"], e["x_hat"])
+               for g, e in zip(got, expected + expected))
+
+
 def test_an_untrained_prior_codes_exactly_as_a_keyframe(keyframe_codec):
     untrained = LatentConditionalCodec(keyframe_codec, TemporalLatentPrior(TINY_CONFIG["M"], TINY_CONFIG["num_slices"]))
     x = frames_tensor(4)

@@ -47,7 +47,7 @@ catches any difference.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -215,6 +215,10 @@ class LatentConditionalCodec:
                              f"codec has M={keyframe_codec.M} in {keyframe_codec.num_slices}")
         self.keyframe_codec, self.prior = keyframe_codec, prior
         self.num_rate_levels = keyframe_codec.num_rate_levels
+        # the last few (reference, level, p) and the last (ŷ, level, x̂): an encoder tries
+        # one target against several references, and the long-term reference recurs
+        self._references: List[Tuple[Tensor, Any, Tensor]] = []
+        self._synthesis: Optional[Tuple[Tensor, Any, Tensor]] = None
 
     def _check(self, *frames: Tensor) -> None:
         for x in frames:
@@ -227,8 +231,24 @@ class LatentConditionalCodec:
 
     def reference_latent(self, ref: Tensor, rate_level) -> Tensor:
         """p: the reference's gained latent on a grid of 1/32, computed identically on both sides."""
+        for known, level, latent in self._references:
+            if level == rate_level and known.shape == ref.shape and torch.equal(known, ref):
+                return latent
         with deterministic_entropy_path(ref.device):
-            return on_prior_grid(self.keyframe_codec.analyze(ref, rate_level=rate_level))
+            latent = on_prior_grid(self.keyframe_codec.analyze(ref, rate_level=rate_level))
+        self._references = [(ref, rate_level, latent)] + self._references[:2]
+        return latent
+
+    def _synthesize(self, y_hat: Tensor, rate_level) -> Tensor:
+        """x̂ of ŷ (the keyframe codec's synthesis); the same ŷ from another reference is
+        not synthesised again."""
+        key = (rate_level, torch.get_num_threads())  # g_s's last bits follow the thread count
+        last = self._synthesis
+        if last is not None and last[1] == key and last[0].shape == y_hat.shape and torch.equal(last[0], y_hat):
+            return last[2]
+        x_hat, _ = self.keyframe_codec.synthesize(y_hat, rate_level, with_bypass=False)
+        self._synthesis = (y_hat, key, x_hat)
+        return x_hat
 
     def _symbol_model(self, prior: Tensor):
         return lambda i, anchor, scales, means, decoded: self.prior(i, anchor, prior, scales, means, decoded)
@@ -259,7 +279,7 @@ class LatentConditionalCodec:
         prior = self.reference_latent(ref, rate_level)
         chooser = rdo_symbol_chooser(rdo_lambda) if rdo_lambda > 0 else None
         out = codec.encode_latent(y, symbol_model=self._symbol_model(prior), choose_symbols=chooser)
-        x_hat, _ = codec.synthesize(out["y_hat"], rate_level, with_bypass=False)
+        x_hat = self._synthesize(out["y_hat"], rate_level)
         return {"strings": [out["strings"][0][0], out["strings"][1][0]], "shape": out["shape"],
                 "symbols_crc32": out["symbols_crc32"], "x_hat": x_hat}
 

@@ -62,16 +62,28 @@ def warp_bilinear(reference: torch.Tensor, vectors: torch.Tensor, spacing: int) 
     return _sample(reference, _dense(vectors, spacing, h, w))
 
 
-def _window_error(target: torch.Tensor, reference: torch.Tensor, flow: torch.Tensor, spacing: int,
-                  shape: Tuple[int, int]) -> torch.Tensor:
-    """Mean |target − warped reference| over each node's window [rows, cols]."""
-    _, _, h, w = target.shape
-    err = (target - _sample(reference, flow)).abs()
-    rows, cols = shape
-    pad = (spacing, (cols - 1) * spacing + spacing - w, spacing, (rows - 1) * spacing + spacing - h)
-    total = F.avg_pool2d(F.pad(err, pad), 2 * spacing, spacing)
-    count = F.avg_pool2d(F.pad(torch.ones_like(err), pad), 2 * spacing, spacing)
-    return (total / count.clamp_min(1e-6))[:, 0, :rows, :cols]
+class _WindowError:
+    """Mean |target − reference warped along a flow| over each node's two-cell window
+    [B, rows, cols], for many flows over one (target, reference) pair: the pixel grid and
+    each window's pixel count are computed once."""
+
+    def __init__(self, target: torch.Tensor, reference: torch.Tensor, spacing: int, shape: Tuple[int, int]):
+        _, _, h, w = target.shape
+        rows, cols = shape
+        self.target, self.reference, self.spacing, self.shape = target, reference, spacing, shape
+        self.pad = (spacing, (cols - 1) * spacing + spacing - w, spacing, (rows - 1) * spacing + spacing - h)
+        self.count = F.avg_pool2d(F.pad(torch.ones_like(target), self.pad), 2 * spacing, spacing).clamp_min(1e-6)
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        self.pixels = torch.stack([xs, ys], -1)
+        self.scale = torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)])
+
+    def __call__(self, flow: torch.Tensor) -> torch.Tensor:
+        grid = (self.pixels + flow) * self.scale - 1  # what _sample computes
+        warped = F.grid_sample(self.reference, grid, mode="bilinear", padding_mode="border", align_corners=True)
+        total = F.avg_pool2d(F.pad((self.target - warped).abs(), self.pad), 2 * self.spacing, self.spacing)
+        rows, cols = self.shape
+        return (total / self.count)[:, 0, :rows, :cols]
 
 
 def _neighbour_cost(vectors: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
@@ -102,8 +114,11 @@ def estimate_vectors(target: torch.Tensor, reference: torch.Tensor, spacing: int
         hl, wl = t.shape[-2:]
         offsets = np.arange(-radius, radius + step / 2, step)
         deltas = torch.tensor([(dx, dy) for dy in offsets for dx in offsets], dtype=torch.float32)
-        data = torch.stack([_window_error(t, r, _dense(vectors + d, spacing // factor, hl, wl) / factor,
-                                          spacing // factor, shape) for d in deltas])
+        window_error = _WindowError(t, r, spacing // factor, shape)
+        # δ moves every node alike, so it moves every pixel alike: the bilinear flow of the
+        # nodes is interpolated once per stage
+        flow = _dense(vectors, spacing // factor, hl, wl) / factor
+        data = torch.stack([window_error(flow + d / factor) for d in deltas])
         choice = data.argmin(0)
         for _ in range(_SMOOTHING_SWEEPS):  # iterated conditional modes over the neighbours' choices
             chosen = vectors + deltas[choice]
