@@ -110,10 +110,7 @@ generative-model: $(STAMP)
 # PFRAME_ARGS= trains with the trainer's defaults (run 9: motion-compensated references).
 PFRAME_STEPS ?= 1113
 PFRAME_ARGS ?= --no-motion --noise-steps 1500 --rate-warmup 600 --lr 2e-4
-# The temporal prior: PFRAME_LATENT_STEPS at Adam 3e-3, then on to PFRAME_LATENT_DECAY_STEPS at 5e-4
-# (the shipped run also took 146 steps at 3e-3 from step 1100: docs/training.md).
 PFRAME_LATENT_STEPS ?= 808
-PFRAME_LATENT_DECAY_STEPS ?= 1500
 video-model: $(STAMP)
 	$(PY) -m ulbcodec.train.predictor --data $(DATA) --run runs/predictor --image-model generative \
 		--steps 8000 --max-frames 40 --export runs/predictor/package
@@ -122,9 +119,7 @@ video-model: $(STAMP)
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/video-keyframes --init-from runs/default-continued3/package --steps 0 \
 		--into runs/pframe/package --export runs/video-keyframes/package
 	OMP_NUM_THREADS=1 $(PY) -m ulbcodec.train.pframe_latent --data $(DATA) --run runs/pframe-latent --threads 1 \
-		--steps $(PFRAME_LATENT_STEPS) --video-model runs/video-keyframes/package
-	OMP_NUM_THREADS=1 $(PY) -m ulbcodec.train.pframe_latent --data $(DATA) --run runs/pframe-latent --threads 1 \
-		--steps $(PFRAME_LATENT_DECAY_STEPS) --lr 5e-4 --video-model runs/video-keyframes/package --export models/video
+		--steps $(PFRAME_LATENT_STEPS) --video-model runs/video-keyframes/package --export models/video
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --data $(DATA) --jobs $(JOBS)
