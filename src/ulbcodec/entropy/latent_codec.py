@@ -47,7 +47,7 @@ SymbolChooser = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def _coding_distribution(symbol_model: Optional[SymbolModel], i: int, anchor: bool, scales: Tensor,
-                         means: Tensor, decoded: Tensor) -> Tuple[Tensor, Tensor]:
+                         means: Tensor, decoded: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """(offsets, scales) of one part's symbols, squeezed: zero offsets and the context
     model's scales, or what ``symbol_model`` gives."""
     if symbol_model is None:
@@ -57,11 +57,12 @@ def _coding_distribution(symbol_model: Optional[SymbolModel], i: int, anchor: bo
     return squeeze_part(offsets, anchor).round().int(), squeeze_part(coding_scales, anchor)
 
 
-def record_part(decoded: Tensor, slice_index: int, part: Tensor) -> None:
+def record_part(decoded: Optional[Tensor], slice_index: int, part: Tensor) -> None:
     """Add one decoded part (full grid, zeros at the other part) to ``decoded``, in place:
-    what a :data:`SymbolModel` sees of the parts before the next one."""
-    C = part.shape[1]
-    decoded[:, slice_index * C:(slice_index + 1) * C] += part
+    what a :data:`SymbolModel` sees of the parts before the next one (None: nobody looks)."""
+    if decoded is not None:
+        C = part.shape[1]
+        decoded[:, slice_index * C:(slice_index + 1) * C] += part
 
 
 class CheckerboardSliceLatentCodec:
@@ -173,7 +174,7 @@ class CheckerboardSliceLatentCodec:
             hyper = self.h_s(z_hat)
             y_parts = y.chunk(self.num_slices, dim=1)
 
-            decoded = torch.zeros_like(y)
+            decoded = torch.zeros_like(y) if symbol_model is not None else None
 
             def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
                 values, means_sq = squeeze_part(y_parts[i], anchor), squeeze_part(means, anchor)
@@ -232,7 +233,7 @@ class CheckerboardSliceLatentCodec:
             decoder = RansDecoder()
             decoder.set_stream(y_string)
 
-            decoded = hyper.new_zeros(hyper.shape[0], self.M, *hyper.shape[-2:])
+            decoded = hyper.new_zeros(hyper.shape[0], self.M, *hyper.shape[-2:]) if symbol_model is not None else None
 
             def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
                 symbol_offsets, coding_scales = _coding_distribution(symbol_model, i, anchor, scales, means, decoded)

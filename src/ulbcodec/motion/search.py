@@ -43,16 +43,26 @@ def _dense(vectors: torch.Tensor, spacing: int, height: int, width: int) -> torc
     return dense[:, :, :height, :width].permute(0, 2, 3, 1)
 
 
+class _Sampler:
+    """A reference [B, C, H, W] bilinearly sampled at each pixel + a flow [B, H, W, 2]
+    (pixels), clamped to the border; the pixel grid is built once for many flows."""
+
+    def __init__(self, reference: torch.Tensor):
+        _, _, h, w = reference.shape
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        self.reference, self.pixels = reference, torch.stack([xs, ys], -1)
+        self.scale = torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)])
+
+    def __call__(self, flow: torch.Tensor) -> torch.Tensor:
+        return F.grid_sample(self.reference, (self.pixels + flow) * self.scale - 1, mode="bilinear",
+                             padding_mode="border", align_corners=True)
+
+
 def _sample(reference: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """``reference`` [B, C, H, W] bilinearly sampled at each pixel + ``flow`` [B, H, W, 2]
     (pixels), clamped to the border."""
-    _, _, h, w = reference.shape
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                            indexing="ij")
-    gx = (xs + flow[..., 0]) * (2 / max(w - 1, 1)) - 1
-    gy = (ys + flow[..., 1]) * (2 / max(h - 1, 1)) - 1
-    return F.grid_sample(reference, torch.stack([gx, gy], -1), mode="bilinear", padding_mode="border",
-                         align_corners=True)
+    return _Sampler(reference)(flow)
 
 
 def warp_bilinear(reference: torch.Tensor, vectors: torch.Tensor, spacing: int) -> torch.Tensor:
@@ -70,18 +80,13 @@ class _WindowError:
     def __init__(self, target: torch.Tensor, reference: torch.Tensor, spacing: int, shape: Tuple[int, int]):
         _, _, h, w = target.shape
         rows, cols = shape
-        self.target, self.reference, self.spacing, self.shape = target, reference, spacing, shape
+        self.target, self.sample, self.spacing, self.shape = target, _Sampler(reference), spacing, shape
         self.pad = (spacing, (cols - 1) * spacing + spacing - w, spacing, (rows - 1) * spacing + spacing - h)
         self.count = F.avg_pool2d(F.pad(torch.ones_like(target), self.pad), 2 * spacing, spacing).clamp_min(1e-6)
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                                indexing="ij")
-        self.pixels = torch.stack([xs, ys], -1)
-        self.scale = torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)])
 
     def __call__(self, flow: torch.Tensor) -> torch.Tensor:
-        grid = (self.pixels + flow) * self.scale - 1  # what _sample computes
-        warped = F.grid_sample(self.reference, grid, mode="bilinear", padding_mode="border", align_corners=True)
-        total = F.avg_pool2d(F.pad((self.target - warped).abs(), self.pad), 2 * self.spacing, self.spacing)
+        total = F.avg_pool2d(F.pad((self.target - self.sample(flow)).abs(), self.pad), 2 * self.spacing,
+                             self.spacing)
         rows, cols = self.shape
         return (total / self.count)[:, 0, :rows, :cols]
 
