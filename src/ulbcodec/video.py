@@ -159,8 +159,6 @@ class VideoCodec:
         self._pframe = None
         # (key, candidates) of the last _pframe_candidates calls, one per reference kind
         self._last_candidates: Deque[Tuple[tuple, list]] = collections.deque(maxlen=3)
-        # (frame, level, y) of the last P-frame target analysed: one analysis for all its references
-        self._target_analysis: Optional[Tuple[np.ndarray, float, torch.Tensor]] = None
         # λ per P-frame level: the package's rate levels (keyframes and P frames share them;
         # a package may offer keyframe levels above the P-frame codec's own, _codec_level)
         self.pframe_lambdas = {lv.level: lv.lmbda for lv in package.rate_levels} if self.has_pframes else {}
@@ -249,15 +247,8 @@ class VideoCodec:
     def _code_pframe(self, frame: np.ndarray, ref: np.ndarray, level: int) -> Tuple[PFramePayload, np.ndarray]:
         """(payload, the frame as the decoder will rebuild it) of ``frame`` coded given ``ref``."""
         h, w = frame.shape[:2]
-        codec, codec_level = self.pframe_codec, self._codec_level(level)
         with fixed_threads():  # g_s is not thread-count invariant; the entropy path is (models/pframe_codec.py)
-            if isinstance(codec, LatentConditionalCodec):
-                last = self._target_analysis
-                if last is None or last[0] is not frame or last[1] != codec_level:
-                    last = self._target_analysis = (frame, codec_level, codec.analyze(self._padded(frame), codec_level))
-                out = codec.compress(self._padded(frame), self._padded(ref), codec_level, y=last[2])
-            else:
-                out = codec.compress(self._padded(frame), self._padded(ref), codec_level)
+            out = self.pframe_codec.compress(self._padded(frame), self._padded(ref), self._codec_level(level))
         y_string, z_string = out["strings"]
         payload = PFramePayload(tuple(out["shape"]), z_string, y_string, out["symbols_crc32"] & 0xFFFF)
         return payload.padded_for(w, h), to_uint8(out["x_hat"][..., :h, :w])
@@ -373,7 +364,6 @@ class VideoCodec:
         emit = reconstruction or (lambda frame: None)
         note = frame_log or (lambda record: None)
         self._last_candidates.clear()
-        self._target_analysis = None
         K, P = self.cond_frames, self.pred_frames
         steps = self.steps if settings.steps is None else settings.steps
         if not 1 <= steps <= MAX_STEPS:
@@ -522,7 +512,6 @@ class VideoCodec:
         header = Header(bitstream.MEDIA_VIDEO, size[0], size[1], self.package.short_digest, level, index,
                         fps.numerator, fps.denominator, settings.seed, params)
         self._last_candidates.clear()
-        self._target_analysis = None
         chunks = [Chunk(bitstream.CHUNK_GOPS, gops.to_bytes())] + self._chunks(payloads, gops)
         return Container(header, chunks).to_bytes(), gops
 

@@ -47,7 +47,7 @@ catches any difference.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -196,6 +196,22 @@ class TemporalLatentPrior(nn.Module):
         return gate * r + shift, scales.clamp_min(SCALE_BOUND) * log_scale.exp()
 
 
+class _Recent:
+    """The results of the last ``size`` calls of a deterministic computation, by (input
+    tensor, key): the same input (compared exactly) and key give the stored result."""
+
+    def __init__(self, size: int):
+        self.size, self.entries = size, []
+
+    def get(self, x: Tensor, key: Any, compute: Callable[[], Tensor]) -> Tensor:
+        for known, known_key, value in self.entries:
+            if known_key == key and known.shape == x.shape and torch.equal(known, x):
+                return value
+        value = compute()
+        self.entries = [(x, key, value)] + self.entries[:self.size - 1]
+        return value
+
+
 class LatentConditionalCodec:
     """A P-frame codec made of the keyframe codec and a :class:`TemporalLatentPrior` (see
     the module docstring). The same interface as
@@ -215,10 +231,9 @@ class LatentConditionalCodec:
                              f"codec has M={keyframe_codec.M} in {keyframe_codec.num_slices}")
         self.keyframe_codec, self.prior = keyframe_codec, prior
         self.num_rate_levels = keyframe_codec.num_rate_levels
-        # the last few (reference, level, p) and the last (ŷ, level, x̂): an encoder tries
-        # one target against several references, and the long-term reference recurs
-        self._references: List[Tuple[Tensor, Any, Tensor]] = []
-        self._synthesis: Optional[Tuple[Tensor, Any, Tensor]] = None
+        # an encoder tries one target against several references (its y, and so its ŷ and
+        # x̂, are the same each time), and the long-term reference recurs frame after frame
+        self._targets, self._references, self._syntheses = _Recent(1), _Recent(3), _Recent(1)
 
     def _check(self, *frames: Tensor) -> None:
         for x in frames:
@@ -231,55 +246,33 @@ class LatentConditionalCodec:
 
     def reference_latent(self, ref: Tensor, rate_level) -> Tensor:
         """p: the reference's gained latent on a grid of 1/32, computed identically on both sides."""
-        for known, level, latent in self._references:
-            if level == rate_level and known.shape == ref.shape and torch.equal(known, ref):
-                return latent
-        with deterministic_entropy_path(ref.device):
-            latent = on_prior_grid(self.keyframe_codec.analyze(ref, rate_level=rate_level))
-        self._references = [(ref, rate_level, latent)] + self._references[:2]
-        return latent
-
-    def _synthesize(self, y_hat: Tensor, rate_level) -> Tensor:
-        """x̂ of ŷ (the keyframe codec's synthesis); the same ŷ from another reference is
-        not synthesised again."""
-        key = (rate_level, torch.get_num_threads())  # g_s's last bits follow the thread count
-        last = self._synthesis
-        if last is not None and last[1] == key and last[0].shape == y_hat.shape and torch.equal(last[0], y_hat):
-            return last[2]
-        x_hat, _ = self.keyframe_codec.synthesize(y_hat, rate_level, with_bypass=False)
-        self._synthesis = (y_hat, key, x_hat)
-        return x_hat
+        def compute() -> Tensor:
+            with deterministic_entropy_path(ref.device):
+                return on_prior_grid(self.keyframe_codec.analyze(ref, rate_level=rate_level))
+        return self._references.get(ref, rate_level, compute)
 
     def _symbol_model(self, prior: Tensor):
         return lambda i, anchor, scales, means, decoded: self.prior(i, anchor, prior, scales, means, decoded)
 
-    def analyze(self, x: Tensor, rate_level=0) -> Tensor:
-        """y of a frame [1, 3, H, W], as :meth:`compress` codes it: an encoder that tries
-        several references for one frame analyses it once."""
-        self._check(x)
-        with torch.no_grad():
-            return self.keyframe_codec.analyze(x, rate_level=rate_level)
-
     @torch.no_grad()
-    def compress(self, x: Tensor, ref: Tensor, rate_level=0, y: Optional[Tensor] = None,
-                 rdo_lambda: float = 0.0) -> Dict[str, Any]:
+    def compress(self, x: Tensor, ref: Tensor, rate_level=0, rdo_lambda: float = 0.0) -> Dict[str, Any]:
         """``{"strings": [y, z], "shape": z's (h, w), "symbols_crc32", "x_hat"}``; ``x_hat``
         (unclamped) is exactly what :meth:`decompress` returns on the same thread count.
 
-        ``y``: :meth:`analyze` of ``x``, where the caller has it. ``rdo_lambda > 0`` moves
-        symbols one step towards the prior's prediction wherever that saves more bits
-        than ``rdo_lambda`` times the squared error it adds to ŷ (:func:`rdo_symbol_chooser`);
-        0 codes the keyframe's symbols."""
+        ``rdo_lambda > 0`` moves symbols one step towards the prior's prediction wherever
+        that saves more bits than ``rdo_lambda`` times the squared error it adds to ŷ
+        (:func:`rdo_symbol_chooser`); 0 codes the keyframe's symbols."""
         self._check(x, ref)
         if not rdo_lambda >= 0:
             raise ValueError(f"rdo_lambda must be non-negative, got {rdo_lambda!r}")
         codec = self.keyframe_codec
-        if y is None:
-            y = codec.analyze(x, rate_level=rate_level)
+        threads = (rate_level, torch.get_num_threads())  # g_a's and g_s's last bits follow the thread count
+        y = self._targets.get(x, threads, lambda: codec.analyze(x, rate_level=rate_level))
         prior = self.reference_latent(ref, rate_level)
         chooser = rdo_symbol_chooser(rdo_lambda) if rdo_lambda > 0 else None
         out = codec.encode_latent(y, symbol_model=self._symbol_model(prior), choose_symbols=chooser)
-        x_hat = self._synthesize(out["y_hat"], rate_level)
+        x_hat = self._syntheses.get(out["y_hat"], threads,
+                                    lambda: codec.synthesize(out["y_hat"], rate_level, with_bypass=False)[0])
         return {"strings": [out["strings"][0][0], out["strings"][1][0]], "shape": out["shape"],
                 "symbols_crc32": out["symbols_crc32"], "x_hat": x_hat}
 

@@ -111,9 +111,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     run = start_run(args)
     anchor, package = keyframe_codec(args.video_model)
-    init = None
-    if (run / "state.json").exists():  # resumed: the run's own architecture
-        prior = TemporalLatentPrior.from_config(json.loads((run / "state.json").read_text())["config"])
+    init, state = None, run / "state.json"
+    if state.exists():  # resumed: the run's own architecture
+        prior = TemporalLatentPrior.from_config(json.loads(state.read_text())["config"])
     elif args.init_from:  # a new run from a package's prior
         source = packages.ModelPackage.load_manifest(packages.resolve(args.init_from))
         prior = source.build("pframe").float()
@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     meta = {"step": 0, "seconds": 0.0, "log": [], "done": False, "config": prior.config,
             "video_model": args.video_model, "keyframe_codec_digest": package.digest[:16],
             **({"init_from": init} if init else {})}
-    if (run / "state.json").exists():
+    if state.exists():
         meta = {**meta, **load_stage(run, {"prior": prior}, {}, {"opt": opt})}
         print(f"resumed at step {meta['step']}", flush=True)
     if args.validate:
