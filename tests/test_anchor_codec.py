@@ -323,3 +323,20 @@ def test_input_validation(rated, tiny):
         rated.encode_latent(torch.zeros(1, 48, 6, 8))
     with pytest.raises(ValueError, match="divisible"):
         AnchorCodec(M=100, num_slices=3)
+
+
+def test_training_backward_through_the_shipped_architecture():
+    """Gradients flow through g_a and g_s of the shipped configuration at a training crop:
+    the inference layout (channels-last) is left while autograd records, since torch's
+    float32 backward in that layout crashed the process on AVX2-only CPUs."""
+    torch.manual_seed(0)
+    model = AnchorCodec(N=48, M=96, num_slices=4, context_window=5, vae_channels=0, bypass_channels=16,
+                        num_rate_levels=2).train()
+    x = torch.rand(1, 3, 256, 256)
+    frame, _ = model.synthesize(model.analyze(x, rate_level=1), rate_level=1, with_bypass=False)
+    frame.square().mean().backward()
+    grads = [p.grad for p in model.g_a.parameters()] + [p.grad for p in model.g_s.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    with torch.no_grad():
+        assert model.analyze(x, rate_level=1).shape == (1, 96, 16, 16)

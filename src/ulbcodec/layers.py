@@ -20,6 +20,16 @@ from ulbcodec._compressai import compressai  # noqa: F401  (must precede compres
 from compressai.layers import GDN, conv3x3, subpel_conv3x3
 
 
+def conv_activations(x: Tensor) -> Tensor:
+    """``x`` in the memory layout the transforms' convolutions run fastest in: channels-last
+    for inference (oneDNN's faster layout for them, BENCHMARKS.md issue 28), the default
+    layout while autograd records, because torch 2.13's float32 backward through these
+    convolutions in channels-last crashes on AVX2-only CPUs (docs/measurements.md)."""
+    if torch.is_grad_enabled():
+        return x.contiguous()
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class StridedResidualBlock(nn.Module):
     """conv3x3(stride) → GELU → conv3x3 → GDN, plus a strided 1x1 shortcut."""
 

@@ -84,7 +84,7 @@ from ulbcodec.entropy.context import (ChannelContextNet, CheckerboardWindowAtten
                                       LinearIntraSliceContext, ParameterNet, ResidualPredictor, inter_context_heads)
 from ulbcodec.entropy.latent_codec import CheckerboardSliceLatentCodec
 from ulbcodec.layers import (ResidualConvBlock, StridedResidualBlock, UpsamplingResidualBlock, apply_per_pixel,
-                             rate_gains, token_stack)
+                             conv_activations, rate_gains, token_stack)
 
 __all__ = [
     "AnchorCodec",
@@ -529,8 +529,7 @@ class AnchorCodec(CheckerboardSliceLatentCodec, CompressionModel):
         dtype = self.g_a.analysis_transform[6].weight.dtype
         if vae_latent is not None:
             vae_latent = vae_latent.to(dtype)
-        # channels-last activations: oneDNN's faster layout for these convolutions (BENCHMARKS.md, issue 28)
-        y = self.g_a(x.to(dtype).contiguous(memory_format=torch.channels_last), vae_latent).float().contiguous()
+        y = self.g_a(conv_activations(x.to(dtype)), vae_latent).float().contiguous()
         return y if gain is None else y * gain
 
     def synthesize(
@@ -550,7 +549,7 @@ class AnchorCodec(CheckerboardSliceLatentCodec, CompressionModel):
         if inverse_gain is not None:
             y_hat = y_hat * inverse_gain
         dtype = self.g_s.synthesis_transform[0].conv1.weight.dtype
-        anchor_frame, mid = self.g_s(y_hat.to(dtype).contiguous(memory_format=torch.channels_last))
+        anchor_frame, mid = self.g_s(conv_activations(y_hat.to(dtype)))
         anchor_frame, mid = anchor_frame.float().contiguous(), mid.contiguous()
         if not with_bypass:
             return anchor_frame, None
