@@ -216,3 +216,50 @@ def test_a_wider_anchor_codec_exports_from_its_run_alone(photos, tmp_path):
     run(["ulbcodec.train.anchor", "--data", photos, "--run", run_dir, "--export-only", "--export", out], tmp_path)
     config = manifest(out)["components"]["anchor_codec"]["config"]
     assert (config["N"], config["M"]) == (32, 64)
+
+
+def _write_clip(path: Path, frames: np.ndarray) -> None:
+    from ulbcodec.train.video_data import write_lossless
+
+    write_lossless(path, iter(frames), (frames.shape[2], frames.shape[1]), 8.0)
+
+
+def test_video_frames_for_the_keyframe_codec(photos, tmp_path):
+    """--video-fraction: crops from every 4th frame of the training clips at least one crop
+    wide; 0 draws exactly the photograph crops of a run without video frames."""
+    from ulbcodec.train.anchor import PhotoCrops, load_video_frames
+
+    folder = tmp_path / "videos" / "train"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    clip = rng.integers(0, 256, (10, 64, 80, 3), dtype=np.uint8)
+    _write_clip(folder / "a.mkv", clip)
+    _write_clip(folder / "small.mkv", rng.integers(0, 256, (10, 32, 32, 3), dtype=np.uint8))
+    clips = load_video_frames(folder, 64)
+    assert len(clips) == 1 and np.array_equal(clips[0], clip[::4])
+    with pytest.raises(SystemExit, match="no training clip of at least 128x128"):
+        load_video_frames(folder, 128)
+
+    files = sorted((photos / "photos" / "train").iterdir())
+    black = [np.zeros((3, 64, 64, 3), np.uint8)]
+    video = PhotoCrops(files, 64, seed=5, video_clips=black, video_fraction=1.0).batch(6)
+    # a black frame after the colour jitter: one grey level per crop, at most the 0.05 offset
+    assert all(crop.unique().numel() == 1 and crop.max() <= 0.05 for crop in video)
+    photo_only = PhotoCrops(files, 64, seed=5).batch(6)
+    assert all(crop.std() > 0.05 for crop in photo_only)
+    assert torch.equal(PhotoCrops(files, 64, seed=5, video_clips=black, video_fraction=0.0).batch(6), photo_only)
+
+
+def test_anchor_trainer_takes_video_frames(photos, one_step_anchor, tmp_path):
+    data = tmp_path / "data"
+    (data / "photos").mkdir(parents=True)
+    (data / "photos" / "train").symlink_to(photos / "photos" / "train")
+    frames = np.random.default_rng(4).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    _write_clip(data / "videos" / "train" / "clip.mkv", frames)
+    out = tmp_path / "into"
+    run(["ulbcodec.train.anchor", "--data", data, "--run", tmp_path / "run", "--init-from", one_step_anchor,
+         "--steps", "2", "--crop", "64", "--video-fraction", "0.5", *TINY_RUN, "--export", out,
+         "--into", one_step_anchor], tmp_path)
+    assert manifest(out)["extra"]["keyframe_training"]["video_fraction"] == 0.5
+    with pytest.raises(AssertionError, match="--video-fraction must be in"):
+        run(["ulbcodec.train.anchor", "--data", data, "--run", tmp_path / "bad", "--video-fraction", "2"], tmp_path)

@@ -19,6 +19,11 @@ Recipe (docs/training.md has the reasoning and the measured cost):
   γ in 1.2-2.2, as the P-frame trainer does): the registry photographs are daylight
   scenes, and a codec that never saw a night scene lifts its blacks and loses its
   contrast (docs/training.md, "Dark content");
+- ``--video-fraction f`` draws that fraction of the crops from frames of the training
+  video clips (``videos/train`` of ``make data``; every 4th frame, clips at least one crop
+  wide) instead of photographs: a video package's keyframe codec codes every keyframe
+  and, through latent-conditional P frames, every coded frame of a clip, and video frames
+  (motion blur, camera noise, earlier compression) are not what photographs look like;
 - ``--into PACKAGE`` exports PACKAGE with its anchor codec replaced by the trained one
   (every other component and setting unchanged): how a video package's keyframe codec is
   fine-tuned;
@@ -39,7 +44,7 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import ContextManager, Dict, List, Tuple
+from typing import ContextManager, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -65,15 +70,42 @@ DEFAULT_LAMBDAS = [0.00004, 0.0001, 0.00025, 0.0006, 0.0015, 0.0036]
 # --------------------------------------------------------------------------- data
 
 
-class PhotoCrops:
-    """Random crops of in-memory photographs at several scales (plus flips/rotations)."""
+VIDEO_FRAME_STRIDE = 4  # consecutive frames are near duplicates: every 4th keeps memory small
+VIDEO_FRAMES_PER_CLIP = 40
 
-    def __init__(self, files: List[Path], crop: int, seed: int, dark_fraction: float = 0.0):
+
+def load_video_frames(folder: Path, crop: int) -> List[np.ndarray]:
+    """Every :data:`VIDEO_FRAME_STRIDE`-th frame (at most :data:`VIDEO_FRAMES_PER_CLIP`) of
+    each training clip under ``folder`` whose sides both reach ``crop``, one array per clip."""
+    from ulbcodec.train.video_data import read_frames
+
+    clips = []
+    for f in sorted(folder.glob("*.mkv")):
+        frames = [frame for i, frame in zip(range(VIDEO_FRAME_STRIDE * VIDEO_FRAMES_PER_CLIP), read_frames(f))
+                  if i % VIDEO_FRAME_STRIDE == 0]
+        if frames and min(frames[0].shape[:2]) >= crop:
+            clips.append(np.stack(frames))
+    if not clips:
+        raise SystemExit(f"no training clip of at least {crop}x{crop} under {folder}: run `make data` first")
+    return clips
+
+
+class PhotoCrops:
+    """Random crops of in-memory photographs at several scales (plus flips/rotations), and
+    with ``video_clips`` a fraction of them from video frames (:func:`load_video_frames`)."""
+
+    def __init__(self, files: List[Path], crop: int, seed: int, dark_fraction: float = 0.0,
+                 video_clips: Optional[List[np.ndarray]] = None, video_fraction: float = 0.0):
         from PIL import Image
 
+        if video_fraction and not video_clips:
+            raise ValueError("video_fraction > 0 needs video_clips")
         Image.MAX_IMAGE_PIXELS = None
         self.crop = crop
         self.dark_fraction = dark_fraction
+        self.video_clips, self.video_fraction = video_clips or [], video_fraction
+        # clips drawn in proportion to the square root of their pixel count, as the P-frame trainers do
+        self.video_weights = [float(np.sqrt(c.size)) for c in self.video_clips]
         self.rng = random.Random(seed)
         self.pyramids = []
         for f in files:
@@ -86,10 +118,16 @@ class PhotoCrops:
                 levels.append(np.asarray(im.resize(size, Image.LANCZOS)))
             self.pyramids.append(levels)
 
+    def _source(self) -> np.ndarray:
+        if self.video_fraction and self.rng.random() < self.video_fraction:
+            clip = self.rng.choices(self.video_clips, self.video_weights)[0]
+            return clip[self.rng.randrange(clip.shape[0])]
+        return self.rng.choice(self.rng.choice(self.pyramids))
+
     def batch(self, n: int) -> torch.Tensor:
         out = []
         for _ in range(n):
-            img = self.rng.choice(self.rng.choice(self.pyramids))
+            img = self._source()
             h, w = img.shape[:2]
             y, x = self.rng.randrange(h - self.crop + 1), self.rng.randrange(w - self.crop + 1)
             t = torch.from_numpy(img[y : y + self.crop, x : x + self.crop].copy()).permute(2, 0, 1).float() / 255
@@ -260,7 +298,8 @@ def train(args, rt: TrainRuntime) -> None:
     if not files:
         raise SystemExit(f"no training photographs under {args.data}/photos/train: run `make data` first")
     seed = rt.process_seed(args.seed)  # this process's crops and levels (process 0: args.seed)
-    data = PhotoCrops(files, args.crop, seed, args.dark_fraction)
+    video = load_video_frames(Path(args.data) / "videos" / "train", args.crop) if args.video_fraction else None
+    data = PhotoCrops(files, args.crop, seed, args.dark_fraction, video, args.video_fraction)
     config = model_config(args)
     model = AnchorCodec(**config).to(rt.device)
     params, opt, aux_opt = make_optimizers(model, args.lr)
@@ -336,6 +375,7 @@ def export(model: AnchorCodec, args, meta: dict) -> None:
                             "batch": args.batch, "crop": args.crop, "lr": args.lr, "seed": args.seed,
                             "mse_warmup": args.mse_warmup, "msssim_weight": MSSSIM_WEIGHT,
                             "perceptual_weight": args.perceptual_weight,
+                            **({"video_fraction": args.video_fraction} if args.video_fraction else {}),
                             "lambdas": args.lambdas, "command": "make models",
                             **training_runtime(meta, args.batch),
                             "interventions": meta.get("interventions", []),
@@ -357,7 +397,8 @@ def export_into(model: AnchorCodec, args, meta: dict, levels: List[RateLevel]) -
         raise SystemExit(f"--into {args.into}: its rate levels' λs differ from --lambdas")
     training = {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
                 "batch": args.batch, "crop": args.crop, "lr": args.lr,
-                "dark_fraction": args.dark_fraction, "init_from": meta.get("init_from"),
+                "dark_fraction": args.dark_fraction, "video_fraction": args.video_fraction,
+                "init_from": meta.get("init_from"),
                 "log_tail": meta["log"][-5:]}
     package = packages.save_derived_package(base, args.export, {"anchor_codec": model},
                                             {"keyframe_training": training}, rate_levels=levels)
@@ -391,8 +432,13 @@ def main(argv=None) -> None:
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints")
     p.add_argument("--export-only", action="store_true", help="export the current checkpoint and exit")
     p.add_argument("--dark-fraction", type=float, default=0.0, help="fraction of crops darkened to a·x^γ")
+    p.add_argument("--video-fraction", type=float, default=0.0,
+                   help="fraction of crops from frames of the training video clips")
     p.add_argument("--into", default=None, help="export this package with its anchor codec replaced")
     args = p.parse_args(argv)
+    for name in ("dark_fraction", "video_fraction"):
+        if not 0 <= getattr(args, name) <= 1:
+            p.error(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
     rt = TrainRuntime(args.mixed_precision or {True: "bf16", False: "no", None: None}[args.bf16])
     if args.export_only:
         if rt.is_main:
