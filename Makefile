@@ -99,18 +99,20 @@ generative-model: $(STAMP)
 		--output anchor_residual --stage2-steps 1000 --lr 1e-4 --detail-weight 5 --ssimulacra2-weight 5 \
 		--grid-weight 10 --disc-scales 3 --adv-weight 0.02 --crop 384 --batch 2 --export models/generative
 
-# Train (or resume) the video model: the frame predictor on models/generative's latent space,
-# then the conditional P-frame codec, which the export adds to that package; then the
-# package's keyframe codec replaced by the default anchor codec after three continuations,
-# unchanged (same architecture and λs, longer trained: keyframes -16 to -29 % BD-rate;
-# docs/training.md; the fourth continuation, models/default now, is not measured on video yet);
-# last, the P-frame codec replaced by the latent-conditional one on that keyframe codec
-# (its transforms frozen, its conditional entropy model trained on the rate alone).
-# PFRAME_ARGS is the recipe of the shipped P-frame codec (run 7: no motion, short warm-ups);
+# Train (or resume) the video model (docs/training.md): the frame predictor on models/generative's
+# latent space, then the conditional P-frame codec, which the export adds to that package. Then
+# the latent-conditional P frames, as they were trained: the temporal prior on the default anchor
+# codec after three continuations (808 steps at 3e-3, then a learning-rate decay with one 146-step
+# detour at 3e-3), moved onto models/default (the fourth continuation: 500 steps at 5e-4), and
+# last onto that codec fine-tuned on half video frames, half photographs (the keyframe codec of
+# models/video; its prior PFRAME_LATENT_STEPS more steps at 5e-4).
+# PFRAME_ARGS is the recipe of the P-frame codec of run 7 (no motion, short warm-ups);
 # PFRAME_ARGS= trains with the trainer's defaults (run 9: motion-compensated references).
 PFRAME_STEPS ?= 1113
 PFRAME_ARGS ?= --no-motion --noise-steps 1500 --rate-warmup 600 --lr 2e-4
-PFRAME_LATENT_STEPS ?= 808
+PFRAME_LATENT_SCHEDULE ?= 808:3e-3 1100:5e-4 1246:3e-3 1500:5e-4
+PFRAME_LATENT_STEPS ?= 300
+LATENT_PRIOR := OMP_NUM_THREADS=1 $(PY) -m ulbcodec.train.pframe_latent --data $(DATA) --threads 1
 video-model: $(STAMP)
 	$(PY) -m ulbcodec.train.predictor --data $(DATA) --run runs/predictor --image-model generative \
 		--steps 8000 --max-frames 40 --export runs/predictor/package
@@ -118,8 +120,19 @@ video-model: $(STAMP)
 		--steps $(PFRAME_STEPS) $(PFRAME_ARGS) --video-model runs/predictor/package --export runs/pframe/package
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/video-keyframes --init-from runs/default-continued3/package --steps 0 \
 		--into runs/pframe/package --export runs/video-keyframes/package
-	OMP_NUM_THREADS=1 $(PY) -m ulbcodec.train.pframe_latent --data $(DATA) --run runs/pframe-latent --threads 1 \
-		--steps $(PFRAME_LATENT_STEPS) --video-model runs/video-keyframes/package --export models/video
+	for stage in $(PFRAME_LATENT_SCHEDULE); do \
+		$(LATENT_PRIOR) --run runs/pframe-latent --video-model runs/video-keyframes/package \
+			--steps $${stage%%:*} --lr $${stage##*:} || exit 1; done
+	$(LATENT_PRIOR) --run runs/pframe-latent --video-model runs/video-keyframes/package --export runs/pframe-latent/package
+	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/video-keyframes4 --init-from models/default --steps 0 \
+		--into runs/pframe-latent/package --export runs/video-keyframes4/package
+	$(LATENT_PRIOR) --run runs/pframe-latent-k4 --init-from runs/pframe-latent/package \
+		--video-model runs/video-keyframes4/package --steps 500 --lr 5e-4 --export runs/pframe-latent-k4/package
+	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/video-keyframes4v --init-from models/default --steps 1200 \
+		--mse-warmup 0 --mixed-precision no --video-fraction 0.5 --into runs/pframe-latent-k4/package \
+		--export runs/video-keyframes4v/package
+	$(LATENT_PRIOR) --run runs/pframe-latent-k4v --init-from runs/pframe-latent-k4/package \
+		--video-model runs/video-keyframes4v/package --steps $(PFRAME_LATENT_STEPS) --lr 5e-4 --export models/video
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --data $(DATA) --jobs $(JOBS)

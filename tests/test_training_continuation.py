@@ -260,6 +260,7 @@ def test_anchor_trainer_takes_video_frames(photos, one_step_anchor, tmp_path):
     run(["ulbcodec.train.anchor", "--data", data, "--run", tmp_path / "run", "--init-from", one_step_anchor,
          "--steps", "2", "--crop", "64", "--video-fraction", "0.5", *TINY_RUN, "--export", out,
          "--into", one_step_anchor], tmp_path)
-    assert manifest(out)["extra"]["keyframe_training"]["video_fraction"] == 0.5
+    record = manifest(out)["extra"]["keyframe_training"]
+    assert record["video_fraction"] == 0.5 and record["mixed_precision"] in ("bf16", "no")
     with pytest.raises(AssertionError, match="--video-fraction must be in"):
         run(["ulbcodec.train.anchor", "--data", data, "--run", tmp_path / "bad", "--video-fraction", "2"], tmp_path)

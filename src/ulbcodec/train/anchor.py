@@ -398,7 +398,7 @@ def export_into(model: AnchorCodec, args, meta: dict, levels: List[RateLevel]) -
     training = {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
                 "batch": args.batch, "crop": args.crop, "lr": args.lr,
                 "dark_fraction": args.dark_fraction, "video_fraction": args.video_fraction,
-                "init_from": meta.get("init_from"),
+                "init_from": meta.get("init_from"), **training_runtime(meta, args.batch),
                 "log_tail": meta["log"][-5:]}
     package = packages.save_derived_package(base, args.export, {"anchor_codec": model},
                                             {"keyframe_training": training}, rate_levels=levels)
