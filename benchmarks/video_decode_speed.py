@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="video")
     args = p.parse_args(argv)
     frames = []
-    for _, frame in zip(range(args.frames), read_frames(args.clip)):
+    for frame in read_frames(args.clip, stop=args.frames):
         if args.crop:
             x, y, w, h = args.crop
             frame = frame[y : y + h, x : x + w]

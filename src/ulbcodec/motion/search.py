@@ -59,17 +59,11 @@ class _Sampler:
                              padding_mode="border", align_corners=True)
 
 
-def _sample(reference: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """``reference`` [B, C, H, W] bilinearly sampled at each pixel + ``flow`` [B, H, W, 2]
-    (pixels), clamped to the border."""
-    return _Sampler(reference)(flow)
-
-
 def warp_bilinear(reference: torch.Tensor, vectors: torch.Tensor, spacing: int) -> torch.Tensor:
     """A differentiable stand-in for :func:`~ulbcodec.motion.field.warp` (bilinear, float)
     for training: ``reference`` [B, C, H, W] along node vectors [B, rows, cols, 2] in pixels."""
     h, w = reference.shape[-2:]
-    return _sample(reference, _dense(vectors, spacing, h, w))
+    return _Sampler(reference)(_dense(vectors, spacing, h, w))
 
 
 class _WindowError:

@@ -81,8 +81,7 @@ def load_video_frames(folder: Path, crop: int) -> List[np.ndarray]:
 
     clips = []
     for f in sorted(folder.glob("*.mkv")):
-        frames = [frame for i, frame in zip(range(VIDEO_FRAME_STRIDE * VIDEO_FRAMES_PER_CLIP), read_frames(f))
-                  if i % VIDEO_FRAME_STRIDE == 0]
+        frames = list(read_frames(f, stop=VIDEO_FRAME_STRIDE * VIDEO_FRAMES_PER_CLIP))[::VIDEO_FRAME_STRIDE]
         if frames and min(frames[0].shape[:2]) >= crop:
             clips.append(np.stack(frames))
     if not clips:
