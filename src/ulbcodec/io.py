@@ -251,6 +251,11 @@ def image_format(path) -> str:
     return IMAGE_EXTENSIONS[ext]
 
 
+# zlib's fastest level: PNG stays lossless, and at level 6 writing the file took a
+# sizeable share of a whole decode (BENCHMARKS.md, issue 28) for a smaller file.
+PNG_COMPRESS_LEVEL = 1
+
+
 def write_image(path, rgb: np.ndarray, force: bool = False) -> None:
     """Write HxWx3 uint8 RGB; the format follows the extension (png, jpg, webp, tiff).
     Lossy formats are written at high quality: the codec's output should not be
@@ -259,7 +264,7 @@ def write_image(path, rgb: np.ndarray, force: bool = False) -> None:
 
     fmt = image_format(path)
     options = {"JPEG": {"quality": 95, "subsampling": 0}, "WEBP": {"quality": 95, "method": 4},
-               "PNG": {"compress_level": 6}, "TIFF": {"compression": "tiff_deflate"}}[fmt]
+               "PNG": {"compress_level": PNG_COMPRESS_LEVEL}, "TIFF": {"compression": "tiff_deflate"}}[fmt]
     image = Image.fromarray(np.ascontiguousarray(rgb), "RGB")
     atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **options), force)
 
@@ -470,7 +475,7 @@ def _write_frame_folder(path: Path, frames: Iterable[np.ndarray], force: bool) -
     try:
         count = 0
         for count, frame in enumerate(frames, 1):
-            Image.fromarray(np.ascontiguousarray(frame), "RGB").save(tmp / f"frame-{count:06d}.png", compress_level=6)
+            Image.fromarray(np.ascontiguousarray(frame), "RGB").save(tmp / f"frame-{count:06d}.png", compress_level=PNG_COMPRESS_LEVEL)
         _default_mode()  # reads the umask
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0o700 is for the temporary folder only
         check_frame_folder(path, force)  # again: the folder may have changed while decoding
