@@ -374,8 +374,7 @@ def export(model: AnchorCodec, args, meta: dict) -> None:
                             "batch": args.batch, "crop": args.crop, "lr": args.lr, "seed": args.seed,
                             "mse_warmup": args.mse_warmup, "msssim_weight": MSSSIM_WEIGHT,
                             "perceptual_weight": args.perceptual_weight,
-                            **({"video_fraction": args.video_fraction} if args.video_fraction else {}),
-                            "lambdas": args.lambdas, "command": "make models",
+                            **data_mix(args), "lambdas": args.lambdas, "command": "make models",
                             **training_runtime(meta, args.batch),
                             "interventions": meta.get("interventions", []),
                             **({"init_from": meta["init_from"]} if meta.get("init_from") else {}),
@@ -383,6 +382,12 @@ def export(model: AnchorCodec, args, meta: dict) -> None:
         half_parameters=True,
     )
     print(f"exported {package.root} digest {package.digest[:16]} ({package.size_bytes / 1e6:.1f} MB)")
+
+
+def data_mix(args) -> dict:
+    """The training record's crop mix: the fractions of darkened and video crops that
+    were not zero (a record without them trained on photographs alone)."""
+    return {name: getattr(args, name) for name in ("dark_fraction", "video_fraction") if getattr(args, name)}
 
 
 def export_into(model: AnchorCodec, args, meta: dict, levels: List[RateLevel]) -> None:
@@ -396,8 +401,7 @@ def export_into(model: AnchorCodec, args, meta: dict, levels: List[RateLevel]) -
         raise SystemExit(f"--into {args.into}: its rate levels' λs differ from --lambdas")
     training = {"steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
                 "batch": args.batch, "crop": args.crop, "lr": args.lr,
-                "dark_fraction": args.dark_fraction, "video_fraction": args.video_fraction,
-                "init_from": meta.get("init_from"), **training_runtime(meta, args.batch),
+                **data_mix(args), "init_from": meta.get("init_from"), **training_runtime(meta, args.batch),
                 "log_tail": meta["log"][-5:]}
     package = packages.save_derived_package(base, args.export, {"anchor_codec": model},
                                             {"keyframe_training": training}, rate_levels=levels)
