@@ -81,12 +81,7 @@ def load_clips(folder: Path, max_frames: int) -> List[np.ndarray]:
 
     clips = []
     for f in sorted(folder.glob("*.mkv")):
-        frames = []
-        for i, frame in enumerate(read_frames(f)):
-            if i >= max_frames:
-                break
-            frames.append(frame)
-        clip = np.stack(frames)
+        clip = np.stack(list(read_frames(f, stop=max_frames)))
         factor = -(-MIN_SIDE // min(clip.shape[1:3]))
         if factor > 1:
             clip = clip.repeat(factor, axis=1).repeat(factor, axis=2)
