@@ -72,6 +72,8 @@ def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresh
                          "bpp": path.stat().st_size * 8 / (w * h * t), "bytes": path.stat().st_size,
                          "keyframes": gops.keyframes, "anchored_rounds": gops.anchored_rounds,
                          "pframes": gops.pframes, "predicted": gops.predicted_frames,
+                         "residual_pframes": gops.residual_frames,
+                         "motion_pframes": gops.coded_inter_frames - gops.residual_frames,
                          "frame_types": gops.frame_types(),
                          "encode_fps": t / encode_s, "decode_fps": t / decode_s, **measure(frames, decoded)})
             print(f"  {name} {curve} q{level} t{threshold}: {rows[-1]['bpp']:.4f} bpp, {gops.frame_types()}, "
@@ -124,11 +126,17 @@ def per_clip_table(rows: list[dict], codecs, ours: str) -> str:
 
 
 def frame_table(rows: list[dict]) -> str:
-    """Where a clip's frames come from: keyframes, P frames and accepted predictions."""
-    lines = ["| clip | codec | setting | keyframes | P frames | predicted (zero bits) | bpp |", "|---|---|---|---|---|---|---|"]
+    """Where a clip's frames come from: keyframes, P frames (coded with a residual, warped
+    along a coded motion field alone, or their reference repeated) and accepted predictions."""
+    lines = ["| clip | codec | setting | keyframes | P frames (residual / motion only / repeat) | "
+             "predicted (zero bits) | bpp |", "|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in rows if r["codec"] in (ULBC, ULBC_NO_PREDICTOR)),
                     key=lambda r: (r["clip"], r["codec"], r["bpp"])):
-        lines.append(f"| {r['clip']} | {r['codec']} | {r['setting']} | {r['keyframes']} | {r['pframes']} | "
+        split = ""
+        if "residual_pframes" in r:  # points files before the split have the total alone
+            repeats = r["pframes"] - r["residual_pframes"] - r["motion_pframes"]
+            split = f" ({r['residual_pframes']} / {r['motion_pframes']} / {repeats})"
+        lines.append(f"| {r['clip']} | {r['codec']} | {r['setting']} | {r['keyframes']} | {r['pframes']}{split} | "
                      f"{r['predicted']} | {r['bpp']:.4f} |")
     return "\n".join(lines)
 

@@ -144,7 +144,7 @@ def test_gop_syntax_2_round_trips_p_frames():
 def test_gop_syntax_3_holds_motion_and_repeats():
     units = [PFrame(False, True, False), PFrame(False, False, False), PFrame(True, True, True), PFrame()]
     gops = GopStructure([(1, units)])
-    assert gops.syntax == 3 and gops.pframes == 4 and gops.coded_inter_frames == 3
+    assert gops.syntax == 3 and gops.pframes == 4 and gops.coded_inter_frames == 3 and gops.residual_frames == 2
     assert gops.frame_types() == "KPsFP"
     assert GopStructure.from_bytes(gops.to_bytes(), 5, 2, 3, syntax=3) == gops
     with pytest.raises(ValueError, match="syntax 2"):

@@ -636,6 +636,11 @@ class GopStructure:
         return sum(isinstance(u, PFrame) and u.has_parts for _, units in self.segments for u in units)
 
     @property
+    def residual_frames(self) -> int:
+        """P frames whose parts include the P-frame codec's residual (the others warp or repeat)."""
+        return sum(isinstance(u, PFrame) and u.residual for _, units in self.segments for u in units)
+
+    @property
     def syntax(self) -> int:
         """The oldest syntax that holds these units (files that need no motion stay readable
         by ulbc versions before it)."""
