@@ -475,7 +475,8 @@ def _write_frame_folder(path: Path, frames: Iterable[np.ndarray], force: bool) -
     try:
         count = 0
         for count, frame in enumerate(frames, 1):
-            Image.fromarray(np.ascontiguousarray(frame), "RGB").save(tmp / f"frame-{count:06d}.png", compress_level=PNG_COMPRESS_LEVEL)
+            Image.fromarray(np.ascontiguousarray(frame), "RGB").save(tmp / f"frame-{count:06d}.png",
+                                                                     compress_level=PNG_COMPRESS_LEVEL)
         _default_mode()  # reads the umask
         os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp's 0o700 is for the temporary folder only
         check_frame_folder(path, force)  # again: the folder may have changed while decoding
