@@ -204,6 +204,14 @@ def start_run(args: argparse.Namespace) -> Path:
     return Path(args.run)
 
 
+def go_on_at(opt: torch.optim.Optimizer, meta: dict, lr: float) -> None:
+    """Every parameter group at ``lr``, recorded in ``meta["lr_schedule"]`` from this step:
+    a resumed run goes on at its --lr, which is how the rate decays in steps."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    meta.setdefault("lr_schedule", []).append([meta["step"], lr])
+
+
 class RunProgress:
     """The loop bookkeeping every video-codec trainer shares: after each step, a JSON line
     every ``--log-every`` steps (``summary`` of the rows since the last one, appended to

@@ -42,8 +42,8 @@ from ulbcodec import packages
 from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec, TemporalLatentPrior
 from ulbcodec.train.anchor import round_parameters_to_half
 from ulbcodec.train.generative import load_stage, save_stage
-from ulbcodec.train.pframe import (MIN_SIDE, VALIDATION_CLIPS, RunProgress, add_run_arguments, load_clips,
-                                   motion_compensated, quantize_uint8, sample_batch, start_run)
+from ulbcodec.train.pframe import (MIN_SIDE, VALIDATION_CLIPS, RunProgress, add_run_arguments, go_on_at,
+                                   load_clips, motion_compensated, quantize_uint8, sample_batch, start_run)
 
 
 def keyframe_codec(video_model: str):
@@ -137,9 +137,7 @@ def main(argv=None) -> None:
     if args.steps is None and not args.export:
         p.error("nothing to do: give --steps, --validate or --export")
     if args.steps is not None and meta["step"] < args.steps:
-        for group in opt.param_groups:  # a resumed run goes on at --lr: how the rate decays in steps
-            group["lr"] = args.lr
-        meta.setdefault("lr_schedule", []).append([meta["step"], args.lr])
+        go_on_at(opt, meta, args.lr)
         clips = load_clips(Path(args.data) / "videos" / "train", args.max_frames)
         print(f"{len(clips)} clips, {sum(c.shape[0] for c in clips)} frames", flush=True)
     progress = RunProgress(run, meta, args, lambda rows: {

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from ulbcodec.models.temporal_fusion import TemporalFusion
 from ulbcodec.train.generative import load_stage
-from ulbcodec.train.pframe import (RunProgress, add_run_arguments, load_clips, motion_compensated, quantize_uint8,
-                                   sample_batch, start_run)
+from ulbcodec.train.pframe import (RunProgress, add_run_arguments, go_on_at, load_clips, motion_compensated,
+                                   quantize_uint8, sample_batch, start_run)
 from ulbcodec.train.pframe_latent import decoded_keyframe, keyframe_codec
 
 
@@ -54,8 +54,7 @@ def main(argv=None) -> None:
     if state.exists():
         meta = {**meta, **load_stage(run, {"fusion": net}, {}, {"opt": opt})}
         print(f"resumed at step {meta['step']}", flush=True)
-    for group in opt.param_groups:  # a resumed run goes on at --lr
-        group["lr"] = args.lr
+    go_on_at(opt, meta, args.lr)
     clips = load_clips(Path(args.data) / "videos" / "train", args.max_frames)
     progress = RunProgress(run, meta, args, lambda rows: {
         "psnr_fused": _psnr(rows[:, 0]), "psnr_p": _psnr(rows[:, 1]), "psnr_warp": _psnr(rows[:, 2])})
@@ -73,10 +72,11 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 reference = motion_compensated(reference, frames[:, j])
             fused = net(decoded[j], reference, plevel, level)
-            loss = loss + F.mse_loss(fused, frames[:, j])
-            row += [F.mse_loss(fused, frames[:, j]).item(), F.mse_loss(decoded[j], frames[:, j]).item(),
+            error = F.mse_loss(fused, frames[:, j])
+            loss = loss + error
+            row += [error.item(), F.mse_loss(decoded[j], frames[:, j]).item(),
                     F.mse_loss(reference, frames[:, j]).item()]
-            reference = quantize_uint8(fused.detach().clamp(0, 1))
+            reference = quantize_uint8(fused.detach())  # clamped to [0, 1] there
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
