@@ -55,7 +55,7 @@ def measure(ref: np.ndarray, dist: np.ndarray) -> dict:
 
 def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresholds, out: Path,
              anchored: bool = False, predictor: bool = True, long_term: bool = True,
-             pframe_offset: int = 0) -> list[dict]:
+             pframe_offset: int = 0, perceptual_weight: float = 0.0) -> list[dict]:
     from ulbcodec.video import VideoSettings
 
     rows = []
@@ -64,7 +64,7 @@ def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresh
     for level in levels:
         for threshold in thresholds if predictor else [0.0]:
             settings = VideoSettings(threshold=threshold, rate_level=level, anchored=anchored, predictor=predictor,
-                                     long_term=long_term,
+                                     long_term=long_term, perceptual_weight=perceptual_weight,
                                      pframe_level=max(level - pframe_offset, 0) if pframe_offset else None)
             path = out / f"{name}-{curve}-q{level}-t{threshold}.ulb"
             _, gops, decoded, encode_s, decode_s = ulbc_video_round_trip(codec, frames, fps, settings, path)
@@ -72,7 +72,7 @@ def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresh
                          "bpp": path.stat().st_size * 8 / (w * h * t), "bytes": path.stat().st_size,
                          "keyframes": gops.keyframes, "anchored_rounds": gops.anchored_rounds,
                          "pframes": gops.pframes, "predicted": gops.predicted_frames,
-                         "residual_pframes": gops.residual_frames,
+                         "residual_pframes": gops.residual_frames, "fused_pframes": gops.fused_frames,
                          "motion_pframes": gops.coded_inter_frames - gops.residual_frames,
                          "frame_types": gops.frame_types(),
                          "encode_fps": t / encode_s, "decode_fps": t / decode_s, **measure(frames, decoded)})
@@ -126,16 +126,18 @@ def per_clip_table(rows: list[dict], codecs, ours: str) -> str:
 
 
 def frame_table(rows: list[dict]) -> str:
-    """Where a clip's frames come from: keyframes, P frames (coded with a residual, warped
-    along a coded motion field alone, or their reference repeated) and accepted predictions."""
-    lines = ["| clip | codec | setting | keyframes | P frames (residual / motion only / repeat) | "
+    """Where a clip's frames come from: keyframes, P frames (coded with a residual, of which
+    fused with their reference, warped along a coded motion field alone, or their reference
+    repeated) and accepted predictions."""
+    lines = ["| clip | codec | setting | keyframes | P frames (residual [fused] / motion only / repeat) | "
              "predicted (zero bits) | bpp |", "|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in rows if r["codec"] in (ULBC, ULBC_NO_PREDICTOR)),
                     key=lambda r: (r["clip"], r["codec"], r["bpp"])):
         split = ""
         if "residual_pframes" in r:  # points files before the split have the total alone
             repeats = r["pframes"] - r["residual_pframes"] - r["motion_pframes"]
-            split = f" ({r['residual_pframes']} / {r['motion_pframes']} / {repeats})"
+            fused = f" [{r['fused_pframes']}]" if "fused_pframes" in r else ""
+            split = f" ({r['residual_pframes']}{fused} / {r['motion_pframes']} / {repeats})"
         lines.append(f"| {r['clip']} | {r['codec']} | {r['setting']} | {r['keyframes']} | {r['pframes']}{split} | "
                      f"{r['predicted']} | {r['bpp']:.4f} |")
     return "\n".join(lines)
@@ -291,6 +293,8 @@ def main(argv=None) -> None:
                    help="P frames never reference the last keyframe (the ablation of that reference)")
     p.add_argument("--pframe-offset", type=int, default=0,
                    help="P frames this many rate levels below the keyframes (ulbc encode --pframe-level)")
+    p.add_argument("--perceptual-weight", type=float, default=0.0,
+                   help="the encoder's mode decisions also weigh the detail and VIF losses (VideoSettings)")
     p.add_argument("--anchored-levels", type=int, nargs="*", default=[],
                    help="also run ulbc with anchored rounds at these keyframe levels")
     p.add_argument("--anchored-thresholds", type=float, nargs="*", default=[0.5],
@@ -306,13 +310,15 @@ def main(argv=None) -> None:
         shapes[name], loaded[name] = frames.shape, frames
         print(f"{name}: {frames.shape[2]}x{frames.shape[1]}, {len(frames)} frames", file=sys.stderr, flush=True)
         rows += run_ulbc(codec, name, frames, fps, args.levels, args.thresholds, args.out, long_term=args.long_term,
-                         pframe_offset=args.pframe_offset)
+                         pframe_offset=args.pframe_offset, perceptual_weight=args.perceptual_weight)
         if args.no_predictor_levels:
             rows += run_ulbc(codec, name, frames, fps, args.no_predictor_levels, [], args.out, predictor=False,
-                             long_term=args.long_term, pframe_offset=args.pframe_offset)
+                             long_term=args.long_term, pframe_offset=args.pframe_offset,
+                             perceptual_weight=args.perceptual_weight)
         if args.anchored_levels:
             rows += run_ulbc(codec, name, frames, fps, args.anchored_levels, args.anchored_thresholds, args.out,
-                             anchored=True, long_term=args.long_term, pframe_offset=args.pframe_offset)
+                             anchored=True, long_term=args.long_term, pframe_offset=args.pframe_offset,
+                             perceptual_weight=args.perceptual_weight)
         reused = []
         if args.baselines_from:
             earlier = json.loads(args.baselines_from.read_text())

@@ -67,12 +67,14 @@ TINY_VIDEO = {"cond_frames": 2, "pred_frames": 3, "steps": 2, "residual_scale": 
 
 
 def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, pframe: Union[bool, str] = False,
-                            pframe_levels: Optional[int] = None, half_parameters: bool = False) -> Path:
+                            pframe_levels: Optional[int] = None, half_parameters: bool = False,
+                            fusion: bool = False) -> Path:
     """The tiny generative image model plus a tiny UNet2DModel frame predictor (and with
     ``pframe`` a tiny random P-frame codec, with ``pframe_levels`` rate levels: default
     as many as the keyframe codec; ``pframe="latent"`` an untrained temporal prior over
-    the keyframe codec's symbols). ``half_parameters``: parameters stored in float16, as
-    shipped packages are (what trainers' exports derive from)."""
+    the keyframe codec's symbols; with ``fusion`` also a random temporal fusion of fused
+    P frames). ``half_parameters``: parameters stored in float16, as shipped packages are
+    (what trainers' exports derive from)."""
     from diffusers import CogVideoXDDIMScheduler, UNet2DModel
 
     from ulbcodec.packages import ModelPackage, save_package
@@ -98,6 +100,11 @@ def make_tiny_video_package(root: Path, name: str = "tinyvideo", seed: int = 0, 
         with torch.no_grad():  # a small latent: P frames cheaper than keyframes, as a trained model's are
             modules["pframe"].g_a.down4.weight.mul_(0.01)
         modules["pframe"].update(force=True)
+    if fusion:
+        from ulbcodec.models.temporal_fusion import TemporalFusion
+
+        modules["temporal_fusion"] = TemporalFusion(width=4)
+        torch.nn.init.normal_(modules["temporal_fusion"].out[-1].weight, std=0.1)  # not the warp alone
     if half_parameters:
         from ulbcodec.packages import DIFFUSERS_CLASSES
         from ulbcodec.train.anchor import round_parameters_to_half

@@ -11,7 +11,7 @@ import torch
 import re
 
 from ulbcodec.bitstream import (CHUNK_PFRAME, BitstreamError, Chunk, Container, GopStructure, PFrame, PFramePayload,
-                                Round, inter_frame_bytes)
+                                Round, inter_frame_bytes, write_uvarint)
 from ulbcodec.image import DecodeError
 from ulbcodec.models.pframe_codec import PFrameCodec
 from ulbcodec.video import VideoCodec, VideoSettings
@@ -138,7 +138,7 @@ def test_gop_syntax_2_round_trips_p_frames():
     with pytest.raises(BitstreamError, match="invalid value"):
         GopStructure.from_bytes(bytes([1, 1, 1, 1 << 2 | 2]), 2, 2, 3, syntax=2)
     with pytest.raises(BitstreamError, match="unknown GOP syntax"):
-        GopStructure.from_bytes(rounds_only.to_bytes(), 5, 2, 3, syntax=5)
+        GopStructure.from_bytes(rounds_only.to_bytes(), 5, 2, 3, syntax=6)
 
 
 def test_gop_syntax_3_holds_motion_and_repeats():
@@ -168,6 +168,24 @@ def test_gop_syntax_4_holds_long_term_references():
         with pytest.raises(BitstreamError, match="invalid value"):
             GopStructure.from_bytes(bytes([1, 1, 1, bad]), 2, 2, 3, syntax=4)
 
+
+
+def test_gop_syntax_5_holds_fused_p_frames():
+    units = [PFrame(False, True, True, False, 3), PFrame(True, False, True, False, 1),
+             PFrame(False, True, True, True, 7), PFrame(False, True, False)]
+    gops = GopStructure([(1, units)])
+    assert gops.syntax == 5 and gops.coded_inter_frames == 4 and gops.residual_frames == 3
+    assert gops.frame_types() == "KPFLP" and units[0].parts == "motion+residual+fused-3"
+    assert GopStructure.from_bytes(gops.to_bytes(), 5, 2, 3, syntax=5) == gops
+    with pytest.raises(ValueError, match="syntax 4"):
+        gops.to_bytes(syntax=4)
+    for bad in (PFrame(False, True, False, False, 2), PFrame(False, True, True, False, 8)):  # no residual; too far
+        with pytest.raises(ValueError, match="fused"):
+            GopStructure([(1, [bad])]).to_bytes()
+    # a fused unit without a residual; a fused long-term forecast; a fused unit in syntax 4
+    for value, syntax in ((1 << 3 | 1) << 2 | 2, 5), (((1 << 3 | 6) << 2 | 3), 5), ((1 << 3 | 2) << 2 | 2, 4):
+        with pytest.raises(BitstreamError, match="invalid value"):
+            GopStructure.from_bytes(bytes([1, 1, 1, *write_uvarint(value)]), 2, 2, 3, syntax=syntax)
 
 # ---------------------------------------------------------------------- the video codec
 

@@ -152,7 +152,8 @@ PARAM_IDS: Dict[str, int] = {
     "anchor_level": 23,  # video: rate level of the anchors of anchored rounds
     "guide_timestep": 24,  # video: anchored rounds start denoising the anchor at this timestep
     "pframe_level": 25,  # video: rate level of the P frames (PFRM or INTR chunks)
-    "gop_syntax": 26,  # video: 2 = GOPS units may be P frames, 3 = with motion, 4 = long-term (absent = 1: rounds)
+    "gop_syntax": 26,  # video: 2 = GOPS units may be P frames, 3 = with motion, 4 = long-term, 5 = fused
+    # (absent = 1: rounds)
 }
 PARAM_NAMES = {v: k for k, v in PARAM_IDS.items()}
 
@@ -559,12 +560,17 @@ class PFrame(NamedTuple):
     warped along a coded motion field; with ``residual`` the conditional P-frame codec
     codes the frame given that (warped) reference. A unit with either has coded parts
     (:func:`inter_frame_bytes`: a PFRM chunk in GOP syntax 2, an entry of its segment's
-    INTR chunk in syntax 3); one with neither repeats its reference at zero bytes."""
+    INTR chunk in syntax 3); one with neither repeats its reference at zero bytes. With
+    ``fusion_drop`` d > 0 (a residual only) the residual is coded d rate levels below the
+    file's P-frame level and the decoder fuses its decode with the (warped) reference
+    (:mod:`ulbcodec.models.temporal_fusion`): the reference keeps its detail, the cheap
+    residual brings what changed."""
 
     forecast: bool = False
     motion: bool = False
     residual: bool = True
     long_term: bool = False
+    fusion_drop: int = 0
 
     @property
     def has_parts(self) -> bool:
@@ -575,7 +581,8 @@ class PFrame(NamedTuple):
         """Its reference and coded parts as ``ulbc encode -v`` names them, e.g.
         ``long-term+motion`` ("" for a repeat of the previous frame)."""
         return "+".join(n for n, on in (("long-term", self.long_term), ("motion", self.motion),
-                                        ("residual", self.residual)) if on)
+                                        ("residual", self.residual), (f"fused-{self.fusion_drop}", self.fusion_drop))
+                        if on)
 
     @property
     def letter(self) -> str:
@@ -587,8 +594,9 @@ class PFrame(NamedTuple):
 
 Unit = Union[Round, PFrame]
 PFRAME_LETTERS = "PFLsl"  # every letter a PFrame unit can have (PFrame.letter)
-GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES, GOP_SYNTAX_MOTION, GOP_SYNTAX_LONG_TERM = 1, 2, 3, 4
-INTER_CHUNK_SYNTAXES = (GOP_SYNTAX_MOTION, GOP_SYNTAX_LONG_TERM)  # inter frames in INTR chunks
+GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES, GOP_SYNTAX_MOTION, GOP_SYNTAX_LONG_TERM, GOP_SYNTAX_FUSION = 1, 2, 3, 4, 5
+INTER_CHUNK_SYNTAXES = (GOP_SYNTAX_MOTION, GOP_SYNTAX_LONG_TERM, GOP_SYNTAX_FUSION)  # inter frames in INTR chunks
+MAX_FUSION_DROP = 7  # rate levels between a fused P frame's residual and the file's P-frame level
 _UNIT_ROUND, _UNIT_ANCHORED, _UNIT_PFRAME, _UNIT_FORECAST = range(4)
 
 
@@ -606,7 +614,8 @@ class GopStructure:
     1 an anchored round (value = accepted), 2 a P frame and 3 a forecast-conditioned
     P frame (value = 0: a residual, no motion). Syntax 3 (motion): as 2, with a P frame's
     value ``motion | residual << 1``. Syntax 4 (long-term reference): as 3, with
-    ``| long_term << 2`` (not on a forecast-conditioned P frame).
+    ``| long_term << 2`` (not on a forecast-conditioned P frame). Syntax 5 (fused P
+    frames): as 4, with ``| fusion_drop << 3`` (0..7, nonzero only with a residual).
     """
 
     segments: List[Tuple[int, List[Unit]]]
@@ -641,10 +650,17 @@ class GopStructure:
         return sum(isinstance(u, PFrame) and u.residual for _, units in self.segments for u in units)
 
     @property
+    def fused_frames(self) -> int:
+        """P frames whose residual's decode is fused with their reference."""
+        return sum(isinstance(u, PFrame) and u.fusion_drop > 0 for _, units in self.segments for u in units)
+
+    @property
     def syntax(self) -> int:
         """The oldest syntax that holds these units (files that need no motion stay readable
         by ulbc versions before it)."""
         units = [u for _, us in self.segments for u in us if isinstance(u, PFrame)]
+        if any(u.fusion_drop for u in units):
+            return GOP_SYNTAX_FUSION
         if any(u.long_term for u in units):
             return GOP_SYNTAX_LONG_TERM
         if any(u.motion or not u.residual for u in units):
@@ -678,12 +694,15 @@ class GopStructure:
                 if syntax == GOP_SYNTAX_ROUNDS:
                     out += write_uvarint(u.accepted << 1 | int(u.anchored))
                 elif isinstance(u, PFrame):
-                    value = int(u.motion) | int(u.residual) << 1 | int(u.long_term) << 2 \
+                    value = int(u.motion) | int(u.residual) << 1 | int(u.long_term) << 2 | u.fusion_drop << 3 \
                         if syntax in INTER_CHUNK_SYNTAXES else 0
                     if syntax == GOP_SYNTAX_PFRAMES and (u.motion or not u.residual):
                         raise ValueError("GOP syntax 2 cannot hold motion or repeated frames")
-                    if u.long_term and (syntax != GOP_SYNTAX_LONG_TERM or u.forecast):
+                    if u.long_term and (syntax < GOP_SYNTAX_LONG_TERM or u.forecast):
                         raise ValueError(f"GOP syntax {syntax} cannot hold this long-term P frame")
+                    if u.fusion_drop and (syntax < GOP_SYNTAX_FUSION or not u.residual
+                                          or not 0 < u.fusion_drop <= MAX_FUSION_DROP):
+                        raise ValueError(f"GOP syntax {syntax} cannot hold this fused P frame")
                     out += write_uvarint(value << 2 | (_UNIT_FORECAST if u.forecast else _UNIT_PFRAME))
                 else:
                     out += write_uvarint(u.accepted << 2 | (_UNIT_ANCHORED if u.anchored else _UNIT_ROUND))
@@ -740,8 +759,12 @@ def _read_unit(value: int, syntax: int) -> Unit:
     if kind in (_UNIT_PFRAME, _UNIT_FORECAST):
         if syntax in INTER_CHUNK_SYNTAXES and rest <= 3:
             return PFrame(kind == _UNIT_FORECAST, bool(rest & 1), bool(rest & 2))
-        if syntax == GOP_SYNTAX_LONG_TERM and rest <= 7 and kind == _UNIT_PFRAME:
+        if syntax >= GOP_SYNTAX_LONG_TERM and rest <= 7 and kind == _UNIT_PFRAME:
             return PFrame(False, bool(rest & 1), bool(rest & 2), True)
+        drop = rest >> 3
+        if syntax == GOP_SYNTAX_FUSION and 0 < drop <= MAX_FUSION_DROP and rest & 2 and not (
+                kind == _UNIT_FORECAST and rest & 4):
+            return PFrame(kind == _UNIT_FORECAST, bool(rest & 1), True, bool(rest & 4), drop)
         if rest:
             raise BitstreamError(f"P-frame unit with an invalid value {rest}")
         return PFrame(kind == _UNIT_FORECAST)
@@ -833,6 +856,9 @@ def describe(container: Container) -> dict:
         desc["gop"] = {"frame_types": types, "keyframes": [i for i, t in enumerate(types) if t == "K"],
                        "anchored": [i for i, t in enumerate(types) if t == "A"],
                        "pframes": [i for i, t in enumerate(types) if t in PFRAME_LETTERS],
+                       "fused": [i for i, u in zip([i for i, t in enumerate(types) if t in PFRAME_LETTERS],
+                                                   (u for _, us in structure.segments for u in us
+                                                    if isinstance(u, PFrame))) if u.fusion_drop],
                        "rounds": [u.accepted for _, units in structure.segments for u in units
                                   if isinstance(u, Round)],
                        "frame_bytes": _frame_bytes(types, container, structure)}
@@ -841,7 +867,7 @@ def describe(container: Container) -> dict:
 
 def _frame_bytes(types: str, container: Container, gops: GopStructure) -> List[int]:
     """Bytes of each frame in frame order (0 for a predicted or repeated frame): its ANCH
-    chunk for K and A frames; for P, F and L frames its PFRM chunk, or (syntax 3 and 4) its
+    chunk for K and A frames; for P, F and L frames its PFRM chunk, or (syntax 3 to 5) its
     entry in its segment's INTR chunk, the chunk's own framing not counted."""
     anchors = iter(container.find(CHUNK_ANCHOR))
     syntax = container.header.params.get("gop_syntax", GOP_SYNTAX_ROUNDS)

@@ -613,6 +613,8 @@ def info(files, as_json):
             click.echo(f"  {'keyframes':13s} {len(gop['keyframes'])} at frames {_abridged(gop['keyframes'])}")
             if gop["anchored"]:
                 click.echo(f"  {'anchored':13s} {len(gop['anchored'])} rounds at frames {_abridged(gop['anchored'])}")
+            if gop["fused"]:
+                click.echo(f"  {'fused':13s} {len(gop['fused'])} P frames at frames {_abridged(gop['fused'])}")
             click.echo(f"  {'frame types':13s} {_abridged(gop['frame_types'])}  (K keyframe; P, F, L P frame on the "
                        "previous frame, forecast, last keyframe; s, l their repeats; p predicted; A anchored round)")
             click.echo(f"  {'frame bytes':13s} {_abridged(gop['frame_bytes'], 40)}")

@@ -128,7 +128,8 @@ DIFFUSERS_SUFFIXES = (".json", ".safetensors")
 # A fixed table: a manifest can only name these classes (never a module path to import).
 DIFFUSERS_CLASSES = ("AutoencoderKLCogVideoX", "CogVideoXTransformer3DModel", "CogVideoXDDIMScheduler",
                      "CogVideoXDPMScheduler", "UNet2DModel")
-KNOWN_CLASSES = ("AnchorCodec", "PFrameCodec", "TemporalLatentPrior", PROMPT_EMBEDS, LORA) + DIFFUSERS_CLASSES
+KNOWN_CLASSES = ("AnchorCodec", "PFrameCodec", "TemporalLatentPrior", "TemporalFusion", PROMPT_EMBEDS,
+                 LORA) + DIFFUSERS_CLASSES
 
 
 def _component_class(name: str) -> Callable:
@@ -145,6 +146,10 @@ def _component_class(name: str) -> Callable:
         from ulbcodec.models.latent_conditional_codec import TemporalLatentPrior
 
         return TemporalLatentPrior
+    if name == "TemporalFusion":
+        from ulbcodec.models.temporal_fusion import TemporalFusion
+
+        return TemporalFusion
     if name in DIFFUSERS_CLASSES:
         import diffusers
 

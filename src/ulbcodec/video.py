@@ -46,7 +46,7 @@ from ulbcodec.bitstream import (AnchorPayload, BitstreamError, Chunk, Container,
                                 write_uvarint)
 from ulbcodec.image import DecodeError, ImageCodec, pad_replicate, to_tensor, to_uint8
 from ulbcodec import packages
-from ulbcodec.losses.rate_distortion import MSE_WEIGHT
+from ulbcodec.losses.rate_distortion import MSE_WEIGHT, PERCEPTUAL_MIN_SIDE, perceptual_terms
 from ulbcodec.models.frame_predictor import fixed_threads
 from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec, TemporalLatentPrior
 from ulbcodec.motion import coding as motion_coding
@@ -54,6 +54,9 @@ from ulbcodec.motion.field import warp
 from ulbcodec.motion.search import best_field
 
 METRICS = {"ms-ssim": 1, "lpips": 2}
+# Fused P frames: the encoder tries residuals this many levels below the P-frame level
+# (clamped at level 0), the range the temporal fusion was trained on (train/temporal_fusion.py).
+FUSION_DROPS = (2, 3, 4)
 MAX_STEPS = 100  # sampler steps a file may ask for: bounds the decoder's work per round
 METRIC_NAMES = {v: k for k, v in METRICS.items()}
 
@@ -103,6 +106,9 @@ class VideoSettings:
     scene_cuts: bool = True  # False: never replace a P frame by a keyframe of lower R + λD (ablations, tests)
     motion: bool = True  # False: P frames without coded motion (ablations)
     long_term: bool = True  # False: P frames never reference the last keyframe (ablations; GOP syntax 3 files)
+    # Mode decisions (not the motion search) also weigh this × (detail + VIF losses,
+    # losses/rate_distortion.py): VMAF's features, which MSE alone trades for smoothness.
+    perceptual_weight: float = 0.0
 
 
 @dataclass
@@ -131,6 +137,23 @@ class _Decoded:
     latent: Optional[torch.Tensor] = None
 
 
+@dataclass
+class _ReferenceModes:
+    """The encoder's inter-frame modes on one reference: its best motion (None: repeat)
+    and the reference as it gives it, the candidates (cost, unit, parts, decoded) of
+    repeat, warp and P frames, and the fused P frames' (None until tried)."""
+
+    unit: PFrame  # the repeat or warp: the reference and motion flags the other modes share
+    motion: Optional[bitstream.MotionPayload]
+    warped: np.ndarray
+    candidates: List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]
+    fused: Optional[List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]] = None
+
+    @property
+    def warp_cost(self) -> float:
+        return min(c[0] for c in self.candidates if not c[1].residual)
+
+
 def file_bpp(data: bytes) -> float:
     """bpp of a complete .ulb file: its size x 8 / (width x height x frames)."""
     h = Container.from_bytes(data).header
@@ -157,11 +180,14 @@ class VideoCodec:
         self._predictor = None
         self.has_pframes = "pframe" in package.components
         self._pframe = None
-        # (key, candidates) of the last _pframe_candidates calls, one per reference kind
-        self._last_candidates: Deque[Tuple[tuple, list]] = collections.deque(maxlen=3)
+        self.has_fusion = self.has_pframes and "temporal_fusion" in package.components
+        self._fusion = None
+        # (key, modes) of the last _reference_modes calls, one per reference kind
+        self._last_candidates: Deque[Tuple[tuple, _ReferenceModes]] = collections.deque(maxlen=3)
         # λ per P-frame level: the package's rate levels (keyframes and P frames share them;
         # a package may offer keyframe levels above the P-frame codec's own, _codec_level)
         self.pframe_lambdas = {lv.level: lv.lmbda for lv in package.rate_levels} if self.has_pframes else {}
+        self._perceptual_weight = 0.0  # of the encode under way (VideoSettings.perceptual_weight)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "video", device="cpu") -> "VideoCodec":
@@ -208,6 +234,31 @@ class VideoCodec:
                 component = LatentConditionalCodec(self.image.model, component)
             self._pframe = component
         return self._pframe
+
+    @property
+    def temporal_fusion(self):
+        """The network that fuses a fused P frame's low-rate decode with its (warped)
+        reference (:mod:`ulbcodec.models.temporal_fusion`), or None for a package without one."""
+        if self._fusion is None and self.has_fusion:
+            self._fusion = self.package.build("temporal_fusion", device=str(self.image.placement.home)).eval()
+        return self._fusion
+
+    def _fusion_levels(self, level: int) -> List[int]:
+        """The residual levels of the fused P frames the encoder tries at P-frame level ``level``."""
+        if not self.has_fusion:
+            return []
+        return sorted({max(0, level - d) for d in FUSION_DROPS} - {level}, reverse=True)
+
+    def _fuse(self, decoded: np.ndarray, reference: np.ndarray, level: int, reference_level: int) -> np.ndarray:
+        """A fused P frame: its residual's decode (at ``level``) fused with its (warped)
+        reference (of the P-frame level); on the fixed thread count, like P-frame synthesis,
+        so that the encoder's fused frame (the next frame's reference) equals the decoder's."""
+        h, w = decoded.shape[:2]
+        home = self.image.placement.home
+        with fixed_threads(), torch.no_grad():
+            out = self.temporal_fusion(pad_replicate(to_tensor(decoded), 4).to(home),
+                                       pad_replicate(to_tensor(reference), 4).to(home), level, reference_level)
+        return to_uint8(out[..., :h, :w])
 
     def _keyframe_decode(self, payload: AnchorPayload, width: int, height: int, level: int, generative: bool):
         if not generative:  # the anchor path is bit-exact for any thread count (docs/bitstream.md)
@@ -270,11 +321,18 @@ class VideoCodec:
                               "a corrupted file, or a machine whose arithmetic differs from the encoder's")
         return to_uint8(out["x_hat"][..., :h, :w])
 
-    def _rd_cost(self, bits: float, decoded: np.ndarray, target: np.ndarray, level: int) -> float:
+    def _rd_cost(self, bits: float, decoded: np.ndarray, target: np.ndarray, level: int,
+                 perceptual: bool = True) -> float:
         """R + λ·D of one coded frame at a level's λ (R in bits per pixel, D the training
-        objective's MSE term): what the encoder compares P-frame modes and keyframes by."""
-        return bits / (target.shape[0] * target.shape[1]) + \
-            self.pframe_lambdas[level] * MSE_WEIGHT * (_mse(decoded, target) / 255**2)
+        objective's MSE term, plus ``perceptual_weight`` × (detail + VIF losses) where the
+        encode asks for it and ``perceptual``): what the encoder compares P-frame modes and
+        keyframes by."""
+        distortion = MSE_WEIGHT * (_mse(decoded, target) / 255**2)
+        if perceptual and self._perceptual_weight and min(target.shape[:2]) >= PERCEPTUAL_MIN_SIDE:
+            with torch.no_grad():
+                detail, vif = perceptual_terms(to_tensor(decoded), to_tensor(target))
+            distortion += self._perceptual_weight * float(detail + vif)
+        return bits / (target.shape[0] * target.shape[1]) + self.pframe_lambdas[level] * distortion
 
     def _best_pframe(self, target: np.ndarray, previous: np.ndarray, forecast: Optional[np.ndarray],
                      level: int, motion: bool = True, keyframe: Optional[np.ndarray] = None
@@ -282,53 +340,73 @@ class VideoCodec:
         """(cost, unit, coded parts or None, decoded) of the inter frame of ``target`` with
         the lowest R + λ·D over up to three references (the previous decoded frame, the
         predictor's forecast of this frame where there is one, and the last decoded
-        keyframe where it is not the previous frame) and three modes each: the
-        reference repeated (zero bytes), the reference warped along a coded motion field,
-        and the conditional P-frame codec given the (warped) reference. R counts the parts
-        and their length prefix in the segment's INTR chunk."""
-        candidates = []
+        keyframe where it is not the previous frame) and four modes: the reference
+        repeated (zero bytes), the reference warped along a coded motion field, the
+        conditional P-frame codec given the (warped) reference, and (a package with a
+        temporal fusion) that codec at lower levels, its decode fused with the (warped)
+        reference. Fused P frames are tried on one reference only, the one whose repeat or
+        warp costs least: each costs a P frame and a fusion per level tried. R counts the
+        parts and their length prefix in the segment's INTR chunk."""
         if keyframe is previous:
             keyframe = None
-        for ref, kind in ((previous, PFrame(residual=False)), (forecast, PFrame(forecast=True, residual=False)),
-                          (keyframe, PFrame(residual=False, long_term=True))):
-            if ref is not None:
-                candidates += self._pframe_candidates(target, ref, kind, level, motion)
-        return min(candidates, key=lambda c: c[0])
+        references = ((previous, PFrame(residual=False)), (forecast, PFrame(forecast=True, residual=False)),
+                      (keyframe, PFrame(residual=False, long_term=True)))
+        entries = [self._reference_modes(target, ref, kind, level, motion) for ref, kind in references
+                   if ref is not None]
+        best_warp = min(entries, key=lambda e: e.warp_cost)
+        if best_warp.fused is None:
+            best_warp.fused = self._fused_candidates(target, best_warp, level)
+        return min((c for e in entries for c in e.candidates + (e.fused or [])), key=lambda c: c[0])
 
-    def _pframe_candidates(self, target: np.ndarray, ref: np.ndarray, reference: PFrame, level: int,
-                           motion: bool) -> List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]:
-        """The modes of :meth:`_best_pframe` on one reference (and, for a P-frame codec whose
-        reconstruction does not depend on its reference, that codec given the unwarped
-        reference as well). The last results of
-        each reference are kept: the encoder asks for the same frame and references twice
-        when a prediction loses to a P frame (once to judge it, once to code the P frame)."""
+    def _candidate(self, target: np.ndarray, level: int, unit: PFrame, motion_payload,
+                   residual: Optional[PFramePayload], decoded: np.ndarray
+                   ) -> Tuple[float, PFrame, Optional[bytes], np.ndarray]:
+        part = inter_frame_bytes(motion_payload, residual) if unit.has_parts else None
+        bits = 8 * (len(part) + len(write_uvarint(len(part)))) if part is not None else 0
+        return self._rd_cost(bits, decoded, target, level), unit, part, decoded
+
+    def _reference_modes(self, target: np.ndarray, ref: np.ndarray, reference: PFrame, level: int,
+                         motion: bool) -> "_ReferenceModes":
+        """The modes of :meth:`_best_pframe` on one reference but the fused ones (and, for
+        a P-frame codec whose reconstruction does not depend on its reference, that codec
+        given the unwarped reference as well). The last results of each reference are
+        kept: the encoder asks for the same frame and references twice when a prediction
+        loses to a P frame (once to judge it, once to code the P frame)."""
         key = (target, ref, reference, level, motion)
         for last_key, last in self._last_candidates:
             if all(a is b if isinstance(a, np.ndarray) else a == b for a, b in zip(key, last_key)):
                 return last
-        candidates = []
-
-        def consider(unit: PFrame, motion_payload, residual: Optional[PFramePayload], decoded: np.ndarray) -> None:
-            part = inter_frame_bytes(motion_payload, residual) if unit.has_parts else None
-            bits = 8 * (len(part) + len(write_uvarint(len(part)))) if part is not None else 0
-            candidates.append((self._rd_cost(bits, decoded, target, level), unit, part, decoded))
-
-        consider(reference, None, None, ref)
-        field, warped = None, ref
+        entry = _ReferenceModes(reference, None, ref, [self._candidate(target, level, reference, None, None, ref)])
         if motion:
-            field, warped, _ = best_field(target, ref, lambda bits, pred: self._rd_cost(bits, pred, target, level))
-        motion_payload = motion_coding.compress(field) if field is not None else None
-        if field is not None:
-            consider(reference._replace(motion=True), motion_payload, None, warped)
-        payload, decoded = self._code_pframe(target, warped, level)
-        consider(reference._replace(motion=field is not None, residual=True), motion_payload, payload, decoded)
-        if field is not None and self.pframe_codec.reconstruction_ignores_reference:
+            field, entry.warped, _ = best_field(target, ref,
+                                                lambda bits, pred: self._rd_cost(bits, pred, target, level, False))
+            if field is not None:
+                entry.motion = motion_coding.compress(field)
+                entry.unit = reference._replace(motion=True)
+                entry.candidates.append(self._candidate(target, level, entry.unit, entry.motion, None, entry.warped))
+        payload, decoded = self._code_pframe(target, entry.warped, level)
+        entry.candidates.append(self._candidate(target, level, entry.unit._replace(residual=True), entry.motion,
+                                                payload, decoded))
+        if entry.motion is not None and self.pframe_codec.reconstruction_ignores_reference:
             # the reference only informs its entropy model: the motion's bytes may cost
             # more than the prediction they save
             payload, decoded = self._code_pframe(target, ref, level)
-            consider(reference._replace(motion=False, residual=True), None, payload, decoded)
-        self._last_candidates.append((key, candidates))
-        return candidates
+            entry.candidates.append(self._candidate(target, level, reference._replace(residual=True), None,
+                                                    payload, decoded))
+        self._last_candidates.append((key, entry))
+        return entry
+
+    def _fused_candidates(self, target: np.ndarray, entry: "_ReferenceModes", level: int
+                          ) -> List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]:
+        """Fused P frames on the (warped) reference of ``entry``, one per level of
+        :meth:`_fusion_levels`."""
+        out = []
+        for fused_level in self._fusion_levels(level):
+            payload, decoded = self._code_pframe(target, entry.warped, fused_level)
+            unit = entry.unit._replace(residual=True, fusion_drop=level - fused_level)
+            out.append(self._candidate(target, level, unit, entry.motion, payload,
+                                       self._fuse(decoded, entry.warped, fused_level, level)))
+        return out
 
     @staticmethod
     def _chunks(entries: List, gops: GopStructure) -> List[Chunk]:
@@ -364,6 +442,7 @@ class VideoCodec:
         emit = reconstruction or (lambda frame: None)
         note = frame_log or (lambda record: None)
         self._last_candidates.clear()
+        self._perceptual_weight = settings.perceptual_weight
         K, P = self.cond_frames, self.pred_frames
         steps = self.steps if settings.steps is None else settings.steps
         if not 1 <= steps <= MAX_STEPS:
@@ -574,6 +653,12 @@ class VideoCodec:
                 raise DecodeError(f"file has P frames; model {self.package.name!r} has no P-frame codec")
             if pframe_level not in self.pframe_lambdas:
                 raise BitstreamError(f"P-frame rate level {pframe_level} not offered by model {self.package.name!r}")
+            drops = {u.fusion_drop for _, units in gops.segments for u in units if isinstance(u, PFrame)} - {0}
+            if drops and not self.has_fusion:
+                raise DecodeError(f"file has fused P frames; model {self.package.name!r} has no temporal fusion")
+            if any(pframe_level - d not in self.pframe_lambdas for d in drops):
+                raise BitstreamError(f"a fused P frame {max(drops)} levels below P-frame level {pframe_level} "
+                                     f"is not a level of model {self.package.name!r}")
         anchor_level, guide_timestep = h.params.get("anchor_level"), h.params.get("guide_timestep")
         if gops.anchored_rounds and (anchor_level not in self.image.rate_levels or guide_timestep is None):
             raise BitstreamError("anchored rounds need a valid anchor level and guide timestep in the header")
@@ -605,7 +690,11 @@ class VideoCodec:
                         motion, residual = split_inter_frame(part, unit)
                         if motion is not None:
                             frame = warp(ref, motion_coding.decompress(motion, h.width, h.height))
-                        if residual is not None:
+                        if unit.fusion_drop:
+                            level = pframe_level - unit.fusion_drop
+                            frame = self._fuse(self._decode_pframe(residual, frame, level), frame, level,
+                                               pframe_level)
+                        elif residual is not None:
                             frame = self._decode_pframe(residual, frame, pframe_level)
                     history.append(_Decoded(frame))
                     index += 1

@@ -1,5 +1,6 @@
-"""Temporal fusion of a low-rate P frame with its motion-compensated reference (an
-experiment: trained by :mod:`ulbcodec.train.temporal_fusion`, not yet in the bitstream).
+"""Temporal fusion of a low-rate P frame with its motion-compensated reference: the
+decoder side of a fused P frame (GOP syntax 5, docs/bitstream.md; component
+``temporal_fusion`` of a video package, trained by :mod:`ulbcodec.train.temporal_fusion`).
 
 A latent-conditional P frame (:mod:`ulbcodec.models.latent_conditional_codec`) decodes to
 exactly what the keyframe codec gives for its own latent: it inherits nothing from its
