@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
+import torch
 
 __all__ = ["MotionField", "SPACINGS", "QUARTER", "MAX_VECTOR", "grid_shape", "warp"]
 
@@ -83,27 +84,33 @@ class MotionField:
         return (2 * num + scale) // (2 * scale)
 
 
-_BAND = 64  # rows warped at a time: int64 intermediates of 64 rows, not of the whole frame
+_BAND = 128  # rows warped at a time: intermediates of 128 rows, not of the whole frame
+_FILTERS_T = torch.from_numpy(_FILTERS.astype(np.int32))
 
 
 def warp(reference: np.ndarray, field: MotionField) -> np.ndarray:
     """``reference`` (HxWx3 uint8) sampled along ``field``: the motion-compensated
-    prediction of the current frame, identical on every machine."""
+    prediction of the current frame, identical on every machine. The gathers and products
+    run in torch's int32 (exact: a 4x4 filter sum stays under 2^21), 2.6-2.8x faster than
+    numpy's int64 fancy indexing (BENCHMARKS.md, "Warp")."""
     h, w = reference.shape[:2]
-    out = np.empty_like(reference)
+    out = torch.empty((h, w, 3), dtype=torch.uint8)
+    flat = torch.from_numpy(np.ascontiguousarray(reference).reshape(-1, 3)).to(torch.int32)
+    columns = torch.arange(w, dtype=torch.int64)[None, :] * _EIGHTH
     for first in range(0, h, _BAND):
         end = min(h, first + _BAND)
-        flow = field.flow(w, h, (first, end))
-        x = np.arange(w, dtype=np.int64)[None, :] * _EIGHTH + flow[..., 0]
-        y = np.arange(first, end, dtype=np.int64)[:, None] * _EIGHTH + flow[..., 1]
+        flow = torch.from_numpy(field.flow(w, h, (first, end)))
+        x = columns + flow[..., 0]
+        y = torch.arange(first, end, dtype=torch.int64)[:, None] * _EIGHTH + flow[..., 1]
         xi, yi = x >> 3, y >> 3  # floor
-        wx, wy = _FILTERS[x & 7], _FILTERS[y & 7]  # [rows, W, 4]
-        acc = np.zeros((end - first, w, 3), np.int64)
+        wx, wy = _FILTERS_T[x & 7], _FILTERS_T[y & 7]  # [rows, W, 4]
+        taps = [torch.clamp(xi + b - 1, 0, w - 1) for b in range(4)]
+        acc = torch.zeros((end - first, w, 3), dtype=torch.int32)
         for a in range(4):
-            rows = np.clip(yi + a - 1, 0, h - 1)
-            line = np.zeros_like(acc)
-            for b in range(4):
-                line += wx[..., b, None] * reference[rows, np.clip(xi + b - 1, 0, w - 1)]
+            rows = torch.clamp(yi + a - 1, 0, h - 1) * w
+            line = wx[..., 0, None] * flat[rows + taps[0]]
+            for b in range(1, 4):
+                line += wx[..., b, None] * flat[rows + taps[b]]
             acc += wy[..., a, None] * line
-        out[first:end] = np.clip((acc + 2048) >> 12, 0, 255)
-    return out
+        out[first:end] = torch.clamp((acc + 2048) >> 12, 0, 255).to(torch.uint8)
+    return out.numpy()
