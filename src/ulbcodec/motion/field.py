@@ -91,8 +91,8 @@ _FILTERS_T = torch.from_numpy(_FILTERS.astype(np.int32))
 def warp(reference: np.ndarray, field: MotionField) -> np.ndarray:
     """``reference`` (HxWx3 uint8) sampled along ``field``: the motion-compensated
     prediction of the current frame, identical on every machine. The gathers and products
-    run in torch's int32 (exact: a 4x4 filter sum stays under 2^21), 2.6-2.8x faster than
-    numpy's int64 fancy indexing (BENCHMARKS.md, "Warp")."""
+    run in torch's int32 (exact: a 4x4 filter sum stays under 2^21), which gathers faster
+    than numpy's fancy indexing (BENCHMARKS.md, "Warp")."""
     h, w = reference.shape[:2]
     out = torch.empty((h, w, 3), dtype=torch.uint8)
     flat = torch.from_numpy(np.ascontiguousarray(reference).reshape(-1, 3)).to(torch.int32)
