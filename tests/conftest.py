@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import pytest
@@ -219,3 +219,17 @@ def run_trainer(cmd, tmp_path: Path, timeout: float = 3600) -> str:
                           timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     return proc.stdout
+
+
+def tiny_video_trainer_args(tmp_path: Path, package: Path, frames: np.ndarray, *extra: str) -> List[str]:
+    """Arguments of a video trainer (train.pframe_latent, train.temporal_fusion) whose one
+    training clip, ``frames`` (T x 64 x 96 x 3), is written under ``tmp_path``: data, run
+    folder ``tmp_path / "run"``, the package, one thread, 64 px crops, a log and a
+    checkpoint every step."""
+    from ulbcodec.train.video_data import write_lossless
+
+    clips = tmp_path / "data" / "videos" / "train"
+    clips.mkdir(parents=True)
+    write_lossless(clips / "pan.mkv", iter(frames), (96, 64), 25)
+    return ["--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--video-model", str(package),
+            "--threads", "1", "--crop", "64", "--log-every", "1", "--save-every", "0", *extra]

@@ -12,7 +12,7 @@ from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec, Tem
 from ulbcodec.packages import ModelPackage
 from ulbcodec.video import VideoCodec
 
-from conftest import TINY_CONFIG, make_tiny_video_package
+from conftest import TINY_CONFIG, make_tiny_video_package, tiny_video_trainer_args
 from test_pframe import assert_thread_count_invariant, encode, force_residual, frames_tensor
 from test_video_codec import clip
 
@@ -232,15 +232,10 @@ def test_the_trainer_resumes_at_a_new_rate_and_exports_without_training_further(
     import json
 
     from ulbcodec.train import pframe_latent
-    from ulbcodec.train.video_data import write_lossless
 
     package = make_tiny_video_package(tmp_path / "models", pframe="latent", half_parameters=True)
-    clips = tmp_path / "data" / "videos" / "train"
-    clips.mkdir(parents=True)
-    write_lossless(clips / "pan.mkv", iter(clip(4, 64, 96)), (96, 64), 25)
+    common = tiny_video_trainer_args(tmp_path, package, clip(4, 64, 96), "--batch", "2")
     run = tmp_path / "run"
-    common = ["--data", str(tmp_path / "data"), "--run", str(run), "--video-model", str(package), "--threads", "1",
-              "--batch", "2", "--crop", "64", "--log-every", "1", "--save-every", "0"]
     pframe_latent.main(common + ["--steps", "2"])
     pframe_latent.main(common + ["--steps", "4", "--lr", "1e-4"])
     state = json.loads((run / "state.json").read_text())

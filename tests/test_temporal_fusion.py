@@ -14,7 +14,7 @@ from ulbcodec.models.temporal_fusion import TemporalFusion
 from ulbcodec.packages import ModelPackage
 from ulbcodec.video import VideoCodec
 
-from conftest import make_tiny_video_package
+from conftest import make_tiny_video_package, tiny_video_trainer_args
 from test_pframe import encode
 from test_video_codec import clip
 
@@ -117,15 +117,10 @@ def test_the_trainer_exports_a_package_whose_codec_fuses(tmp_path):
     """train.temporal_fusion: two steps, then an export alone (no further step): the
     exported package is a video package with fused P frames."""
     from ulbcodec.train import temporal_fusion
-    from ulbcodec.train.video_data import write_lossless
 
     package = make_tiny_video_package(tmp_path / "models", pframe="latent", half_parameters=True)
-    clips = tmp_path / "data" / "videos" / "train"
-    clips.mkdir(parents=True)
-    write_lossless(clips / "pan.mkv", iter(clip(4, 64, 96)), (96, 64), 25)
+    common = tiny_video_trainer_args(tmp_path, package, clip(4, 64, 96), "--batch", "1", "--width", "4")
     run = tmp_path / "run"
-    common = ["--data", str(tmp_path / "data"), "--run", str(run), "--video-model", str(package), "--threads", "1",
-              "--batch", "1", "--crop", "64", "--width", "4", "--log-every", "1", "--save-every", "0"]
     with pytest.raises(SystemExit):  # nothing to export yet
         temporal_fusion.main(common + ["--export", str(tmp_path / "exported")])
     temporal_fusion.main(common + ["--steps", "2"])

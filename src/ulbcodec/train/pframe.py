@@ -204,6 +204,23 @@ def start_run(args: argparse.Namespace) -> Path:
     return Path(args.run)
 
 
+def take_step(opt: torch.optim.Optimizer, loss: torch.Tensor, module: torch.nn.Module, meta: dict) -> None:
+    """One optimiser step on ``loss`` (gradients clipped to norm 1), and the run's step count advanced."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    opt.step()
+    meta["step"] += 1
+
+
+def training_record(trainer: str, meta: dict, args: argparse.Namespace, **extra) -> dict:
+    """What an export of a video trainer's run records of its training (``extra`` added)."""
+    return {"trainer": trainer, "steps": meta["step"], "minutes": round(meta["seconds"] / 60, 1),
+            "batch": args.batch, "crop": args.crop, "lr_schedule": meta.get("lr_schedule", [[0, args.lr]]),
+            "seed": args.seed, "keyframe_codec_digest": meta["keyframe_codec_digest"], **extra,
+            "log_tail": meta["log"][-5:]}
+
+
 def go_on_at(opt: torch.optim.Optimizer, meta: dict, lr: float) -> None:
     """Every parameter group at ``lr``, recorded in ``meta["lr_schedule"]`` from this step:
     a resumed run goes on at its --lr, which is how the rate decays in steps."""

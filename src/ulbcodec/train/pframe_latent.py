@@ -43,7 +43,8 @@ from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec, Tem
 from ulbcodec.train.anchor import round_parameters_to_half
 from ulbcodec.train.generative import load_stage, save_stage
 from ulbcodec.train.pframe import (MIN_SIDE, VALIDATION_CLIPS, RunProgress, add_run_arguments, go_on_at,
-                                   load_clips, motion_compensated, quantize_uint8, sample_batch, start_run)
+                                   load_clips, motion_compensated, quantize_uint8, sample_batch, start_run, take_step,
+                                   training_record)
 
 
 def keyframe_codec(video_model: str):
@@ -158,11 +159,7 @@ def main(argv=None) -> None:
             bits, keyframe_bits = codec.rates(frames[:, j], ref, level)
             loss = loss + bits / pixels
             row += [bits.item() / pixels, keyframe_bits.item() / pixels]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
-        opt.step()
-        meta["step"] = i + 1
+        take_step(opt, loss, prior, meta)
         progress.step_done(tuple(row), {"prior": prior}, {"opt": opt})
     if args.export:
         export(prior.eval(), package, meta, args)
@@ -170,11 +167,7 @@ def main(argv=None) -> None:
 
 def export(prior: TemporalLatentPrior, package, meta: dict, args) -> None:
     round_parameters_to_half(prior)  # stored as float16
-    training = {"trainer": "ulbcodec.train.pframe_latent", "steps": meta["step"],
-                "minutes": round(meta["seconds"] / 60, 1), "batch": args.batch, "crop": args.crop,
-                "lr_schedule": meta.get("lr_schedule", [[0, args.lr]]),
-                "seed": args.seed, "keyframe_codec_digest": meta["keyframe_codec_digest"],
-                "log_tail": meta["log"][-5:]}
+    training = training_record("ulbcodec.train.pframe_latent", meta, args)
     base = package.description.split("; conditional P-frame codec")[0].split("; P frames:")[0]
     pkg = packages.save_derived_package(package, args.export, {"pframe": prior}, {"pframe_training": training},
                                         description=base + "; P frames: the keyframe codec under a temporal latent "

@@ -32,7 +32,7 @@ from ulbcodec.models.temporal_fusion import TemporalFusion
 from ulbcodec.train.anchor import round_parameters_to_half
 from ulbcodec.train.generative import load_stage
 from ulbcodec.train.pframe import (RunProgress, add_run_arguments, go_on_at, load_clips, motion_compensated,
-                                   quantize_uint8, sample_batch, start_run)
+                                   quantize_uint8, sample_batch, start_run, take_step, training_record)
 from ulbcodec.train.pframe_latent import decoded_keyframe, keyframe_codec
 
 
@@ -112,11 +112,7 @@ def main(argv=None) -> None:
                 with torch.no_grad():
                     row[3:] += [terms.item(), sum(perceptual_terms(reference, frames[:, j])).item()]
             reference = quantize_uint8(fused.detach())  # clamped to [0, 1] there
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        meta["step"] = i + 1
+        take_step(opt, loss, net, meta)
         progress.step_done(tuple(row / 2), {"fusion": net}, {"opt": opt})
     if args.export:
         export(net.eval(), package, meta, args)
@@ -124,11 +120,8 @@ def main(argv=None) -> None:
 
 def export(net: TemporalFusion, package, meta: dict, args) -> None:
     round_parameters_to_half(net)  # stored as float16
-    training = {"trainer": "ulbcodec.train.temporal_fusion", "steps": meta["step"],
-                "minutes": round(meta["seconds"] / 60, 1), "batch": args.batch, "crop": args.crop,
-                "lr_schedule": meta.get("lr_schedule", [[0, args.lr]]), "seed": args.seed,
-                "perceptual_schedule": meta.get("perceptual_schedule", [[0, args.perceptual_weight]]),
-                "keyframe_codec_digest": meta["keyframe_codec_digest"], "log_tail": meta["log"][-5:]}
+    training = training_record("ulbcodec.train.temporal_fusion", meta, args, perceptual_schedule=meta.get(
+        "perceptual_schedule", [[0, args.perceptual_weight]]))
     base = package.description.split("; fused P frames:")[0]
     pkg = packages.save_derived_package(package, args.export, {"temporal_fusion": net},
                                         {"temporal_fusion_training": training},
