@@ -3,6 +3,8 @@ files (tiny random models)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -114,8 +116,9 @@ def test_a_file_with_fused_p_frames_is_refused_where_it_cannot_decode(fused_pack
 
 
 def test_the_trainer_exports_a_package_whose_codec_fuses(tmp_path):
-    """train.temporal_fusion: two steps, then an export alone (no further step): the
-    exported package is a video package with fused P frames."""
+    """train.temporal_fusion: two steps, one more on longer windows with the perceptual
+    terms (both recorded), then an export alone (no further step): the exported package is
+    a video package with fused P frames."""
     from ulbcodec.train import temporal_fusion
 
     package = make_tiny_video_package(tmp_path / "models", pframe="latent", half_parameters=True)
@@ -124,11 +127,17 @@ def test_the_trainer_exports_a_package_whose_codec_fuses(tmp_path):
     with pytest.raises(SystemExit):  # nothing to export yet
         temporal_fusion.main(common + ["--export", str(tmp_path / "exported")])
     temporal_fusion.main(common + ["--steps", "2"])
+    temporal_fusion.main(common + ["--steps", "3", "--window", "4", "--perceptual-weight", "500"])
+    state = json.loads((run / "state.json").read_text())
+    assert state["window_schedule"] == [[0, 3], [2, 4]] and state["perceptual_schedule"] == [[0, 0.0], [2, 500.0]]
+    assert set(state["log"][-1]) >= {"psnr_fused", "perceptual_fused", "perceptual_warp"}
+    with pytest.raises(ValueError, match="5 frames"):  # the one clip has 4
+        temporal_fusion.main(common + ["--steps", "4", "--window", "5"])
     weights = (run / "weights.safetensors").read_bytes()
     temporal_fusion.main(common + ["--export", str(tmp_path / "exported"), "--width", "8"])
     assert (run / "weights.safetensors").read_bytes() == weights
     exported = ModelPackage.load_manifest(tmp_path / "exported")
-    assert exported.extra["temporal_fusion_training"]["steps"] == 2
+    assert exported.extra["temporal_fusion_training"]["steps"] == 3
     assert exported.components["temporal_fusion"]["config"] == {"width": 4}
     codec = VideoCodec.from_pretrained(str(tmp_path / "exported"))
     assert codec.has_fusion and codec._fusion_levels(2) == [0]

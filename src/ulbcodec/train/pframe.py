@@ -91,20 +91,25 @@ def load_clips(folder: Path, max_frames: int) -> List[np.ndarray]:
     return clips
 
 
-def sample_batch(clips: List[np.ndarray], n: int, crop: int, rng: random.Random) -> torch.Tensor:
-    """[n, 3 frames, 3, crop, crop] in [0, 1]."""
+def sample_batch(clips: List[np.ndarray], n: int, crop: int, rng: random.Random, frames: int = 3) -> torch.Tensor:
+    """[n, ``frames`` frames, 3, crop, crop] in [0, 1]: windows of every 1st to 3rd frame of
+    the clips that have that many frames."""
     batch = []
+    clips = [c for c in clips if c.shape[0] >= frames]
+    if not clips:
+        raise ValueError(f"no training clip has {frames} frames")
     # Clips drawn in proportion to the square root of their pixel count: the 40 small
     # digit clips would otherwise make up a third of the draws.
     weights = [float(np.sqrt(c.shape[0] * c.shape[1] * c.shape[2])) for c in clips]
     for clip in rng.choices(clips, weights, k=n):
         step = rng.choice((1, 1, 2, 3))
-        step = min(step, (clip.shape[0] - 1) // 2)
-        t = rng.randrange(clip.shape[0] - 2 * step)
+        step = min(step, (clip.shape[0] - 1) // (frames - 1))
+        span = (frames - 1) * step
+        t = rng.randrange(clip.shape[0] - span)
         h, w = clip.shape[1:3]
         y, x = rng.randrange(h - crop + 1), rng.randrange(w - crop + 1)
-        frames = clip[t : t + 2 * step + 1 : step, y : y + crop, x : x + crop]
-        win = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255
+        window = clip[t : t + span + 1 : step, y : y + crop, x : x + crop]
+        win = torch.from_numpy(np.ascontiguousarray(window)).permute(0, 3, 1, 2).float() / 255
         if rng.random() < 0.5:
             win = win.flip(-1)
         if rng.random() < 0.2:

@@ -2,12 +2,13 @@
 side of fused P frames; ``--export`` adds it to the video package as its
 ``temporal_fusion`` component (docs/training.md, "Fused P frames").
 
-Each step: 3-frame windows of the training clips; frame 0 decoded by the video package's
-keyframe codec at a level k in [2, 5] (of the shipped packages' 0-5), frames 1 and 2 at a
-level p 2-5 below it (clamped at 0); each P frame's decode fused with the previous output warped along the motion that
-predicts the frame best (what a coded motion field gives), recursively; MSE to the
-originals, plus with ``--perceptual-weight`` the detail and VIF losses (VMAF's features)
-on the scale of the codecs' own losses. The log compares the fused frames with the P
+Each step: windows of ``--window`` frames (default 3) of the training clips; frame 0
+decoded by the video package's keyframe codec at a level k in [2, 5] (of the shipped
+packages' 0-5), the others at a level p 2-5 below it (clamped at 0); each P frame's
+decode fused with the previous output warped along the motion that predicts the frame
+best (what a coded motion field gives), recursively; MSE to the originals, plus with
+``--perceptual-weight`` the detail and VIF losses (VMAF's features) on the scale of the
+codecs' own losses. The log compares the fused frames with the P
 frames' decodes and the warps.
 
     python -m ulbcodec.train.temporal_fusion --run runs/temporal-fusion --steps 4000 \
@@ -51,6 +52,9 @@ def main(argv=None) -> None:
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--width", type=int, default=32)
+    p.add_argument("--window", type=int, default=3,
+                   help="frames per training window: a keyframe, then window - 1 P frames fused recursively "
+                        "(longer windows show the fusion the drift of a long chain)")
     p.add_argument("--perceptual-weight", type=float, default=0.0,
                    help="add w x (detail + VIF losses) per unit of the MSE term (losses/rate_distortion.py): "
                         "VMAF's features, which an MSE-trained fusion trades for blur")
@@ -59,6 +63,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.steps is None and not args.export:
         p.error("nothing to do: give --steps or --export")
+    if args.window < 2:
+        p.error("--window needs a keyframe and at least one P frame")
     run = start_run(args)
     anchor, package = keyframe_codec(args.video_model)
     state = run / "state.json"
@@ -76,6 +82,7 @@ def main(argv=None) -> None:
     if args.steps is not None and meta["step"] < args.steps:
         go_on_at(opt, meta, args.lr)
         meta.setdefault("perceptual_schedule", []).append([meta["step"], args.perceptual_weight])
+        meta.setdefault("window_schedule", []).append([meta["step"], args.window])
         clips = load_clips(Path(args.data) / "videos" / "train", args.max_frames)
     perceptual = args.perceptual_weight / MSE_WEIGHT  # the losses below are MSE, not MSE_WEIGHT x MSE
 
@@ -92,13 +99,14 @@ def main(argv=None) -> None:
     while args.steps is not None and meta["step"] < args.steps:
         i = meta["step"]
         rng = random.Random(args.seed * 1_000_003 + i)
-        frames = sample_batch(clips, args.batch, args.crop, rng)
+        frames = sample_batch(clips, args.batch, args.crop, rng, args.window)
         level = rng.uniform(min(2, top), top)
         plevel = max(0.0, level - rng.choice((2, 3, 4, 5)))
         with torch.no_grad():
-            decoded = [decoded_keyframe(anchor, frames[:, j], level if j == 0 else plevel) for j in range(3)]
+            decoded = [decoded_keyframe(anchor, frames[:, j], level if j == 0 else plevel)
+                       for j in range(args.window)]
         reference, loss, row = decoded[0], 0.0, np.zeros(5)
-        for j in (1, 2):
+        for j in range(1, args.window):
             with torch.no_grad():
                 reference = motion_compensated(reference, frames[:, j])
             fused = net(decoded[j], reference, plevel, level)
@@ -113,7 +121,7 @@ def main(argv=None) -> None:
                     row[3:] += [terms.item(), sum(perceptual_terms(reference, frames[:, j])).item()]
             reference = quantize_uint8(fused.detach())  # clamped to [0, 1] there
         take_step(opt, loss, net, meta)
-        progress.step_done(tuple(row / 2), {"fusion": net}, {"opt": opt})
+        progress.step_done(tuple(row / (args.window - 1)), {"fusion": net}, {"opt": opt})
     if args.export:
         export(net.eval(), package, meta, args)
 
