@@ -137,7 +137,8 @@ def test_the_trainer_exports_a_package_whose_codec_fuses(tmp_path):
     temporal_fusion.main(common + ["--export", str(tmp_path / "exported"), "--width", "8"])
     assert (run / "weights.safetensors").read_bytes() == weights
     exported = ModelPackage.load_manifest(tmp_path / "exported")
-    assert exported.extra["temporal_fusion_training"]["steps"] == 3
+    training = exported.extra["temporal_fusion_training"]
+    assert training["steps"] == 3 and training["window_schedule"] == [[0, 3], [2, 4]]
     assert exported.components["temporal_fusion"]["config"] == {"width": 4}
     codec = VideoCodec.from_pretrained(str(tmp_path / "exported"))
     assert codec.has_fusion and codec._fusion_levels(2) == [0]

@@ -183,7 +183,7 @@ class VideoCodec:
         self.has_fusion = self.has_pframes and "temporal_fusion" in package.components
         self._fusion = None
         # (key, modes) of the last _reference_modes calls, one per reference kind
-        self._last_candidates: Deque[Tuple[tuple, _ReferenceModes]] = collections.deque(maxlen=3)
+        self._last_modes: Deque[Tuple[tuple, _ReferenceModes]] = collections.deque(maxlen=3)
         # λ per P-frame level: the package's rate levels (keyframes and P frames share them;
         # a package may offer keyframe levels above the P-frame codec's own, _codec_level)
         self.pframe_lambdas = {lv.level: lv.lmbda for lv in package.rate_levels} if self.has_pframes else {}
@@ -361,6 +361,7 @@ class VideoCodec:
     def _candidate(self, target: np.ndarray, level: int, unit: PFrame, motion_payload,
                    residual: Optional[PFramePayload], decoded: np.ndarray
                    ) -> Tuple[float, PFrame, Optional[bytes], np.ndarray]:
+        """(R + λD, unit, its coded parts or None, decoded) of one inter-frame mode."""
         part = inter_frame_bytes(motion_payload, residual) if unit.has_parts else None
         bits = 8 * (len(part) + len(write_uvarint(len(part)))) if part is not None else 0
         return self._rd_cost(bits, decoded, target, level), unit, part, decoded
@@ -373,7 +374,7 @@ class VideoCodec:
         kept: the encoder asks for the same frame and references twice when a prediction
         loses to a P frame (once to judge it, once to code the P frame)."""
         key = (target, ref, reference, level, motion)
-        for last_key, last in self._last_candidates:
+        for last_key, last in self._last_modes:
             if all(a is b if isinstance(a, np.ndarray) else a == b for a, b in zip(key, last_key)):
                 return last
         entry = _ReferenceModes(reference, None, ref, [self._candidate(target, level, reference, None, None, ref)])
@@ -393,7 +394,7 @@ class VideoCodec:
             payload, decoded = self._code_pframe(target, ref, level)
             entry.candidates.append(self._candidate(target, level, reference._replace(residual=True), None,
                                                     payload, decoded))
-        self._last_candidates.append((key, entry))
+        self._last_modes.append((key, entry))
         return entry
 
     def _fused_candidates(self, target: np.ndarray, entry: "_ReferenceModes", level: int
@@ -441,7 +442,7 @@ class VideoCodec:
         a :class:`FrameRecord` per frame (its type, bytes and the distance that decided it)."""
         emit = reconstruction or (lambda frame: None)
         note = frame_log or (lambda record: None)
-        self._last_candidates.clear()
+        self._last_modes.clear()
         self._perceptual_weight = settings.perceptual_weight
         K, P = self.cond_frames, self.pred_frames
         steps = self.steps if settings.steps is None else settings.steps
@@ -590,7 +591,7 @@ class VideoCodec:
             params.update(pframe_level=pframe_level, gop_syntax=gops.syntax)
         header = Header(bitstream.MEDIA_VIDEO, size[0], size[1], self.package.short_digest, level, index,
                         fps.numerator, fps.denominator, settings.seed, params)
-        self._last_candidates.clear()
+        self._last_modes.clear()
         chunks = [Chunk(bitstream.CHUNK_GOPS, gops.to_bytes())] + self._chunks(payloads, gops)
         return Container(header, chunks).to_bytes(), gops
 

@@ -8,8 +8,8 @@ packages' 0-5), the others at a level p 2-5 below it (clamped at 0); each P fram
 decode fused with the previous output warped along the motion that predicts the frame
 best (what a coded motion field gives), recursively; MSE to the originals, plus with
 ``--perceptual-weight`` the detail and VIF losses (VMAF's features) on the scale of the
-codecs' own losses. The log compares the fused frames with the P
-frames' decodes and the warps.
+codecs' own losses. The log compares the fused frames with the P frames' decodes and
+the warps.
 
     python -m ulbcodec.train.temporal_fusion --run runs/temporal-fusion --steps 4000 \
         --video-model models/video --export runs/temporal-fusion/package
@@ -128,8 +128,9 @@ def main(argv=None) -> None:
 
 def export(net: TemporalFusion, package, meta: dict, args) -> None:
     round_parameters_to_half(net)  # stored as float16
-    training = training_record("ulbcodec.train.temporal_fusion", meta, args, perceptual_schedule=meta.get(
-        "perceptual_schedule", [[0, args.perceptual_weight]]))
+    training = training_record("ulbcodec.train.temporal_fusion", meta, args,
+                               perceptual_schedule=meta.get("perceptual_schedule", [[0, args.perceptual_weight]]),
+                               window_schedule=meta.get("window_schedule", [[0, args.window]]))
     base = package.description.split("; fused P frames:")[0]
     pkg = packages.save_derived_package(package, args.export, {"temporal_fusion": net},
                                         {"temporal_fusion_training": training},
