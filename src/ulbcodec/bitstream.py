@@ -632,9 +632,13 @@ class GopStructure:
     def anchored_rounds(self) -> int:
         return sum(isinstance(u, Round) and u.anchored for _, units in self.segments for u in units)
 
+    def pframe_units(self) -> List[PFrame]:
+        """Every P-frame unit, in frame order."""
+        return [u for _, units in self.segments for u in units if isinstance(u, PFrame)]
+
     @property
     def pframes(self) -> int:
-        return sum(isinstance(u, PFrame) for _, units in self.segments for u in units)
+        return len(self.pframe_units())
 
     @property
     def predicted_frames(self) -> int:
@@ -642,23 +646,23 @@ class GopStructure:
 
     @property
     def coded_inter_frames(self) -> int:
-        return sum(isinstance(u, PFrame) and u.has_parts for _, units in self.segments for u in units)
+        return sum(u.has_parts for u in self.pframe_units())
 
     @property
     def residual_frames(self) -> int:
         """P frames whose parts include the P-frame codec's residual (the others warp or repeat)."""
-        return sum(isinstance(u, PFrame) and u.residual for _, units in self.segments for u in units)
+        return sum(u.residual for u in self.pframe_units())
 
     @property
     def fused_frames(self) -> int:
         """P frames whose residual's decode is fused with their reference."""
-        return sum(isinstance(u, PFrame) and u.fusion_drop > 0 for _, units in self.segments for u in units)
+        return sum(u.fusion_drop > 0 for u in self.pframe_units())
 
     @property
     def syntax(self) -> int:
         """The oldest syntax that holds these units (files that need no motion stay readable
         by ulbc versions before it)."""
-        units = [u for _, us in self.segments for u in us if isinstance(u, PFrame)]
+        units = self.pframe_units()
         if any(u.fusion_drop for u in units):
             return GOP_SYNTAX_FUSION
         if any(u.long_term for u in units):
@@ -853,12 +857,11 @@ def describe(container: Container) -> dict:
             desc["gop"] = {"error": str(exc)}
             return desc
         types = structure.frame_types()
+        pframes = [i for i, t in enumerate(types) if t in PFRAME_LETTERS]
         desc["gop"] = {"frame_types": types, "keyframes": [i for i, t in enumerate(types) if t == "K"],
                        "anchored": [i for i, t in enumerate(types) if t == "A"],
-                       "pframes": [i for i, t in enumerate(types) if t in PFRAME_LETTERS],
-                       "fused": [i for i, u in zip([i for i, t in enumerate(types) if t in PFRAME_LETTERS],
-                                                   (u for _, us in structure.segments for u in us
-                                                    if isinstance(u, PFrame))) if u.fusion_drop],
+                       "pframes": pframes,
+                       "fused": [i for i, u in zip(pframes, structure.pframe_units()) if u.fusion_drop],
                        "rounds": [u.accepted for _, units in structure.segments for u in units
                                   if isinstance(u, Round)],
                        "frame_bytes": _frame_bytes(types, container, structure)}

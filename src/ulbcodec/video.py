@@ -654,7 +654,7 @@ class VideoCodec:
                 raise DecodeError(f"file has P frames; model {self.package.name!r} has no P-frame codec")
             if pframe_level not in self.pframe_lambdas:
                 raise BitstreamError(f"P-frame rate level {pframe_level} not offered by model {self.package.name!r}")
-            drops = {u.fusion_drop for _, units in gops.segments for u in units if isinstance(u, PFrame)} - {0}
+            drops = {u.fusion_drop for u in gops.pframe_units()} - {0}
             if drops and not self.has_fusion:
                 raise DecodeError(f"file has fused P frames; model {self.package.name!r} has no temporal fusion")
             if any(pframe_level - d not in self.pframe_lambdas for d in drops):
@@ -691,12 +691,10 @@ class VideoCodec:
                         motion, residual = split_inter_frame(part, unit)
                         if motion is not None:
                             frame = warp(ref, motion_coding.decompress(motion, h.width, h.height))
-                        if unit.fusion_drop:
+                        if residual is not None:  # a fused P frame's: fusion_drop levels down
                             level = pframe_level - unit.fusion_drop
-                            frame = self._fuse(self._decode_pframe(residual, frame, level), frame, level,
-                                               pframe_level)
-                        elif residual is not None:
-                            frame = self._decode_pframe(residual, frame, pframe_level)
+                            decoded = self._decode_pframe(residual, frame, level)
+                            frame = self._fuse(decoded, frame, level, pframe_level) if unit.fusion_drop else decoded
                     history.append(_Decoded(frame))
                     index += 1
                     yield frame
