@@ -54,8 +54,9 @@ def measure(ref: np.ndarray, dist: np.ndarray) -> dict:
 
 
 def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresholds, out: Path,
-             anchored: bool = False, predictor: bool = True, long_term: bool = True,
-             pframe_offset: int = 0, perceptual_weight: float = 0.0) -> list[dict]:
+             anchored: bool = False, predictor: bool = True, pframe_offset: int = 0, **options) -> list[dict]:
+    """Rows of ulbc at each level (and threshold, with the predictor); ``options`` are
+    further :class:`~ulbcodec.video.VideoSettings` fields, the same for every point."""
     from ulbcodec.video import VideoSettings
 
     rows = []
@@ -64,8 +65,8 @@ def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresh
     for level in levels:
         for threshold in thresholds if predictor else [0.0]:
             settings = VideoSettings(threshold=threshold, rate_level=level, anchored=anchored, predictor=predictor,
-                                     long_term=long_term, perceptual_weight=perceptual_weight,
-                                     pframe_level=max(level - pframe_offset, 0) if pframe_offset else None)
+                                     pframe_level=max(level - pframe_offset, 0) if pframe_offset else None,
+                                     **options)
             path = out / f"{name}-{curve}-q{level}-t{threshold}.ulb"
             _, gops, decoded, encode_s, decode_s = ulbc_video_round_trip(codec, frames, fps, settings, path)
             rows.append({"clip": name, "codec": curve, "setting": f"q{level} t{threshold}",
@@ -73,6 +74,7 @@ def run_ulbc(codec, name: str, frames: np.ndarray, fps: Fraction, levels, thresh
                          "keyframes": gops.keyframes, "anchored_rounds": gops.anchored_rounds,
                          "pframes": gops.pframes, "predicted": gops.predicted_frames,
                          "residual_pframes": gops.residual_frames, "fused_pframes": gops.fused_frames,
+                         "skip_block_pframes": gops.skip_block_frames,
                          "motion_pframes": gops.coded_inter_frames - gops.residual_frames,
                          "frame_types": gops.frame_types(),
                          "encode_fps": t / encode_s, "decode_fps": t / decode_s, **measure(frames, decoded)})
@@ -291,6 +293,8 @@ def main(argv=None) -> None:
     p.add_argument("--speed", action="store_true")
     p.add_argument("--no-long-term", dest="long_term", action="store_false",
                    help="P frames never reference the last keyframe (the ablation of that reference)")
+    p.add_argument("--no-skip-blocks", dest="skip_blocks", action="store_false",
+                   help="P frames never leave blocks to their reference (the ablation of skipped blocks)")
     p.add_argument("--pframe-offset", type=int, default=0,
                    help="P frames this many rate levels below the keyframes (ulbc encode --pframe-level)")
     p.add_argument("--perceptual-weight", type=float, default=0.0,
@@ -309,16 +313,15 @@ def main(argv=None) -> None:
         frames, fps = read_clip(args.clips / f"{name}.mkv", args.frames)
         shapes[name], loaded[name] = frames.shape, frames
         print(f"{name}: {frames.shape[2]}x{frames.shape[1]}, {len(frames)} frames", file=sys.stderr, flush=True)
-        rows += run_ulbc(codec, name, frames, fps, args.levels, args.thresholds, args.out, long_term=args.long_term,
-                         pframe_offset=args.pframe_offset, perceptual_weight=args.perceptual_weight)
+        options = dict(pframe_offset=args.pframe_offset, long_term=args.long_term,
+                       perceptual_weight=args.perceptual_weight, skip_blocks=args.skip_blocks)
+        rows += run_ulbc(codec, name, frames, fps, args.levels, args.thresholds, args.out, **options)
         if args.no_predictor_levels:
             rows += run_ulbc(codec, name, frames, fps, args.no_predictor_levels, [], args.out, predictor=False,
-                             long_term=args.long_term, pframe_offset=args.pframe_offset,
-                             perceptual_weight=args.perceptual_weight)
+                             **options)
         if args.anchored_levels:
             rows += run_ulbc(codec, name, frames, fps, args.anchored_levels, args.anchored_thresholds, args.out,
-                             anchored=True, long_term=args.long_term, pframe_offset=args.pframe_offset,
-                             perceptual_weight=args.perceptual_weight)
+                             anchored=True, **options)
         reused = []
         if args.baselines_from:
             earlier = json.loads(args.baselines_from.read_text())

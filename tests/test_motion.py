@@ -13,9 +13,9 @@ import pytest
 from ulbcodec._compressai import compressai  # noqa: F401  (must precede compressai.* imports)
 from compressai.ans import RansEncoder
 
-from ulbcodec.bitstream import (CHUNK_INTER, BitstreamError, Chunk, Container, GopStructure, MotionPayload, PFrame,
-                                PFramePayload, inter_chunk, inter_frame_bytes, pframe_parts, split_inter_frame,
-                                video_gops)
+from ulbcodec.bitstream import (CHUNK_INTER, BitstreamError, Chunk, Container, GopStructure, InterFrameParts,
+                                MotionPayload, PFrame, PFramePayload, inter_chunk, inter_frame_bytes, pframe_parts,
+                                split_inter_frame, video_gops)
 from ulbcodec.motion import coding
 from ulbcodec.motion.field import MAX_VECTOR, MotionField, grid_shape, warp
 from ulbcodec.motion.search import best_field, estimate
@@ -131,9 +131,10 @@ def test_pframe_chunk_parts_round_trip():
     residual = PFramePayload((1, 2), b"zz", b"yyyy", 7)
     for unit, parts in ((PFrame(False, True, False), (motion, None)), (PFrame(False, True, True), (motion, residual)),
                         (PFrame(), (None, residual))):
-        assert split_inter_frame(inter_frame_bytes(*parts), unit) == parts
+        assert split_inter_frame(inter_frame_bytes(InterFrameParts(parts[0], None, parts[1])), unit) == (
+            parts[0], None, parts[1])
     with pytest.raises(BitstreamError, match="trailing"):
-        split_inter_frame(inter_frame_bytes(motion, residual), PFrame(False, True, False))
+        split_inter_frame(inter_frame_bytes(InterFrameParts(motion, None, residual)), PFrame(False, True, False))
 
 
 # ---------------------------------------------------------------------- the search
@@ -225,7 +226,7 @@ def test_inter_chunks_are_checked(codec):
     with pytest.raises(BitstreamError, match="INTR"):
         list(codec.decode(Container(container.header, container.chunks[:index]).to_bytes()))
     i = next(i for i, u in enumerate(units) if u.motion)
-    motion, residual = split_inter_frame(parts[i], units[i])
-    parts[i] = inter_frame_bytes(MotionPayload(8, motion.tables, motion.string), residual)
+    motion, skip_map, residual = split_inter_frame(parts[i], units[i])
+    parts[i] = inter_frame_bytes(InterFrameParts(MotionPayload(8, motion.tables, motion.string), skip_map, residual))
     with pytest.raises(BitstreamError, match="spacing"):
         list(codec.decode(rebuilt([p for p in parts if p is not None])))

@@ -11,7 +11,7 @@ import torch
 import re
 
 from ulbcodec.bitstream import (CHUNK_PFRAME, BitstreamError, Chunk, Container, GopStructure, PFrame, PFramePayload,
-                                Round, inter_frame_bytes, write_uvarint)
+                                InterFrameParts, Round, inter_frame_bytes, write_uvarint)
 from ulbcodec.image import DecodeError
 from ulbcodec.models.pframe_codec import PFrameCodec
 from ulbcodec.video import VideoCodec, VideoSettings
@@ -44,8 +44,8 @@ def force_residual(monkeypatch):
     """Every inter frame coded by the P-frame codec on the previous frame (no motion, no
     repeat): the tests of that codec's path, whatever a random model would choose."""
     def best(self, target, previous, forecast, level, motion=True, keyframe=None):
-        payload, decoded = self._code_pframe(target, previous, level)
-        part = inter_frame_bytes(None, payload)
+        payload, decoded, _ = self._code_pframe(target, previous, level)
+        part = inter_frame_bytes(InterFrameParts(None, None, payload))
         return self._rd_cost(8 * len(part), decoded, target, level), PFrame(), part, decoded
 
     monkeypatch.setattr(VideoCodec, "_best_pframe", best)
@@ -138,7 +138,7 @@ def test_gop_syntax_2_round_trips_p_frames():
     with pytest.raises(BitstreamError, match="invalid value"):
         GopStructure.from_bytes(bytes([1, 1, 1, 1 << 2 | 2]), 2, 2, 3, syntax=2)
     with pytest.raises(BitstreamError, match="unknown GOP syntax"):
-        GopStructure.from_bytes(rounds_only.to_bytes(), 5, 2, 3, syntax=6)
+        GopStructure.from_bytes(rounds_only.to_bytes(), 5, 2, 3, syntax=7)
 
 
 def test_gop_syntax_3_holds_motion_and_repeats():
@@ -275,10 +275,10 @@ def test_max_gop_and_scene_cuts_start_keyframes(codec, monkeypatch):
     force_residual(monkeypatch)
     code = VideoCodec._code_pframe
 
-    def expensive(self, frame, ref, level):  # every P frame costs more than a keyframe
-        payload, decoded = code(self, frame, ref, level)
+    def expensive(self, frame, ref, level, skip=None):  # every P frame costs more than a keyframe
+        payload, decoded, bits = code(self, frame, ref, level, skip)
         return type(payload)(payload.z_shape, payload.z_string, payload.y_string + bytes(10**4),
-                             payload.symbols_check), decoded
+                             payload.symbols_check), decoded, bits
 
     monkeypatch.setattr(VideoCodec, "_code_pframe", expensive)
     assert encode(codec, clip(4), predictor=False, scene_cuts=True)[1].frame_types() == "KKKK"

@@ -173,7 +173,7 @@ def test_shipped_video_model_conformance_pins():
     data, gops = codec.encode(iter(pan), Fraction(25), VideoSettings(rate_level=4, predictor=False, motion=False),
                               frame_log=log.append)
     assert gops.frame_types() == pinned["frame_types"] and [r.parts for r in log] == pinned["parts"]
-    assert "residual" in pinned["parts"] and len(data) == pinned["bytes"]
+    assert any("residual" in parts for parts in pinned["parts"]) and len(data) == pinned["bytes"]
     assert hashlib.sha256(data).hexdigest()[:16] == pinned["bitstream"]
     assert_pixels_pinned(np.stack(list(codec.decode(data))), pinned["pixels"], "video-pframes.png", "video")
 

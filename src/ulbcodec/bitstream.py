@@ -483,30 +483,41 @@ class MotionPayload:
         return cls(spacing, tables, r.take(r.remaining))
 
 
-def inter_frame_bytes(motion: Optional[MotionPayload], residual: Optional[PFramePayload]) -> bytes:
-    """One inter frame's coded parts: the motion field (uvarint length first) where the
-    unit has one, then the residual's payload where it has one (a PFRM chunk's payload,
-    or one frame's entry in an INTR chunk)."""
+class InterFrameParts(NamedTuple):
+    """The coded parts of one inter frame, None where its unit has no such part: the
+    motion field, the skipped-block map (:mod:`ulbcodec.entropy.block_flags` bytes: one
+    flag per block of the P-frame codec's latent positions, raster order) and the residual."""
+
+    motion: Optional[MotionPayload]
+    skip_map: Optional[bytes]
+    residual: Optional[PFramePayload]
+
+
+def inter_frame_bytes(parts: InterFrameParts) -> bytes:
+    """One inter frame's coded parts: the motion field and the skipped-block map (each
+    uvarint length first) where the unit has them, then the residual's payload where it
+    has one (a PFRM chunk's payload, or one frame's entry in an INTR chunk)."""
     out = b""
-    if motion is not None:
-        field = motion.to_bytes()
+    if parts.motion is not None:
+        field = parts.motion.to_bytes()
         out += write_uvarint(len(field)) + field
-    return out + (residual.to_bytes() if residual is not None else b"")
+    if parts.skip_map is not None:
+        out += write_uvarint(len(parts.skip_map)) + parts.skip_map
+    return out + (parts.residual.to_bytes() if parts.residual is not None else b"")
 
 
-def split_inter_frame(payload: bytes, unit: "PFrame") -> Tuple[Optional[MotionPayload], Optional[PFramePayload]]:
+def split_inter_frame(payload: bytes, unit: "PFrame") -> InterFrameParts:
     """The parts of an inter frame's bytes that ``unit`` announces (the inverse of
     :func:`inter_frame_bytes`)."""
-    motion = None
-    if unit.motion:
-        r = Reader(payload, "inter frame")
-        motion = MotionPayload.from_bytes(r.bytes_with_length(len(payload)))
-        payload = r.take(r.remaining)
+    r = Reader(payload, "inter frame")
+    motion = MotionPayload.from_bytes(r.bytes_with_length(len(payload))) if unit.motion else None
+    skip_map = r.bytes_with_length(len(payload)) if unit.skip_blocks else None
+    payload = r.take(r.remaining)
     if not unit.residual:
         if payload:
             raise BitstreamError(f"{len(payload)} unexpected trailing bytes in a motion-only inter frame")
-        return motion, None
-    return motion, PFramePayload.from_bytes(payload)
+        return InterFrameParts(motion, skip_map, None)
+    return InterFrameParts(motion, skip_map, PFramePayload.from_bytes(payload))
 
 
 def inter_chunk(frames: Sequence[bytes]) -> bytes:
@@ -564,13 +575,16 @@ class PFrame(NamedTuple):
     ``fusion_drop`` d > 0 (a residual only) the residual is coded d rate levels below the
     file's P-frame level and the decoder fuses its decode with the (warped) reference
     (:mod:`ulbcodec.models.temporal_fusion`): the reference keeps its detail, the cheap
-    residual brings what changed."""
+    residual brings what changed. With ``skip_blocks`` (a residual, not fused) a coded
+    map marks blocks that the residual leaves out: there the frame keeps the (warped)
+    reference, as a conditional-replenishment codec's skipped blocks do."""
 
     forecast: bool = False
     motion: bool = False
     residual: bool = True
     long_term: bool = False
     fusion_drop: int = 0
+    skip_blocks: bool = False
 
     @property
     def has_parts(self) -> bool:
@@ -581,7 +595,8 @@ class PFrame(NamedTuple):
         """Its reference and coded parts as ``ulbc encode -v`` names them, e.g.
         ``long-term+motion`` ("" for a repeat of the previous frame)."""
         return "+".join(n for n, on in (("long-term", self.long_term), ("motion", self.motion),
-                                        ("residual", self.residual), (f"fused-{self.fusion_drop}", self.fusion_drop))
+                                        ("residual", self.residual), (f"fused-{self.fusion_drop}", self.fusion_drop),
+                                        ("skip-blocks", self.skip_blocks))
                         if on)
 
     @property
@@ -595,7 +610,9 @@ class PFrame(NamedTuple):
 Unit = Union[Round, PFrame]
 PFRAME_LETTERS = "PFLsl"  # every letter a PFrame unit can have (PFrame.letter)
 GOP_SYNTAX_ROUNDS, GOP_SYNTAX_PFRAMES, GOP_SYNTAX_MOTION, GOP_SYNTAX_LONG_TERM, GOP_SYNTAX_FUSION = 1, 2, 3, 4, 5
-INTER_CHUNK_SYNTAXES = (GOP_SYNTAX_MOTION, GOP_SYNTAX_LONG_TERM, GOP_SYNTAX_FUSION)  # inter frames in INTR chunks
+GOP_SYNTAX_SKIP_BLOCKS = 6
+INTER_CHUNK_SYNTAXES = (GOP_SYNTAX_MOTION, GOP_SYNTAX_LONG_TERM, GOP_SYNTAX_FUSION,
+                        GOP_SYNTAX_SKIP_BLOCKS)  # inter frames in INTR chunks
 MAX_FUSION_DROP = 7  # rate levels between a fused P frame's residual and the file's P-frame level
 _UNIT_ROUND, _UNIT_ANCHORED, _UNIT_PFRAME, _UNIT_FORECAST = range(4)
 
@@ -616,6 +633,8 @@ class GopStructure:
     value ``motion | residual << 1``. Syntax 4 (long-term reference): as 3, with
     ``| long_term << 2`` (not on a forecast-conditioned P frame). Syntax 5 (fused P
     frames): as 4, with ``| fusion_drop << 3`` (0..7, nonzero only with a residual).
+    Syntax 6 (skipped blocks): as 5, with ``| skip_blocks << 6`` (only with a residual and
+    no fusion).
     """
 
     segments: List[Tuple[int, List[Unit]]]
@@ -659,10 +678,17 @@ class GopStructure:
         return sum(u.fusion_drop > 0 for u in self.pframe_units())
 
     @property
+    def skip_block_frames(self) -> int:
+        """P frames whose residual leaves blocks to the reference."""
+        return sum(u.skip_blocks for u in self.pframe_units())
+
+    @property
     def syntax(self) -> int:
         """The oldest syntax that holds these units (files that need no motion stay readable
         by ulbc versions before it)."""
         units = self.pframe_units()
+        if any(u.skip_blocks for u in units):
+            return GOP_SYNTAX_SKIP_BLOCKS
         if any(u.fusion_drop for u in units):
             return GOP_SYNTAX_FUSION
         if any(u.long_term for u in units):
@@ -699,7 +725,7 @@ class GopStructure:
                     out += write_uvarint(u.accepted << 1 | int(u.anchored))
                 elif isinstance(u, PFrame):
                     value = int(u.motion) | int(u.residual) << 1 | int(u.long_term) << 2 | u.fusion_drop << 3 \
-                        if syntax in INTER_CHUNK_SYNTAXES else 0
+                        | int(u.skip_blocks) << 6 if syntax in INTER_CHUNK_SYNTAXES else 0
                     if syntax == GOP_SYNTAX_PFRAMES and (u.motion or not u.residual):
                         raise ValueError("GOP syntax 2 cannot hold motion or repeated frames")
                     if u.long_term and (syntax < GOP_SYNTAX_LONG_TERM or u.forecast):
@@ -707,6 +733,8 @@ class GopStructure:
                     if u.fusion_drop and (syntax < GOP_SYNTAX_FUSION or not u.residual
                                           or not 0 < u.fusion_drop <= MAX_FUSION_DROP):
                         raise ValueError(f"GOP syntax {syntax} cannot hold this fused P frame")
+                    if u.skip_blocks and (syntax < GOP_SYNTAX_SKIP_BLOCKS or not u.residual or u.fusion_drop):
+                        raise ValueError(f"GOP syntax {syntax} cannot hold this P frame with skipped blocks")
                     out += write_uvarint(value << 2 | (_UNIT_FORECAST if u.forecast else _UNIT_PFRAME))
                 else:
                     out += write_uvarint(u.accepted << 2 | (_UNIT_ANCHORED if u.anchored else _UNIT_ROUND))
@@ -766,9 +794,11 @@ def _read_unit(value: int, syntax: int) -> Unit:
         if syntax >= GOP_SYNTAX_LONG_TERM and rest <= 7 and kind == _UNIT_PFRAME:
             return PFrame(False, bool(rest & 1), bool(rest & 2), True)
         drop = rest >> 3
-        if syntax == GOP_SYNTAX_FUSION and 0 < drop <= MAX_FUSION_DROP and rest & 2 and not (
+        if syntax >= GOP_SYNTAX_FUSION and 0 < drop <= MAX_FUSION_DROP and rest & 2 and not (
                 kind == _UNIT_FORECAST and rest & 4):
             return PFrame(kind == _UNIT_FORECAST, bool(rest & 1), True, bool(rest & 4), drop)
+        if syntax >= GOP_SYNTAX_SKIP_BLOCKS and drop == 8 and rest & 2 and not (kind == _UNIT_FORECAST and rest & 4):
+            return PFrame(kind == _UNIT_FORECAST, bool(rest & 1), True, bool(rest & 4), skip_blocks=True)
         if rest:
             raise BitstreamError(f"P-frame unit with an invalid value {rest}")
         return PFrame(kind == _UNIT_FORECAST)
@@ -862,6 +892,7 @@ def describe(container: Container) -> dict:
                        "anchored": [i for i, t in enumerate(types) if t == "A"],
                        "pframes": pframes,
                        "fused": [i for i, u in zip(pframes, structure.pframe_units()) if u.fusion_drop],
+                       "skip_blocks": [i for i, u in zip(pframes, structure.pframe_units()) if u.skip_blocks],
                        "rounds": [u.accepted for _, units in structure.segments for u in units
                                   if isinstance(u, Round)],
                        "frame_bytes": _frame_bytes(types, container, structure)}

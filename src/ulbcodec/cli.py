@@ -424,6 +424,8 @@ def cli() -> None:
               help="Video: P frames may code a motion field and warp their reference along it.")
 @click.option("--long-term/--no-long-term", "use_long_term", default=True, show_default=True,
               help="Video: P frames may take the last keyframe as their reference instead of the previous frame.")
+@click.option("--skip-blocks/--no-skip-blocks", "use_skip_blocks", default=True, show_default=True,
+              help="Video: P frames may leave 16x16 blocks to their (warped) reference at zero bits.")
 @click.option("--seed", "video_seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Video: stream seed; each prediction round's noise derives from it and the round alone.")
 @click.option("--generative-keyframes", is_flag=True,
@@ -441,7 +443,7 @@ def cli() -> None:
                    "frames]; the first group is always K.")
 def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, engine, from_list, as_json, force,
            skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps, color_stats,
-           threshold, metric, max_gop, use_predictor, pframe_level, use_motion, use_long_term, video_seed, generative_keyframes,
+           threshold, metric, max_gop, use_predictor, pframe_level, use_motion, use_long_term, use_skip_blocks, video_seed, generative_keyframes,
            anchored, anchor_level, guide_timestep, pred_steps, keyframe_group):
     """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files
     (without -o: beside each input, photo.png -> photo.ulb; '-': standard input or output)."""
@@ -454,13 +456,13 @@ def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
     with _Stdio(inputs, output, ".ulb", MAX_STDIN_IMAGE_BYTES, as_json) as stdio:
         _encode(stdio, stdio.inputs, stdio.output, out_dir, recursive, model, device, offload, jobs, engine, as_json,
                 force, skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps,
-                color_stats, threshold, metric, max_gop, use_predictor, pframe_level, use_motion, use_long_term, video_seed,
+                color_stats, threshold, metric, max_gop, use_predictor, pframe_level, use_motion, use_long_term, use_skip_blocks, video_seed,
                 generative_keyframes, anchored, anchor_level, guide_timestep, pred_steps, keyframe_group)
 
 
 def _encode(stdio, inputs, output, out_dir, recursive, model, device, offload, jobs, engine, as_json, force,
             skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps, color_stats,
-            threshold, metric, max_gop, use_predictor, pframe_level, use_motion, use_long_term, video_seed, generative_keyframes,
+            threshold, metric, max_gop, use_predictor, pframe_level, use_motion, use_long_term, use_skip_blocks, video_seed, generative_keyframes,
             anchored, anchor_level, guide_timestep, pred_steps, keyframe_group):
     from ulbcodec.io import READ_EXTENSIONS, VIDEO_EXTENSIONS
     from ulbcodec.jobs import encode_job, is_video_input, load_encoders, placement
@@ -500,7 +502,7 @@ def _encode(stdio, inputs, output, out_dir, recursive, model, device, offload, j
                              generative_keyframes=generative_keyframes, anchored=anchored, anchor_level=anchor_level,
                              guide_timestep=guide_timestep, steps=pred_steps, keyframe_group=keyframe_group,
                              predictor=use_predictor, pframe_level=pframe_level, motion=use_motion,
-                             long_term=use_long_term)
+                             long_term=use_long_term, skip_blocks=use_skip_blocks)
     verbosity = _verbosity(quiet, verbose)
     refine = RefineSettings(steps=refine_steps) if refine_steps else None
     job = functools.partial(encode_job, quality=quality, bpp=bpp, downscale=int(downscale), refine=refine,
@@ -615,6 +617,9 @@ def info(files, as_json):
                 click.echo(f"  {'anchored':13s} {len(gop['anchored'])} rounds at frames {_abridged(gop['anchored'])}")
             if gop["fused"]:
                 click.echo(f"  {'fused':13s} {len(gop['fused'])} P frames at frames {_abridged(gop['fused'])}")
+            if gop["skip_blocks"]:
+                click.echo(f"  {'skip blocks':13s} {len(gop['skip_blocks'])} P frames at frames "
+                           f"{_abridged(gop['skip_blocks'])}")
             click.echo(f"  {'frame types':13s} {_abridged(gop['frame_types'])}  (K keyframe; P, F, L P frame on the "
                        "previous frame, forecast, last keyframe; s, l their repeats; p predicted; A anchored round)")
             click.echo(f"  {'frame bytes':13s} {_abridged(gop['frame_bytes'], 40)}")

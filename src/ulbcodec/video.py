@@ -41,9 +41,10 @@ import numpy as np
 import torch
 
 from ulbcodec import bitstream
-from ulbcodec.bitstream import (AnchorPayload, BitstreamError, Chunk, Container, GopStructure, Header, PFrame,
-                                PFramePayload, Round, inter_chunk, inter_frame_bytes, pframe_parts, split_inter_frame,
-                                write_uvarint)
+from ulbcodec.bitstream import (AnchorPayload, BitstreamError, Chunk, Container, GopStructure, Header,
+                                InterFrameParts, PFrame, PFramePayload, Round, inter_chunk, inter_frame_bytes,
+                                pframe_parts, split_inter_frame, write_uvarint)
+from ulbcodec.entropy.block_flags import decode_flags, encode_flags
 from ulbcodec.image import DecodeError, ImageCodec, pad_replicate, to_tensor, to_uint8
 from ulbcodec import packages
 from ulbcodec.losses.rate_distortion import MSE_WEIGHT, PERCEPTUAL_MIN_SIDE, perceptual_terms
@@ -57,6 +58,9 @@ METRICS = {"ms-ssim": 1, "lpips": 2}
 # Fused P frames: the encoder tries residuals this many levels below the P-frame level
 # (clamped at level 0), the range the temporal fusion was trained on (train/temporal_fusion.py).
 FUSION_DROPS = (2, 3, 4)
+# Skipped blocks fade into coded ones over 2·radius pixels: a hard copy's seams add a block
+# grid, a wide fade ghosts two frames over each other (BENCHMARKS.md, "Skipped blocks").
+SKIP_FADE_RADIUS = 2
 MAX_STEPS = 100  # sampler steps a file may ask for: bounds the decoder's work per round
 METRIC_NAMES = {v: k for k, v in METRICS.items()}
 
@@ -109,6 +113,7 @@ class VideoSettings:
     # Mode decisions (not the motion search) also weigh this × (detail + VIF losses,
     # losses/rate_distortion.py): VMAF's features, which MSE alone trades for smoothness.
     perceptual_weight: float = 0.0
+    skip_blocks: bool = True  # False: P frames never leave blocks to their reference (ablations)
 
 
 @dataclass
@@ -127,6 +132,40 @@ class FrameRecord:
 
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a.astype(np.float64) - b) ** 2))
+
+
+def _block_errors(decoded: np.ndarray, target: np.ndarray, block: int, grid: Tuple[int, int]) -> np.ndarray:
+    """Squared error of ``decoded`` summed over each ``block``-pixel block of a ``grid``
+    [rows, cols] that covers the frame from its top-left corner (0 past its edges)."""
+    h, w = target.shape[:2]
+    error = np.zeros((grid[0] * block, grid[1] * block))
+    error[:h, :w] = ((decoded.astype(np.float64) - target) ** 2).sum(axis=2)
+    return error.reshape(grid[0], block, grid[1], block).sum(axis=(1, 3))
+
+
+def _box_sum(values: np.ndarray, radius: int, axis: int) -> np.ndarray:
+    """Sum over a window of 2·radius + 1 along ``axis``, edges replicated (integers)."""
+    pad = [(0, 0)] * values.ndim
+    pad[axis] = (radius + 1, radius)
+    sums = np.cumsum(np.pad(values, pad, mode="edge"), axis=axis)
+    n = values.shape[axis]
+    return np.take(sums, np.arange(2 * radius + 1, 2 * radius + 1 + n), axis=axis) - np.take(sums, np.arange(n),
+                                                                                              axis=axis)
+
+
+def keep_reference(decoded: np.ndarray, reference: np.ndarray, skip: np.ndarray, block: int,
+                   radius: int = SKIP_FADE_RADIUS) -> np.ndarray:
+    """``decoded`` with the ``block``-pixel blocks that ``skip`` marks taken from ``reference``,
+    cross-faded where a skipped block meets a coded one: the weight of the reference is the
+    share of skipped pixels in the (2·radius+1)-pixel square around each pixel, in 64ths.
+    Integer arithmetic: every machine composes the same frame."""
+    h, w = decoded.shape[:2]
+    mask = np.repeat(np.repeat(skip, block, axis=0), block, axis=1)[:h, :w].astype(np.int64)
+    count = _box_sum(_box_sum(mask, radius, 0), radius, 1)
+    area = (2 * radius + 1) ** 2
+    weight = ((count * 64 + area // 2) // area)[..., None]
+    out = (weight * reference.astype(np.int64) + (64 - weight) * decoded.astype(np.int64) + 32) >> 6
+    return out.astype(np.uint8)
 
 
 @dataclass
@@ -188,6 +227,7 @@ class VideoCodec:
         # a package may offer keyframe levels above the P-frame codec's own, _codec_level)
         self.pframe_lambdas = {lv.level: lv.lmbda for lv in package.rate_levels} if self.has_pframes else {}
         self._perceptual_weight = 0.0  # of the encode under way (VideoSettings.perceptual_weight)
+        self._skip_blocks = True  # of the encode under way (VideoSettings.skip_blocks)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "video", device="cpu") -> "VideoCodec":
@@ -295,16 +335,31 @@ class VideoCodec:
     def _padded(self, frame: np.ndarray) -> torch.Tensor:
         return pad_replicate(to_tensor(frame), self.pframe_codec.required_multiple).to(self.image.placement.home)
 
-    def _code_pframe(self, frame: np.ndarray, ref: np.ndarray, level: int) -> Tuple[PFramePayload, np.ndarray]:
-        """(payload, the frame as the decoder will rebuild it) of ``frame`` coded given ``ref``."""
+    def _skip_grid(self, width: int, height: int) -> Tuple[int, int]:
+        """(rows, cols) of the P-frame codec's skippable blocks over a frame (padded)."""
+        multiple, block = self.pframe_codec.required_multiple, self.pframe_codec.skip_block
+        return -(-height // multiple) * multiple // block, -(-width // multiple) * multiple // block
+
+    def _code_pframe(self, frame: np.ndarray, ref: np.ndarray, level: int, skip: Optional[np.ndarray] = None,
+                     block_bits: bool = False) -> Tuple[PFramePayload, np.ndarray, Optional[np.ndarray]]:
+        """(payload, the P-frame codec's decode as the decoder will rebuild it, and with
+        ``block_bits`` the estimated bits of each skippable block, else None) of ``frame``
+        coded given ``ref``, without the blocks that ``skip`` marks. Both need a codec with
+        ``skip_block``s (block bits are None without)."""
         h, w = frame.shape[:2]
+        options = {} if skip is None else {"skip": torch.from_numpy(skip)}
+        if block_bits and self.pframe_codec.skip_block:
+            options["position_bits"] = True
         with fixed_threads():  # g_s is not thread-count invariant; the entropy path is (models/pframe_codec.py)
-            out = self.pframe_codec.compress(self._padded(frame), self._padded(ref), self._codec_level(level))
+            out = self.pframe_codec.compress(self._padded(frame), self._padded(ref), self._codec_level(level),
+                                             **options)
         y_string, z_string = out["strings"]
         payload = PFramePayload(tuple(out["shape"]), z_string, y_string, out["symbols_crc32"] & 0xFFFF)
-        return payload.padded_for(w, h), to_uint8(out["x_hat"][..., :h, :w])
+        bits = out["position_bits"].double().numpy() if "position_bits" in out else None
+        return payload.padded_for(w, h), to_uint8(out["x_hat"][..., :h, :w]), bits
 
-    def _decode_pframe(self, payload: PFramePayload, ref: np.ndarray, level: int) -> np.ndarray:
+    def _decode_pframe(self, payload: PFramePayload, ref: np.ndarray, level: int,
+                       skip: Optional[np.ndarray] = None) -> np.ndarray:
         h, w = ref.shape[:2]
         multiple = self.pframe_codec.required_multiple
         if tuple(payload.z_shape) != (-(-h // multiple), -(-w // multiple)):
@@ -313,7 +368,8 @@ class VideoCodec:
         with fixed_threads():
             try:
                 out = self.pframe_codec.decompress([payload.y_string, payload.z_string], payload.z_shape,
-                                                   self._padded(ref), self._codec_level(level))
+                                                   self._padded(ref), self._codec_level(level),
+                                                   **({} if skip is None else {"skip": torch.from_numpy(skip)}))
             except (RuntimeError, ValueError, IndexError) as exc:
                 raise DecodeError(f"P-frame entropy decoding failed ({exc})") from None
         if out["symbols_crc32"] & 0xFFFF != payload.symbols_check:
@@ -346,7 +402,9 @@ class VideoCodec:
         temporal fusion) that codec at lower levels, its decode fused with the (warped)
         reference. Fused P frames are tried on one reference only, the one whose repeat or
         warp costs least: each costs a P frame and a fusion per level tried. R counts the
-        parts and their length prefix in the segment's INTR chunk."""
+        parts and their length prefix in the segment's INTR chunk. A residual P frame
+        comes back with skipped blocks where those cost less, but with the cost of the
+        frame without them (BENCHMARKS.md, "Skipped blocks")."""
         if keyframe is previous:
             keyframe = None
         references = ((previous, PFrame(residual=False)), (forecast, PFrame(forecast=True, residual=False)),
@@ -356,13 +414,17 @@ class VideoCodec:
         best_warp = min(entries, key=lambda e: e.warp_cost)
         if best_warp.fused is None:
             best_warp.fused = self._fused_candidates(target, best_warp, level)
-        return min((c for e in entries for c in e.candidates + (e.fused or [])), key=lambda c: c[0])
+        candidates = [c for e in entries for c in e.candidates + (e.fused or [])]
+        best = min((c for c in candidates if not c[1].skip_blocks), key=lambda c: c[0])
+        # Skipped blocks only refine the residual P frame chosen without them: its cost
+        # still decides against repeats, warps, predictions and keyframes.
+        refined = [c for c in candidates if c[1].skip_blocks and c[0] < best[0]]
+        return (best[0], *min(refined, key=lambda c: c[0])[1:]) if refined and best[1].residual else best
 
-    def _candidate(self, target: np.ndarray, level: int, unit: PFrame, motion_payload,
-                   residual: Optional[PFramePayload], decoded: np.ndarray
+    def _candidate(self, target: np.ndarray, level: int, unit: PFrame, parts: InterFrameParts, decoded: np.ndarray
                    ) -> Tuple[float, PFrame, Optional[bytes], np.ndarray]:
         """(R + λD, unit, its coded parts or None, decoded) of one inter-frame mode."""
-        part = inter_frame_bytes(motion_payload, residual) if unit.has_parts else None
+        part = inter_frame_bytes(parts) if unit.has_parts else None
         bits = 8 * (len(part) + len(write_uvarint(len(part)))) if part is not None else 0
         return self._rd_cost(bits, decoded, target, level), unit, part, decoded
 
@@ -377,25 +439,48 @@ class VideoCodec:
         for last_key, last in self._last_modes:
             if all(a is b if isinstance(a, np.ndarray) else a == b for a, b in zip(key, last_key)):
                 return last
-        entry = _ReferenceModes(reference, None, ref, [self._candidate(target, level, reference, None, None, ref)])
+        entry = _ReferenceModes(reference, None, ref, [self._candidate(target, level, reference, InterFrameParts(
+            None, None, None), ref)])
         if motion:
             field, entry.warped, _ = best_field(target, ref,
                                                 lambda bits, pred: self._rd_cost(bits, pred, target, level, False))
             if field is not None:
                 entry.motion = motion_coding.compress(field)
                 entry.unit = reference._replace(motion=True)
-                entry.candidates.append(self._candidate(target, level, entry.unit, entry.motion, None, entry.warped))
-        payload, decoded = self._code_pframe(target, entry.warped, level)
-        entry.candidates.append(self._candidate(target, level, entry.unit._replace(residual=True), entry.motion,
-                                                payload, decoded))
+                entry.candidates.append(self._candidate(target, level, entry.unit,
+                                                        InterFrameParts(entry.motion, None, None), entry.warped))
+        payload, decoded, bits = self._code_pframe(target, entry.warped, level, block_bits=self._skip_blocks)
+        entry.candidates.append(self._candidate(target, level, entry.unit._replace(residual=True),
+                                                InterFrameParts(entry.motion, None, payload), decoded))
+        if bits is not None:
+            entry.candidates += self._skip_block_candidates(target, entry, level, bits, decoded)
         if entry.motion is not None and self.pframe_codec.reconstruction_ignores_reference:
             # the reference only informs its entropy model: the motion's bytes may cost
             # more than the prediction they save
-            payload, decoded = self._code_pframe(target, ref, level)
-            entry.candidates.append(self._candidate(target, level, reference._replace(residual=True), None,
-                                                    payload, decoded))
+            payload, decoded, _ = self._code_pframe(target, ref, level)
+            entry.candidates.append(self._candidate(target, level, reference._replace(residual=True),
+                                                    InterFrameParts(None, None, payload), decoded))
         self._last_modes.append((key, entry))
         return entry
+
+    def _skip_block_candidates(self, target: np.ndarray, entry: "_ReferenceModes", level: int, bits: np.ndarray,
+                               decoded: np.ndarray) -> List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]:
+        """The P frame on ``entry``'s (warped) reference with skipped blocks: each block of
+        the P-frame codec's latent positions is left to the reference where that costs less
+        in R + λD than the block's coded decode (``decoded``) and estimated ``bits``; the
+        P frame is then coded without those blocks. No candidate where no block, or every
+        block, would be skipped (a repeat or warp is already a candidate)."""
+        block = self.pframe_codec.skip_block
+        grid = bits.shape
+        weight = self.pframe_lambdas[level] * MSE_WEIGHT / (3 * 255**2)  # per squared error, in bits
+        skip = weight * _block_errors(entry.warped, target, block, grid) <= (
+            weight * _block_errors(decoded, target, block, grid) + bits)
+        if not skip.any() or skip.all():
+            return []
+        payload, coded, _ = self._code_pframe(target, entry.warped, level, skip)
+        unit = entry.unit._replace(residual=True, skip_blocks=True)
+        return [self._candidate(target, level, unit, InterFrameParts(entry.motion, encode_flags(skip), payload),
+                                keep_reference(coded, entry.warped, skip, block))]
 
     def _fused_candidates(self, target: np.ndarray, entry: "_ReferenceModes", level: int
                           ) -> List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]:
@@ -403,9 +488,9 @@ class VideoCodec:
         :meth:`_fusion_levels`."""
         out = []
         for fused_level in self._fusion_levels(level):
-            payload, decoded = self._code_pframe(target, entry.warped, fused_level)
+            payload, decoded, _ = self._code_pframe(target, entry.warped, fused_level)
             unit = entry.unit._replace(residual=True, fusion_drop=level - fused_level)
-            out.append(self._candidate(target, level, unit, entry.motion, payload,
+            out.append(self._candidate(target, level, unit, InterFrameParts(entry.motion, None, payload),
                                        self._fuse(decoded, entry.warped, fused_level, level)))
         return out
 
@@ -444,6 +529,7 @@ class VideoCodec:
         note = frame_log or (lambda record: None)
         self._last_modes.clear()
         self._perceptual_weight = settings.perceptual_weight
+        self._skip_blocks = settings.skip_blocks
         K, P = self.cond_frames, self.pred_frames
         steps = self.steps if settings.steps is None else settings.steps
         if not 1 <= steps <= MAX_STEPS:
@@ -660,6 +746,9 @@ class VideoCodec:
             if any(pframe_level - d not in self.pframe_lambdas for d in drops):
                 raise BitstreamError(f"a fused P frame {max(drops)} levels below P-frame level {pframe_level} "
                                      f"is not a level of model {self.package.name!r}")
+            if gops.skip_block_frames and not self.pframe_codec.skip_block:
+                raise DecodeError(f"file has P frames with skipped blocks; the P-frame codec of model "
+                                  f"{self.package.name!r} codes every block")
         anchor_level, guide_timestep = h.params.get("anchor_level"), h.params.get("guide_timestep")
         if gops.anchored_rounds and (anchor_level not in self.image.rate_levels or guide_timestep is None):
             raise BitstreamError("anchored rounds need a valid anchor level and guide timestep in the header")
@@ -688,13 +777,19 @@ class VideoCodec:
                     frame = ref
                     part = next(pframes)
                     if part is not None:
-                        motion, residual = split_inter_frame(part, unit)
-                        if motion is not None:
-                            frame = warp(ref, motion_coding.decompress(motion, h.width, h.height))
-                        if residual is not None:  # a fused P frame's: fusion_drop levels down
+                        parts = split_inter_frame(part, unit)
+                        if parts.motion is not None:
+                            frame = warp(ref, motion_coding.decompress(parts.motion, h.width, h.height))
+                        skip = None if parts.skip_map is None else self._skip_map(parts.skip_map, h.width, h.height)
+                        if parts.residual is not None:  # a fused P frame's: fusion_drop levels down
                             level = pframe_level - unit.fusion_drop
-                            decoded = self._decode_pframe(residual, frame, level)
-                            frame = self._fuse(decoded, frame, level, pframe_level) if unit.fusion_drop else decoded
+                            decoded = self._decode_pframe(parts.residual, frame, level, skip)
+                            if unit.fusion_drop:
+                                frame = self._fuse(decoded, frame, level, pframe_level)
+                            elif skip is not None:
+                                frame = keep_reference(decoded, frame, skip, self.pframe_codec.skip_block)
+                            else:
+                                frame = decoded
                     history.append(_Decoded(frame))
                     index += 1
                     yield frame
@@ -711,6 +806,12 @@ class VideoCodec:
                     index += 1
                     yield frame
                     history.append(_Decoded(frame))
+
+    def _skip_map(self, data: bytes, width: int, height: int) -> np.ndarray:
+        try:
+            return decode_flags(data, self._skip_grid(width, height))
+        except ValueError as exc:
+            raise BitstreamError(f"P frame's skipped-block map: {exc}") from None
 
     def decode(self, data: bytes) -> Iterator[np.ndarray]:
         return self.decode_container(Container.from_bytes(data))

@@ -70,6 +70,21 @@ def side_thread(enabled: bool) -> Iterator[Both]:
         yield both
 
 
+SCALE_BOUND = 0.11  # CompressAI's lower bound on a Gaussian's scale
+LIKELIHOOD_BOUND = 1e-9
+
+
+def symbol_likelihood(symbols: Tensor, scales: Tensor) -> Tensor:
+    """P(symbol) under a zero-mean Gaussian of ``scales`` integrated over [s − ½, s + ½]
+    (CompressAI's GaussianConditional, in its numerically stable form)."""
+    scales = scales.clamp_min(SCALE_BOUND)
+    values = symbols.abs()
+    normal = torch.distributions.Normal(0.0, 1.0)
+    upper = normal.cdf((0.5 - values) / scales)
+    lower = normal.cdf((-0.5 - values) / scales)
+    return (upper - lower).clamp_min(LIKELIHOOD_BOUND)
+
+
 def symbols_crc32(symbols: Sequence[int]) -> int:
     """CRC-32 of the coded y symbols as int32 little-endian, in coding order."""
     return zlib.crc32(np.asarray(symbols, dtype="<i4").tobytes()) & 0xFFFFFFFF

@@ -9,6 +9,10 @@ and its entropy loop (one buffered rANS stream for y, CompressAI's EntropyBottle
         symbols = round(y − μ) ─► rANS (σ index)      (decode: rANS ─► symbols + μ)
     ─► ŷ, symbol CRC
 
+A conditional coding (a :data:`SymbolModel`) may shift each symbol by an offset and
+change its scale; a skip map leaves whole latent positions out of the stream, their
+symbols set to the offsets on both sides.
+
 :class:`CheckerboardSliceLatentCodec` is a mixin of :class:`~ulbcodec.models.anchor_codec.AnchorCodec`
 holding no parameters of its own, so the model's state_dict names stay those of the
 released checkpoints. It uses the model's ``h_a``, ``h_s``, ``entropy_bottleneck``,
@@ -28,7 +32,7 @@ from compressai.ans import BufferedRansEncoder, RansDecoder
 
 from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part, squeeze_part, unsqueeze_part
 from ulbcodec.entropy.coding import (Both, check_z_string, check_z_symbols, deterministic_entropy_path, rans_safe,
-                                     side_thread, symbols_crc32)
+                                     side_thread, symbol_likelihood, symbols_crc32)
 from ulbcodec.entropy.context import local_attention_mask
 
 # quantize(slice_index, anchor_part, scales, means) -> quantised part on the full grid
@@ -55,6 +59,14 @@ def _coding_distribution(symbol_model: Optional[SymbolModel], i: int, anchor: bo
         return torch.zeros(scales.shape, dtype=torch.int32, device=scales.device), scales
     offsets, coding_scales = symbol_model(i, anchor, scales, means, decoded)
     return squeeze_part(offsets, anchor).round().int(), squeeze_part(coding_scales, anchor)
+
+
+def skipped_part(skip: Optional[Tensor], anchor: bool, shape: torch.Size) -> Optional[Tensor]:
+    """The positions of one squeezed part (``shape`` [B, C, h, w/2]) that ``skip`` [h, w]
+    (True: not coded) leaves out, every channel of a position alike; None without a map."""
+    if skip is None:
+        return None
+    return squeeze_part(skip.to(torch.float32)[None, None], anchor).bool().expand(shape)
 
 
 def record_part(decoded: Optional[Tensor], slice_index: int, part: Tensor) -> None:
@@ -145,7 +157,8 @@ class CheckerboardSliceLatentCodec:
     @torch.no_grad()
     def encode_latent(self, y: Tensor, return_symbols: bool = False,
                       symbol_model: Optional[SymbolModel] = None,
-                      choose_symbols: Optional[SymbolChooser] = None) -> Dict[str, Any]:
+                      choose_symbols: Optional[SymbolChooser] = None, skip: Optional[Tensor] = None,
+                      position_bits: bool = False) -> Dict[str, Any]:
         """Entropy-code y [1, M, h, w] (h, w multiples of 4; already gained).
 
         Returns ``{"strings": [[y_string], [z_string]], "shape": (h/4, w/4),
@@ -156,9 +169,15 @@ class CheckerboardSliceLatentCodec:
         distribution each part's symbols are coded with (not ŷ, which stays
         ``round(y − μ) + μ``): :data:`SymbolModel`. ``choose_symbols`` replaces the
         rounding (ŷ becomes the chosen symbols + μ, still exactly what the decoder
-        rebuilds): :data:`SymbolChooser`.
+        rebuilds): :data:`SymbolChooser`. ``skip`` [h, w] (bool) leaves the latent positions
+        where it is True out of the stream: their symbols are the coding distribution's
+        offsets (the symbol model's prediction; 0 without one), which the decoder, given
+        the same map, sets alike. ``position_bits`` adds ``"position_bits"`` [h, w]: the
+        estimated bits each position's coded symbols cost (all channels), from the coding
+        distributions.
         """
         self._check_y(y)
+        self._check_skip(skip, y.shape[-2:])
         if y.shape[0] != 1:
             raise ValueError(f"entropy coding handles one image at a time (B=1), got B={y.shape[0]}")
         self._check_entropy_dtype()
@@ -175,6 +194,7 @@ class CheckerboardSliceLatentCodec:
             y_parts = y.chunk(self.num_slices, dim=1)
 
             decoded = torch.zeros_like(y) if symbol_model is not None else None
+            bits = y.new_zeros(y.shape[-2:]) if position_bits else None
 
             def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
                 values, means_sq = squeeze_part(y_parts[i], anchor), squeeze_part(means, anchor)
@@ -182,8 +202,20 @@ class CheckerboardSliceLatentCodec:
                 offsets, coding_scales = _coding_distribution(symbol_model, i, anchor, scales, means, decoded)
                 if choose_symbols is not None:
                     part_symbols = choose_symbols(values - means_sq, part_symbols, offsets, coding_scales).int()
-                symbols.extend((part_symbols - offsets).reshape(-1).tolist())
-                indexes.extend(gc.build_indexes(coding_scales).reshape(-1).tolist())
+                part_indexes = gc.build_indexes(coding_scales)
+                skipped = skipped_part(skip, anchor, part_symbols.shape)
+                if skipped is None:
+                    coded, coded_indexes = part_symbols - offsets, part_indexes
+                else:
+                    part_symbols = torch.where(skipped, offsets, part_symbols)
+                    coded, coded_indexes = (part_symbols - offsets)[~skipped], part_indexes[~skipped]
+                symbols.extend(coded.reshape(-1).tolist())
+                indexes.extend(coded_indexes.reshape(-1).tolist())
+                if bits is not None:
+                    part_bits = -torch.log2(symbol_likelihood((part_symbols - offsets).float(), coding_scales))
+                    if skipped is not None:
+                        part_bits = part_bits.masked_fill(skipped, 0.0)
+                    bits.add_(unsqueeze_part(part_bits.sum(dim=1, keepdim=True), anchor)[0, 0])
                 part = unsqueeze_part(part_symbols + means_sq, anchor)
                 record_part(decoded, i, part)
                 return part
@@ -199,6 +231,8 @@ class CheckerboardSliceLatentCodec:
             "symbols_crc32": symbols_crc32(symbols),
             "y_hat": y_hat,
         }
+        if bits is not None:
+            out["position_bits"] = bits
         if return_symbols:
             out["y_symbols"] = np.asarray(symbols, dtype=np.int32)
             out["y_indexes"] = np.asarray(indexes, dtype=np.int32)
@@ -206,9 +240,9 @@ class CheckerboardSliceLatentCodec:
 
     @torch.no_grad()
     def decode_latent(self, strings: Sequence[Sequence[bytes]], shape: Sequence[int],
-                      symbol_model: Optional[SymbolModel] = None) -> Dict[str, Any]:
+                      symbol_model: Optional[SymbolModel] = None, skip: Optional[Tensor] = None) -> Dict[str, Any]:
         """Entropy-decode ``strings = [[y_string], [z_string]]`` with z of spatial ``shape``
-        (and the encoder's ``symbol_model``).
+        (and the encoder's ``symbol_model`` and ``skip`` map).
 
         Returns ``{"y_hat": [1, M, 4·shape], "symbols_crc32": int}`` (ŷ in the gained
         domain: the rate level is not needed here, only by :meth:`synthesize`). Compare
@@ -218,6 +252,7 @@ class CheckerboardSliceLatentCodec:
         if len(shape) != 2 or any(isinstance(s, bool) or int(s) != s or int(s) <= 0 for s in shape):
             raise ValueError(f"shape must be the positive (height, width) of z, got {shape!r}")
         shape = (int(shape[0]), int(shape[1]))
+        self._check_skip(skip, (4 * shape[0], 4 * shape[1]))
         positions = shape[0] * shape[1]
         padded_z = rans_safe(z_string, self.entropy_bottleneck.channels * positions)
         self._check_entropy_dtype()
@@ -238,17 +273,30 @@ class CheckerboardSliceLatentCodec:
             def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
                 symbol_offsets, coding_scales = _coding_distribution(symbol_model, i, anchor, scales, means, decoded)
                 part_indexes = gc.build_indexes(coding_scales)
-                values = decoder.decode_stream(part_indexes.reshape(-1).tolist(), cdf, cdf_lengths, offsets)
-                symbols.extend(values)
-                values = torch.tensor(values, dtype=torch.float32, device=scales.device)
+                skipped = skipped_part(skip, anchor, part_indexes.shape)
+                coded_indexes = part_indexes if skipped is None else part_indexes[~skipped]
+                coded = decoder.decode_stream(coded_indexes.reshape(-1).tolist(), cdf, cdf_lengths, offsets)
+                symbols.extend(coded)
+                coded = torch.tensor(coded, dtype=torch.float32, device=scales.device)
                 means_sq = squeeze_part(means, anchor)
-                values = values.reshape(means_sq.shape) + symbol_offsets
+                if skipped is None:
+                    values = coded.reshape(means_sq.shape)
+                else:
+                    values = means_sq.new_zeros(means_sq.shape).masked_scatter(~skipped, coded)
+                values = values + symbol_offsets
                 part = unsqueeze_part(values + means_sq, anchor)
                 record_part(decoded, i, part)
                 return part
 
             y_hat, _, _ = self._run_slices(hyper, quantize, workers=threads)
         return {"y_hat": y_hat, "symbols_crc32": symbols_crc32(symbols)}
+
+    @staticmethod
+    def _check_skip(skip: Optional[Tensor], shape: Sequence[int]) -> None:
+        if skip is not None and (not isinstance(skip, Tensor) or skip.dtype != torch.bool
+                                 or tuple(skip.shape) != tuple(shape)):
+            raise ValueError(f"skip must be a bool map of the latent's {tuple(shape)} positions, got "
+                             f"{getattr(skip, 'dtype', type(skip))} {tuple(getattr(skip, 'shape', ()))}")
 
     @staticmethod
     def _check_strings(strings: Sequence[Sequence[bytes]]) -> Tuple[bytes, bytes]:

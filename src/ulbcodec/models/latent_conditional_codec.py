@@ -57,31 +57,18 @@ from ulbcodec._compressai import compressai  # noqa: F401  (must precede compres
 from compressai.layers import conv3x3
 
 from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part
-from ulbcodec.entropy.coding import deterministic_entropy_path
+from ulbcodec.entropy.coding import SCALE_BOUND, deterministic_entropy_path, symbol_likelihood
 from ulbcodec.entropy.latent_codec import record_part
 from ulbcodec.models.anchor_codec import AnchorCodec, _ste_round
 
 __all__ = ["TemporalLatentPrior", "LatentConditionalCodec", "rdo_symbol_chooser"]
 
 PRIOR_STEP = 1.0 / 32  # grid of the reference's latent as it enters the prior
-SCALE_BOUND = 0.11  # CompressAI's lower bound on a Gaussian's scale
-LIKELIHOOD_BOUND = 1e-9
 
 
 def on_prior_grid(latent: Tensor) -> Tensor:
     """``latent`` rounded to the grid of :data:`PRIOR_STEP`, as the prior sees it."""
     return torch.round(latent / PRIOR_STEP) * PRIOR_STEP
-
-
-def symbol_likelihood(symbols: Tensor, scales: Tensor) -> Tensor:
-    """P(symbol) under a zero-mean Gaussian of ``scales`` integrated over [s − ½, s + ½]
-    (CompressAI's GaussianConditional, in its numerically stable form)."""
-    scales = scales.clamp_min(SCALE_BOUND)
-    values = symbols.abs()
-    normal = torch.distributions.Normal(0.0, 1.0)
-    upper = normal.cdf((0.5 - values) / scales)
-    lower = normal.cdf((-0.5 - values) / scales)
-    return (upper - lower).clamp_min(LIKELIHOOD_BOUND)
 
 
 def rdo_symbol_chooser(rdo_lambda: float):
@@ -222,6 +209,8 @@ class LatentConditionalCodec:
     required_multiple = 64
     #: x̂ is what the keyframe codec decodes from ŷ; the reference steers only the rate
     reconstruction_ignores_reference = True
+    #: latent positions can be left out of the stream (``skip``), each 16x16 pixels
+    skip_block = 16
 
     def __init__(self, keyframe_codec: AnchorCodec, prior: TemporalLatentPrior):
         if keyframe_codec.num_rate_levels < 1 or keyframe_codec.vae_channels:
@@ -255,9 +244,14 @@ class LatentConditionalCodec:
         return lambda i, anchor, scales, means, decoded: self.prior(i, anchor, prior, scales, means, decoded)
 
     @torch.no_grad()
-    def compress(self, x: Tensor, ref: Tensor, rate_level=0, rdo_lambda: float = 0.0) -> Dict[str, Any]:
+    def compress(self, x: Tensor, ref: Tensor, rate_level=0, rdo_lambda: float = 0.0, skip: Optional[Tensor] = None,
+                 position_bits: bool = False) -> Dict[str, Any]:
         """``{"strings": [y, z], "shape": z's (h, w), "symbols_crc32", "x_hat"}``; ``x_hat``
         (unclamped) is exactly what :meth:`decompress` returns on the same thread count.
+        ``skip`` [H/16, W/16] (bool) leaves those latent positions out of the stream, their
+        symbols set to the prior's prediction; ``position_bits`` adds ``"position_bits"``,
+        the estimated bits of each latent position
+        (:meth:`~ulbcodec.entropy.latent_codec.CheckerboardSliceLatentCodec.encode_latent`).
 
         ``rdo_lambda > 0`` moves symbols one step towards the prior's prediction wherever
         that saves more bits than ``rdo_lambda`` times the squared error it adds to ŷ
@@ -270,15 +264,21 @@ class LatentConditionalCodec:
         y = self._targets.get(x, threads, lambda: codec.analyze(x, rate_level=rate_level))
         prior = self.reference_latent(ref, rate_level)
         chooser = rdo_symbol_chooser(rdo_lambda) if rdo_lambda > 0 else None
-        out = codec.encode_latent(y, symbol_model=self._symbol_model(prior), choose_symbols=chooser)
+        out = codec.encode_latent(y, symbol_model=self._symbol_model(prior), choose_symbols=chooser, skip=skip,
+                                  position_bits=position_bits)
         x_hat = self._syntheses.get(out["y_hat"], threads,
                                     lambda: codec.synthesize(out["y_hat"], rate_level, with_bypass=False)[0])
-        return {"strings": [out["strings"][0][0], out["strings"][1][0]], "shape": out["shape"],
-                "symbols_crc32": out["symbols_crc32"], "x_hat": x_hat}
+        coded = {"strings": [out["strings"][0][0], out["strings"][1][0]], "shape": out["shape"],
+                 "symbols_crc32": out["symbols_crc32"], "x_hat": x_hat}
+        if position_bits:
+            coded["position_bits"] = out["position_bits"]
+        return coded
 
     @torch.no_grad()
-    def decompress(self, strings: Sequence[bytes], shape: Sequence[int], ref: Tensor, rate_level=0) -> Dict[str, Any]:
-        """Decode :meth:`compress` output given the same ``ref``: ``{"x_hat", "symbols_crc32"}``."""
+    def decompress(self, strings: Sequence[bytes], shape: Sequence[int], ref: Tensor, rate_level=0,
+                   skip: Optional[Tensor] = None) -> Dict[str, Any]:
+        """Decode :meth:`compress` output given the same ``ref`` (and ``skip`` map):
+        ``{"x_hat", "symbols_crc32"}``."""
         self._check(ref)
         if len(strings) != 2 or not all(isinstance(s, (bytes, bytearray)) for s in strings):
             raise ValueError("strings must be [y_string, z_string]")
@@ -289,7 +289,7 @@ class LatentConditionalCodec:
         codec._gains(rate_level)  # a bad level is refused before any work
         prior = self.reference_latent(ref, rate_level)
         out = codec.decode_latent([[bytes(strings[0])], [bytes(strings[1])]], (h, w),
-                                  symbol_model=self._symbol_model(prior))
+                                  symbol_model=self._symbol_model(prior), skip=skip)
         x_hat, _ = codec.synthesize(out["y_hat"], rate_level, with_bypass=False)
         return {"x_hat": x_hat, "symbols_crc32": out["symbols_crc32"]}
 

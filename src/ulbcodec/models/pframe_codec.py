@@ -178,6 +178,7 @@ class PFrameCodec(CompressionModel):
     required_multiple = 64
 
     reconstruction_ignores_reference = False  # x̂ = x_ref + g_s(...)
+    skip_block = None  # every latent position is coded
 
     def __init__(self, N: int = 64, M: int = 96, context_widths: Sequence[int] = (32, 48, 64),
                  num_rate_levels: int = 6):
