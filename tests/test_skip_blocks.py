@@ -134,7 +134,7 @@ def choose_skipped_blocks(monkeypatch, codec):
     monkeypatch.setattr(codec, "pframe_lambdas", {level: 1.0 for level in codec.pframe_lambdas})
     def best(self, target, previous, forecast, level, motion=True, keyframe=None):
         entry = self._reference_modes(target, previous, PFrame(residual=False), level, False)
-        offered = [c for c in entry.candidates if c[1].skip_blocks] or [c for c in entry.candidates if c[1].residual]
+        offered = self._skip_block_candidates(target, entry, level) or [c for c in entry.candidates if c[1].residual]
         return offered[0]
 
     monkeypatch.setattr(VideoCodec, "_best_pframe", best)
@@ -204,8 +204,8 @@ def test_skipped_blocks_refine_a_coded_frame_and_never_replace_a_repeat(latent_v
 
     def modes_costing(repeat_cost):
         def modes(self, target, ref, reference, level, motion):
-            candidates = [(repeat_cost, repeat, None, ref), (2.0, residual, b"r", ref), (0.5, skipped, b"s", ref)]
-            return _ReferenceModes(reference, None, ref, candidates, fused=[])
+            candidates = [(repeat_cost, repeat, None, ref), (2.0, residual, b"r", ref)]
+            return _ReferenceModes(reference, None, ref, candidates, fused=[], skipped=[(0.5, skipped, b"s", ref)])
         return modes
 
     frame = half_static_clip(1)[0]

@@ -443,8 +443,8 @@ def cli() -> None:
                    "frames]; the first group is always K.")
 def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, engine, from_list, as_json, force,
            skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps, color_stats,
-           threshold, metric, max_gop, use_predictor, pframe_level, use_motion, use_long_term, use_skip_blocks, video_seed, generative_keyframes,
-           anchored, anchor_level, guide_timestep, pred_steps, keyframe_group):
+           threshold, metric, max_gop, use_predictor, pframe_level, use_motion, use_long_term, use_skip_blocks,
+           video_seed, generative_keyframes, anchored, anchor_level, guide_timestep, pred_steps, keyframe_group):
     """Encode images and videos (mp4, mkv, webm, y4m, gif, or a folder of frames with -o) to .ulb files
     (without -o: beside each input, photo.png -> photo.ulb; '-': standard input or output)."""
     if quality is not None and bpp is not None:
@@ -456,14 +456,15 @@ def encode(inputs, output, out_dir, recursive, model, device, offload, jobs, eng
     with _Stdio(inputs, output, ".ulb", MAX_STDIN_IMAGE_BYTES, as_json) as stdio:
         _encode(stdio, stdio.inputs, stdio.output, out_dir, recursive, model, device, offload, jobs, engine, as_json,
                 force, skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps,
-                color_stats, threshold, metric, max_gop, use_predictor, pframe_level, use_motion, use_long_term, use_skip_blocks, video_seed,
-                generative_keyframes, anchored, anchor_level, guide_timestep, pred_steps, keyframe_group)
+                color_stats, threshold, metric, max_gop, use_predictor, pframe_level, use_motion, use_long_term,
+                use_skip_blocks, video_seed, generative_keyframes, anchored, anchor_level, guide_timestep, pred_steps,
+                keyframe_group)
 
 
 def _encode(stdio, inputs, output, out_dir, recursive, model, device, offload, jobs, engine, as_json, force,
             skip_existing, max_memory, shard, quiet, verbose, quality, bpp, downscale, refine_steps, color_stats,
-            threshold, metric, max_gop, use_predictor, pframe_level, use_motion, use_long_term, use_skip_blocks, video_seed, generative_keyframes,
-            anchored, anchor_level, guide_timestep, pred_steps, keyframe_group):
+            threshold, metric, max_gop, use_predictor, pframe_level, use_motion, use_long_term, use_skip_blocks,
+            video_seed, generative_keyframes, anchored, anchor_level, guide_timestep, pred_steps, keyframe_group):
     from ulbcodec.io import READ_EXTENSIONS, VIDEO_EXTENSIONS
     from ulbcodec.jobs import encode_job, is_video_input, load_encoders, placement
     from ulbcodec.refinement import RefineSettings

@@ -180,13 +180,19 @@ class _Decoded:
 class _ReferenceModes:
     """The encoder's inter-frame modes on one reference: its best motion (None: repeat)
     and the reference as it gives it, the candidates (cost, unit, parts, decoded) of
-    repeat, warp and P frames, and the fused P frames' (None until tried)."""
+    repeat, warp and P frames, the fused P frames' and the P frame with skipped blocks'
+    (None until tried), and what the latter start from: the P frame on the (warped)
+    reference, decoded, and its estimated bits per skippable block (None: the codec has
+    no skippable blocks, or the encode does not skip)."""
 
     unit: PFrame  # the repeat or warp: the reference and motion flags the other modes share
     motion: Optional[bitstream.MotionPayload]
     warped: np.ndarray
     candidates: List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]
     fused: Optional[List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]] = None
+    skipped: Optional[List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]] = None
+    coded: Optional[np.ndarray] = None
+    block_bits: Optional[np.ndarray] = None
 
     @property
     def warp_cost(self) -> float:
@@ -414,12 +420,16 @@ class VideoCodec:
         best_warp = min(entries, key=lambda e: e.warp_cost)
         if best_warp.fused is None:
             best_warp.fused = self._fused_candidates(target, best_warp, level)
-        candidates = [c for e in entries for c in e.candidates + (e.fused or [])]
-        best = min((c for c in candidates if not c[1].skip_blocks), key=lambda c: c[0])
+        best = min((c for e in entries for c in e.candidates + (e.fused or [])), key=lambda c: c[0])
+        if not best[1].residual:
+            return best
         # Skipped blocks only refine the residual P frame chosen without them: its cost
         # still decides against repeats, warps, predictions and keyframes.
-        refined = [c for c in candidates if c[1].skip_blocks and c[0] < best[0]]
-        return (best[0], *min(refined, key=lambda c: c[0])[1:]) if refined and best[1].residual else best
+        for entry in entries:
+            if entry.skipped is None:
+                entry.skipped = self._skip_block_candidates(target, entry, level)
+        refined = [c for e in entries for c in e.skipped if c[0] < best[0]]
+        return (best[0], *min(refined, key=lambda c: c[0])[1:]) if refined else best
 
     def _candidate(self, target: np.ndarray, level: int, unit: PFrame, parts: InterFrameParts, decoded: np.ndarray
                    ) -> Tuple[float, PFrame, Optional[bytes], np.ndarray]:
@@ -449,11 +459,10 @@ class VideoCodec:
                 entry.unit = reference._replace(motion=True)
                 entry.candidates.append(self._candidate(target, level, entry.unit,
                                                         InterFrameParts(entry.motion, None, None), entry.warped))
-        payload, decoded, bits = self._code_pframe(target, entry.warped, level, block_bits=self._skip_blocks)
+        payload, entry.coded, entry.block_bits = self._code_pframe(target, entry.warped, level,
+                                                                   block_bits=self._skip_blocks)
         entry.candidates.append(self._candidate(target, level, entry.unit._replace(residual=True),
-                                                InterFrameParts(entry.motion, None, payload), decoded))
-        if bits is not None:
-            entry.candidates += self._skip_block_candidates(target, entry, level, bits, decoded)
+                                                InterFrameParts(entry.motion, None, payload), entry.coded))
         if entry.motion is not None and self.pframe_codec.reconstruction_ignores_reference:
             # the reference only informs its entropy model: the motion's bytes may cost
             # more than the prediction they save
@@ -463,18 +472,21 @@ class VideoCodec:
         self._last_modes.append((key, entry))
         return entry
 
-    def _skip_block_candidates(self, target: np.ndarray, entry: "_ReferenceModes", level: int, bits: np.ndarray,
-                               decoded: np.ndarray) -> List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]:
+    def _skip_block_candidates(self, target: np.ndarray, entry: "_ReferenceModes", level: int
+                               ) -> List[Tuple[float, PFrame, Optional[bytes], np.ndarray]]:
         """The P frame on ``entry``'s (warped) reference with skipped blocks: each block of
         the P-frame codec's latent positions is left to the reference where that costs less
-        in R + λD than the block's coded decode (``decoded``) and estimated ``bits``; the
-        P frame is then coded without those blocks. No candidate where no block, or every
-        block, would be skipped (a repeat or warp is already a candidate)."""
+        in R + λD than the block's coded decode (``entry.coded``) and estimated bits; the
+        P frame is then coded without those blocks. No candidate where the entry has no
+        block bits, or where no block, or every block, would be skipped (a repeat or warp
+        is already a candidate)."""
+        if entry.block_bits is None:
+            return []
         block = self.pframe_codec.skip_block
-        grid = bits.shape
+        grid = entry.block_bits.shape
         weight = self.pframe_lambdas[level] * MSE_WEIGHT / (3 * 255**2)  # per squared error, in bits
         skip = weight * _block_errors(entry.warped, target, block, grid) <= (
-            weight * _block_errors(decoded, target, block, grid) + bits)
+            weight * _block_errors(entry.coded, target, block, grid) + entry.block_bits)
         if not skip.any() or skip.all():
             return []
         payload, coded, _ = self._code_pframe(target, entry.warped, level, skip)
