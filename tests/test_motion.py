@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ulbcodec._compressai import compressai  # noqa: F401  (must precede compressai.* imports)
 from compressai.ans import RansEncoder
@@ -16,7 +17,7 @@ from compressai.ans import RansEncoder
 from ulbcodec.bitstream import (CHUNK_INTER, BitstreamError, Chunk, Container, GopStructure, InterFrameParts,
                                 MotionPayload, PFrame, PFramePayload, inter_chunk, inter_frame_bytes, pframe_parts,
                                 split_inter_frame, video_gops)
-from ulbcodec.motion import coding
+from ulbcodec.motion import coding, search
 from ulbcodec.motion.field import MAX_VECTOR, MotionField, grid_shape, warp
 from ulbcodec.motion.search import best_field, estimate
 from ulbcodec.video import VideoCodec, VideoSettings
@@ -153,6 +154,32 @@ def test_search_finds_a_global_shift(shift):
     assert np.abs(np.median(inner, 0) - shift).max() <= 0.25
     predicted = warp(reference, field)
     assert np.abs(predicted[8:-8, 8:-8].astype(int) - target[8:-8, 8:-8]).mean() < 3
+
+
+def test_search_tries_offsets_in_chunks_as_it_would_one_at_a_time(monkeypatch):
+    """The window errors of many offsets, computed in batches, equal one offset's at a
+    time; the neighbour costs of many candidate sets equal a loop over them."""
+    target = torch.from_numpy(smooth_image(40, 72, seed=3)[..., 0].astype(np.float32))[None, None]
+    reference = torch.from_numpy(smooth_image(40, 72, seed=4)[..., 0].astype(np.float32))[None, None]
+    shape = grid_shape(72, 40, 16)
+    window_error = search._WindowError(target, reference, 16, shape)
+    flow = torch.randn(1, 40, 72, 2)
+    offsets = torch.randn(9, 2) * 3
+    batched = window_error(flow, offsets)
+    monkeypatch.setattr(search, "_CHUNK_PIXELS", 1)
+    single = torch.stack([window_error(flow, offset[None])[0] for offset in offsets])
+    assert batched.shape == (9, 1, *shape) and torch.equal(batched, single)
+
+    chosen, candidates = torch.randn(1, *shape, 2), torch.randn(5, 1, *shape, 2)
+    rows, cols = shape
+    for d in range(5):
+        expected = torch.zeros(1, rows, cols)
+        for i in range(rows):
+            for j in range(cols):
+                for ni, nj in ((i, j - 1), (i, j + 1), (i - 1, j), (i + 1, j)):
+                    if 0 <= ni < rows and 0 <= nj < cols:
+                        expected[0, i, j] += (chosen[0, ni, nj] - candidates[d, 0, i, j]).abs().sum()
+        assert torch.allclose(search._neighbour_costs(chosen, candidates)[d], expected)
 
 
 def test_best_field_prefers_no_motion_on_a_static_scene():

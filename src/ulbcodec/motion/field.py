@@ -85,6 +85,7 @@ class MotionField:
 
 
 _BAND = 128  # rows warped at a time: intermediates of 128 rows, not of the whole frame
+_PAD = 3  # border pixels repeated around the reference: every tap of a clamped position lands in it
 _FILTERS_T = torch.from_numpy(_FILTERS.astype(np.int32))
 
 
@@ -92,25 +93,32 @@ def warp(reference: np.ndarray, field: MotionField) -> np.ndarray:
     """``reference`` (HxWx3 uint8) sampled along ``field``: the motion-compensated
     prediction of the current frame, identical on every machine. The gathers and products
     run in torch's int32 (exact: a 4x4 filter sum stays under 2^21), which gathers faster
-    than numpy's fancy indexing (BENCHMARKS.md, "Warp")."""
+    than numpy's fancy indexing (BENCHMARKS.md, "Warp").
+
+    Clamping a sample position to the frame's border is the same as reading a reference
+    with its border repeated ``_PAD`` times, its integer position clamped to [−2, W]: a
+    position further out has all four taps on the border, like its clamped one, and the
+    filter's weights sum to 64 whatever the phase."""
     h, w = reference.shape[:2]
+    stride = w + 2 * _PAD
+    padded = np.pad(reference, ((_PAD, _PAD), (_PAD, _PAD), (0, 0)), mode="edge")
+    flat = torch.from_numpy(padded.reshape(-1, 3)).to(torch.int32)
     out = torch.empty((h, w, 3), dtype=torch.uint8)
-    flat = torch.from_numpy(np.ascontiguousarray(reference).reshape(-1, 3)).to(torch.int32)
     columns = torch.arange(w, dtype=torch.int64)[None, :] * _EIGHTH
     for first in range(0, h, _BAND):
         end = min(h, first + _BAND)
         flow = torch.from_numpy(field.flow(w, h, (first, end)))
-        x = columns + flow[..., 0]
-        y = torch.arange(first, end, dtype=torch.int64)[:, None] * _EIGHTH + flow[..., 1]
-        xi, yi = x >> 3, y >> 3  # floor
-        wx, wy = _FILTERS_T[x & 7], _FILTERS_T[y & 7]  # [rows, W, 4]
-        taps = [torch.clamp(xi + b - 1, 0, w - 1) for b in range(4)]
-        acc = torch.zeros((end - first, w, 3), dtype=torch.int32)
+        x = (columns + flow[..., 0]).reshape(-1)
+        y = (torch.arange(first, end, dtype=torch.int64)[:, None] * _EIGHTH + flow[..., 1]).reshape(-1)
+        # the top-left tap of each pixel's 4x4 neighbourhood in the padded reference
+        corner = (torch.clamp(y >> 3, -2, h) + _PAD - 1) * stride + torch.clamp(x >> 3, -2, w) + _PAD - 1
+        wx, wy = _FILTERS_T[x & 7], _FILTERS_T[y & 7]  # [pixels, 4]
+        acc = torch.zeros((x.numel(), 3), dtype=torch.int32)
         for a in range(4):
-            rows = torch.clamp(yi + a - 1, 0, h - 1) * w
-            line = wx[..., 0, None] * flat[rows + taps[0]]
+            row = corner + a * stride
+            line = wx[:, 0, None] * flat.index_select(0, row)
             for b in range(1, 4):
-                line += wx[..., b, None] * flat[rows + taps[b]]
-            acc += wy[..., a, None] * line
-        out[first:end] = torch.clamp((acc + 2048) >> 12, 0, 255).to(torch.uint8)
+                line += wx[:, b, None] * flat.index_select(0, row + b)
+            acc += wy[:, a, None] * line
+        out[first:end] = torch.clamp((acc + 2048) >> 12, 0, 255).to(torch.uint8).view(end - first, w, 3)
     return out.numpy()

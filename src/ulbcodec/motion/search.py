@@ -27,6 +27,9 @@ __all__ = ["estimate", "estimate_vectors", "best_field", "warp_bilinear"]
 STAGES = ((4, 24.0, 4.0), (2, 4.0, 2.0), (1, 2.0, 1.0), (1, 0.75, 0.25))
 _SMOOTHING_SWEEPS = 3
 SMOOTHNESS = 3.0  # grey levels of window error that one pixel of vector difference must save
+# Candidate offsets are tried together, as many as make this many samples (a few at full
+# size, dozens at the pyramid's top): fewer calls, intermediates that stay in cache
+_CHUNK_PIXELS = 1 << 16
 
 
 def _luma(frame: np.ndarray) -> torch.Tensor:
@@ -54,8 +57,10 @@ class _Sampler:
         self.reference, self.pixels = reference, torch.stack([xs, ys], -1)
         self.scale = torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)])
 
-    def __call__(self, flow: torch.Tensor) -> torch.Tensor:
-        return F.grid_sample(self.reference, (self.pixels + flow) * self.scale - 1, mode="bilinear",
+    def __call__(self, flow: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """The reference sampled along ``flow`` [copies·B, H, W, 2]: ``copies`` flows each."""
+        reference = self.reference if copies == 1 else self.reference.repeat(copies, 1, 1, 1)
+        return F.grid_sample(reference, (self.pixels + flow) * self.scale - 1, mode="bilinear",
                              padding_mode="border", align_corners=True)
 
 
@@ -68,8 +73,8 @@ def warp_bilinear(reference: torch.Tensor, vectors: torch.Tensor, spacing: int) 
 
 class _WindowError:
     """Mean |target − reference warped along a flow| over each node's two-cell window
-    [B, rows, cols], for many flows over one (target, reference) pair: the pixel grid and
-    each window's pixel count are computed once."""
+    [D, B, rows, cols], for D flows at once over one (target, reference) pair: the pixel
+    grid and each window's pixel count are computed once."""
 
     def __init__(self, target: torch.Tensor, reference: torch.Tensor, spacing: int, shape: Tuple[int, int]):
         _, _, h, w = target.shape
@@ -78,20 +83,33 @@ class _WindowError:
         self.pad = (spacing, (cols - 1) * spacing + spacing - w, spacing, (rows - 1) * spacing + spacing - h)
         self.count = F.avg_pool2d(F.pad(torch.ones_like(target), self.pad), 2 * spacing, spacing).clamp_min(1e-6)
 
-    def __call__(self, flow: torch.Tensor) -> torch.Tensor:
-        total = F.avg_pool2d(F.pad((self.target - self.sample(flow)).abs(), self.pad), 2 * self.spacing,
-                             self.spacing)
+    def __call__(self, flow: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Errors [D, B, rows, cols] along ``flow`` [B, H, W, 2] moved by each of ``offsets``
+        [D, 2], a few offsets at a time (:data:`_CHUNK_PIXELS`); each value is the one a
+        single flow would give."""
+        b, h, w = flow.shape[:3]
+        per_chunk = max(1, _CHUNK_PIXELS // (b * h * w))
+        errors = [self._errors((flow + chunk[:, None, None, None]).reshape(-1, h, w, 2))
+                  for chunk in offsets.split(per_chunk)]
         rows, cols = self.shape
-        return (total / self.count)[:, 0, :rows, :cols]
+        return torch.cat(errors).reshape(len(offsets), b, *errors[0].shape[-3:])[..., 0, :rows, :cols]
+
+    def _errors(self, flows: torch.Tensor) -> torch.Tensor:
+        copies = flows.shape[0] // self.target.shape[0]
+        sampled = self.sample(flows, copies)
+        total = F.avg_pool2d(F.pad((self.target.repeat(copies, 1, 1, 1) - sampled).abs(), self.pad),
+                             2 * self.spacing, self.spacing)
+        return total / self.count.repeat(copies, 1, 1, 1)
 
 
-def _neighbour_cost(vectors: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-    """Σ over the 4 neighbours of |v_neighbour − candidate|₁, per node [B, rows, cols]."""
-    total = torch.zeros(vectors.shape[:3])
-    total[:, :, 1:] += (vectors[:, :, :-1] - candidate[:, :, 1:]).abs().sum(-1)
-    total[:, :, :-1] += (vectors[:, :, 1:] - candidate[:, :, :-1]).abs().sum(-1)
-    total[:, 1:] += (vectors[:, :-1] - candidate[:, 1:]).abs().sum(-1)
-    total[:, :-1] += (vectors[:, 1:] - candidate[:, :-1]).abs().sum(-1)
+def _neighbour_costs(chosen: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Σ over the 4 neighbours of |chosen_neighbour − candidate|₁, per node: ``chosen``
+    [B, rows, cols, 2], ``candidates`` [D, B, rows, cols, 2] → [D, B, rows, cols]."""
+    total = torch.zeros(candidates.shape[:4])
+    total[..., :, 1:] += (chosen[:, :, :-1] - candidates[:, :, :, 1:]).abs().sum(-1)
+    total[..., :, :-1] += (chosen[:, :, 1:] - candidates[:, :, :, :-1]).abs().sum(-1)
+    total[..., 1:, :] += (chosen[:, :-1] - candidates[:, :, 1:]).abs().sum(-1)
+    total[..., :-1, :] += (chosen[:, 1:] - candidates[:, :, :-1]).abs().sum(-1)
     return total
 
 
@@ -117,13 +135,12 @@ def estimate_vectors(target: torch.Tensor, reference: torch.Tensor, spacing: int
         # δ moves every node alike, so it moves every pixel alike: the bilinear flow of the
         # nodes is interpolated once per stage
         flow = _dense(vectors, spacing // factor, hl, wl) / factor
-        data = torch.stack([window_error(flow + d / factor) for d in deltas])
+        data = window_error(flow, deltas / factor)
         choice = data.argmin(0)
+        candidates = vectors + deltas[:, None, None, None]
         for _ in range(_SMOOTHING_SWEEPS):  # iterated conditional modes over the neighbours' choices
             chosen = vectors + deltas[choice]
-            costs = torch.stack([data[c] + smoothness * _neighbour_cost(chosen, vectors + d)
-                                 for c, d in enumerate(deltas)])
-            choice = costs.argmin(0)
+            choice = (data + smoothness * _neighbour_costs(chosen, candidates)).argmin(0)
         vectors = vectors + deltas[choice]
     return vectors
 
