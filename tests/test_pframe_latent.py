@@ -82,13 +82,15 @@ def test_rate_distortion_optimised_symbols_decode_exactly_and_cost_fewer_bytes(c
 
 
 def test_an_encoder_trying_several_references_runs_each_transform_once(keyframe_codec, monkeypatch):
-    """One target against two references: its ŷ (and so x̂) is the same, so the synthesis
-    runs once; each reference is analysed once, however often it recurs."""
-    codec = LatentConditionalCodec(keyframe_codec, random_prior())
+    """One target against two references: its ŷ (and so x̂), and what the keyframe codec's
+    context models compute, are the same, so the synthesis and the context pass run once;
+    each reference is analysed once, however often it recurs. The strings are those of
+    codings from scratch."""
+    prior = random_prior()
     x, refs = frames_tensor(16), [frames_tensor(17), frames_tensor(18)]
-    expected = [codec.compress(x, ref, 1) for ref in refs]
-    fresh = LatentConditionalCodec(keyframe_codec, codec.prior)
-    calls = {"analyze": 0, "synthesize": 0}
+    expected = [LatentConditionalCodec(keyframe_codec, prior).compress(x, ref, 1) for ref in refs]
+    fresh = LatentConditionalCodec(keyframe_codec, prior)
+    calls = {"analyze": 0, "synthesize": 0, "_run_slices": 0}
     for name in calls:
         original = getattr(AnchorCodec, name)
 
@@ -98,9 +100,32 @@ def test_an_encoder_trying_several_references_runs_each_transform_once(keyframe_
 
         monkeypatch.setattr(AnchorCodec, name, counted)
     got = [fresh.compress(x.clone(), ref.clone(), 1) for ref in refs + refs]
-    assert calls == {"analyze": 1 + 2, "synthesize": 1}
-    assert all(g["strings"] == e["strings"] and torch.equal(g["x_hat"], e["x_hat"])
-               for g, e in zip(got, expected + expected))
+    assert calls == {"analyze": 1 + 2, "synthesize": 1, "_run_slices": 1}
+    assert all(g["strings"] == e["strings"] and g["symbols_crc32"] == e["symbols_crc32"]
+               and torch.equal(g["x_hat"], e["x_hat"]) for g, e in zip(got, expected + expected))
+    # a skip map changes ŷ: that coding runs its own context pass and keeps none
+    skip = torch.zeros(x.shape[-2] // 16, x.shape[-1] // 16, dtype=torch.bool)
+    skip[0, 0] = True
+    fresh.compress(x, refs[0], 1, skip=skip)
+    assert calls["_run_slices"] == 2
+    fresh.compress(x, refs[1], 1)
+    assert calls["_run_slices"] == 2
+
+
+def test_a_kept_latent_context_serves_only_its_own_plain_coding(keyframe_codec):
+    y = keyframe_codec.analyze(frames_tensor(19), rate_level=1)
+    out = keyframe_codec.encode_latent(y, keep_context=True)
+    again = keyframe_codec.encode_latent(y.clone(), context=out["context"])
+    assert again["strings"] == out["strings"] and torch.equal(again["y_hat"], out["y_hat"])
+    with pytest.raises(ValueError, match="another y"):
+        keyframe_codec.encode_latent(y + 1, context=out["context"])
+    with pytest.raises(ValueError, match="no symbol chooser or skip map"):
+        keyframe_codec.encode_latent(y, context=out["context"], skip=torch.zeros(y.shape[-2:], dtype=torch.bool))
+    everywhere = torch.ones(y.shape[-2:], dtype=torch.bool)
+    skipped = keyframe_codec.encode_latent(y, keep_context=True, skip=everywhere)
+    assert skipped["context"] is None and skipped["strings"][0] == [b""]  # nothing left to code
+    decoded = keyframe_codec.decode_latent(skipped["strings"], skipped["shape"], skip=everywhere)
+    assert torch.equal(decoded["y_hat"], skipped["y_hat"])
 
 
 def test_an_untrained_prior_codes_exactly_as_a_keyframe(keyframe_codec):

@@ -21,7 +21,7 @@ released checkpoints. It uses the model's ``h_a``, ``h_s``, ``entropy_bottleneck
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -48,6 +48,19 @@ SymbolModel = Callable[[int, bool, Tensor, Tensor, Tensor], Tuple[Tensor, Tensor
 # the encoder's choice of each symbol given y − μ, its rounding, and the distribution it
 # is coded with (rate-distortion optimised quantisation; the decoder needs none).
 SymbolChooser = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+class LatentContext(NamedTuple):
+    """What the hyperprior and the context models compute for one y, whatever its symbols
+    are coded with: a pass of :meth:`CheckerboardSliceLatentCodec.encode_latent` (without a
+    symbol chooser or skip map, which would change ŷ) keeps it, and a coding of the same y
+    under another :data:`SymbolModel` reuses it instead of running the networks again."""
+
+    y: Tensor
+    z_strings: List[bytes]
+    shape: Tuple[int, int]
+    parts: List[Tuple[int, bool, Tensor, Tensor]]  # (slice, anchor part, scales, means), coding order
+    y_hat: Tensor
 
 
 def _coding_distribution(symbol_model: Optional[SymbolModel], i: int, anchor: bool, scales: Tensor,
@@ -158,7 +171,8 @@ class CheckerboardSliceLatentCodec:
     def encode_latent(self, y: Tensor, return_symbols: bool = False,
                       symbol_model: Optional[SymbolModel] = None,
                       choose_symbols: Optional[SymbolChooser] = None, skip: Optional[Tensor] = None,
-                      position_bits: bool = False) -> Dict[str, Any]:
+                      position_bits: bool = False, context: Optional[LatentContext] = None,
+                      keep_context: bool = False) -> Dict[str, Any]:
         """Entropy-code y [1, M, h, w] (h, w multiples of 4; already gained).
 
         Returns ``{"strings": [[y_string], [z_string]], "shape": (h/4, w/4),
@@ -174,10 +188,17 @@ class CheckerboardSliceLatentCodec:
         offsets (the symbol model's prediction; 0 without one), which the decoder, given
         the same map, sets alike. ``position_bits`` adds ``"position_bits"`` [h, w]: the
         estimated bits each position's coded symbols cost (all channels), from the coding
-        distributions.
+        distributions. ``keep_context`` adds ``"context"``, the :class:`LatentContext` of
+        this y (None where a chooser or skip map changed ŷ); ``context`` reuses one kept
+        for the same y (no chooser or skip map then): the same strings as a whole pass.
         """
         self._check_y(y)
         self._check_skip(skip, y.shape[-2:])
+        if context is not None:
+            if choose_symbols is not None or skip is not None:
+                raise ValueError("a kept context codes its own ŷ: no symbol chooser or skip map with it")
+            if context.y is not y and not torch.equal(context.y, y):
+                raise ValueError("a kept context belongs to another y")
         if y.shape[0] != 1:
             raise ValueError(f"entropy coding handles one image at a time (B=1), got B={y.shape[0]}")
         self._check_entropy_dtype()
@@ -185,12 +206,15 @@ class CheckerboardSliceLatentCodec:
         indexes: List[int] = []
         gc = self.gaussian_conditional
         with deterministic_entropy_path(y.device) as threads:
-            y = y.float()
-            z = self.h_a(y)
-            check_z_symbols(self.entropy_bottleneck, z)
-            z_strings = self.entropy_bottleneck.compress(z)
-            z_hat = self.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
-            hyper = self.h_s(z_hat)
+            original, y = y, y.float()
+            if context is None:
+                z = self.h_a(y)
+                check_z_symbols(self.entropy_bottleneck, z)
+                z_strings = self.entropy_bottleneck.compress(z)
+                shape = tuple(int(s) for s in z.shape[-2:])
+                hyper = self.h_s(self.entropy_bottleneck.decompress(z_strings, shape))
+            else:
+                z_strings, shape = context.z_strings, context.shape
             y_parts = y.chunk(self.num_slices, dim=1)
 
             decoded = torch.zeros_like(y) if symbol_model is not None else None
@@ -220,17 +244,35 @@ class CheckerboardSliceLatentCodec:
                 record_part(decoded, i, part)
                 return part
 
-            y_hat, _, _ = self._run_slices(hyper, quantize, workers=threads)
+            kept: Optional[List[Tuple[int, bool, Tensor, Tensor]]] = None
+            if context is not None:
+                for part in context.parts:
+                    quantize(*part)
+                y_hat = context.y_hat
+            else:
+                kept = [] if keep_context and choose_symbols is None and skip is None else None
+
+                def quantize_and_keep(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
+                    if kept is not None:
+                        kept.append((i, anchor, scales, means))
+                    return quantize(i, anchor, scales, means)
+
+                y_hat, _, _ = self._run_slices(hyper, quantize_and_keep, workers=threads)
             cdf, cdf_lengths, offsets = self._cdf_tables()
-            encoder = BufferedRansEncoder()
-            encoder.encode_with_indexes(symbols, indexes, cdf, cdf_lengths, offsets)
-            y_string = encoder.flush()
+            y_string = b""  # every position skipped: CompressAI's encoder crashes flushing nothing
+            if symbols:
+                encoder = BufferedRansEncoder()
+                encoder.encode_with_indexes(symbols, indexes, cdf, cdf_lengths, offsets)
+                y_string = encoder.flush()
         out = {
             "strings": [[y_string], z_strings],
-            "shape": tuple(int(s) for s in z.shape[-2:]),
+            "shape": shape,
             "symbols_crc32": symbols_crc32(symbols),
             "y_hat": y_hat,
         }
+        if keep_context:
+            out["context"] = context or (LatentContext(original, z_strings, shape, kept, y_hat)
+                                         if kept is not None else None)
         if bits is not None:
             out["position_bits"] = bits
         if return_symbols:

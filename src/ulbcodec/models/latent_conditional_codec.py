@@ -190,13 +190,22 @@ class _Recent:
     def __init__(self, size: int):
         self.size, self.entries = size, []
 
-    def get(self, x: Tensor, key: Any, compute: Callable[[], Tensor]) -> Tensor:
-        for known, known_key, value in self.entries:
-            if known_key == key and known.shape == x.shape and torch.equal(known, x):
-                return value
-        value = compute()
-        self.entries = [(x, key, value)] + self.entries[:self.size - 1]
+    def get(self, x: Tensor, key: Any, compute: Callable[[], Any]) -> Any:
+        value = self.find(x, key)
+        if value is None:
+            value = compute()
+            self.put(x, key, value)
         return value
+
+    def find(self, x: Tensor, key: Any) -> Any:
+        """The stored result for (``x``, ``key``), or None."""
+        for known, known_key, value in self.entries:
+            if known_key == key and known.shape == x.shape and (known is x or torch.equal(known, x)):
+                return value
+        return None
+
+    def put(self, x: Tensor, key: Any, value: Any) -> None:
+        self.entries = [(x, key, value)] + self.entries[:self.size - 1]
 
 
 class LatentConditionalCodec:
@@ -220,9 +229,11 @@ class LatentConditionalCodec:
                              f"codec has M={keyframe_codec.M} in {keyframe_codec.num_slices}")
         self.keyframe_codec, self.prior = keyframe_codec, prior
         self.num_rate_levels = keyframe_codec.num_rate_levels
-        # an encoder tries one target against several references (its y, and so its ŷ and
-        # x̂, are the same each time), and the long-term reference recurs frame after frame
+        # an encoder tries one target against several references (its y, and so its ŷ, x̂
+        # and everything the keyframe codec's context models compute, are the same each
+        # time), and the long-term reference recurs frame after frame
         self._targets, self._references, self._syntheses = _Recent(1), _Recent(3), _Recent(1)
+        self._contexts = _Recent(1)
 
     def _check(self, *frames: Tensor) -> None:
         for x in frames:
@@ -264,8 +275,12 @@ class LatentConditionalCodec:
         y = self._targets.get(x, threads, lambda: codec.analyze(x, rate_level=rate_level))
         prior = self.reference_latent(ref, rate_level)
         chooser = rdo_symbol_chooser(rdo_lambda) if rdo_lambda > 0 else None
+        plain = chooser is None and skip is None  # ŷ is the keyframe codec's: its context pass can be reused
+        context = self._contexts.find(y, threads) if plain else None
         out = codec.encode_latent(y, symbol_model=self._symbol_model(prior), choose_symbols=chooser, skip=skip,
-                                  position_bits=position_bits)
+                                  position_bits=position_bits, context=context, keep_context=plain and context is None)
+        if out.get("context") is not None:
+            self._contexts.put(y, threads, out["context"])
         x_hat = self._syntheses.get(out["y_hat"], threads,
                                     lambda: codec.synthesize(out["y_hat"], rate_level, with_bypass=False)[0])
         coded = {"strings": [out["strings"][0][0], out["strings"][1][0]], "shape": out["shape"],
