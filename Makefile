@@ -44,7 +44,7 @@ data: $(STAMP)
 	PYTHON=$(PY) scripts/get-data $(DATA)
 
 # Train (or resume training) the shipped default model; see docs/training.md: the first
-# run, then four continuations from its package (fresh optimiser and schedule each time).
+# run, then five continuations from its package (fresh optimiser and schedule each time).
 models: $(STAMP)
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default --export runs/default/package
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default-continued --init-from runs/default/package \
@@ -54,7 +54,9 @@ models: $(STAMP)
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default-continued3 --init-from runs/default-continued2/package \
 		--steps 3000 --mse-warmup 0 --export runs/default-continued3/package
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default-continued4 --init-from runs/default-continued3/package \
-		--steps 3000 --mse-warmup 0 --export models/default
+		--steps 3000 --mse-warmup 0 --export runs/default-continued4/package
+	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default-continued5 --init-from runs/default-continued4/package \
+		--steps 3000 --mse-warmup 0 --mixed-precision no --export models/default
 
 # The settings of both perceptual anchor runs below, written once: the second continues the
 # first at the same lambdas, so its rate-level gains carry over unchanged (no remapping).
@@ -103,7 +105,7 @@ generative-model: $(STAMP)
 # latent space, then the conditional P-frame codec, which the export adds to that package. Then
 # the latent-conditional P frames, as they were trained: the temporal prior on the default anchor
 # codec after three continuations (808 steps at 3e-3, then a learning-rate decay with one 146-step
-# detour at 3e-3), moved onto models/default (the fourth continuation: 500 steps at 5e-4), and
+# detour at 3e-3), moved onto the fourth continuation of the default codec (500 steps at 5e-4), and
 # last onto that codec fine-tuned on half video frames, half photographs (the keyframe codec of
 # models/video; its prior PFRAME_LATENT_STEPS more steps at 5e-4).
 # PFRAME_ARGS is the recipe of the P-frame codec of run 7 (no motion, short warm-ups);
@@ -124,11 +126,11 @@ video-model: $(STAMP)
 		$(LATENT_PRIOR) --run runs/pframe-latent --video-model runs/video-keyframes/package \
 			--steps $${stage%%:*} --lr $${stage##*:} || exit 1; done
 	$(LATENT_PRIOR) --run runs/pframe-latent --video-model runs/video-keyframes/package --export runs/pframe-latent/package
-	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/video-keyframes4 --init-from models/default --steps 0 \
+	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/video-keyframes4 --init-from runs/default-continued4/package --steps 0 \
 		--into runs/pframe-latent/package --export runs/video-keyframes4/package
 	$(LATENT_PRIOR) --run runs/pframe-latent-k4 --init-from runs/pframe-latent/package \
 		--video-model runs/video-keyframes4/package --steps 500 --lr 5e-4 --export runs/pframe-latent-k4/package
-	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/video-keyframes4v --init-from models/default --steps 1200 \
+	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/video-keyframes4v --init-from runs/default-continued4/package --steps 1200 \
 		--mse-warmup 0 --mixed-precision no --video-fraction 0.5 --into runs/pframe-latent-k4/package \
 		--export runs/video-keyframes4v/package
 	$(LATENT_PRIOR) --run runs/pframe-latent-k4v --init-from runs/pframe-latent-k4/package \
