@@ -18,6 +18,7 @@ from ulbcodec.bitstream import (CHUNK_INTER, BitstreamError, Chunk, Container, G
                                 MotionPayload, PFrame, PFramePayload, inter_chunk, inter_frame_bytes, pframe_parts,
                                 split_inter_frame, video_gops)
 from ulbcodec.motion import coding, search
+from ulbcodec.motion import field as field_module
 from ulbcodec.motion.field import MAX_VECTOR, MotionField, grid_shape, warp
 from ulbcodec.motion.search import best_field, estimate
 from ulbcodec.video import VideoCodec, VideoSettings
@@ -77,6 +78,25 @@ def test_warp_is_pinned():
     out = warp(ref, field)
     assert out.shape == ref.shape and out.dtype == np.uint8
     assert hashlib.sha256(out.tobytes()).hexdigest()[:16] == "bc07fe00ac814201"
+
+
+@pytest.mark.parametrize("scale", [3, 300, MAX_VECTOR])
+def test_warp_clamps_every_tap_to_the_border(scale):
+    """The warp equals the textbook filter: each of the 4x4 taps read at its own position
+    clamped to the frame, for vectors from subpixel to far outside the frame."""
+    ref = smooth_image(29, 45, seed=6)
+    rng = np.random.default_rng(scale)
+    field = MotionField(16, rng.integers(-scale, scale + 1, (*grid_shape(45, 29, 16), 2)).astype(np.int32))
+    flow = field.flow(45, 29)
+    x = np.arange(45)[None, :] * 8 + flow[..., 0]
+    y = np.arange(29)[:, None] * 8 + flow[..., 1]
+    filters = np.array(field_module._FILTERS)
+    acc = np.zeros((29, 45, 3), np.int64)
+    for a in range(4):
+        for b in range(4):
+            taps = ref[np.clip((y >> 3) + a - 1, 0, 28), np.clip((x >> 3) + b - 1, 0, 44)]
+            acc += (filters[y & 7][..., a] * filters[x & 7][..., b])[..., None] * taps
+    assert np.array_equal(warp(ref, field), np.clip((acc + 2048) >> 12, 0, 255).astype(np.uint8))
 
 
 # ---------------------------------------------------------------------- the field's coding
