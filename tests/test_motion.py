@@ -202,6 +202,25 @@ def test_search_tries_offsets_in_chunks_as_it_would_one_at_a_time(monkeypatch):
         assert torch.allclose(search._neighbour_costs(chosen, candidates)[d], expected)
 
 
+def test_best_field_searches_the_spacings_side_by_side_as_one_by_one():
+    """The searches run on worker threads: the same field as a search per spacing, and
+    the caller's thread count afterwards."""
+    big = smooth_image(120, 200, seed=7)
+    target, reference = big[10:106, 10:170], big[13:109, 6:166]
+    fields = [estimate(target, reference, spacing) for spacing in (16, 32, 64)]
+    costs = [float(np.abs(warp(reference, f).astype(int) - target).sum()) + coding.coded_bits(f) for f in fields]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        field, _, cost = best_field(target, reference,
+                                    lambda bits, pred: bits - 8 * 4 + float(np.abs(pred.astype(int) - target).sum()))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    best = int(np.argmin(costs))
+    assert np.array_equal(field.vectors, fields[best].vectors) and cost == costs[best]
+
+
 def test_best_field_prefers_no_motion_on_a_static_scene():
     frame = smooth_image(64, 96)
     field, warped, cost = best_field(frame, frame, lambda bits, pred: bits + float(np.abs(pred.astype(int) - frame).sum()))

@@ -13,6 +13,7 @@ last stage searches quarter pels.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ulbcodec.motion.field import QUARTER, SPACINGS, MotionField, grid_shape, warp
+from ulbcodec.threads import torch_threads
 
 __all__ = ["estimate", "estimate_vectors", "best_field", "warp_bilinear"]
 
@@ -154,8 +156,11 @@ def luma(frames: torch.Tensor) -> torch.Tensor:
 def estimate(target: np.ndarray, reference: np.ndarray, spacing: int,
              smoothness: float = SMOOTHNESS) -> MotionField:
     """The mesh field (at ``spacing``) along which ``reference`` best predicts ``target``
-    (HxWx3 uint8 frames)."""
-    vectors = estimate_vectors(_luma(target), _luma(reference), spacing, smoothness)[0]
+    (HxWx3 uint8 frames). On one thread: a second gains little on these many small
+    operations, and a busy core makes every one of them wait for it (the same field on any
+    thread count)."""
+    with torch_threads(1):
+        vectors = estimate_vectors(_luma(target), _luma(reference), spacing, smoothness)[0]
     return MotionField(spacing, torch.round(vectors * QUARTER).to(torch.int32).numpy())
 
 
@@ -168,10 +173,12 @@ def best_field(target: np.ndarray, reference: np.ndarray,
 
     best = (None, reference, cost(0.0, reference))
     h, w = target.shape[:2]
-    for spacing in SPACINGS:
-        if spacing > 2 * max(h, w):
-            continue
-        field = estimate(target, reference, spacing)
+    spacings = [spacing for spacing in SPACINGS if spacing <= 2 * max(h, w)]
+    # The searches at each spacing are independent: side by side, each on one thread
+    # (estimate), as many at once as the caller has threads.
+    with torch_threads(1) as threads, ThreadPoolExecutor(max_workers=max(1, min(threads, len(spacings)))) as pool:
+        fields = list(pool.map(lambda spacing: estimate(target, reference, spacing), spacings))
+    for field in fields:
         if field.is_zero:
             continue
         warped = warp(reference, field)
