@@ -251,6 +251,19 @@ def test_local_context_bands_do_not_change_a_bit(tiny, monkeypatch, band_pixels)
     assert torch.equal(whole, banded) and torch.equal(whole, threaded)
 
 
+def test_scale_indexes_are_compressais_build_indexes(rated):
+    """The scale → CDF table index of the entropy path is CompressAI's, bit for bit: at,
+    just above and just below every table scale, below the lower bound and beyond the top."""
+    from ulbcodec.entropy.coding import scale_indexes
+
+    gc = rated.gaussian_conditional
+    table = gc.scale_table
+    scales = torch.cat([torch.rand(5000) * 2 * float(table[-1]), table, torch.nextafter(table, table + 1),
+                        torch.nextafter(table, table - 1), torch.tensor([0.0, -1.0, 1e9, float("inf")])])
+    assert torch.equal(scale_indexes(gc, scales), gc.build_indexes(scales))
+    assert scale_indexes(gc, scales).dtype == torch.int32
+
+
 def test_forward_training_mode_uses_noise_free_ste(rated):
     x = _smooth_image(64, 64)
     rated.train()

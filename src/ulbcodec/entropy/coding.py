@@ -85,6 +85,15 @@ def symbol_likelihood(symbols: Tensor, scales: Tensor) -> Tensor:
     return (upper - lower).clamp_min(LIKELIHOOD_BOUND)
 
 
+def scale_indexes(gaussian_conditional, scales: Tensor) -> Tensor:
+    """The index of each scale's CDF table (int32): exactly CompressAI's
+    ``GaussianConditional.build_indexes`` — the number of table scales below the
+    (lower-bounded) scale — as one binary search instead of a pass per table entry."""
+    scales = gaussian_conditional.lower_bound_scale(scales)
+    table = gaussian_conditional.scale_table[:-1].to(scales.dtype)
+    return torch.bucketize(scales, table).int()
+
+
 def symbols_crc32(symbols: Sequence[int]) -> int:
     """CRC-32 of the coded y symbols as int32 little-endian, in coding order."""
     return zlib.crc32(np.asarray(symbols, dtype="<i4").tobytes()) & 0xFFFFFFFF

@@ -32,7 +32,7 @@ from compressai.ans import BufferedRansEncoder, RansDecoder
 
 from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part, squeeze_part, unsqueeze_part
 from ulbcodec.entropy.coding import (Both, check_z_string, check_z_symbols, deterministic_entropy_path, rans_safe,
-                                     side_thread, symbol_likelihood, symbols_crc32)
+                                     scale_indexes, side_thread, symbol_likelihood, symbols_crc32)
 from ulbcodec.entropy.context import local_attention_mask
 
 # quantize(slice_index, anchor_part, scales, means) -> quantised part on the full grid
@@ -226,7 +226,7 @@ class CheckerboardSliceLatentCodec:
                 offsets, coding_scales = _coding_distribution(symbol_model, i, anchor, scales, means, decoded)
                 if choose_symbols is not None:
                     part_symbols = choose_symbols(values - means_sq, part_symbols, offsets, coding_scales).int()
-                part_indexes = gc.build_indexes(coding_scales)
+                part_indexes = scale_indexes(gc, coding_scales)
                 skipped = skipped_part(skip, anchor, part_symbols.shape)
                 if skipped is None:
                     coded, coded_indexes = part_symbols - offsets, part_indexes
@@ -314,7 +314,7 @@ class CheckerboardSliceLatentCodec:
 
             def quantize(i: int, anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
                 symbol_offsets, coding_scales = _coding_distribution(symbol_model, i, anchor, scales, means, decoded)
-                part_indexes = gc.build_indexes(coding_scales)
+                part_indexes = scale_indexes(gc, coding_scales)
                 skipped = skipped_part(skip, anchor, part_indexes.shape)
                 coded_indexes = part_indexes if skipped is None else part_indexes[~skipped]
                 coded = decoder.decode_stream(coded_indexes.reshape(-1).tolist(), cdf, cdf_lengths, offsets)

@@ -62,7 +62,8 @@ from compressai.layers import conv3x3, subpel_conv3x3
 from compressai.models import CompressionModel
 
 from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part, squeeze_part, unsqueeze_part
-from ulbcodec.entropy.coding import check_z_string, check_z_symbols, deterministic_entropy_path, rans_safe, symbols_crc32
+from ulbcodec.entropy.coding import (check_z_string, check_z_symbols, deterministic_entropy_path, rans_safe,
+                                     scale_indexes, symbols_crc32)
 from ulbcodec.layers import rate_gains
 from ulbcodec.models.anchor_codec import _ste_round, resize_cdf_buffers
 
@@ -335,7 +336,7 @@ class PFrameCodec(CompressionModel):
                 means_sq = squeeze_part(means, anchor)
                 part = gc.quantize(squeeze_part(y, anchor), "symbols", means_sq)
                 symbols.extend(part.reshape(-1).tolist())
-                indexes.extend(gc.build_indexes(squeeze_part(scales, anchor)).reshape(-1).tolist())
+                indexes.extend(scale_indexes(gc, squeeze_part(scales, anchor)).reshape(-1).tolist())
                 return unsqueeze_part(part + means_sq, anchor)
 
             y_hat, _, _ = self._entropy_parameters(hyper, prior, quantize)
@@ -377,7 +378,7 @@ class PFrameCodec(CompressionModel):
 
             def quantize(anchor: bool, scales: Tensor, means: Tensor) -> Tensor:
                 means_sq = squeeze_part(means, anchor)
-                values = decoder.decode_stream(gc.build_indexes(squeeze_part(scales, anchor)).reshape(-1).tolist(), *cdf)
+                values = decoder.decode_stream(scale_indexes(gc, squeeze_part(scales, anchor)).reshape(-1).tolist(), *cdf)
                 symbols.extend(values)
                 values = torch.tensor(values, dtype=torch.float32, device=ref.device).reshape(means_sq.shape)
                 return unsqueeze_part(values + means_sq, anchor)
