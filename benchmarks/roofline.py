@@ -17,9 +17,8 @@ Stages: ``entropy`` (the anchor codec's entropy decode: hyper-synthesis, context
 rANS; float32, one thread by design), ``synthesis`` (g_s, tiled), ``vae_encode`` /
 ``vae_decode`` (the next-frame decoder's VAE, tiled), ``transformer`` (its one-step
 prediction, tiled), ``predictor`` (the video model's latent frame predictor UNet, one
-denoising step), ``pframe`` (the P-frame codec's decode, ``models/pframe_codec.py``,
-randomly initialised at its default size: a trained package has none yet; the CDF tables
-come from ``update()``). The diffusion stages run in the precision
+denoising step), ``pframe`` (the video model's P-frame decode of a 256x256 frame, the
+analysis of its reference included: for the shipped package a latent-conditional P frame). The diffusion stages run in the precision
 :func:`ulbcodec.placement.cpu_compute_dtype` picks for this CPU unless ``--dtype`` says.
 OpenMP threads wait passively, as in the ``ulbc`` command (``resources.passive_openmp_waits``).
 Prints a markdown table (stdout) and the CPU line.
@@ -181,17 +180,32 @@ def stage_calls(args, names):
         except (packages.ModelError, KeyError, AttributeError) as exc:
             print(f"roofline: predictor skipped ({exc})", file=sys.stderr)
     if "pframe" in names:
-        from ulbcodec.models.pframe_codec import PFrameCodec
+        try:
+            from ulbcodec.models.latent_conditional_codec import LatentConditionalCodec
+            from ulbcodec.video import VideoCodec
 
-        torch.manual_seed(0)
-        pf = PFrameCodec().eval()
-        pf.update(force=True)
-        frame = to_tensor(load_rgb(args.image, 256, 256))
-        ref = (frame + 0.02 * torch.randn_like(frame)).clamp(0, 1)
-        with torch.no_grad():
-            coded = pf.compress(frame, ref)
-        calls["pframe"] = (lambda: pf.decompress(coded["strings"], coded["shape"], ref), 256 * 256,
-                           "PFrameCodec() default size, random init")
+            pf = VideoCodec.from_pretrained(args.video_model).pframe_codec
+        except (packages.ModelError, KeyError, AttributeError) as exc:
+            pf = None
+            print(f"roofline: pframe skipped ({exc})", file=sys.stderr)
+        if pf is not None:
+            # a 256x256 frame of the photograph and its reference four pixels to the left:
+            # the P frame's whole decode, the reference's analysis included
+            wide = to_tensor(load_rgb(args.image, 260, 256))
+            frame, ref = wide[..., 4:], (wide[..., :256] * 255).round() / 255
+            level = pf.num_rate_levels - 2
+            with torch.no_grad():
+                coded = pf.compress(frame, ref, level)
+
+            def decode_pframe():  # a codec with nothing cached, as at a new frame of a file
+                codec = pf
+                if isinstance(pf, LatentConditionalCodec):
+                    codec = LatentConditionalCodec(pf.keyframe_codec, pf.prior)
+                return codec.decompress(coded["strings"], coded["shape"], ref, level)
+
+            calls["pframe"] = (decode_pframe,
+                               256 * 256, f"{args.video_model}, {type(pf).__name__}, level {level}, "
+                               f"{sum(map(len, coded['strings']))} B")
     return calls
 
 
