@@ -204,42 +204,6 @@ def test_entropy_path_is_thread_count_invariant(codec):
     assert_thread_count_invariant(codec, frames_tensor(7), frames_tensor(8))
 
 
-def test_the_reference_latent_is_computed_beside_the_entropy_decode_with_the_same_result(keyframe_codec,
-                                                                                          monkeypatch):
-    """With two threads the decoder analyses the reference on a second thread while it
-    decodes z and the first means and scales; with one it stays on the caller's thread.
-    Both decode what the encoder coded."""
-    import threading
-
-    codec = LatentConditionalCodec(keyframe_codec, random_prior())
-    x, ref = frames_tensor(12), frames_tensor(13)
-    coded = codec.compress(x, ref, 1)
-    analysing_threads = []
-    original = LatentConditionalCodec.reference_latent
-
-    def recording(self, *args):
-        analysing_threads.append(threading.current_thread())
-        return original(self, *args)
-
-    monkeypatch.setattr(LatentConditionalCodec, "reference_latent", recording)
-    previous = torch.get_num_threads()
-    decoded = {}
-    try:
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            fresh = LatentConditionalCodec(keyframe_codec, codec.prior)  # nothing cached
-            decoded[threads] = fresh.decompress(coded["strings"], coded["shape"], ref, 1)
-            assert torch.get_num_threads() == threads
-    finally:
-        torch.set_num_threads(previous)
-    assert len(analysing_threads) == 2
-    assert analysing_threads[0] is threading.main_thread()
-    assert analysing_threads[1] is not threading.main_thread()
-    for out in decoded.values():
-        assert out["symbols_crc32"] == coded["symbols_crc32"]
-        assert torch.equal(out["x_hat"], decoded[1]["x_hat"])
-
-
 def test_a_wrong_reference_desynchronises_and_the_check_sees_it(codec):
     x, ref = frames_tensor(9), frames_tensor(10)
     coded = codec.compress(x, ref, 2)

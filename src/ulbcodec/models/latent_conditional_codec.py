@@ -47,9 +47,7 @@ catches any difference.
 
 from __future__ import annotations
 
-import contextlib
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -59,7 +57,7 @@ from ulbcodec._compressai import compressai  # noqa: F401  (must precede compres
 from compressai.layers import conv3x3
 
 from ulbcodec.entropy.checkerboard import checkerboard_mask, keep_part
-from ulbcodec.entropy.coding import SCALE_BOUND, deterministic_entropy_path, symbol_likelihood, without_grad
+from ulbcodec.entropy.coding import SCALE_BOUND, deterministic_entropy_path, symbol_likelihood
 from ulbcodec.entropy.latent_codec import record_part
 from ulbcodec.models.anchor_codec import AnchorCodec, _ste_round
 
@@ -253,22 +251,8 @@ class LatentConditionalCodec:
                 return on_prior_grid(self.keyframe_codec.analyze(ref, rate_level=rate_level))
         return self._references.get(ref, rate_level, compute)
 
-    @contextlib.contextmanager
-    def _reference_latent_aside(self, ref: Tensor, rate_level) -> Iterator[Callable[[], Tensor]]:
-        """Yields ``prior()`` → :meth:`reference_latent`. With more than one thread, p is
-        computed on a second thread meanwhile: nothing before the first slice's symbols
-        needs it (z, the hyper-synthesis, the first means and scales), and it runs whole on
-        one thread either way, so its values are the same."""
-        if torch.get_num_threads() < 2 or ref.device.type != "cpu":
-            prior = self.reference_latent(ref, rate_level)
-            yield lambda: prior
-            return
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(without_grad, self.reference_latent, ref, rate_level)
-            yield pending.result
-
-    def _symbol_model(self, prior: Callable[[], Tensor]):
-        return lambda i, anchor, scales, means, decoded: self.prior(i, anchor, prior(), scales, means, decoded)
+    def _symbol_model(self, prior: Tensor):
+        return lambda i, anchor, scales, means, decoded: self.prior(i, anchor, prior, scales, means, decoded)
 
     @torch.no_grad()
     def compress(self, x: Tensor, ref: Tensor, rate_level=0, rdo_lambda: float = 0.0, skip: Optional[Tensor] = None,
@@ -289,13 +273,12 @@ class LatentConditionalCodec:
         codec = self.keyframe_codec
         threads = (rate_level, torch.get_num_threads())  # g_a's and g_s's last bits follow the thread count
         y = self._targets.get(x, threads, lambda: codec.analyze(x, rate_level=rate_level))
+        prior = self.reference_latent(ref, rate_level)
         chooser = rdo_symbol_chooser(rdo_lambda) if rdo_lambda > 0 else None
         plain = chooser is None and skip is None  # ŷ is the keyframe codec's: its context pass can be reused
         context = self._contexts.find(y, threads) if plain else None
-        with self._reference_latent_aside(ref, rate_level) as prior:
-            out = codec.encode_latent(y, symbol_model=self._symbol_model(prior), choose_symbols=chooser, skip=skip,
-                                      position_bits=position_bits, context=context,
-                                      keep_context=plain and context is None)
+        out = codec.encode_latent(y, symbol_model=self._symbol_model(prior), choose_symbols=chooser, skip=skip,
+                                  position_bits=position_bits, context=context, keep_context=plain and context is None)
         if out.get("context") is not None:
             self._contexts.put(y, threads, out["context"])
         x_hat = self._syntheses.get(out["y_hat"], threads,
@@ -319,9 +302,9 @@ class LatentConditionalCodec:
             raise ValueError(f"z shape {h}x{w} does not match a {tuple(ref.shape[-2:])} reference")
         codec = self.keyframe_codec
         codec._gains(rate_level)  # a bad level is refused before any work
-        with self._reference_latent_aside(ref, rate_level) as prior:
-            out = codec.decode_latent([[bytes(strings[0])], [bytes(strings[1])]], (h, w),
-                                      symbol_model=self._symbol_model(prior), skip=skip)
+        prior = self.reference_latent(ref, rate_level)
+        out = codec.decode_latent([[bytes(strings[0])], [bytes(strings[1])]], (h, w),
+                                  symbol_model=self._symbol_model(prior), skip=skip)
         x_hat, _ = codec.synthesize(out["y_hat"], rate_level, with_bypass=False)
         return {"x_hat": x_hat, "symbols_crc32": out["symbols_crc32"]}
 
