@@ -105,9 +105,10 @@ generative-model: $(STAMP)
 # latent space, then the conditional P-frame codec, which the export adds to that package. Then
 # the latent-conditional P frames, as they were trained: the temporal prior on the default anchor
 # codec after three continuations (808 steps at 3e-3, then a learning-rate decay with one 146-step
-# detour at 3e-3), moved onto the fourth continuation of the default codec (500 steps at 5e-4), and
-# last onto that codec fine-tuned on half video frames, half photographs (the keyframe codec of
-# models/video; its prior PFRAME_LATENT_STEPS more steps at 5e-4).
+# detour at 3e-3), moved onto the fourth continuation of the default codec (500 steps at 5e-4), then
+# onto that codec fine-tuned on half video frames, half photographs (its prior PFRAME_LATENT_STEPS
+# more steps at 5e-4), and last the same fine-tune and follow-up from the fifth continuation (the
+# keyframe codec of models/video).
 # PFRAME_ARGS is the recipe of the P-frame codec of run 7 (no motion, short warm-ups);
 # PFRAME_ARGS= trains with the trainer's defaults (run 9: motion-compensated references).
 PFRAME_STEPS ?= 1113
@@ -134,7 +135,13 @@ video-model: $(STAMP)
 		--mse-warmup 0 --mixed-precision no --video-fraction 0.5 --into runs/pframe-latent-k4/package \
 		--export runs/video-keyframes4v/package
 	$(LATENT_PRIOR) --run runs/pframe-latent-k4v --init-from runs/pframe-latent-k4/package \
-		--video-model runs/video-keyframes4v/package --steps $(PFRAME_LATENT_STEPS) --lr 5e-4 --export models/video
+		--video-model runs/video-keyframes4v/package --steps $(PFRAME_LATENT_STEPS) --lr 5e-4 \
+		--export runs/pframe-latent-k4v/package
+	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/video-keyframes5v --init-from runs/default-continued5/package \
+		--steps 1200 --mse-warmup 0 --mixed-precision no --video-fraction 0.5 --into runs/pframe-latent-k4v/package \
+		--export runs/video-keyframes5v/package
+	$(LATENT_PRIOR) --run runs/pframe-latent-k5v --init-from runs/pframe-latent-k4v/package \
+		--video-model runs/video-keyframes5v/package --steps $(PFRAME_LATENT_STEPS) --lr 5e-4 --export models/video
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py --data $(DATA) --jobs $(JOBS)

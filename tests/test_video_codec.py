@@ -170,7 +170,7 @@ def test_shipped_video_model_conformance_pins():
     # P frames coded by the package's P-frame codec (no motion field, no predictor)
     pinned, log = pins["pframes"], []
     pan = [np.ascontiguousarray(photo[:128, t : t + 192]) for t in range(6)]  # as scripts/pin_default_model.py
-    data, gops = codec.encode(iter(pan), Fraction(25), VideoSettings(rate_level=4, predictor=False, motion=False),
+    data, gops = codec.encode(iter(pan), Fraction(25), VideoSettings(rate_level=5, predictor=False, motion=False),
                               frame_log=log.append)
     assert gops.frame_types() == pinned["frame_types"] and [r.parts for r in log] == pinned["parts"]
     assert any("residual" in parts for parts in pinned["parts"]) and len(data) == pinned["bytes"]
