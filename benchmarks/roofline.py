@@ -18,7 +18,8 @@ rANS; float32, one thread by design), ``synthesis`` (g_s, tiled), ``vae_encode``
 ``vae_decode`` (the next-frame decoder's VAE, tiled), ``transformer`` (its one-step
 prediction, tiled), ``predictor`` (the video model's latent frame predictor UNet, one
 denoising step), ``pframe`` (the video model's P-frame decode of a 256x256 frame, the
-analysis of its reference included: for the shipped package a latent-conditional P frame). The diffusion stages run in the precision
+analysis of its reference included: for the shipped package a latent-conditional P frame).
+The diffusion stages run in the precision
 :func:`ulbcodec.placement.cpu_compute_dtype` picks for this CPU unless ``--dtype`` says.
 OpenMP threads wait passively, as in the ``ulbc`` command (``resources.passive_openmp_waits``).
 Prints a markdown table (stdout) and the CPU line.
@@ -203,9 +204,8 @@ def stage_calls(args, names):
                     codec = LatentConditionalCodec(pf.keyframe_codec, pf.prior)
                 return codec.decompress(coded["strings"], coded["shape"], ref, level)
 
-            calls["pframe"] = (decode_pframe,
-                               256 * 256, f"{args.video_model}, {type(pf).__name__}, level {level}, "
-                               f"{sum(map(len, coded['strings']))} B")
+            note = f"{args.video_model}, {type(pf).__name__}, level {level}, {sum(map(len, coded['strings']))} B"
+            calls["pframe"] = (decode_pframe, 256 * 256, note)
     return calls
 
 
