@@ -14,7 +14,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from ulbcodec.batch import shard
 from ulbcodec.cli import cli
+from ulbcodec.task import Task
 
 from conftest import SAMPLE
 
@@ -91,9 +93,6 @@ def test_folder_batch_mirrors_and_reports_json(tiny_model, images, tmp_path):
 
 
 def test_shards_spread_a_folder_over_every_part():
-    from ulbcodec.batch import shard
-    from ulbcodec.task import Task
-
     tasks = [Task(Path(f"/data/photos/img{i:03d}.png"), Path(f"/out/img{i:03d}.ulb")) for i in range(60)]
     parts = [shard(tasks, i, 3) for i in (1, 2, 3)]
     assert sorted(t.src for part in parts for t in part) == sorted(t.src for t in tasks)
@@ -108,14 +107,12 @@ def test_shards_split_a_batch_into_disjoint_parts_that_cover_it(tiny_model, imag
                      "--shard", f"{i}/3"])
         assert r.returncode == 0, r.stderr
         done.append(sorted(Path(json.loads(line)["input"]).name for line in r.stdout.splitlines()))
-    names = [n for shard in done for n in shard]
+    names = [n for part in done for n in part]
     assert sorted(names) == ["a.png", "alpha.png", "b.jpg", "deep16.png", "gray.png"]  # each file exactly once
     # each file in the shard its path hashes to (which of them that is depends on where
     # the folder lies: five files can all land in one shard, about once in 81 folders)
-    from ulbcodec.batch import _shard_of
-
-    for i, shard in enumerate(done, start=1):
-        assert all(_shard_of(next(images.rglob(name)), 3) == i for name in shard)
+    tasks = [Task(path, out / path.name) for path in (next(images.rglob(name)) for name in names)]
+    assert done == [sorted(t.src.name for t in shard(tasks, i, 3)) for i in (1, 2, 3)]
     assert len(list(out.rglob("*.ulb"))) == 5
     for bad in ("0/3", "4/3", "2", "a/b"):
         r = _invoke(["encode", str(images), "--out-dir", str(tmp_path / "x"), "--shard", bad])
