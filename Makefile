@@ -44,7 +44,7 @@ data: $(STAMP)
 	PYTHON=$(PY) scripts/get-data $(DATA)
 
 # Train (or resume training) the shipped default model; see docs/training.md: the first
-# run, then five continuations from its package (fresh optimiser and schedule each time).
+# run, then six continuations from its package (fresh optimiser and schedule each time).
 models: $(STAMP)
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default --export runs/default/package
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default-continued --init-from runs/default/package \
@@ -56,7 +56,10 @@ models: $(STAMP)
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default-continued4 --init-from runs/default-continued3/package \
 		--steps 3000 --mse-warmup 0 --export runs/default-continued4/package
 	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default-continued5 --init-from runs/default-continued4/package \
-		--steps 3000 --mse-warmup 0 --mixed-precision no --export models/default
+		--steps 3000 --mse-warmup 0 --mixed-precision no --export runs/default-continued5/package
+	$(PY) -m ulbcodec.train.anchor --data $(DATA) --run runs/default-continued6 --init-from runs/default-continued5/package \
+		--steps 3000 --mse-warmup 0 --mixed-precision no --export runs/default-continued6/package
+	rm -rf models/default && cp -r runs/default-continued6/package models/default
 
 # The settings of both perceptual anchor runs below, written once: the second continues the
 # first at the same lambdas, so its rate-level gains carry over unchanged (no remapping).
